@@ -1,0 +1,229 @@
+"""The commands users type, as library functions of the same names (the CLI is a thin shell).
+
+Each takes paths and options, refuses bad input with a one-line ``FlashVAEDError`` before any
+output exists, and writes its output whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor, write_video
+from .metrics import psnr
+from .models import DecoderSummary, load_model, summarize
+from .models.streaming import check_latents, chunk_bounds, iter_decode
+from .progress import track
+from .synthetic import synthetic_clip
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; naming an absent device is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+def info(
+    model: str | os.PathLike, height: int = 480, width: int = 832, chunk: int = 1, dtype: str = "float32"
+) -> DecoderSummary:
+    """Family, configuration, parameters, MACs per latent chunk and state size of MODEL."""
+    return summarize(load_model(model), height, width, chunk=chunk, dtype=resolve_dtype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DecodeResult:
+    output: Path
+    shape: tuple[int, ...]  # (B, 3, F, H, W) of the decoded frames
+    seconds: float
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.shape[0] * self.shape[2] / max(self.seconds, 1e-9)
+
+
+def decode(
+    latents: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    chunk: int = 1,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_index: int = 0,
+    fps: int = 16,
+    progress: bool = False,
+) -> DecodeResult:
+    """Decode normalised diffusion-space latents (B, z, T, h, w) to frames, video or PNGs.
+
+    Memory stays flat in the clip length: chunks are decoded and handed to the output one by
+    one (raw tensor outputs do keep all frames, since they are written as one tensor).
+    """
+    kind = output_kind(out)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if chunk < 1:
+        raise InputError(f"--chunk must be at least 1, got {chunk}")
+    if fps < 1:
+        raise InputError(f"--fps must be at least 1, got {fps}")
+    z = read_tensor(latents, "latents")
+    vae = load_model(model)
+    check_latents(vae, z)
+    if kind != "tensor" and not 0 <= batch_index < z.shape[0]:
+        raise InputError(f"--batch-index {batch_index} is out of range for a batch of {z.shape[0]}")
+    vae = vae.to(device=dev, dtype=dt)
+    bounds = chunk_bounds(z.shape[2], chunk)
+    start = time.perf_counter()
+    frames = 0
+    with frame_sink(out, fps=fps, batch_index=batch_index) as sink:
+        for piece in track(iter_decode(vae, z, chunk), len(bounds), "decoding", progress):
+            sink.write(piece)
+            frames += piece.shape[2]
+            last_shape = piece.shape
+    seconds = time.perf_counter() - start
+    b, c, _, h, w = last_shape
+    return DecodeResult(Path(out), (b, c, frames, h, w), seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EncodeResult:
+    output: Path
+    video_shape: tuple[int, ...]
+    latents_shape: tuple[int, ...]
+    seconds: float
+
+
+def encode(
+    video: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    options: VideoOptions | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: bool = False,
+) -> EncodeResult:
+    """Encode a video file or raw frames tensor to normalised latents (dict key ``latents``)."""
+    if output_kind(out) != "tensor":
+        raise InputError(f"latents are written as .pt, .npy or .safetensors, not {Path(out).name!r}")
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    vae = load_model(model)
+    options = options or VideoOptions(multiple=vae.spatial_factor, temporal_factor=vae.temporal_factor)
+    frames = read_video(video, options)
+    vae = vae.to(device=dev, dtype=dt)
+    start = time.perf_counter()
+    chunks = 1 + (frames.shape[2] - 1) // vae.temporal_factor
+    with torch.inference_mode():
+        pieces = list(track(vae.iter_encode(frames), chunks, "encoding", progress))
+    latents = torch.cat(pieces, dim=2).float()
+    seconds = time.perf_counter() - start
+    write_tensor(latents, out, "latents")
+    return EncodeResult(Path(out), tuple(frames.shape), tuple(latents.shape), seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+EMBEDDED_TEACHER = "wan21-tiny.safetensors"
+
+
+def embedded_teacher_path() -> Path:
+    """The small Wan2.1-architecture VAE shipped with the package (see docs/demo.md)."""
+    return Path(str(resources.files("flashvaed") / "data" / EMBEDDED_TEACHER))
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    video_shape: tuple[int, ...]
+    latents_shape: tuple[int, ...]
+    psnr_db: float
+    streaming_max_diff: float
+    decode_fps: float
+    model: str
+    params: int
+
+    def summary(self) -> str:
+        _, _, f, h, w = self.video_shape
+        return (
+            f"demo: {f} frames {h}x{w} -> latents {tuple(self.latents_shape)} -> decoded by {self.model} "
+            f"({self.params / 1e6:.2f} M params): PSNR {self.psnr_db:.2f} dB vs the input, streaming == "
+            f"one-shot (max |diff| {self.streaming_max_diff:.1e}), {self.decode_fps:.1f} frames/s; "
+            f"wrote {self.out_dir / 'comparison.mp4'}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+def demo(
+    out_dir: str | os.PathLike = "demo-output",
+    *,
+    model: str | os.PathLike | None = None,
+    frames: int = 17,
+    height: int = 128,
+    width: int = 128,
+    seed: int = 0,
+    chunk: int = 1,
+    device: str = "auto",
+    fps: int = 8,
+    progress: bool = False,
+) -> DemoResult:
+    """Encode a generated clip with the teacher, decode it streaming, write videos, report."""
+    out_dir = Path(out_dir)
+    if frames < 1 or (frames - 1) % 4:
+        raise InputError(f"--frames must be 4n+1 (e.g. 17), got {frames}")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise InputError(f"--height and --width must be positive multiples of 8, got {height}x{width}")
+    model_path = Path(model) if model is not None else embedded_teacher_path()
+    vae = load_model(model_path).to(resolve_device(device))
+    clip = synthetic_clip(frames, height, width, seed=seed)
+    with torch.inference_mode():
+        latents = vae.encode(clip)
+        start = time.perf_counter()
+        bounds = chunk_bounds(latents.shape[2], chunk)
+        pieces = list(track(iter_decode(vae, latents, chunk), len(bounds), "decoding", progress))
+        seconds = time.perf_counter() - start
+        streamed = torch.cat(pieces, dim=2).cpu()
+        one_shot = vae.decode(latents).cpu()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tensor(latents, out_dir / "latents.safetensors", "latents")
+    write_video(clip, out_dir / "input.mp4", fps=fps)
+    write_video(streamed, out_dir / "reconstruction.mp4", fps=fps)
+    write_video(torch.cat([clip, streamed], dim=-1), out_dir / "comparison.mp4", fps=fps)
+    name = "the embedded Wan2.1 teacher" if model is None else f"teacher {model_path.name}"
+    return DemoResult(
+        out_dir=out_dir,
+        video_shape=tuple(clip.shape),
+        latents_shape=tuple(latents.shape),
+        psnr_db=psnr(streamed, clip),
+        streaming_max_diff=(streamed - one_shot).abs().max().item(),
+        decode_fps=streamed.shape[2] / max(seconds, 1e-9),
+        model=name,
+        params=sum(p.numel() for p in vae.parameters()),
+    )

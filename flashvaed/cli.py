@@ -1,0 +1,229 @@
+"""`flashvaed` on the command line: a thin Typer shell over ``flashvaed.api``.
+
+Bad input prints one line, ``error: ...``, and exits 2; no traceback. Set FLASHVAED_DEBUG=1 to
+see the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .errors import FlashVAEDError
+from .io import VideoOptions
+
+app = typer.Typer(
+    name="flashvaed",
+    help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path: an original "
+    "Wan2.1_VAE.pth, a diffusers AutoencoderKLWan directory, or a .safetensors file.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def command(fn: F) -> F:
+    """Register ``fn`` and turn its failures into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FlashVAEDError as e:
+            raise fail(str(e), 2) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("FLASHVAED_DEBUG"):
+                raise
+            raise fail(f"internal error: {type(e).__name__}: {e} (FLASHVAED_DEBUG=1 shows the traceback)", 1) from None
+
+    app.command()(run)
+    return fn
+
+
+Model = Annotated[Path, typer.Option("--model", "-m", help="Model path (see `flashvaed --help`).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+@command
+def info(
+    model: Annotated[Path, typer.Argument(help="Model path.")],
+    height: Annotated[int, typer.Option(help="Frame height in pixels for MACs and state size.")] = 480,
+    width: Annotated[int, typer.Option(help="Frame width in pixels for MACs and state size.")] = 832,
+    chunk: Annotated[int, typer.Option(help="Latent frames per steady chunk.")] = 1,
+    dtype: Dtype = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Family, configuration, parameters, MACs per latent chunk and state size per stream."""
+    s = api.info(model, height=height, width=width, chunk=chunk, dtype=dtype)
+    if as_json:
+        out_console.print_json(json.dumps(s.to_dict()))
+        return
+    head = Table(title=f"{model}", show_header=False)
+    head.add_row("family", f"{s.family} ({s.kind})")
+    head.add_row(
+        "config", ", ".join(f"{k}={v}" for k, v in s.config.items() if v is not None and not k.startswith("latents_"))
+    )
+    head.add_row("parameters", f"{s.params_decoder / 1e6:.2f} M decoder, {s.params_total / 1e6:.2f} M total")
+    head.add_row("first chunk", f"1 latent frame -> 1 frame: {s.macs_first / 1e9:.1f} GMACs")
+    head.add_row(
+        "steady chunk",
+        f"{s.chunk} latent frame(s) -> {s.frames_per_chunk} frames: {s.macs_steady / 1e9:.1f} GMACs "
+        f"({s.macs_per_frame / 1e9:.1f} GMACs per frame)",
+    )
+    head.add_row("state per stream", f"{s.state_tensors} tensors, {s.state_bytes / 2**20:.1f} MiB ({s.dtype})")
+    stages = Table(title=f"per stage at {s.height}x{s.width}, steady chunk")
+    for col in ("stage", "params (M)", "GMACs", "share", "state (MiB)"):
+        stages.add_column(col, justify="left" if col == "stage" else "right")
+    for st in s.stages:
+        stages.add_row(
+            st.name,
+            f"{st.params / 1e6:.3f}",
+            f"{st.macs / 1e9:.1f}",
+            f"{100 * st.macs / max(s.macs_steady, 1):.1f}%",
+            f"{st.state_bytes / 2**20:.1f}",
+        )
+    out_console.print(head)
+    out_console.print(stages)
+
+
+@command
+def decode(
+    latents: Annotated[
+        Path,
+        typer.Argument(
+            help="Normalised latents (B,z,T,h,w): .pt (tensor or dict key 'latents'), .npy or .safetensors."
+        ),
+    ],
+    model: Model,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output: .pt/.npy/.safetensors (raw float32 "
+            "frames in [-1,1], key 'frames'), .mp4, or a directory of PNGs.",
+        ),
+    ],
+    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step after the first.")] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_index: Annotated[int, typer.Option(help="Which sample goes to .mp4/PNG outputs.")] = 0,
+    fps: Annotated[int, typer.Option(help="Frame rate of .mp4 outputs.")] = 16,
+    quiet: Quiet = False,
+) -> None:
+    """Decode latents to frames, streaming chunk by chunk (memory stays flat)."""
+    r = api.decode(
+        latents,
+        model,
+        out,
+        chunk=chunk,
+        device=device,
+        dtype=dtype,
+        batch_index=batch_index,
+        fps=fps,
+        progress=not quiet,
+    )
+    b, _, f, h, w = r.shape
+    typer.echo(
+        f"decoded {b}x{f} frames {h}x{w} in {r.seconds:.2f} s ({r.frames_per_second:.1f} frames/s) -> {r.output}"
+    )
+
+
+@command
+def encode(
+    video: Annotated[
+        Path,
+        typer.Argument(
+            help="A video (.mp4/.webm/.mov/.gif/...) or raw frames (B,3,F,H,W) in [-1,1] as .pt/.npy/.safetensors."
+        ),
+    ],
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Latents file: .pt (key 'latents'), .npy or .safetensors.")],
+    height: Annotated[int | None, typer.Option(help="Target height (scale to cover, centre crop).")] = None,
+    width: Annotated[int | None, typer.Option(help="Target width (scale to cover, centre crop).")] = None,
+    fit: Annotated[str, typer.Option(help="Without a target size: 'crop' or 'resize' to multiples of 8.")] = "crop",
+    frames: Annotated[str, typer.Option(help="'trim' trailing frames or 'pad' the last to reach 4n+1.")] = "trim",
+    max_frames: Annotated[int | None, typer.Option(help="Read at most this many frames.")] = None,
+    stride: Annotated[int, typer.Option(help="Keep every n-th frame (frame-rate subsampling).")] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    quiet: Quiet = False,
+) -> None:
+    """Encode a video to normalised diffusion-space latents with the model's encoder."""
+    options = VideoOptions(
+        height=height,
+        width=width,
+        fit=fit,
+        frames=frames,  # type: ignore[arg-type]
+        max_frames=max_frames,
+        stride=stride,
+    )
+    r = api.encode(video, model, out, options=options, device=device, dtype=dtype, progress=not quiet)
+    typer.echo(f"encoded video {r.video_shape} -> latents {r.latents_shape} in {r.seconds:.2f} s -> {r.output}")
+
+
+@command
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's videos and latents.")] = Path(
+        "demo-output"
+    ),
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="A teacher instead of the embedded one.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames of the generated clip (4n+1).")] = 17,
+    height: Annotated[int, typer.Option(help="Clip height (multiple of 8).")] = 128,
+    width: Annotated[int, typer.Option(help="Clip width (multiple of 8).")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the generated clip.")] = 0,
+    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Encode and decode a generated clip with the teacher; write videos and a one-line summary."""
+    r = api.demo(
+        out,
+        model=model,
+        frames=frames,
+        height=height,
+        width=width,
+        seed=seed,
+        chunk=chunk,
+        device=device,
+        progress=not quiet,
+    )
+    typer.echo(r.summary())
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `flashvaed info ... | head`
+        sys.stderr.close()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

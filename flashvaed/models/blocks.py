@@ -1,0 +1,215 @@
+"""Building blocks of causal video VAEs, each a pure function of (input, its state).
+
+Every block takes the slice of the state tuple it owns and returns its new slice; blocks that
+carry nothing take and return ``()``. Layer semantics follow the Wan VAE (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .streaming import State, StateSpec, StreamingBlock, blocks_state_specs, run_blocks
+
+
+def fold_time(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W), so 2D layers act on every frame alone."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def unfold_time(y: Tensor, batch: int) -> Tensor:
+    """Inverse of ``fold_time``."""
+    bt, c, h, w = y.shape
+    return y.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
+
+
+class CausalConv3d(nn.Conv3d, StreamingBlock):
+    """A Conv3d that sees only present and past frames.
+
+    Spatial padding is symmetric zeros. The temporal padding in front is the state: the last
+    ``kernel_t - 1`` input frames of earlier chunks (zeros before the first frame), so chunked
+    and one-shot application agree exactly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]):
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
+        self.history = kt - 1
+        self.num_states = 1 if self.history else 0
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        if not self.history:
+            return []
+        return [StateSpec(name, self.in_channels, self.history, scale)]
+
+    def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """Convolve ``x`` after ``history``; return the output and the new history."""
+        x = torch.cat([history, x], dim=2)
+        new_history = x[:, :, -self.history :].clone(memory_format=torch.contiguous_format)
+        return self._conv_forward(x, self.weight, self.bias), new_history
+
+    def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
+        if not self.history:
+            return self._conv_forward(x, self.weight, self.bias), ()
+        y, history = self.step(x, state[0])
+        return y, (history,)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_2 over channels * sqrt(C) * gamma, with the L2 norm taken in fp32 for half types."""
+
+    def __init__(self, dim: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            normalized = F.normalize(x.float(), dim=1).to(x.dtype)
+        else:
+            normalized = F.normalize(x, dim=1)
+        return normalized * self.scale * self.gamma
+
+
+class ResidualBlock(StreamingBlock):
+    """RMSNorm, SiLU, causal 3x3x3 conv, twice; plus a 1x1x1 shortcut when widths differ."""
+
+    num_states = 2
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3)
+        self.norm2 = RMSNorm(out_dim)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3)
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        return self.conv1.state_specs(f"{name}.conv1", scale) + self.conv2.state_specs(f"{name}.conv2", scale)
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        h, s1 = self.conv1.step(F.silu(self.norm1(x)), state[0])
+        h, s2 = self.conv2.step(F.silu(self.norm2(h)), state[1])
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return h + skip, (s1, s2)
+
+
+class AttentionBlock(StreamingBlock):
+    """Single-head self-attention over the positions of each frame, with a residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
+        b, c, t, h, w = x.shape
+        y = self.norm(fold_time(x))
+        qkv = self.to_qkv(y).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c)
+        y = self.proj(y.transpose(1, 2).reshape(b * t, c, h, w))
+        return x + unfold_time(y, b), ()
+
+
+class Upsample(StreamingBlock):
+    """Decoder resampling: optional temporal 2x (``time_conv``), then nearest 2x and a 3x3 conv.
+
+    ``time_conv`` doubles the channels and its output is read as two frames per input frame.
+    On the first chunk it does not run at all: the single frame passes through and its history
+    stays zero, so the next chunk sees zeros in front (the reference's first-chunk rule).
+    """
+
+    def __init__(self, dim: int, out_dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
+        self.conv = nn.Conv2d(dim, out_dim, 3, padding=1)
+        self.num_states = 1 if temporal else 0
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        if self.time_conv is None:
+            return []
+        return self.time_conv.state_specs(f"{name}.time_conv", scale)
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        if self.time_conv is not None and not first:
+            y, history = self.time_conv.step(x, state[0])
+            b, c2, t, h, w = y.shape
+            # channels [0:C] are the earlier frame, [C:2C] the later one
+            x = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            state = (history,)
+        y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
+        return unfold_time(self.conv(y), x.shape[0]), state
+
+
+class Downsample(StreamingBlock):
+    """Encoder resampling: stride-2 3x3 conv (zero pad right/bottom), then optional temporal /2.
+
+    The temporal conv (kernel 3, stride 2, no padding) reads the last frame of the previous
+    chunk in front of the current one; the first chunk (one frame) passes through.
+    """
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+        self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+        self.num_states = 1 if temporal else 0
+        self.dim = dim
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        if self.time_conv is None:
+            return []
+        return [StateSpec(f"{name}.time_conv", self.dim, 1, scale / 2)]
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        y = unfold_time(self.conv(F.pad(fold_time(x), (0, 1, 0, 1))), x.shape[0])
+        if self.time_conv is None:
+            return y, ()
+        last = y[:, :, -1:].clone(memory_format=torch.contiguous_format)
+        if first:
+            return y, (last,)
+        return self.time_conv(torch.cat([state[0], y], dim=2)), (last,)
+
+
+class Stage(StreamingBlock):
+    """Blocks run in order at one spatial scale; ``resample`` (if any) ends the stage."""
+
+    def __init__(self, blocks: list[StreamingBlock], resample: StreamingBlock | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+        self.num_states = sum(b.num_states for b in self.sequence())
+
+    def sequence(self) -> list[StreamingBlock]:
+        return [*self.blocks] + ([self.resample] if self.resample is not None else [])
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        specs = blocks_state_specs(list(self.blocks), f"{name}.blocks", scale)
+        if self.resample is not None:
+            specs += self.resample.state_specs(f"{name}.resample", scale)
+        return specs
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        return run_blocks(self.sequence(), x, state, first)
+
+
+class Head(StreamingBlock):
+    """RMSNorm, SiLU and a causal 3x3x3 conv to the output channels."""
+
+    num_states = 1
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.conv = CausalConv3d(dim, out_dim, 3)
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        return self.conv.state_specs(f"{name}.conv", scale)
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        return self.conv(F.silu(self.norm(x)), state)

@@ -1,0 +1,111 @@
+"""What a decoder costs: parameters, MACs per latent chunk and streaming state, per stage.
+
+MACs are counted by running the step function on the ``meta`` device under PyTorch's flop
+counter, so full-size models at full resolution are measured in a second without memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import InputError
+from .streaming import state_nbytes, zero_state
+
+
+@dataclass
+class StageCost:
+    name: str
+    params: int
+    macs: int  # per steady chunk
+    state_bytes: int
+
+
+@dataclass
+class DecoderSummary:
+    family: str
+    kind: str
+    config: dict[str, Any]
+    height: int
+    width: int
+    chunk: int
+    dtype: str
+    params_total: int
+    params_decoder: int
+    macs_first: int  # the first chunk: one latent frame -> one frame
+    macs_steady: int  # a steady chunk: ``chunk`` latent frames -> temporal_factor * chunk frames
+    frames_per_chunk: int
+    state_bytes: int
+    state_tensors: int
+    stages: list[StageCost] = field(default_factory=list)
+
+    @property
+    def macs_per_frame(self) -> float:
+        return self.macs_steady / self.frames_per_chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["macs_per_frame"] = self.macs_per_frame
+        return d
+
+
+def _count_macs(model: torch.nn.Module, latents: torch.Tensor, state: tuple, first: bool) -> dict[str, int]:
+    with FlopCounterMode(display=False) as counter:
+        model.decode_step(latents, state, first=first)
+    counts = {"total": sum(counter.get_flop_counts()["Global"].values()) // 2}
+    for name, ops in counter.get_flop_counts().items():
+        # names are "<TopClass>.<path>"; keep the path under the decoder
+        counts[name.partition(".")[2]] = sum(ops.values()) // 2
+    return counts
+
+
+def summarize(
+    model: Any, height: int, width: int, chunk: int = 1, dtype: torch.dtype = torch.float32
+) -> DecoderSummary:
+    """Cost of decoding (height x width pixels) with ``model``, in chunks of ``chunk`` latents."""
+    sf = model.spatial_factor
+    if height <= 0 or width <= 0 or height % sf or width % sf:
+        raise InputError(f"height and width must be positive multiples of {sf}, got {height}x{width}")
+    if chunk < 1:
+        raise InputError(f"chunk must be at least 1, got {chunk}")
+    h, w = height // sf, width // sf
+    specs = model.decoder_state_specs()
+    with torch.device("meta"):
+        shadow = type(model)(model.config)
+        state = zero_state(specs, 1, h, w, device="meta")
+        first = _count_macs(shadow, torch.zeros(1, model.latent_channels, 1, h, w), state, True)
+        steady = _count_macs(shadow, torch.zeros(1, model.latent_channels, chunk, h, w), state, False)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    stages = []
+    for name, _, block in model.decoder.stages():
+        owned = [s for s in specs if s.name == name or s.name.startswith(name + ".")]
+        stages.append(
+            StageCost(
+                name=name,
+                params=sum(p.numel() for p in block.parameters()),
+                macs=steady.get(name, 0),
+                state_bytes=state_nbytes(owned, 1, h, w, itemsize),
+            )
+        )
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    return DecoderSummary(
+        family=getattr(model, "family", type(model).__name__),
+        kind=getattr(model, "kind", "teacher"),
+        config=config,
+        height=height,
+        width=width,
+        chunk=chunk,
+        dtype=str(dtype).removeprefix("torch."),
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_decoder=sum(p.numel() for p in model.decoder.parameters())
+        + sum(p.numel() for p in model.post_quant_conv.parameters()),
+        macs_first=first["total"],
+        macs_steady=steady["total"],
+        frames_per_chunk=model.temporal_factor * chunk,
+        state_bytes=state_nbytes(specs, 1, h, w, itemsize),
+        state_tensors=len(specs),
+        stages=stages,
+    )
