@@ -93,13 +93,19 @@ def to_uint8(frames: Tensor) -> np.ndarray:
 
 
 def output_kind(out: str | os.PathLike) -> Literal["tensor", "video", "png"]:
+    """What ``out`` will hold, by its extension; refuses targets that must not be replaced."""
     out = Path(out)
     suffix = out.suffix.lower()
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if not (p.name.startswith("frame_") and p.suffix == ".png")]
+        if foreign:
+            raise InputError(f"{out} is a directory holding other files ({foreign[0]}, ...); choose a new one")
+        return "png"
     if suffix in TENSOR_SUFFIXES:
         return "tensor"
     if suffix == ".mp4":
         return "video"
-    if suffix == "" or out.is_dir():
+    if suffix == "":
         return "png"
     raise InputError(
         f"unknown output extension {out.suffix!r} (use .pt/.npy/.safetensors for raw frames, "
