@@ -35,9 +35,18 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
     and one-shot application agree exactly.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
-        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
+        super().__init__(
+            in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), groups=groups, bias=bias
+        )
         self.history = kt - 1
         self.num_states = 1 if self.history else 0
 
@@ -75,45 +84,100 @@ class RMSNorm(nn.Module):
         return normalized * self.scale * self.gamma
 
 
-class ResidualBlock(StreamingBlock):
-    """RMSNorm, SiLU, causal 3x3x3 conv, twice; plus a 1x1x1 shortcut when widths differ."""
+class DepthwiseSeparableConv3d(StreamingBlock):
+    """Depthwise causal 3x3x3 conv (one filter per channel, the same state rule as the dense
+    conv: it keeps the last 2 input frames) followed by a pointwise 1x1x1 conv."""
 
-    num_states = 2
+    num_states = 1
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
+        self.depthwise = CausalConv3d(in_channels, in_channels, 3, groups=in_channels, bias=False)
+        self.pointwise = nn.Conv3d(in_channels, out_channels, 1)
+
+    def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
+        return self.depthwise.state_specs(name, scale)
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        y, history = self.depthwise.step(x, state[0])
+        return self.pointwise(y), (history,)
+
+
+class FrameConv2d(nn.Conv2d, StreamingBlock):
+    """A 3x3 conv applied to every frame alone: no temporal mixing, no state."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
+        return unfold_time(self._conv_forward(fold_time(x), self.weight, self.bias), x.shape[0]), ()
+
+
+OPS = ("causal3d", "dwsep3d", "spatial2d")
+
+
+def make_conv(op: str, in_channels: int, out_channels: int) -> StreamingBlock:
+    """The 3x3(x3) conv of a residual block or head, as operator kind ``op``."""
+    if op == "causal3d":
+        return CausalConv3d(in_channels, out_channels, 3)
+    if op == "dwsep3d":
+        return DepthwiseSeparableConv3d(in_channels, out_channels)
+    if op == "spatial2d":
+        return FrameConv2d(in_channels, out_channels)
+    raise ValueError(f"unknown operator {op!r} (expected one of {', '.join(OPS)})")
+
+
+class ResidualBlock(StreamingBlock):
+    """RMSNorm, SiLU, conv, RMSNorm, SiLU, conv; plus a 1x1x1 shortcut when widths differ.
+
+    ``hidden`` is the width between the two convs (the output width in the teacher); ``op`` the
+    conv kind; ``shortcut=True`` keeps a 1x1x1 shortcut even when in and out widths agree.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int | None = None, op: str = "causal3d", shortcut: bool = False
+    ) -> None:
+        super().__init__()
+        hidden = hidden or out_dim
         self.norm1 = RMSNorm(in_dim)
-        self.conv1 = CausalConv3d(in_dim, out_dim, 3)
-        self.norm2 = RMSNorm(out_dim)
-        self.conv2 = CausalConv3d(out_dim, out_dim, 3)
-        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+        self.conv1 = make_conv(op, in_dim, hidden)
+        self.norm2 = RMSNorm(hidden)
+        self.conv2 = make_conv(op, hidden, out_dim)
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if shortcut or in_dim != out_dim else None
+        self.num_states = self.conv1.num_states + self.conv2.num_states
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return self.conv1.state_specs(f"{name}.conv1", scale) + self.conv2.state_specs(f"{name}.conv2", scale)
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        h, s1 = self.conv1.step(F.silu(self.norm1(x)), state[0])
-        h, s2 = self.conv2.step(F.silu(self.norm2(h)), state[1])
+        n1 = self.conv1.num_states
+        h, s1 = self.conv1(F.silu(self.norm1(x)), state[:n1], first)
+        h, s2 = self.conv2(F.silu(self.norm2(h)), state[n1:], first)
         skip = x if self.shortcut is None else self.shortcut(x)
-        return h + skip, (s1, s2)
+        return h + skip, s1 + s2
 
 
 class AttentionBlock(StreamingBlock):
-    """Single-head self-attention over the positions of each frame, with a residual add."""
+    """Single-head self-attention over the positions of each frame, with a residual add.
 
-    def __init__(self, dim: int) -> None:
+    q and k have ``qk_dim`` channels (the scale is 1/sqrt(qk_dim)), v has ``v_dim``; both are
+    the stream width in the teacher.
+    """
+
+    def __init__(self, dim: int, qk_dim: int | None = None, v_dim: int | None = None) -> None:
         super().__init__()
+        self.qk_dim, self.v_dim = qk_dim or dim, v_dim or dim
         self.norm = RMSNorm(dim, spatial_dims=2)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.to_qkv = nn.Conv2d(dim, 2 * self.qk_dim + self.v_dim, 1)
+        self.proj = nn.Conv2d(self.v_dim, dim, 1)
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
-        b, c, t, h, w = x.shape
+        b, _, t, h, w = x.shape
         y = self.norm(fold_time(x))
-        qkv = self.to_qkv(y).reshape(b * t, 3 * c, h * w).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c)
-        y = self.proj(y.transpose(1, 2).reshape(b * t, c, h, w))
+        qkv = self.to_qkv(y).reshape(b * t, -1, h * w).transpose(1, 2)
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(qk_dim)
+        y = self.proj(y.transpose(1, 2).reshape(b * t, self.v_dim, h, w))
         return x + unfold_time(y, b), ()
 
 
@@ -199,14 +263,13 @@ class Stage(StreamingBlock):
 
 
 class Head(StreamingBlock):
-    """RMSNorm, SiLU and a causal 3x3x3 conv to the output channels."""
+    """RMSNorm, SiLU and a 3x3(x3) conv (causal in the teacher) to the output channels."""
 
-    num_states = 1
-
-    def __init__(self, dim: int, out_dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int, op: str = "causal3d") -> None:
         super().__init__()
         self.norm = RMSNorm(dim)
-        self.conv = CausalConv3d(dim, out_dim, 3)
+        self.conv = make_conv(op, dim, out_dim)
+        self.num_states = self.conv.num_states
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return self.conv.state_specs(f"{name}.conv", scale)

@@ -18,45 +18,20 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .blocks import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Stage, Upsample
+from .layout import DecoderLayout, StageLayout
 from .streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
 from .streaming import decode as streaming_decode
 
+# fmt: off
 WAN21_LATENTS_MEAN = (
-    -0.7571,
-    -0.7089,
-    -0.9113,
-    0.1075,
-    -0.1745,
-    0.9653,
-    -0.1517,
-    1.5508,
-    0.4134,
-    -0.0715,
-    0.5517,
-    -0.3632,
-    -0.1922,
-    -0.9497,
-    0.2503,
-    -0.2921,
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
 )
 WAN21_LATENTS_STD = (
-    2.8184,
-    1.4541,
-    2.3275,
-    2.6558,
-    1.2196,
-    1.7708,
-    2.6052,
-    2.0743,
-    3.2687,
-    2.1526,
-    2.8652,
-    1.5579,
-    1.6382,
-    1.1253,
-    2.8251,
-    1.9160,
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -106,28 +81,49 @@ class WanConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def teacher_layout(config: WanConfig) -> DecoderLayout:
+    """The decoder layout of a Wan2.1-style VAE: causal 3D convs at full width everywhere."""
+    widths = config.decoder_widths
+    nrb = config.num_res_blocks
+    temporal_upsample = config.temporal_downsample[::-1]
+    last = len(config.dim_mult) - 1
+    up = []
+    for i, (in_dim, out_dim) in enumerate(itertools.pairwise(widths)):
+        up.append(StageLayout(
+            op="causal3d",
+            in_width=in_dim // 2 if i > 0 else in_dim,  # the upsample convs halve the width
+            width=out_dim,
+            hidden=(out_dim,) * (nrb + 1),
+            resample_width=out_dim // 2 if i < last else None,
+            temporal=i < last and temporal_upsample[i],
+        ))  # fmt: skip
+    middle = StageLayout("causal3d", widths[0], widths[0], (widths[0], widths[0]))
+    return DecoderLayout(config.z_dim, middle, tuple(up), qk_dim=widths[0], v_dim=widths[0])
+
+
 class WanDecoder(nn.Module):
-    """conv_in, middle (res, attention, res), up stages with resampling, head."""
+    """conv_in, middle (res, attention, res), up stages with resampling, head; built from a layout."""
 
-    def __init__(self, config: WanConfig) -> None:
+    def __init__(self, layout: DecoderLayout) -> None:
         super().__init__()
-        widths = config.decoder_widths
-        nrb = config.num_res_blocks
-        temporal_upsample = config.temporal_downsample[::-1]
-        last = len(config.dim_mult) - 1
-
-        self.conv_in = CausalConv3d(config.z_dim, widths[0], 3)
-        self.middle = Stage(
-            [ResidualBlock(widths[0], widths[0]), AttentionBlock(widths[0]), ResidualBlock(widths[0], widths[0])]
-        )
+        self.layout = layout
+        m = layout.middle
+        self.conv_in = CausalConv3d(layout.z_dim, m.width, 3)
+        self.middle = Stage([
+            ResidualBlock(m.width, m.width, m.hidden[0], m.op, m.shortcut),
+            AttentionBlock(m.width, layout.qk_dim, layout.v_dim),
+            ResidualBlock(m.width, m.width, m.hidden[1], m.op, m.shortcut),
+        ])  # fmt: skip
         up = []
-        for i, (in_dim, out_dim) in enumerate(itertools.pairwise(widths)):
-            in_dim = in_dim // 2 if i > 0 else in_dim  # the upsample convs halve the width
-            blocks = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(nrb + 1)]
-            resample = Upsample(out_dim, out_dim // 2, temporal_upsample[i]) if i < last else None
+        for st in layout.up:
+            blocks = [
+                ResidualBlock(st.in_width if j == 0 else st.width, st.width, hidden, st.op, st.shortcut)
+                for j, hidden in enumerate(st.hidden)
+            ]
+            resample = Upsample(st.width, st.resample_width, st.temporal) if st.resample_width else None
             up.append(Stage(blocks, resample))
         self.up = nn.ModuleList(up)
-        self.head = Head(widths[-1], 3)
+        self.head = Head(layout.up[-1].width, layout.out_channels, layout.head_op)
 
     def stages(self) -> list[tuple[str, Fraction, StreamingBlock]]:
         """Blocks in the order they run, with their names and spatial scale (latent grid = 1)."""
@@ -135,8 +131,11 @@ class WanDecoder(nn.Module):
             ("conv_in", Fraction(1), self.conv_in),
             ("middle", Fraction(1), self.middle),
         ]
-        items += [(f"up.{i}", Fraction(2**i), stage) for i, stage in enumerate(self.up)]
-        items.append(("head", Fraction(2 ** (len(self.up) - 1)), self.head))
+        scale = Fraction(1)
+        for i, stage in enumerate(self.up):
+            items.append((f"up.{i}", scale, stage))
+            scale *= 2 if stage.resample is not None else 1
+        items.append(("head", scale, self.head))
         return items
 
     def state_specs(self) -> list[StateSpec]:
@@ -180,27 +179,27 @@ class WanEncoder(nn.Module):
         return run_blocks([block for _, _, block in self.stages()], x, state, first)
 
 
-class WanVAE(nn.Module):
-    """The Wan2.1 VAE: ``encode`` videos to diffusion-space latents, ``decode_step`` them back."""
+class LatentDecoder(nn.Module):
+    """Diffusion-space latents -> frames: de-normalisation, ``post_quant_conv``, a ``WanDecoder``.
+
+    The part teachers and students share, and the streaming contract they both follow.
+    """
 
     family = "wan2.1"
+    kind = "teacher"
 
-    def __init__(self, config: WanConfig | None = None) -> None:
+    def __init__(self, layout: DecoderLayout, latents_mean: tuple[float, ...], latents_std: tuple[float, ...]) -> None:
         super().__init__()
-        self.config = config or WanConfig()
-        z = self.config.z_dim
+        z = layout.z_dim
         self.latent_channels = z
-        self.temporal_factor = self.config.temporal_factor
-        self.spatial_factor = self.config.spatial_factor
-        self.encoder = WanEncoder(self.config)
-        self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1)
+        self.temporal_factor = 2 ** sum(st.temporal for st in layout.up)
+        self.spatial_factor = 2 ** sum(st.resample_width is not None for st in layout.up)
         self.post_quant_conv = nn.Conv3d(z, z, 1)
-        self.decoder = WanDecoder(self.config)
-        stats = torch.tensor([self.config.latents_mean, self.config.latents_std])
+        self.decoder = WanDecoder(layout)
+        stats = torch.tensor([latents_mean, latents_std], dtype=torch.float32)
         self.register_buffer("latents_mean", stats[0].view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", stats[1].view(1, z, 1, 1, 1), persistent=False)
 
-    # decoding: the streaming contract -------------------------------------------------------
     def decoder_state_specs(self) -> list[StateSpec]:
         return self.decoder.state_specs()
 
@@ -217,6 +216,17 @@ class WanVAE(nn.Module):
     def decode(self, latents: Tensor, chunk: int | None = None) -> Tensor:
         """Frames in [-1, 1], (B, 3, 1 + 4(T-1), 8h, 8w), from latents (B, z, T, h, w)."""
         return streaming_decode(self, latents, chunk)
+
+
+class WanVAE(LatentDecoder):
+    """The Wan2.1 VAE: ``encode`` videos to diffusion-space latents, ``decode_step`` them back."""
+
+    def __init__(self, config: WanConfig | None = None) -> None:
+        config = config or WanConfig()
+        super().__init__(teacher_layout(config), config.latents_mean, config.latents_std)
+        self.config = config
+        self.encoder = WanEncoder(config)
+        self.quant_conv = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
 
     # encoding ---------------------------------------------------------------------------------
     def iter_encode(self, video: Tensor) -> Iterator[Tensor]:
