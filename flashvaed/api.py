@@ -18,8 +18,9 @@ import torch
 from .errors import InputError
 from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor, write_video
 from .metrics import psnr
-from .models import DecoderSummary, load_model, summarize
+from .models import DecoderSummary, FlashStudent, StudentSpec, WanVAE, load_model, save_student, summarize
 from .models.streaming import check_latents, chunk_bounds, iter_decode
+from .models.wan import LatentDecoder, teacher_layout
 from .progress import track
 from .synthetic import synthetic_clip
 
@@ -51,8 +52,18 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 def info(
     model: str | os.PathLike, height: int = 480, width: int = 832, chunk: int = 1, dtype: str = "float32"
 ) -> DecoderSummary:
-    """Family, configuration, parameters, MACs per latent chunk and state size of MODEL."""
-    return summarize(load_model(model), height, width, chunk=chunk, dtype=resolve_dtype(dtype))
+    """Family, configuration, parameters, MACs per latent chunk and state size of MODEL.
+
+    For a student, ``summary.teacher`` holds the same figures for its teacher (built from the
+    teacher configuration the student records, on the meta device: no teacher file needed).
+    """
+    loaded = load_model(model)
+    summary = summarize(loaded, height, width, chunk=chunk, dtype=resolve_dtype(dtype))
+    if isinstance(loaded, FlashStudent):
+        with torch.device("meta"):
+            teacher = WanVAE(loaded.config.teacher)
+        summary.teacher = summarize(teacher, height, width, chunk=chunk, dtype=resolve_dtype(dtype))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,3 +238,102 @@ def demo(
         model=name,
         params=sum(p.numel() for p in vae.parameters()),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+def _spec(preset: str | None, config: str | os.PathLike | None) -> StudentSpec:
+    if (preset is None) == (config is None):
+        raise InputError("give exactly one of --preset or --config")
+    return StudentSpec.load(preset if preset is not None else config)  # type: ignore[arg-type]
+
+
+def _teacher(path: str | os.PathLike) -> WanVAE:
+    model = load_model(path)
+    if not isinstance(model, WanVAE):
+        raise InputError(f"{path} is a student; --teacher needs a teacher checkpoint (original, diffusers, ...)")
+    return model
+
+
+@dataclass
+class PrunePlan:
+    """What ``prune`` will do, before any calibration: the layout and every channel group."""
+
+    layout: dict[str, Any]
+    notes: list[str]
+    groups: list[dict[str, Any]]
+
+
+def explain(
+    teacher: str | os.PathLike, *, preset: str | None = None, config: str | os.PathLike | None = None
+) -> PrunePlan:
+    """The resolved student layout and the channel groups with their kept/total widths."""
+    from .prune.groups import channel_groups
+    from .prune.pipeline import pruned_layout
+
+    spec = _spec(preset, config)
+    model = _teacher(teacher)
+    t_layout = teacher_layout(model.config)
+    layout, notes = spec.resolve(t_layout, family=model.family)
+    with torch.device("meta"):
+        pruned = LatentDecoder(pruned_layout(layout, t_layout), model.config.latents_mean, model.config.latents_std)
+    groups = [
+        {
+            "name": g.name,
+            "kind": g.kind,
+            "kept": p.size,
+            "total": g.size,
+            "producers": [x for x, _ in g.producers],
+            "consumers": g.consumers,
+            "norms": g.norms,
+        }
+        for g, p in zip(channel_groups(model.decoder), channel_groups(pruned.decoder), strict=True)
+    ]
+    return PrunePlan(layout.to_dict(), sorted(set(notes)), groups)
+
+
+def prune(
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    config: str | os.PathLike | None = None,
+    calib: str | os.PathLike = "synthetic",
+    criterion: str = "independence",
+    calib_clips: int = 4,
+    calib_frames: int = 9,
+    calib_size: int = 64,
+    chunk: int = 2,
+    height: int = 480,
+    width: int = 832,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Initialise a student from a teacher and write the student directory; returns the report."""
+    from .prune.calibration import calibration_latents
+    from .prune.pipeline import CRITERIA, prune_teacher
+
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r} (use {' or '.join(CRITERIA)})")
+    if calib_clips < 1 or calib_frames < 1 or (calib_frames - 1) % 4 or calib_size <= 0 or calib_size % 8:
+        raise InputError("--calib-clips >= 1, --calib-frames 4n+1 and --calib-size a multiple of 8 are required")
+    spec = _spec(preset, config)
+    model = _teacher(teacher).to(resolve_device(device))
+    spec.resolve(teacher_layout(model.config), family=model.family)  # refuse a bad fit before any work
+    check_student_target(out)
+    latents = calibration_latents(
+        calib, model, clips=calib_clips, frames=calib_frames, size=calib_size, progress=progress
+    )
+    result = prune_teacher(
+        model, spec, latents, criterion=criterion, chunk=chunk, report_size=(height, width), progress=progress
+    )
+    result.report["calibration"]["source"] = str(calib)
+    save_student(result.student.cpu(), out, {"prune_report.json": result.report})
+    return result.report
+
+
+def check_student_target(out: str | os.PathLike) -> None:
+    from .models.checkpoint import is_student_dir
+
+    out = Path(out)
+    if out.exists() and not is_student_dir(out) and not (out.is_dir() and not any(out.iterdir())):
+        raise InputError(f"{out} exists and is not a student directory; choose a new output")

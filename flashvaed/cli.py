@@ -86,9 +86,15 @@ def info(
         return
     head = Table(title=f"{model}", show_header=False)
     head.add_row("family", f"{s.family} ({s.kind})")
-    head.add_row(
-        "config", ", ".join(f"{k}={v}" for k, v in s.config.items() if v is not None and not k.startswith("latents_"))
-    )
+    if s.kind == "student":
+        layout = s.config["layout"]
+        named = {"middle": layout["middle"], **{f"up.{i}": st for i, st in enumerate(layout["up"])}}
+        parts = [f"{name} {st['op']} {st['width']}ch" for name, st in named.items()]
+        head.add_row("student", f"{s.config['name']}: {', '.join(parts)}, head {layout['head_op']}")
+        head.add_row("teacher config", f"base_dim={s.config['teacher']['base_dim']}, z_dim={layout['z_dim']}")
+    else:
+        shown = {k: v for k, v in s.config.items() if v is not None and not k.startswith("latents_")}
+        head.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))
     head.add_row("parameters", f"{s.params_decoder / 1e6:.2f} M decoder, {s.params_total / 1e6:.2f} M total")
     head.add_row("first chunk", f"1 latent frame -> 1 frame: {s.macs_first / 1e9:.1f} GMACs")
     head.add_row(
@@ -98,16 +104,31 @@ def info(
     )
     head.add_row("state per stream", f"{s.state_tensors} tensors, {s.state_bytes / 2**20:.1f} MiB ({s.dtype})")
     stages = Table(title=f"per stage at {s.height}x{s.width}, steady chunk")
-    for col in ("stage", "params (M)", "GMACs", "share", "state (MiB)"):
-        stages.add_column(col, justify="left" if col == "stage" else "right")
-    for st in s.stages:
-        stages.add_row(
+    t = s.teacher
+    columns = ["stage", "op", "params M", "GMACs", "share", "state MiB"]
+    if t is not None:
+        columns += ["teacher params M", "teacher GMACs", "fewer MACs"]
+        head.add_row(
+            "teacher",
+            f"{t.params_decoder / 1e6:.2f} M decoder params, {t.macs_per_frame / 1e9:.1f} GMACs "
+            f"per frame, state {t.state_bytes / 2**20:.1f} MiB",
+        )
+        head.add_row("speed-up (MACs)", f"{t.macs_steady / max(s.macs_steady, 1):.1f}x fewer MACs than the teacher")
+    for col in columns:
+        stages.add_column(col, justify="left" if col in ("stage", "op") else "right")
+    for i, st in enumerate(s.stages):
+        row = [
             st.name,
+            st.op,
             f"{st.params / 1e6:.3f}",
             f"{st.macs / 1e9:.1f}",
             f"{100 * st.macs / max(s.macs_steady, 1):.1f}%",
             f"{st.state_bytes / 2**20:.1f}",
-        )
+        ]
+        if t is not None:
+            ts = t.stages[i]
+            row += [f"{ts.params / 1e6:.3f}", f"{ts.macs / 1e9:.1f}", f"{ts.macs / max(st.macs, 1):.1f}x"]
+        stages.add_row(*row)
     out_console.print(head)
     out_console.print(stages)
 
@@ -186,6 +207,73 @@ def encode(
     )
     r = api.encode(video, model, out, options=options, device=device, dtype=dtype, progress=not quiet)
     typer.echo(f"encoded video {r.video_shape} -> latents {r.latents_shape} in {r.seconds:.2f} s -> {r.output}")
+
+
+@command
+def prune(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (any MODEL format).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Student directory to write.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Student preset: flash-wan2.1, flash-wan2.1-quarter, lite-wan2.1.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="Student config file (.yaml/.json) instead of a preset.")] = None,
+    calib: Annotated[
+        str, typer.Option(help="Calibration data: a latents file or folder, a video file or folder, or 'synthetic'.")
+    ] = "synthetic",
+    criterion: Annotated[
+        str, typer.Option(help="'independence' (pivoted selection + compensation) or 'l1' (magnitude baseline).")
+    ] = "independence",
+    calib_clips: Annotated[int, typer.Option(help="Synthetic calibration clips.")] = 4,
+    calib_frames: Annotated[int, typer.Option(help="Frames per synthetic or video calibration clip (4n+1).")] = 9,
+    calib_size: Annotated[int, typer.Option(help="Height = width of synthetic or video calibration clips.")] = 64,
+    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step while calibrating.")] = 2,
+    height: Annotated[int, typer.Option(help="Resolution for the report's MACs.")] = 480,
+    width: Annotated[int, typer.Option(help="Resolution for the report's MACs.")] = 832,
+    device: Device = "auto",
+    explain_only: Annotated[
+        bool, typer.Option("--explain", help="Print the layout and channel groups, then stop.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build a student from a teacher: operator substitution + independence-aware channel pruning."""
+    if explain_only:
+        plan = api.explain(teacher, preset=preset, config=config)
+        for note in plan.notes:
+            typer.echo(f"note: {note}")
+        typer.echo(f"{len(plan.groups)} channel groups (kept / teacher channels):")
+        for g in plan.groups:
+            typer.echo(f"\n{g['name']}  [{g['kind']}]  {g['kept']} / {g['total']}")
+            typer.echo(f"  produced by:   {', '.join(g['producers'])}")
+            typer.echo(f"  consumed by:   {', '.join(g['consumers'])}")
+            typer.echo(f"  normalised by: {', '.join(g['norms']) or '-'}")
+        return
+    if out is None:
+        raise FlashVAEDError("--out is required (the student directory to write)")
+    report = api.prune(
+        teacher,
+        out,
+        preset=preset,
+        config=config,
+        calib=calib,
+        criterion=criterion,
+        calib_clips=calib_clips,
+        calib_frames=calib_frames,
+        calib_size=calib_size,
+        chunk=chunk,
+        height=height,
+        width=width,
+        device=device,
+        progress=not quiet,
+    )
+    for note in report["notes"]:
+        typer.echo(f"note: {note}")
+    totals, fid = report["totals"], report["fidelity_vs_teacher_psnr_db"]
+    typer.echo(
+        f"student {report['student']} ({report['criterion']}): {totals['student_params'] / 1e6:.2f} M params "
+        f"(teacher {totals['teacher_params'] / 1e6:.2f} M), {totals['macs_ratio']:.1f}x fewer MACs at "
+        f"{height}x{width}; before distillation PSNR vs teacher {fid['student']:.2f} dB "
+        f"(pruned only {fid['pruned']:.2f} dB) -> {out}"
+    )
 
 
 @command

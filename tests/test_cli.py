@@ -138,8 +138,20 @@ def test_info_counts(teacher_8, files):
 
 def test_demo_with_a_given_teacher(files, tmp_path):
     d, _ = files
-    r = invoke("demo", "-o", tmp_path / "demo", "-m", d / "teacher.pth", "--frames", "5", "--height", "32",
-               "--width", "32", "-q")  # fmt: skip
+    r = invoke(
+        "demo",
+        "-o",
+        tmp_path / "demo",
+        "-m",
+        d / "teacher.pth",
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     assert r.output.startswith("demo: 5 frames 32x32") and "streaming == one-shot" in r.output
     for name in ("input.mp4", "reconstruction.mp4", "comparison.mp4", "latents.safetensors"):
@@ -241,10 +253,21 @@ def test_failure_midway_leaves_no_output(bad, monkeypatch):
 def test_real_entry_point_prints_one_line(bad):
     """The installed console script, in its own process: one stderr line, exit 2."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flashvaed.cli", "decode", str(bad / "nan.pt"), "-m", str(bad / "teacher.pth"),
-         "-o", str(bad / "x.mp4")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "flashvaed.cli",
+            "decode",
+            str(bad / "nan.pt"),
+            "-m",
+            str(bad / "teacher.pth"),
+            "-o",
+            str(bad / "x.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: latents contain NaN or Inf values"]
     assert proc.stdout == ""

@@ -202,11 +202,10 @@ class Upsample(StreamingBlock):
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         if self.time_conv is not None and not first:
-            y, history = self.time_conv.step(x, state[0])
+            y, state = self.time_conv(x, state)
             b, c2, t, h, w = y.shape
             # channels [0:C] are the earlier frame, [C:2C] the later one
             x = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-            state = (history,)
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
 

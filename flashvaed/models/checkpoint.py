@@ -23,7 +23,8 @@ from torch import Tensor
 from ..atomic import atomic_output
 from ..errors import CheckpointError
 from ..safeload import load_weights_only
-from .wan import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WanConfig, WanVAE
+from .student import STUDENT_FORMAT, FlashStudent, StudentConfig
+from .wan import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, LatentDecoder, WanConfig, WanVAE
 
 LAYOUTS = ("flashvaed", "original", "diffusers")
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -118,8 +119,10 @@ def _rename(key: str, layout: str, nrb: int) -> str:
     raise KeyError(f"no {layout} name for parameter {key}")
 
 
-def layout_names(model: WanVAE, layout: str) -> dict[str, str]:
+def layout_names(model: LatentDecoder, layout: str) -> dict[str, str]:
     """Our parameter name -> its name in ``layout``, for every parameter of ``model``."""
+    if layout == "flashvaed":
+        return {k: k for k in model.state_dict()}
     nrb = model.config.num_res_blocks
     return {k: _rename(k, layout, nrb) for k in model.state_dict()}
 
@@ -183,7 +186,7 @@ class KeyReport:
         return "; ".join(parts) or "all keys match"
 
 
-def match_keys(model: WanVAE, tensors: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tensor], KeyReport]:
+def match_keys(model: LatentDecoder, tensors: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tensor], KeyReport]:
     """Rename ``tensors`` to our names and check them against ``model`` strictly."""
     names = layout_names(model, layout)
     theirs_to_ours = {v: k for k, v in names.items()}
@@ -318,6 +321,62 @@ def _write(path: Path, tensors: dict[str, Tensor]) -> None:
             torch.save(tensors, str(tmp))
 
 
-def load_model(path: str | os.PathLike) -> WanVAE:
+# ---------------------------------------------------------------------------------------------
+# student directories: config.json + model.safetensors (+ prune_report.json, ...)
+# ---------------------------------------------------------------------------------------------
+STUDENT_WEIGHTS = "model.safetensors"
+
+
+def is_student_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == STUDENT_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_student(path: str | os.PathLike) -> FlashStudent:
+    path = Path(path)
+    data = _read_json(path / "config.json")
+    if data.get("format") != STUDENT_FORMAT:
+        raise CheckpointError(f"{path} is not a flashvaed student directory")
+    if data.get("version", 1) > 1:
+        raise CheckpointError(f"{path} was written by a newer flashvaed (student format {data['version']})")
+    try:
+        config = StudentConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json is malformed: {e}") from None
+    model = FlashStudent(config)
+    tensors = read_tensors(path / STUDENT_WEIGHTS) if (path / STUDENT_WEIGHTS).is_file() else None
+    if tensors is None:
+        raise CheckpointError(f"{path} has no {STUDENT_WEIGHTS}")
+    renamed, report = match_keys(model, tensors, "flashvaed")
+    if not report.ok:
+        raise CheckpointError(f"{path}/{STUDENT_WEIGHTS} does not fit its config.json: {report.summary()}")
+    model.load_state_dict(renamed, strict=True)
+    return model.eval()
+
+
+def save_student(model: FlashStudent, out_dir: str | os.PathLike, extra: dict[str, object] | None = None) -> Path:
+    """Write a student directory atomically: config.json, model.safetensors, and ``extra`` JSON files.
+
+    An existing directory is replaced only if it is itself a student directory.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (is_student_dir(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        raise CheckpointError(f"{out_dir} exists and is not a student directory; choose a new output")
+    with atomic_output(out_dir, directory=True) as tmp:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / STUDENT_WEIGHTS))
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+    return out_dir
+
+
+def load_model(path: str | os.PathLike) -> LatentDecoder:
     """Any model a MODEL argument may name, its format detected from the path."""
+    if is_student_dir(Path(path)):
+        return load_student(path)
     return load_wan(path)

@@ -19,6 +19,7 @@ from .streaming import state_nbytes, zero_state
 @dataclass
 class StageCost:
     name: str
+    op: str
     params: int
     macs: int  # per steady chunk
     state_bytes: int
@@ -41,6 +42,7 @@ class DecoderSummary:
     state_bytes: int
     state_tensors: int
     stages: list[StageCost] = field(default_factory=list)
+    teacher: DecoderSummary | None = None  # for students: the same figures for their teacher
 
     @property
     def macs_per_frame(self) -> float:
@@ -49,6 +51,8 @@ class DecoderSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["macs_per_frame"] = self.macs_per_frame
+        if self.teacher is not None:
+            d["teacher"] = self.teacher.to_dict()
         return d
 
 
@@ -85,6 +89,7 @@ def summarize(
         stages.append(
             StageCost(
                 name=name,
+                op=_stage_op(model, name),
                 params=sum(p.numel() for p in block.parameters()),
                 macs=steady.get(name, 0),
                 state_bytes=state_nbytes(owned, 1, h, w, itemsize),
@@ -109,3 +114,12 @@ def summarize(
         state_tensors=len(specs),
         stages=stages,
     )
+
+
+def _stage_op(model: Any, name: str) -> str:
+    layout = model.decoder.layout
+    if name == "conv_in":
+        return "causal3d"
+    if name == "head":
+        return layout.head_op
+    return layout.stages[name].op

@@ -89,14 +89,16 @@ def teacher_layout(config: WanConfig) -> DecoderLayout:
     last = len(config.dim_mult) - 1
     up = []
     for i, (in_dim, out_dim) in enumerate(itertools.pairwise(widths)):
-        up.append(StageLayout(
-            op="causal3d",
-            in_width=in_dim // 2 if i > 0 else in_dim,  # the upsample convs halve the width
-            width=out_dim,
-            hidden=(out_dim,) * (nrb + 1),
-            resample_width=out_dim // 2 if i < last else None,
-            temporal=i < last and temporal_upsample[i],
-        ))  # fmt: skip
+        up.append(
+            StageLayout(
+                op="causal3d",
+                in_width=in_dim // 2 if i > 0 else in_dim,  # the upsample convs halve the width
+                width=out_dim,
+                hidden=(out_dim,) * (nrb + 1),
+                resample_width=out_dim // 2 if i < last else None,
+                temporal=i < last and temporal_upsample[i],
+            )
+        )
     middle = StageLayout("causal3d", widths[0], widths[0], (widths[0], widths[0]))
     return DecoderLayout(config.z_dim, middle, tuple(up), qk_dim=widths[0], v_dim=widths[0])
 
@@ -109,11 +111,13 @@ class WanDecoder(nn.Module):
         self.layout = layout
         m = layout.middle
         self.conv_in = CausalConv3d(layout.z_dim, m.width, 3)
-        self.middle = Stage([
-            ResidualBlock(m.width, m.width, m.hidden[0], m.op, m.shortcut),
-            AttentionBlock(m.width, layout.qk_dim, layout.v_dim),
-            ResidualBlock(m.width, m.width, m.hidden[1], m.op, m.shortcut),
-        ])  # fmt: skip
+        self.middle = Stage(
+            [
+                ResidualBlock(m.width, m.width, m.hidden[0], m.op, m.shortcut),
+                AttentionBlock(m.width, layout.qk_dim, layout.v_dim),
+                ResidualBlock(m.width, m.width, m.hidden[1], m.op, m.shortcut),
+            ]
+        )
         up = []
         for st in layout.up:
             blocks = [

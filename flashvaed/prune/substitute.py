@@ -1,0 +1,170 @@
+"""Operator substitution: initialise a student's cheaper convs from the (pruned) teacher's.
+
+For every causal 3x3x3 conv that the student replaces, the teacher conv's inputs and outputs on
+calibration data give the fit, teacher-forced layer by layer:
+
+- ``spatial2d`` (a per-frame 3x3 conv): candidates are the kernel's current-frame tap, the sum
+  over its temporal taps, and the least-squares 2D kernel; the one with the smallest error on
+  calibration features is kept.
+- ``dwsep3d`` (depthwise 3x3x3 then pointwise): a rank-1 SVD of each input channel's
+  (out x 27) kernel slice gives the depthwise filter and a pointwise column; the pointwise
+  conv is then refitted by least squares on the depthwise outputs; the better one is kept.
+
+Errors are relative: ||y - y_student||^2 / ||y||^2 over calibration features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.blocks import CausalConv3d
+from .calibration import run
+
+MAX_ROWS = 32768
+
+
+@dataclass
+class Substitution:
+    conv: str  # module path in the teacher
+    op: str
+    choice: str
+    errors: dict[str, float]
+    params: dict[str, Tensor] = field(repr=False, default_factory=dict)  # names under the student conv
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+class _SpatialFit:
+    """Statistics for replacing a causal conv by a per-frame 2D conv."""
+
+    def __init__(self, conv: CausalConv3d, generator: torch.Generator) -> None:
+        w = conv.weight.detach().double()
+        self.candidates = {"current_tap": w[:, :, -1], "tap_sum": w.sum(2)}
+        self.bias = conv.bias.detach().double()
+        self.cin, self.cout = conv.in_channels, conv.out_channels
+        n = self.cin * 9 + 1
+        self.ptp = torch.zeros(n, n, dtype=torch.float64)
+        self.pty = torch.zeros(n, self.cout, dtype=torch.float64)
+        self.yty = 0.0
+        self.sq = dict.fromkeys(self.candidates, 0.0)
+        self.ref = 0.0
+        self.generator = generator
+
+    def observe(self, x: Tensor, y: Tensor) -> None:
+        """x: the conv's new frames (B, Cin, T, H, W); y: its output (B, Cout, T, H, W)."""
+        frames = x.double().transpose(1, 2).flatten(0, 1)  # (BT, Cin, H, W)
+        target = y.double().transpose(1, 2).flatten(0, 1)
+        self.ref += float((target**2).sum())
+        for name, k in self.candidates.items():
+            self.sq[name] += float(((F.conv2d(frames, k, self.bias, padding=1) - target) ** 2).sum())
+        patches = F.unfold(frames, 3, padding=1).transpose(1, 2).reshape(-1, self.cin * 9)
+        ys = _rows(target)
+        if patches.shape[0] > MAX_ROWS:
+            idx = torch.randperm(patches.shape[0], generator=self.generator)[:MAX_ROWS]
+            patches, ys = patches[idx], ys[idx]
+        patches = torch.cat([patches, torch.ones(patches.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.ptp += patches.T @ patches
+        self.pty += patches.T @ ys
+        self.yty += float((ys**2).sum())
+
+    def result(self, path: str) -> Substitution:
+        errors = {name: sq / max(self.ref, 1e-30) for name, sq in self.sq.items()}
+        lam = 1e-6 * torch.diagonal(self.ptp).mean().clamp(min=1e-30)
+        sol = torch.linalg.solve(self.ptp + lam * torch.eye(self.ptp.shape[0], dtype=torch.float64), self.pty)
+        resid = self.yty - 2 * float((sol * self.pty).sum()) + float(((self.ptp @ sol) * sol).sum())
+        errors["least_squares"] = max(resid, 0.0) / max(self.yty, 1e-30)
+        kernels = dict(self.candidates)
+        kernels["least_squares"] = sol[:-1].T.reshape(self.cout, self.cin, 3, 3)
+        biases = dict.fromkeys(self.candidates, self.bias)
+        biases["least_squares"] = sol[-1]
+        choice = min(errors, key=errors.__getitem__)
+        params = {"weight": kernels[choice].float(), "bias": biases[choice].float()}
+        return Substitution(path, "spatial2d", choice, errors, params)
+
+
+class _DepthwiseFit:
+    """Statistics for replacing a causal conv by depthwise (3x3x3) + pointwise (1x1x1) convs."""
+
+    def __init__(self, conv: CausalConv3d, generator: torch.Generator) -> None:
+        w = conv.weight.detach().double()  # (out, in, 3, 3, 3)
+        cout, cin = w.shape[:2]
+        u, s, vh = torch.linalg.svd(w.flatten(2).transpose(0, 1), full_matrices=False)  # per input channel
+        self.depthwise = (vh[:, 0, :] * s[:, :1].sqrt()).reshape(cin, 1, 3, 3, 3)
+        self.pointwise_svd = (u[:, :, 0] * s[:, :1].sqrt()).T  # (out, in)
+        self.bias = conv.bias.detach().double()
+        n = cin + 1
+        self.ztz = torch.zeros(n, n, dtype=torch.float64)
+        self.zty = torch.zeros(n, cout, dtype=torch.float64)
+        self.yty = 0.0
+        self.generator = generator
+
+    def observe(self, xh: Tensor, y: Tensor) -> None:
+        """xh: history + new frames (B, Cin, T+2, H, W); y: the conv's output (B, Cout, T, H, W)."""
+        z = F.conv3d(xh.double(), self.depthwise, padding=(0, 1, 1), groups=xh.shape[1])
+        zs, ys = _rows(z), _rows(y.double())
+        if zs.shape[0] > MAX_ROWS:
+            idx = torch.randperm(zs.shape[0], generator=self.generator)[:MAX_ROWS]
+            zs, ys = zs[idx], ys[idx]
+        zs = torch.cat([zs, torch.ones(zs.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.ztz += zs.T @ zs
+        self.zty += zs.T @ ys
+        self.yty += float((ys**2).sum())
+
+    def _error(self, p: Tensor) -> float:
+        resid = self.yty - 2 * float((p * self.zty).sum()) + float(((self.ztz @ p) * p).sum())
+        return max(resid, 0.0) / max(self.yty, 1e-30)
+
+    def result(self, path: str) -> Substitution:
+        svd = torch.cat([self.pointwise_svd.T, self.bias[None]], dim=0)  # (in + 1, out)
+        lam = 1e-6 * torch.diagonal(self.ztz).mean().clamp(min=1e-30)
+        ls = torch.linalg.solve(self.ztz + lam * torch.eye(self.ztz.shape[0], dtype=torch.float64), self.zty)
+        errors = {"svd": self._error(svd), "svd+least_squares": self._error(ls)}
+        choice = min(errors, key=errors.__getitem__)
+        p = svd if choice == "svd" else ls
+        params = {
+            "depthwise.weight": self.depthwise.float(),
+            "pointwise.weight": p[:-1].T[..., None, None, None].float(),
+            "pointwise.bias": p[-1].float(),
+        }
+        return Substitution(path, "dwsep3d", choice, errors, params)
+
+
+@torch.inference_mode()
+def fit_substitutions(
+    model: nn.Module, targets: dict[str, str], latents: list[Tensor], *, chunk: int = 2, progress: bool = False
+) -> list[Substitution]:
+    """Fit each conv in ``targets`` (path -> op) on calibration data decoded by ``model``."""
+    generator = torch.Generator().manual_seed(0)
+    fits: dict[str, _SpatialFit | _DepthwiseFit] = {}
+    handles = []
+    for path, op in targets.items():
+        conv = model.get_submodule(path)
+        assert isinstance(conv, CausalConv3d), path
+        fit = _SpatialFit(conv, generator) if op == "spatial2d" else _DepthwiseFit(conv, generator)
+        fits[path] = fit
+        handles.append(conv.register_forward_hook(_observer(fit)))
+    try:
+        run(model, latents, chunk, "calibrating: operator substitution", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return [fit.result(path) for path, fit in fits.items()]
+
+
+def _observer(fit: _SpatialFit | _DepthwiseFit) -> Callable:
+    def hook(_module: nn.Module, args: tuple, output: tuple) -> None:
+        x, state = args[0], args[1]
+        y = output[0]
+        if isinstance(fit, _SpatialFit):
+            fit.observe(x, y)
+        else:
+            fit.observe(torch.cat([state[0], x], dim=2), y)
+
+    return hook
