@@ -114,6 +114,8 @@ class StudentSpec:
 
     def to_dict(self) -> dict[str, Any]:
         stages = {k: {f: v for f, v in vars(s).items() if v is not None} for k, s in self.stages.items()}
+        if "head" in stages:
+            stages["head"] = {"op": stages["head"]["op"]}
         return {
             "name": self.name,
             "family": self.family,
