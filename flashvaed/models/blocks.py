@@ -69,7 +69,11 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
 
 
 class RMSNorm(nn.Module):
-    """x / ||x||_2 over channels * sqrt(C) * gamma, with the L2 norm taken in fp32 for half types."""
+    """x / max(||x||_2, 1e-12) over channels * sqrt(C) * gamma; the norm in fp32 for half types.
+
+    Written as one reduction and a reciprocal square root: ``F.normalize`` over a strided
+    channel dim is several times slower on CPUs, and the results agree to float rounding.
+    """
 
     def __init__(self, dim: int, spatial_dims: int = 3) -> None:
         super().__init__()
@@ -77,11 +81,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            normalized = F.normalize(x.float(), dim=1).to(x.dtype)
-        else:
-            normalized = F.normalize(x, dim=1)
-        return normalized * self.scale * self.gamma
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24)) * self.scale
+        return (xf * inv).to(x.dtype) * self.gamma
 
 
 class DepthwiseSeparableConv3d(StreamingBlock):
