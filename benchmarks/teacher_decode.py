@@ -44,16 +44,23 @@ def time_decode(model: WanVAE, latents: torch.Tensor, chunk: int) -> tuple[float
     return time.perf_counter() - start, frames
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss it is not inherited across exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
+
+
 def memory_child(base_dim: int, frames: int, size: int, mode: str) -> dict:
     """Run in a fresh process: peak RSS while decoding, chunk outputs dropped as they come."""
-    torch.set_num_threads(torch.get_num_threads())
     model = make_teacher(base_dim)
     latents = latents_for(frames, size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_kib()
     with torch.inference_mode():
         for _ in iter_decode(model, latents, chunk_of(mode, frames)):
             pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     return {"peak_mib": peak / 1024, "decode_mib": (peak - before) / 1024}
 
 
@@ -71,12 +78,19 @@ def main() -> None:
     parser.add_argument("--memory-frames", type=int, nargs=2, default=(5, 21), help="short and long clip")
     parser.add_argument("--modes", nargs="+", default=["one-shot", "k=1", "k=2", "k=4"])
     parser.add_argument("--memory-modes", nargs="+", default=["k=1", "k=2", "one-shot"])
+    parser.add_argument("--memory-only", action="store_true", help="skip the speed table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(memory_child(*json.loads(args.child))))
         return
 
+    if not args.memory_only:
+        speed_table(args)
+    memory_table(args)
+
+
+def speed_table(args: argparse.Namespace) -> None:
     model = make_teacher(args.base_dim)
     latents = latents_for(args.frames, args.size)
     print(
@@ -96,6 +110,8 @@ def main() -> None:
             flush=True,
         )
 
+
+def memory_table(args: argparse.Namespace) -> None:
     short, long = args.memory_frames
     print(f"\npeak memory (fresh process; model + decode), {short} vs {long} latent frames")
     print(f"| mode | {short} frames: peak MiB | decode MiB | {long} frames: peak MiB | decode MiB | growth |")

@@ -144,6 +144,8 @@ def encode(
         raise InputError(f"latents are written as .pt, .npy or .safetensors, not {Path(out).name!r}")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     vae = load_model(model)
+    if not isinstance(vae, WanVAE):
+        raise InputError(f"{model} is a student: it has no encoder; encode with its teacher (same latents)")
     options = options or VideoOptions(multiple=vae.spatial_factor, temporal_factor=vae.temporal_factor)
     frames = read_video(video, options)
     vae = vae.to(device=dev, dtype=dt)

@@ -55,13 +55,13 @@ def synthetic_clip(frames: int = 17, height: int = 64, width: int = 64, seed: in
         cx = (start[1] + velocity[1] * t).view(-1, 1, 1)
         dy, dx = ys - cy, xs - cx
         if kind == 0:  # disc
-            mask = torch.sigmoid((size - torch.sqrt(dy**2 + dx**2)) * 40)
+            mask = torch.sigmoid((size - torch.sqrt(dy**2 + dx**2)) * 25)
         elif kind == 1:  # box
-            mask = torch.sigmoid((size - torch.maximum(dy.abs(), dx.abs())) * 40)
+            mask = torch.sigmoid((size - torch.maximum(dy.abs(), dx.abs())) * 25)
         else:  # ring
             r = torch.sqrt(dy**2 + dx**2)
-            mask = torch.sigmoid((size * 0.35 - (r - size).abs()) * 40)
-        stripes = 0.8 + 0.2 * torch.sin(dx * 25).unsqueeze(1)
+            mask = torch.sigmoid((size * 0.35 - (r - size).abs()) * 25)
+        stripes = 0.8 + 0.2 * torch.sin(dx * 10).unsqueeze(1)
         mask = mask.unsqueeze(1)
         video = video * (1 - mask) + colour * stripes * mask
     return video.clamp(-1, 1).permute(1, 0, 2, 3).unsqueeze(0).contiguous()

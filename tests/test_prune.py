@@ -255,3 +255,38 @@ def test_calibration_refuses_mismatched_latents():
     teacher = teacher_from_diffusers(8, seed=0)
     with pytest.raises(InputError, match="calibration data is empty"):
         prune_teacher(teacher, StudentSpec.load("lite-wan2.1"), [])
+
+
+def test_calibration_from_a_video_folder(tmp_path):
+    """Videos are read with PyAV, fitted to the calibration size and encoded by the teacher."""
+    import av
+    import numpy as np
+
+    teacher = teacher_from_diffusers(8, seed=0)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        with av.open(str(tmp_path / f"clip{i}.mp4"), "w") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.height, s.width, s.pix_fmt = 40, 48, "yuv420p"
+            for _ in range(7):
+                frame = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    (tmp_path / "notes.txt").write_text("ignored")
+    latents = calibration_latents(tmp_path, teacher, frames=5, size=32)
+    assert [tuple(z.shape) for z in latents] == [(1, 16, 2, 4, 4)] * 2
+    result = prune_teacher(teacher, StudentSpec.load("flash-wan2.1"), latents)
+    assert result.report["calibration"]["clips"] == 2
+
+
+def test_a_student_cannot_encode(tmp_path):
+    teacher = teacher_from_diffusers(8, seed=0)
+    from flashvaed.models import save_student
+    from flashvaed.models.student import build_student
+
+    save_student(build_student(StudentSpec.load("lite-wan2.1"), teacher.config)[0], tmp_path / "s")
+    torch.save({"frames": torch.zeros(1, 3, 5, 16, 16)}, tmp_path / "v.pt")
+    r = runner.invoke(app, ["encode", str(tmp_path / "v.pt"), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "z.pt")])
+    assert r.exit_code == 2 and "has no encoder" in r.output

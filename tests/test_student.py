@@ -46,21 +46,25 @@ def test_presets_fit_any_teacher_width(preset, base):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_student_streaming_equals_one_shot(preset):
+    """In float64, so that the test sees the state rule and not float32 rounding (narrow RMS norms
+    over 1-2 channels are nearly sign functions and amplify rounding differences of convs run
+    on chunks of different lengths)."""
     torch.manual_seed(0)
     student, _ = build_student(StudentSpec.load(preset), WanConfig(base_dim=8))
+    student.double()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    latents = torch.randn(2, 16, 6, 3, 4)
+    latents = torch.randn(2, 16, 6, 3, 4, dtype=torch.float64)
     one_shot = student.decode(latents)
     for chunk in (1, 2, 3):
-        torch.testing.assert_close(student.decode(latents, chunk=chunk), one_shot, atol=1e-5, rtol=0)
+        torch.testing.assert_close(student.decode(latents, chunk=chunk), one_shot, atol=1e-10, rtol=0)
     specs = student.decoder_state_specs()
     # per-frame 2D stages carry no state; depthwise convs carry their input's history
     assert not any(s.name.startswith(("up.2.blocks", "up.3.blocks")) for s in specs) or preset == "lite-wan2.1"
     from flashvaed.models import zero_state
 
-    state = zero_state(specs, 2, 3, 4)
+    state = zero_state(specs, 2, 3, 4, dtype=torch.float64)
     with torch.no_grad():
         _, state = student.decode_step(latents[:, :, :1], state, first=True)
         _, state = student.decode_step(latents[:, :, 1:3], state)

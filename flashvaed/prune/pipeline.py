@@ -138,7 +138,6 @@ def pruned_state_dict(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[s
         if d.selection is None:
             continue
         keep = torch.tensor(d.selection.keep)
-        c = d.group.size
         for path in d.group.consumers:  # input columns first, on the full weights
             w, b = state[f"{path}.weight"], state.get(f"{path}.bias")
             if path in d.compensations:
