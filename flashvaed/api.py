@@ -6,6 +6,7 @@ output exists, and writes its output whole or not at all.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from .atomic import atomic_output
 from .errors import InputError
 from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor, write_video
 from .metrics import psnr
@@ -339,3 +342,184 @@ def check_student_target(out: str | os.PathLike) -> None:
     out = Path(out)
     if out.exists() and not is_student_dir(out) and not (out.is_dir() and not any(out.iterdir())):
         raise InputError(f"{out} exists and is not a student directory; choose a new output")
+
+
+# ---------------------------------------------------------------------------------------------
+def _student(path: str | os.PathLike, teacher: WanVAE) -> FlashStudent:
+    model = load_model(path)
+    if not isinstance(model, FlashStudent):
+        raise InputError(f"{path} is not a student directory (make one with `flashvaed prune`)")
+    if model.config.family != teacher.family:
+        raise InputError(f"the student is for {model.config.family} teachers, the teacher is {teacher.family}")
+    mine, theirs = model.config.teacher, teacher.config
+    if (mine.base_dim, mine.z_dim, mine.dim_mult) != (theirs.base_dim, theirs.z_dim, theirs.dim_mult):
+        raise InputError(
+            f"the student was pruned from a teacher with base_dim {mine.base_dim}, z_dim {mine.z_dim}; "
+            f"this teacher has base_dim {theirs.base_dim}, z_dim {theirs.z_dim}"
+        )
+    return model
+
+
+def distill(
+    teacher: str | os.PathLike,
+    student: str | os.PathLike,
+    data: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    steps_per_phase: int | None = None,
+    resume: bool = False,
+    cache_latents: str | os.PathLike | None = None,
+    eval_clips: int = 2,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Distil ``student`` towards ``teacher`` on ``data``; RUN (``out``) becomes the trained student
+    directory (EMA weights) with its checkpoint, logs and report. Returns the report."""
+    from .distill.config import DistillConfig
+    from .distill.data import ClipDataset, ClipSpec
+    from .distill.trainer import CHECKPOINT, Distiller
+
+    cfg = DistillConfig.load(config)
+    if steps_per_phase is not None:
+        if steps_per_phase < 0:
+            raise InputError(f"--steps-per-phase must be >= 0, got {steps_per_phase}")
+        cfg = cfg.with_steps_per_phase(steps_per_phase)
+    spec = ClipSpec(cfg.clip_frames, cfg.clip_size, cfg.frame_stride, cfg.synthetic_clips)
+    run = Path(out)
+    if run.exists() and not (run / CHECKPOINT).exists() and any(run.iterdir()) and not resume:
+        raise InputError(f"{run} exists and is not a distillation run; choose a new -o")
+    dev = resolve_device(device)
+    teacher_model = _teacher(teacher)
+    student_model = _student(student, teacher_model)
+    if not data:
+        raise InputError("no --data given (videos, latents, folders of them, or 'synthetic')")
+    dataset = ClipDataset(list(data), teacher_model.to(dev), spec, seed=cfg.seed, cache_dir=cache_latents)
+    identity = {
+        "teacher": teacher_model.config.to_dict(),
+        "student": student_model.config.to_dict(),
+        "data": [str(d) for d in data],
+    }
+    trainer = Distiller(
+        teacher_model,
+        student_model,
+        dataset,
+        cfg,
+        run,
+        device=dev,
+        resume=resume,
+        eval_clips=eval_clips,
+        progress=progress,
+        identity=identity,
+    )
+    report = trainer.run().to_dict()
+    report["skipped_videos"] = dataset.skipped
+    return report
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float | None]
+    clips: int
+    frames: int
+
+    def markdown(self) -> str:
+        m = self.metrics
+
+        def f(key: str, fmt: str = ".2f") -> str:
+            return "-" if m.get(key) is None else format(m[key], fmt)
+
+        rows = [
+            "| metric | student vs ground truth | teacher vs ground truth | student vs teacher | retention |",
+            "|---|---|---|---|---|",
+            f"| PSNR (dB) | {f('psnr_student_gt')} | {f('psnr_teacher_gt')} | {f('psnr_student_teacher')} | "
+            f"{f('retention_psnr', '.3f')} |",
+            f"| SSIM | {f('ssim_student_gt', '.4f')} | {f('ssim_teacher_gt', '.4f')} | "
+            f"{f('ssim_student_teacher', '.4f')} | {f('retention_ssim', '.3f')} |",
+            f"| flicker | {f('flicker_student_gt', '.4f')} | {f('flicker_teacher_gt', '.4f')} | "
+            f"{f('flicker_student_teacher', '.4f')} | |",
+            "",
+            f"decode speed, same runtime: student {f('student_fps', '.1f')} frames/s, teacher "
+            f"{f('teacher_fps', '.1f')} frames/s ({f('speedup', '.1f')}x); {self.clips} clips, {self.frames} frames",
+        ]
+        return "\n".join(rows)
+
+
+def evaluate(
+    model: str | os.PathLike,
+    teacher: str | os.PathLike,
+    data: list[str | os.PathLike],
+    *,
+    clips: int = 4,
+    frames: int = 17,
+    size: int = 128,
+    chunk: int = 1,
+    device: str = "auto",
+    seed: int = 1234,
+    out_json: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Student vs ground truth, teacher vs ground truth, student vs teacher; retention; flicker;
+    decode speed of both on the same runtime. Latent-only data has no ground truth (those are None)."""
+    from .distill.data import ClipDataset, ClipSpec
+    from .distill.phases import streaming_decode
+    from .metrics import flicker, ssim
+
+    if clips < 1:
+        raise InputError(f"--clips must be at least 1, got {clips}")
+    dev = resolve_device(device)
+    teacher_model = _teacher(teacher).to(dev)
+    student_model = _student(model, teacher_model).to(dev)
+    if not data:
+        raise InputError("no --data given (videos, latents, folders of them, or 'synthetic')")
+    dataset = ClipDataset(list(data), teacher_model, ClipSpec(frames, size), seed=seed)
+    outs: dict[str, list[Tensor]] = {"student": [], "teacher": [], "truth": []}
+    seconds = {"student": 0.0, "teacher": 0.0}
+    with torch.inference_mode():
+        for i in track(range(clips), clips, "evaluating", progress):
+            clip = dataset.clip(i % len(dataset), epoch=2_000_000 + i)
+            z = clip.latents.to(dev)
+            for name, m in (("teacher", teacher_model), ("student", student_model)):
+                start = time.perf_counter()
+                outs[name].append(streaming_decode(m, z, chunk, clamp=True).float().cpu())
+                seconds[name] += time.perf_counter() - start
+            if clip.frames is not None:
+                outs["truth"].append(clip.frames)
+    s, t = torch.cat(outs["student"]), torch.cat(outs["teacher"])
+    gt = torch.cat(outs["truth"]) if len(outs["truth"]) == clips else None
+    n_frames = s.shape[0] * s.shape[2]
+    m: dict[str, float | None] = {
+        "psnr_student_teacher": psnr(s, t),
+        "ssim_student_teacher": ssim(s, t),
+        "flicker_student_teacher": flicker(s, t),
+        "student_fps": n_frames / seconds["student"],
+        "teacher_fps": n_frames / seconds["teacher"],
+    }
+    m["speedup"] = seconds["teacher"] / seconds["student"]
+    for key in (
+        "psnr_student_gt",
+        "psnr_teacher_gt",
+        "ssim_student_gt",
+        "ssim_teacher_gt",
+        "flicker_student_gt",
+        "flicker_teacher_gt",
+        "retention_psnr",
+        "retention_ssim",
+    ):
+        m[key] = None
+    if gt is not None:
+        m.update(
+            psnr_student_gt=psnr(s, gt),
+            psnr_teacher_gt=psnr(t, gt),
+            ssim_student_gt=ssim(s, gt),
+            ssim_teacher_gt=ssim(t, gt),
+            flicker_student_gt=flicker(s, gt),
+            flicker_teacher_gt=flicker(t, gt),
+        )
+        m["retention_psnr"] = m["psnr_student_gt"] / m["psnr_teacher_gt"]
+        m["retention_ssim"] = m["ssim_student_gt"] / m["ssim_teacher_gt"]
+    result = Evaluation(m, clips, n_frames)
+    if out_json is not None:
+        with atomic_output(out_json) as tmp:
+            tmp.write_text(json.dumps({"metrics": m, "clips": clips, "frames": n_frames}, indent=2))
+    return result

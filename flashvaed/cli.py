@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,6 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
 out_console = Console()
 err_console = Console(stderr=True)
 
@@ -274,6 +276,82 @@ def prune(
         f"{height}x{width}; before distillation PSNR vs teacher {fid['student']:.2f} dB "
         f"(pruned only {fid['pruned']:.2f} dB) -> {out}"
     )
+
+
+@command
+def distill(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (any MODEL format).")],
+    student: Annotated[Path, typer.Option("--student", "-s", help="Student directory from `flashvaed prune`.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Videos, latents, folders of them, or 'synthetic'; repeat to mix.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory: becomes the trained student (EMA weights) with checkpoint, logs and report.",
+        ),
+    ],
+    config: Annotated[Path | None, typer.Option(help="Distillation config (.yaml/.json); see docs/distill.md.")] = None,
+    steps_per_phase: Annotated[int | None, typer.Option(help="Override the length of all three phases.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    cache_latents: Annotated[Path | None, typer.Option(help="Encode each training clip once and keep it here.")] = None,
+    eval_clips: Annotated[int, typer.Option(help="Held-out clips for the PSNR reported at each phase end.")] = 2,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Three-phase distillation: stage-wise alignment, end-to-end transfer, fidelity refinement."""
+    report = api.distill(
+        teacher,
+        student,
+        data,
+        out,
+        config=config,
+        steps_per_phase=steps_per_phase,
+        resume=resume,
+        cache_latents=cache_latents,
+        eval_clips=eval_clips,
+        device=device,
+        progress=not quiet,
+    )
+    if report["skipped_videos"]:
+        typer.echo(f"skipped {len(report['skipped_videos'])} unreadable videos (see warnings)", err=True)
+    parts = [f"{p['name']} {p['psnr_vs_teacher_db']:.2f} dB" for p in report["phases"] if p["psnr_vs_teacher_db"]]
+    typer.echo(
+        f"distilled -> {out}: held-out PSNR vs teacher {report['psnr_vs_teacher_before_db']:.2f} dB before, "
+        + ", ".join(parts)
+        + f"; {report['steps_per_second']:.2f} steps/s"
+    )
+
+
+@command
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Student directory (or run directory).")],
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Its teacher.")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Videos, latents, folders, or 'synthetic'.")],
+    clips: Annotated[int, typer.Option(help="Clips to evaluate.")] = 4,
+    frames: Annotated[int, typer.Option(help="Frames per clip (4n+1).")] = 17,
+    size: Annotated[int, typer.Option(help="Clip height = width (multiple of 8).")] = 128,
+    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
+    out_json: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """PSNR/SSIM vs ground truth and vs the teacher, retention, flicker, decode speed of both."""
+    result = api.evaluate(
+        model,
+        teacher,
+        data,
+        clips=clips,
+        frames=frames,
+        size=size,
+        chunk=chunk,
+        device=device,
+        out_json=out_json,
+        progress=not quiet,
+    )
+    typer.echo(result.markdown())
 
 
 @command

@@ -203,6 +203,9 @@ class StudentConfig:
     teacher: WanConfig
     family: str = "wan2.1"
     spec: dict[str, Any] = field(default_factory=dict)
+    # per decoder stage, the teacher channels of its output that the student kept (from pruning);
+    # distillation compares stage outputs at these channels
+    teacher_channels: dict[str, list[int]] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +216,7 @@ class StudentConfig:
             "layout": self.layout.to_dict(),
             "teacher": self.teacher.to_dict(),
             "spec": self.spec,
+            "teacher_channels": self.teacher_channels,
         }
 
     @classmethod
@@ -223,6 +227,7 @@ class StudentConfig:
             teacher=WanConfig.from_dict(d["teacher"]),
             family=d.get("family", "wan2.1"),
             spec=d.get("spec", {}),
+            teacher_channels=d.get("teacher_channels", {}),
         )
 
 

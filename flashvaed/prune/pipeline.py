@@ -166,6 +166,28 @@ def pruned_state_dict(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[s
     return state
 
 
+def stage_channels(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[str, list[int]]:
+    """Per decoder stage (but the head), the teacher channels of its output the student keeps."""
+    kept = {}
+    for d in decisions:
+        keep = d.selection.keep if d.selection else list(range(d.group.size))
+        for path, role in d.group.producers:
+            if role == ROWS:
+                kept[path] = keep
+    channels = {}
+    for name, _, block in teacher.decoder.stages():
+        if name == "head":
+            continue
+        if name == "conv_in":
+            last = "decoder.conv_in"
+        elif block.resample is not None:
+            last = f"decoder.{name}.resample.conv"
+        else:
+            last = f"decoder.{name}.blocks.{len(block.blocks) - 1}.conv2"
+        channels[name] = kept[last]
+    return channels
+
+
 def substitution_targets(layout: DecoderLayout) -> dict[str, str]:
     """Conv path (in the pruned model) -> the operator the student uses there."""
     targets = {}
@@ -235,7 +257,10 @@ def prune_teacher(
     pruned.load_state_dict(pruned_state_dict(teacher, decisions), strict=True)
     pruned.eval()
     subs = fit_substitutions(pruned, substitution_targets(layout), latents, chunk=chunk, progress=progress)
-    student = FlashStudent(StudentConfig(spec.name, layout, teacher.config, spec=spec.to_dict()))
+    channels = stage_channels(teacher, decisions)
+    student = FlashStudent(
+        StudentConfig(spec.name, layout, teacher.config, spec=spec.to_dict(), teacher_channels=channels)
+    )
     student.load_state_dict(student_state_dict(student, pruned, subs), strict=True)
     student.eval()
     scores = fidelity(teacher, {"pruned": pruned, "student": student}, latents, chunk)
