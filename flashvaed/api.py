@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,31 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_output
+from .demo import DemoResult, demo, embedded_teacher_path
 from .errors import InputError
-from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor, write_video
+from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor
 from .metrics import psnr
 from .models import DecoderSummary, FlashStudent, StudentSpec, WanVAE, load_model, save_student, summarize
 from .models.streaming import check_latents, chunk_bounds, iter_decode
 from .models.wan import LatentDecoder, teacher_layout
 from .progress import track
-from .synthetic import synthetic_clip
+
+__all__ = [
+    "DecodeResult",
+    "DemoResult",
+    "EncodeResult",
+    "Evaluation",
+    "PrunePlan",
+    "decode",
+    "demo",
+    "distill",
+    "embedded_teacher_path",
+    "encode",
+    "evaluate",
+    "explain",
+    "info",
+    "prune",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,88 +179,6 @@ def encode(
 
 
 # ---------------------------------------------------------------------------------------------
-EMBEDDED_TEACHER = "wan21-tiny.safetensors"
-
-
-def embedded_teacher_path() -> Path:
-    """The small Wan2.1-architecture VAE shipped with the package (see docs/demo.md)."""
-    return Path(str(resources.files("flashvaed") / "data" / EMBEDDED_TEACHER))
-
-
-@dataclass
-class DemoResult:
-    out_dir: Path
-    video_shape: tuple[int, ...]
-    latents_shape: tuple[int, ...]
-    psnr_db: float
-    streaming_max_diff: float
-    decode_fps: float
-    model: str
-    params: int
-
-    def summary(self) -> str:
-        _, _, f, h, w = self.video_shape
-        return (
-            f"demo: {f} frames {h}x{w} -> latents {tuple(self.latents_shape)} -> decoded by {self.model} "
-            f"({self.params / 1e6:.2f} M params): PSNR {self.psnr_db:.2f} dB vs the input, streaming == "
-            f"one-shot (max |diff| {self.streaming_max_diff:.1e}), {self.decode_fps:.1f} frames/s; "
-            f"wrote {self.out_dir / 'comparison.mp4'}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        return d
-
-
-def demo(
-    out_dir: str | os.PathLike = "demo-output",
-    *,
-    model: str | os.PathLike | None = None,
-    frames: int = 17,
-    height: int = 128,
-    width: int = 128,
-    seed: int = 0,
-    chunk: int = 1,
-    device: str = "auto",
-    fps: int = 8,
-    progress: bool = False,
-) -> DemoResult:
-    """Encode a generated clip with the teacher, decode it streaming, write videos, report."""
-    out_dir = Path(out_dir)
-    if frames < 1 or (frames - 1) % 4:
-        raise InputError(f"--frames must be 4n+1 (e.g. 17), got {frames}")
-    if height <= 0 or width <= 0 or height % 8 or width % 8:
-        raise InputError(f"--height and --width must be positive multiples of 8, got {height}x{width}")
-    model_path = Path(model) if model is not None else embedded_teacher_path()
-    vae = load_model(model_path).to(resolve_device(device))
-    clip = synthetic_clip(frames, height, width, seed=seed)
-    with torch.inference_mode():
-        latents = vae.encode(clip)
-        start = time.perf_counter()
-        bounds = chunk_bounds(latents.shape[2], chunk)
-        pieces = list(track(iter_decode(vae, latents, chunk), len(bounds), "decoding", progress))
-        seconds = time.perf_counter() - start
-        streamed = torch.cat(pieces, dim=2).cpu()
-        one_shot = vae.decode(latents).cpu()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_tensor(latents, out_dir / "latents.safetensors", "latents")
-    write_video(clip, out_dir / "input.mp4", fps=fps)
-    write_video(streamed, out_dir / "reconstruction.mp4", fps=fps)
-    write_video(torch.cat([clip, streamed], dim=-1), out_dir / "comparison.mp4", fps=fps)
-    name = "the embedded Wan2.1 teacher" if model is None else f"teacher {model_path.name}"
-    return DemoResult(
-        out_dir=out_dir,
-        video_shape=tuple(clip.shape),
-        latents_shape=tuple(latents.shape),
-        psnr_db=psnr(streamed, clip),
-        streaming_max_diff=(streamed - one_shot).abs().max().item(),
-        decode_fps=streamed.shape[2] / max(seconds, 1e-9),
-        model=name,
-        params=sum(p.numel() for p in vae.parameters()),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 def _spec(preset: str | None, config: str | os.PathLike | None) -> StudentSpec:
     if (preset is None) == (config is None):

@@ -356,19 +356,22 @@ def evaluate(
 
 @command
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's videos and latents.")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's videos, latents, student.")] = Path(
         "demo-output"
     ),
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A teacher instead of the embedded one.")] = None,
     frames: Annotated[int, typer.Option(help="Frames of the generated clip (4n+1).")] = 17,
-    height: Annotated[int, typer.Option(help="Clip height (multiple of 8).")] = 128,
-    width: Annotated[int, typer.Option(help="Clip width (multiple of 8).")] = 128,
+    height: Annotated[int, typer.Option(help="Clip height (multiple of 8).")] = 64,
+    width: Annotated[int, typer.Option(help="Clip width (multiple of 8).")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the generated clip.")] = 0,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
+    student: Annotated[bool, typer.Option(help="Also prune and distil a student and compare it.")] = True,
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps per phase for the student.")] = 15,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Encode and decode a generated clip with the teacher; write videos and a one-line summary."""
+    """The flow on a clip it makes itself: teacher encode + streaming decode, then prune, distil and
+    compare a student; writes videos side by side and one summary line per model."""
     r = api.demo(
         out,
         model=model,
@@ -377,6 +380,8 @@ def demo(
         width=width,
         seed=seed,
         chunk=chunk,
+        student=student,
+        distill_steps=distill_steps,
         device=device,
         progress=not quiet,
     )

@@ -13,7 +13,13 @@ phases:
   B. the encoder learns to produce that code;
   C. both are fine-tuned end to end on reconstruction, KL-regularised towards the Wan2.1 latent
      statistics (a real VAE posterior, normalised latents ~N(0, 1)).
-Reproduce with ``python scripts/train_embedded_teacher.py`` (seeded, CPU, about 20 minutes).
+Reproduce (seeded, CPU, about an hour on 2 cores) the shipped file with two runs: phase C first
+on 5-frame clips, then continued on 13-frame clips, which the decoder's and encoder's later
+chunks (with non-zero history) need:
+    python scripts/train_embedded_teacher.py --joint-frames 5 -o /tmp/stage1.safetensors
+    python scripts/train_embedded_teacher.py --init /tmp/stage1.safetensors --steps 0 0 1500
+(a single run with the defaults, 13-frame clips from the start of phase C, is the intended
+recipe for the next retraining).
 """
 
 from __future__ import annotations
@@ -28,14 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashvaed.metrics import psnr
-from flashvaed.models import WanConfig, WanVAE, save_wan, zero_state
+from flashvaed.models import WanConfig, WanVAE, load_model, save_wan, zero_state
 from flashvaed.synthetic import synthetic_clip
 
-FRAMES, SIZE = 5, 64  # training clips: 2 latent frames (the first-chunk path and a steady chunk)
+FRAMES, SIZE = 5, 64  # phases A/B: 2 latent frames (the first-chunk path and one steady chunk)
 
 
-def clips(seed: int, batch: int) -> Tensor:
-    return torch.cat([synthetic_clip(FRAMES, SIZE, SIZE, seed=seed * batch + i) for i in range(batch)])
+def clips(seed: int, batch: int, frames: int = FRAMES) -> Tensor:
+    return torch.cat([synthetic_clip(frames, SIZE, SIZE, seed=seed * batch + i) for i in range(batch)])
 
 
 def patches(video: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,6 +101,8 @@ def recon_loss(recon: Tensor, video: Tensor) -> Tensor:
 def run_phase(
     name: str, steps: int, params: list, lr: float, step_fn, model: WanVAE, held_out: Tensor, log_every: int
 ) -> None:
+    if steps == 0:
+        return
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     start = time.time()
@@ -120,6 +128,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=(3000, 1500, 2000), help="phases A, B, C")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--kl", type=float, default=1e-6)
+    parser.add_argument(
+        "--joint-frames",
+        type=int,
+        default=13,
+        help="clip length in phase C (several "
+        "steady chunks, so that both the encoder and decoder learn to use their history)",
+    )
+    parser.add_argument("--init", type=Path, help="start from these weights (e.g. with --steps 0 0 N)")
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("-o", "--out", type=Path, default=Path("flashvaed/data/wan21-tiny.safetensors"))
     args = parser.parse_args()
@@ -128,6 +144,8 @@ def main() -> None:
     model = WanVAE(WanConfig(base_dim=8))
     with torch.no_grad():  # start nearly deterministic: the posterior's noise grows as KL asks
         model.quant_conv.bias[model.latent_channels :].fill_(-8.0)
+    if args.init is not None:
+        model = load_model(args.init).train()
     code = PCACode(clips(999_999, 64))
     held_out = torch.cat([synthetic_clip(17, 128, 128, seed=i) for i in range(2)])
     a, b, c = args.steps
@@ -142,7 +160,7 @@ def main() -> None:
         return F.mse_loss((mu - model.latents_mean) / model.latents_std, code.encode(video))
 
     def joint_step(step: int) -> Tensor:
-        video = clips(a + b + step, args.batch)
+        video = clips(a + b + step, args.batch, args.joint_frames)
         mu, logvar = posterior(model, video)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         recon = reconstruct(model, (z - model.latents_mean) / model.latents_std)
