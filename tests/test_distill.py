@@ -116,6 +116,22 @@ def test_short_run_brings_the_student_closer_to_the_teacher(pair, tmp_path):
     assert student.decode(z).shape == (1, 3, 5, 32, 32)
 
 
+def distill_args(d: Path) -> list[str]:
+    """`flashvaed distill` on the module's teacher and student with synthetic data, quietly, on CPU."""
+    return [
+        "distill",
+        "-t",
+        str(d / "teacher.pth"),
+        "-s",
+        str(d / "student"),
+        "-d",
+        "synthetic",
+        "--device",
+        "cpu",
+        "-q",
+    ]
+
+
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flashvaed.cli", *args], capture_output=True, text=True, timeout=600, **kwargs
@@ -127,20 +143,7 @@ def test_resume_after_sigkill_is_exact(pair, tmp_path):
     cfg = write_config(
         tmp_path / "cfg.yaml", quick_config(**{p: {"steps": 4} for p in ("align", "transfer", "refine")})
     )
-    common = [
-        "distill",
-        "-t",
-        str(d / "teacher.pth"),
-        "-s",
-        str(d / "student"),
-        "-d",
-        "synthetic",
-        "--config",
-        str(cfg),
-        "--device",
-        "cpu",
-        "-q",
-    ]
+    common = [*distill_args(d), "--config", str(cfg)]
     whole = cli(*common, "-o", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
 
@@ -188,20 +191,7 @@ def test_ddp_two_processes_match_the_averaged_gradient_run(pair, tmp_path):
     steps["optimizer"] = {"eps": 1e-4}
     single_cfg = write_config(tmp_path / "single.yaml", quick_config(batch_size=2, **steps))
     ddp_cfg = write_config(tmp_path / "ddp.yaml", quick_config(batch_size=1, **steps))
-    common = [
-        "distill",
-        "-t",
-        str(d / "teacher.pth"),
-        "-s",
-        str(d / "student"),
-        "-d",
-        "synthetic",
-        "--device",
-        "cpu",
-        "-q",
-        "--eval-clips",
-        "1",
-    ]
+    common = [*distill_args(d), "--eval-clips", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = cli(*common, "--config", str(single_cfg), "-o", str(tmp_path / "single"), env=env)
     assert single.returncode == 0, single.stderr
