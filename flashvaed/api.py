@@ -7,6 +7,7 @@ output exists, and writes its output whole or not at all.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,13 +17,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import engines
 from .atomic import atomic_output
 from .demo import DemoResult, demo, embedded_teacher_path
+from .engines.build import build_engine as engines_build
+from .engines.validate import Validation
+from .engines.validate import validate as engines_validate
 from .errors import InputError
+from .export.contract import Contract, is_manifest_dir, read_manifest
+from .export.onnx_export import ExportOptions, ExportResult
+from .export.onnx_export import export as onnx_export
 from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor
 from .metrics import psnr
 from .models import DecoderSummary, FlashStudent, StudentSpec, WanVAE, load_model, save_student, summarize
-from .models.streaming import check_latents, chunk_bounds, iter_decode
+from .models.streaming import check_latents, chunk_bounds
 from .models.wan import LatentDecoder, teacher_layout
 from .progress import track
 
@@ -32,15 +40,19 @@ __all__ = [
     "EncodeResult",
     "Evaluation",
     "PrunePlan",
+    "build_engine",
     "decode",
     "demo",
     "distill",
     "embedded_teacher_path",
     "encode",
+    "engine_info",
     "evaluate",
     "explain",
+    "export",
     "info",
     "prune",
+    "validate",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,7 +114,7 @@ def decode(
     model: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    chunk: int = 1,
+    chunk: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
     batch_index: int = 0,
@@ -111,26 +123,34 @@ def decode(
 ) -> DecodeResult:
     """Decode normalised diffusion-space latents (B, z, T, h, w) to frames, video or PNGs.
 
+    MODEL may be a checkpoint, a student, an export or an engine directory (``engines.load``);
+    ``chunk=None`` takes the engine's optimal chunk (2 latent frames for torch models).
+
     Memory stays flat in the clip length: chunks are decoded and handed to the output one by
     one (raw tensor outputs do keep all frames, since they are written as one tensor).
     """
     kind = output_kind(out)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise InputError(f"--chunk must be at least 1, got {chunk}")
     if fps < 1:
         raise InputError(f"--fps must be at least 1, got {fps}")
     z = read_tensor(latents, "latents")
-    vae = load_model(model)
-    check_latents(vae, z)
+    decoder = engines.load(model, device=dev, dtype=dt)
+    check_latents(decoder, z)
     if kind != "tensor" and not 0 <= batch_index < z.shape[0]:
         raise InputError(f"--batch-index {batch_index} is out of range for a batch of {z.shape[0]}")
-    vae = vae.to(device=dev, dtype=dt)
+    chunk = decoder.default_chunk() if chunk is None else chunk
+    if chunk not in decoder.chunk_range:
+        raise InputError(f"--chunk {chunk} is outside this engine's chunk range {decoder.chunk_range.describe()}")
+    decoder.check_geometry(z.shape[0], z.shape[3], z.shape[4])
+    stream = decoder.stream()
     bounds = chunk_bounds(z.shape[2], chunk)
     start = time.perf_counter()
     frames = 0
     with frame_sink(out, fps=fps, batch_index=batch_index) as sink:
-        for piece in track(iter_decode(vae, z, chunk), len(bounds), "decoding", progress):
+        for lo, hi in track(bounds, len(bounds), "decoding", progress):
+            piece = stream.push(z[:, :, lo:hi], final=hi == z.shape[2])
             sink.write(piece)
             frames += piece.shape[2]
             last_shape = piece.shape
@@ -457,3 +477,86 @@ def evaluate(
         with atomic_output(out_json) as tmp:
             tmp.write_text(json.dumps({"metrics": m, "clips": clips, "frames": n_frames}, indent=2))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+def export(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    chunk: str = "1:2:8",
+    height: str = "64:256:1280",
+    width: str = "64:256:1280",
+    batch: str = "1:1:4",
+    precision: str = "fp32",
+    plugins: str = "flashvaed",
+    opset: int = 18,
+) -> ExportResult:
+    """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``."""
+    if is_manifest_dir(model):
+        raise InputError(f"{model} is already an export or engine; export takes a checkpoint or student")
+    out = Path(out)
+    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise InputError(f"{out} exists and is not an export directory; choose a new output")
+    options = ExportOptions(
+        chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset
+    )
+    return onnx_export(load_model(model), out, options, source=str(model))
+
+
+def build_engine(
+    export_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+    threads: int = 0,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_gib: float = 4.0,
+) -> Contract:
+    """Build an engine directory for ``backend`` from an export directory."""
+    out = Path(out)
+    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise InputError(f"{out} exists and is not an engine directory; choose a new output")
+    return engines_build(export_dir, out, backend, providers, threads, timing_cache, workspace_gib)
+
+
+def validate(
+    engine: str | os.PathLike,
+    reference: str | os.PathLike,
+    latents: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike | None = None,
+    chunk: int | None = None,
+    out_json: str | os.PathLike | None = None,
+) -> Validation:
+    """Engine vs the PyTorch model it came from, every chunk, with polygraphy; and vs the teacher."""
+    if not is_manifest_dir(engine):
+        raise InputError(f"{engine} is not an export or engine directory (no manifest.json)")
+    decoder = engines.load(engine)
+    z = read_tensor(latents, "latents")
+    check_latents(decoder, z)
+    ref = load_model(reference)
+    if teacher is not None:
+        teacher_model: LatentDecoder | None = load_model(teacher)
+    else:
+        teacher_model = ref if isinstance(ref, WanVAE) else None
+    report = engines_validate(
+        decoder, ref, z, chunk, teacher_model, engine_name=str(engine), reference_name=str(reference)
+    )
+    if out_json is not None:
+        with atomic_output(out_json) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def engine_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``info`` shows for an export or engine directory: its contract and files."""
+    contract = read_manifest(path)
+    d = contract.to_dict()
+    opt = contract.shapes
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[contract.precision]
+    shapes = [t.shape(opt["batch"].opt, opt["height"].opt, opt["width"].opt) for t in contract.state]
+    state_bytes = sum(itemsize * math.prod(int(v) for v in s) for s in shapes)
+    files = {g: (Path(path) / f).stat().st_size for g, f in contract.files.items()}
+    return {**d, "state_bytes_at_opt": state_bytes, "file_bytes": files}

@@ -21,12 +21,14 @@ from rich.table import Table
 
 from . import api
 from .errors import FlashVAEDError
+from .export.contract import is_manifest_dir
 from .io import VideoOptions
 
 app = typer.Typer(
     name="flashvaed",
     help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path: an original "
-    "Wan2.1_VAE.pth, a diffusers AutoencoderKLWan directory, or a .safetensors file.",
+    "Wan2.1_VAE.pth, a diffusers AutoencoderKLWan directory, a .safetensors file, a student directory, "
+    "or (for decode and info) an export or engine directory.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -82,6 +84,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Family, configuration, parameters, MACs per latent chunk and state size per stream."""
+    if is_manifest_dir(model):
+        print_engine_info(model, api.engine_info(model), as_json)
+        return
     s = api.info(model, height=height, width=width, chunk=chunk, dtype=dtype)
     if as_json:
         out_console.print_json(json.dumps(s.to_dict()))
@@ -135,6 +140,33 @@ def info(
     out_console.print(stages)
 
 
+def print_engine_info(path: Path, d: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out_console.print_json(json.dumps(d))
+        return
+    m, shapes = d["model"], d["shapes"]
+    table = Table(title=str(path), show_header=False)
+    kind = "engine" if d["format"] == "flashvaed-engine" else "export"
+    backend = d.get("backend") or {}
+    table.add_row(
+        "kind",
+        f"{kind}" + (f" ({backend['name']}, {', '.join(backend.get('providers', []))})" if backend else " (ONNX)"),
+    )
+    table.add_row("model", f"{m['family']} {m['kind']} {m['fingerprint']} from {m['source']}")
+    table.add_row("precision", f"{d['precision']}, plugins {d['plugins']}, opset {d['opset']}")
+    s = m["spatial_factor"]
+    for name in ("batch", "chunk", "height", "width"):
+        r = shapes[name]
+        px = f"  ({r['min'] * s}..{r['max'] * s} px)" if name in ("height", "width") else ""
+        table.add_row(name, f"min {r['min']}, opt {r['opt']}, max {r['max']}{px}")
+    table.add_row(
+        "state per stream", f"{len(d['state'])} tensors, {d['state_bytes_at_opt'] / 2**20:.1f} MiB at opt shapes"
+    )
+    for graph, size in d["file_bytes"].items():
+        table.add_row(f"{graph} graph", f"{d['graphs'][graph]['file']} ({size / 2**20:.1f} MiB)")
+    out_console.print(table)
+
+
 @command
 def decode(
     latents: Annotated[
@@ -153,7 +185,12 @@ def decode(
             "frames in [-1,1], key 'frames'), .mp4, or a directory of PNGs.",
         ),
     ],
-    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step after the first.")] = 1,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Latent frames per streaming step after the first (default: the engine's optimum, 2 for torch)."
+        ),
+    ] = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_index: Annotated[int, typer.Option(help="Which sample goes to .mp4/PNG outputs.")] = 0,
@@ -352,6 +389,104 @@ def evaluate(
         progress=not quiet,
     )
     typer.echo(result.markdown())
+
+
+@command
+def export(
+    model: Annotated[Path, typer.Argument(help="Teacher checkpoint or student directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export directory: first.onnx, steady.onnx, manifest.json.")],
+    chunk: Annotated[
+        str, typer.Option(help="Latent frames per steady chunk: K (static), MIN:MAX or MIN:OPT:MAX (dynamic).")
+    ] = "1:2:8",
+    height: Annotated[str, typer.Option(help="Frame height in pixels (multiple of 8): N, MIN:MAX or MIN:OPT:MAX.")] = (
+        "64:256:1280"
+    ),
+    width: Annotated[str, typer.Option(help="Frame width in pixels (multiple of 8): N, MIN:MAX or MIN:OPT:MAX.")] = (
+        "64:256:1280"
+    ),
+    batch: Annotated[str, typer.Option(help="Streams batched per call: N, MIN:MAX or MIN:OPT:MAX.")] = "1:1:4",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (weights and state; I/O stays float32).")] = "fp32",
+    plugins: Annotated[
+        str, typer.Option(help="'flashvaed': causal convs as plugin nodes with function bodies; 'none': plain ops.")
+    ] = "flashvaed",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 18).")] = 18,
+) -> None:
+    """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
+    r = api.export(
+        model,
+        out,
+        chunk=chunk,
+        height=height,
+        width=width,
+        batch=batch,
+        precision=precision,
+        plugins=plugins,
+        opset=opset,
+    )
+    for problem in r.tensorrt_unsupported:
+        typer.echo(f"warning: TensorRT's ONNX parser cannot take {problem}", err=True)
+    c = r.contract
+    typer.echo(
+        f"exported {c.model['family']} {c.model['kind']} ({c.precision}, plugins {c.plugins}, "
+        f"{len(c.state)} state tensors; chunk {c.shapes['chunk'].describe()}, "
+        f"latent {c.shapes['height'].describe()} x {c.shapes['width'].describe()}) -> {r.out_dir}"
+    )
+
+
+@command
+def build_engine(
+    export_dir: Annotated[Path, typer.Argument(help="Export directory from `flashvaed export`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Engine directory to write.")],
+    backend: Annotated[str, typer.Option(help="tensorrt or onnxruntime.")] = "onnxruntime",
+    provider: Annotated[
+        list[str] | None,
+        typer.Option(help="ONNX Runtime execution provider, in order (repeat); default CUDA if present, then CPU."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = all cores).")] = 0,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")] = None,
+    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 4.0,
+) -> None:
+    """Build a TensorRT or ONNX Runtime engine directory from an export."""
+    c = api.build_engine(
+        export_dir,
+        out,
+        backend=backend,
+        providers=provider,
+        threads=threads,
+        timing_cache=timing_cache,
+        workspace_gib=workspace,
+    )
+    typer.echo(f"built {backend} engine ({c.precision}, {', '.join(c.backend.get('providers', []) or [])}) -> {out}")
+
+
+@command
+def validate(
+    engine: Annotated[Path, typer.Argument(help="Engine or export directory.")],
+    reference: Annotated[Path, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")],
+    latents: Annotated[Path, typer.Option("--latents", "-l", help="Latents to decode (.pt/.npy/.safetensors).")],
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", "-t", help="Teacher for PSNR/SSIM (default: the reference if a teacher)."),
+    ] = None,
+    chunk: Annotated[
+        int | None, typer.Option(help="Latent frames per steady chunk (default: the engine's optimum).")
+    ] = None,
+    out_json: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+) -> None:
+    """Compare an engine with its PyTorch model on every chunk (polygraphy); exit 1 if tolerances fail."""
+    r = api.validate(engine, reference, latents, teacher=teacher, chunk=chunk, out_json=out_json)
+    worst = max((o["max_abs"] for c in r.chunks for o in c["outputs"].values()), default=0.0)
+    failed = [c for c in r.chunks if not c["passed"]]
+    line = (
+        f"{'PASSED' if r.passed else 'FAILED'}: {len(r.chunks)} chunks, {len(failed)} failed, worst max abs error "
+        f"{worst:.2e} (atol {r.tolerances['atol']:g}, {r.precision}); whole clip vs reference "
+        f"{r.end_to_end['psnr']:.1f} dB"
+    )
+    if r.teacher is not None:
+        line += f"; vs teacher PSNR {r.teacher['psnr']:.2f} dB, SSIM {r.teacher['ssim']:.4f}"
+    typer.echo(line)
+    if not r.passed:
+        raise typer.Exit(1)
 
 
 @command

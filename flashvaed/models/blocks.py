@@ -6,6 +6,7 @@ carry nothing take and return ``()``. Layer semantics follow the Wan VAE (see do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 
 import torch
@@ -33,7 +34,13 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
     Spatial padding is symmetric zeros. The temporal padding in front is the state: the last
     ``kernel_t - 1`` input frames of earlier chunks (zeros before the first frame), so chunked
     and one-shot application agree exactly.
+
+    ``fused_step`` swaps in another implementation of ``step`` with the signature
+    ``(x, history, weight, bias, padding, groups) -> (y, new_history)``: the fused Triton kernel
+    (engines) or a plugin node (ONNX export). ``None`` runs the plain torch ops.
     """
+
+    fused_step: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def __init__(
         self,
@@ -57,6 +64,8 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
 
     def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """Convolve ``x`` after ``history``; return the output and the new history."""
+        if self.fused_step is not None:
+            return self.fused_step(x, history, self.weight, self.bias, self.padding[1:], self.groups)
         x = torch.cat([history, x], dim=2)
         new_history = x[:, :, -self.history :].clone(memory_format=torch.contiguous_format)
         return self._conv_forward(x, self.weight, self.bias), new_history

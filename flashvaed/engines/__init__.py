@@ -1,0 +1,50 @@
+"""Engines: one streaming decoder API over torch models, ONNX exports and built engines.
+
+``load(path)`` takes whatever a MODEL argument may name — a checkpoint, a student directory, an
+export directory or an engine directory — and returns a ``Decoder`` with ``decode(latents,
+chunk=k)`` and ``stream()`` sessions, whatever runs underneath.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..export.contract import ENGINE_FORMAT, is_manifest_dir, read_manifest
+from ..models import load_model
+from ..models.wan import LatentDecoder
+from .base import Decoder, Stream, StreamState
+from .torch_backend import TorchDecoder
+
+__all__ = ["Decoder", "Stream", "StreamState", "TorchDecoder", "load"]
+
+
+def load(
+    source: str | os.PathLike | LatentDecoder,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    kernel: str = "torch",
+    providers: list[str] | None = None,
+) -> Decoder:
+    """A decoder for ``source``; ``device``/``dtype``/``kernel`` apply to torch models,
+    ``providers`` to ONNX Runtime (default: CUDA when present, then CPU)."""
+    if isinstance(source, LatentDecoder):
+        return TorchDecoder(source.to(device, dtype), kernel)
+    path = Path(source)
+    if not is_manifest_dir(path):
+        return TorchDecoder(load_model(path).to(device, dtype), kernel)
+    contract = read_manifest(path)
+    backend = (contract.backend or {}).get("name", "onnxruntime") if contract.format == ENGINE_FORMAT else "onnxruntime"
+    if backend == "onnxruntime":
+        from .ort_backend import OnnxRuntimeDecoder
+
+        return OnnxRuntimeDecoder(path, contract, providers)
+    if backend == "tensorrt":
+        from .tensorrt_backend import TensorRTDecoder
+
+        return TensorRTDecoder(path, contract)
+    raise InputError(f"{path} is an engine for unknown backend {backend!r}")

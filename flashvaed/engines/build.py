@@ -1,0 +1,79 @@
+"""Turn an export directory into an engine directory for one backend.
+
+An engine directory holds the backend's files and a manifest: the export's contract plus a
+``backend`` section saying how to run them. ONNX Runtime engines are optimised models saved with
+their session options and provider list; TensorRT engines are plan files built with
+optimisation profiles from the contract's shape ranges.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..atomic import atomic_output
+from ..errors import InputError
+from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, Contract, read_manifest
+from .ort_backend import check_providers, default_providers, session_options
+
+BACKENDS = ("onnxruntime", "tensorrt")
+# Saved optimised models stay portable at the extended level; hardware-specific layout
+# transforms of ORT_ENABLE_ALL are applied again when the engine is loaded.
+SAVE_LEVEL = "ORT_ENABLE_EXTENDED"
+RUN_LEVEL = "ORT_ENABLE_ALL"
+
+
+def build_engine(
+    export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+    threads: int = 0,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_gib: float = 4.0,
+) -> Contract:
+    """Build ``out_dir`` from the export in ``export_dir``; returns the engine's contract."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (use {' or '.join(BACKENDS)})")
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    contract = read_manifest(export_dir)
+    if contract.format != EXPORT_FORMAT:
+        raise InputError(f"{export_dir} is already an engine; build engines from an export directory")
+    if backend == "tensorrt":
+        from .tensorrt_backend import require_tensorrt
+
+        require_tensorrt()  # fail before any output exists
+    with atomic_output(out_dir, directory=True) as tmp:
+        if backend == "onnxruntime":
+            contract.backend = _build_onnxruntime(export_dir, contract, tmp, providers, threads)
+        else:
+            from .tensorrt_backend import build
+
+            cache = Path(timing_cache) if timing_cache else None
+            contract.backend = build(export_dir, contract, tmp, cache, workspace_gib)
+        contract.format = ENGINE_FORMAT
+        contract.backend["source_export"] = str(export_dir)
+        (tmp / "manifest.json").write_text(contract.to_json())
+    return contract
+
+
+def _build_onnxruntime(
+    export_dir: Path, contract: Contract, out: Path, providers: list[str] | None, threads: int
+) -> dict:
+    providers = check_providers(providers or default_providers())
+    files = {}
+    for graph, name in contract.files.items():
+        options = session_options({"graph_optimization_level": SAVE_LEVEL, "intra_op_num_threads": threads})
+        files[graph] = f"{graph}.optimized.onnx"
+        options.optimized_model_filepath = str(out / files[graph])
+        ort.InferenceSession(str(export_dir / name), options, providers=providers)  # writes the file
+    contract.files = files
+    return {
+        "name": "onnxruntime",
+        "onnxruntime_version": ort.__version__,
+        "providers": providers,
+        "session_options": {"graph_optimization_level": RUN_LEVEL, "intra_op_num_threads": threads},
+        "saved_optimization_level": SAVE_LEVEL,
+    }

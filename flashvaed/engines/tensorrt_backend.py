@@ -1,0 +1,154 @@
+"""The TensorRT backend: build plan files from an export, and run them.
+
+Kept thin on purpose: TensorRT cannot be installed on the machines this project is developed
+and tested on, so everything here is a direct use of the documented TensorRT 10 / polygraphy
+APIs, and everything around it (the ONNX it parses, op coverage, the plugin kernel, the
+contract) is tested elsewhere. Tests for this module run only where ``tensorrt`` imports and a
+GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..export.contract import Contract
+from .base import ContractDecoder, Stream
+
+INSTALL_HINT = "pip install flashvaed[tensorrt]"
+
+
+def require_tensorrt() -> Any:
+    """The ``tensorrt`` module, or a one-line error naming the extra to install."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise InputError(f"the TensorRT backend needs TensorRT, which is not installed here: {INSTALL_HINT}") from None
+    if not torch.cuda.is_available():
+        raise InputError("the TensorRT backend needs an NVIDIA GPU, and CUDA is not available here")
+    return tensorrt
+
+
+def _profile_shapes(contract: Contract, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shapes of every input of ``graph`` from the manifest's shape ranges."""
+    shapes = {}
+    for t in contract.io(graph)["inputs"]:
+        per_level = []
+        for level in ("min", "opt", "max"):
+            sizes = {
+                "batch": getattr(contract.shapes["batch"], level),
+                "chunk": getattr(contract.shapes["chunk"], level),
+                "h": getattr(contract.shapes["height"], level),
+                "w": getattr(contract.shapes["width"], level),
+            }
+            per_level.append(tuple(_evaluate(d, sizes) for d in t["shape"]))
+        shapes[t["name"]] = tuple(per_level)
+    return shapes
+
+
+def _evaluate(dim: str | int, sizes: dict[str, int]) -> int:
+    """``'h*2'`` -> 2 * sizes['h'], a number stays a number."""
+    if isinstance(dim, int):
+        return dim
+    name, _, factor = dim.partition("*")
+    if name.isdigit():  # '4*chunk'
+        name, factor = factor, name
+    return int(sizes[name] * Fraction(factor or 1))
+
+
+def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:
+    """Parse both graphs (plugins registered), build strongly typed plans, write them into ``out_dir``."""
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+
+    if contract.plugins == "flashvaed":
+        from .tensorrt_plugin import register_plugins
+
+        register_plugins()
+    files = {}
+    for graph, name in contract.files.items():
+        profile = Profile()
+        for input_name, (lo, opt, hi) in _profile_shapes(contract, graph).items():
+            profile.add(input_name, min=lo, opt=opt, max=hi)
+        network = network_from_onnx_path(str(export_dir / name), strongly_typed=True)
+        config = CreateConfig(
+            profiles=[profile],
+            load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
+            memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
+        )
+        plan = engine_bytes_from_network(
+            network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None
+        )
+        files[graph] = f"{graph}.plan"
+        (out_dir / files[graph]).write_bytes(plan)
+    return {"name": "tensorrt", "tensorrt_version": trt.__version__, "plan_files": files}
+
+
+class TensorRTStream(Stream):
+    decoder: TensorRTDecoder
+
+    def _start(self, batch: int, height: int, width: int) -> None:
+        d = self.decoder
+        dtype = getattr(torch, d.contract.state_dtype)
+        shapes = d.state_shapes(batch, height, width)
+        self.buffers = [[torch.zeros(s, dtype=dtype, device="cuda") for s in shapes] for _ in range(2)]
+        self.current = 0
+        self.contexts = {g: e.create_execution_context() for g, e in d.engines.items()}
+        self.cuda_stream = torch.cuda.Stream()
+
+    def _step(self, latents: Tensor, first: bool) -> Tensor:
+        d = self.decoder
+        graph = "first" if first else "steady"
+        context = self.contexts[graph]
+        b, _, k, h, w = latents.shape
+        s = d.spatial_factor
+        x = latents.to("cuda", torch.float32).contiguous()
+        frames = torch.empty((b, 3, 1 if first else d.temporal_factor * k, h * s, w * s), device="cuda")
+        context.set_input_shape("latents", tuple(x.shape))
+        context.set_tensor_address("latents", x.data_ptr())
+        context.set_tensor_address("frames", frames.data_ptr())
+        src, dst = self.buffers[self.current], self.buffers[1 - self.current]
+        for i, t in enumerate(d.contract.state):
+            if not first:
+                context.set_input_shape(t.input, tuple(src[i].shape))
+                context.set_tensor_address(t.input, src[i].data_ptr())
+            context.set_tensor_address(t.output, dst[i].data_ptr())
+        if not context.execute_async_v3(self.cuda_stream.cuda_stream):
+            raise InputError(f"TensorRT failed to run the {graph} graph")
+        self.cuda_stream.synchronize()
+        self.current = 1 - self.current
+        return frames.cpu()
+
+    def _state(self) -> tuple[list[str], list[Tensor]]:
+        return [t.name for t in self.decoder.contract.state], [b.cpu() for b in self.buffers[self.current]]
+
+    def _set_state(self, tensors: list[Tensor]) -> None:
+        for buf, t in zip(self.buffers[self.current], tensors, strict=True):
+            buf.copy_(t)
+
+
+class TensorRTDecoder(ContractDecoder):
+    backend = "tensorrt"
+
+    def __init__(self, path: str | os.PathLike, contract: Contract) -> None:
+        trt = require_tensorrt()
+        if contract.plugins == "flashvaed":
+            from .tensorrt_plugin import register_plugins
+
+            register_plugins()  # AOT plugins run without it; JIT ones need their Python code
+        super().__init__(contract)
+        self.path = Path(path)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        plans = (contract.backend or {}).get("plan_files", {})
+        self.engines = {g: runtime.deserialize_cuda_engine((self.path / f).read_bytes()) for g, f in plans.items()}
+        if set(self.engines) != {"first", "steady"} or not all(self.engines.values()):
+            raise InputError(f"{path} does not hold loadable TensorRT plans for both graphs")
+
+    def stream(self) -> TensorRTStream:
+        return TensorRTStream(self)

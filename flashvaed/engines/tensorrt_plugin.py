@@ -1,0 +1,224 @@
+"""The fused streaming causal conv as TensorRT plugins (TensorRT's "quickly deployable plugins").
+
+Two plugins, one per ONNX op type the exporter writes (``flashvaed.export.plugin_nodes``):
+``flashvaed::StreamingCausalConv3d`` (group 1) and ``flashvaed::StreamingDepthwiseConv3d`` (group
+= channels). Inputs (x, history, weight, bias), outputs (y, new_history), attributes ``pads``
+(ONNX Conv layout [0, ph, pw, 0, ph, pw]) and ``group``. TensorRT's ONNX parser prefers a
+registered plugin over the node's local-function body when the node carries ``plugin_namespace``.
+
+Each plugin has two implementations:
+
+* ahead of time (``@trtp.aot_impl``, TensorRT >= 10.9): the Triton kernel compiled to PTX at
+  engine build and stored in the engine, so a saved engine runs without Python (trtexec, C++);
+* just in time (``@trtp.impl``): a Python callback launching the kernel on TensorRT's stream;
+  the fallback where AOT plugins do not exist, and it needs ``register_plugins()`` again in the
+  process that deserializes the engine.
+
+With both defined, TensorRT asks the network for a preference: create it with
+``network_creation_flags()`` (``PREFER_AOT_PYTHON_PLUGINS``), or the parser refuses the node.
+
+No ``from __future__ import annotations`` here: TensorRT validates the decorated functions'
+annotations as live types.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import InputError
+
+__all__ = [
+    "DENSE_PLUGIN",
+    "DEPTHWISE_PLUGIN",
+    "aot_supported",
+    "network_creation_flags",
+    "register_plugins",
+    "tensorrt_available",
+]
+
+NAMESPACE = "flashvaed"
+DENSE_PLUGIN = f"{NAMESPACE}::StreamingCausalConv3d"
+DEPTHWISE_PLUGIN = f"{NAMESPACE}::StreamingDepthwiseConv3d"
+
+_registered = False
+_aot_registered = False
+
+
+def tensorrt_available() -> bool:
+    """True when TensorRT's Python plugin API (``tensorrt.plugin``) imports."""
+    try:
+        import tensorrt.plugin  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def aot_supported() -> bool:
+    """True when the installed TensorRT has ahead-of-time Python plugins (``trtp.aot_impl``)."""
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        return False
+    return hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
+
+
+def network_creation_flags(prefer_aot: bool = True) -> int:
+    """Network creation flags that pick the plugins' AOT (or JIT) implementation; 0 if there is no choice.
+
+    Combine with STRONGLY_TYPED etc.: ``builder.create_network(flags | network_creation_flags())``.
+    """
+    register_plugins()
+    if not _aot_registered:
+        return 0
+    import tensorrt as trt
+
+    flag = "PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS"
+    return 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
+
+
+def register_plugins() -> None:
+    """Register both plugins with TensorRT's plugin registry; a no-op once done.
+
+    Raises ``InputError`` when TensorRT (or triton, which compiles the kernel) is missing.
+    """
+    global _registered, _aot_registered
+    if _registered:
+        return
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError as exc:
+        raise InputError(
+            "the TensorRT plugins need TensorRT >= 10.7 with its Python plugin API (pip install flashvaed[tensorrt])"
+        ) from exc
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise InputError("the TensorRT plugins compile their kernel with triton (pip install triton)") from exc
+
+    with_aot = aot_supported()
+    for plugin_id, depthwise in ((DENSE_PLUGIN, False), (DEPTHWISE_PLUGIN, True)):
+        namespace, name = plugin_id.split("::")
+        if hasattr(trtp.op, namespace) and hasattr(getattr(trtp.op, namespace), name):
+            continue  # registered earlier in this process (e.g. by a reloaded copy of this module)
+        _define_plugin(trt, trtp, plugin_id, depthwise, with_aot)
+    _registered, _aot_registered = True, with_aot
+
+
+def _spatial_padding(pads: np.ndarray, plugin_id: str) -> tuple[int, int]:
+    """(ph, pw) from ONNX Conv pads [0, ph, pw, 0, ph, pw]; only that layout is accepted."""
+    p = [int(v) for v in np.asarray(pads).reshape(-1)]
+    if len(p) != 6 or p[0] != 0 or p[3] != 0 or p[1:3] != p[4:6]:
+        raise ValueError(f"{plugin_id}: pads must be [0, ph, pw, 0, ph, pw], got {p}")
+    return p[1], p[2]
+
+
+def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -> None:
+    """Define register / impl (/ aot_impl) for one plugin id; trt, trtp are the imported modules."""
+    import torch
+
+    from .kernel import _check, _launch, compile_for_tensorrt
+
+    torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+
+    def check_attrs(pads: np.ndarray, group: int) -> tuple[int, int]:
+        if depthwise == (group == 1):
+            kind = "a depthwise conv (group = channels)" if depthwise else "a dense conv (group 1)"
+            raise ValueError(f"{plugin_id} is {kind}, got group {group}")
+        return _spatial_padding(pads, plugin_id)
+
+    @trtp.register(plugin_id)
+    def describe(
+        x: trtp.TensorDesc,
+        history: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        pads: npt.NDArray[np.int32],
+        group: int,
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        check_attrs(pads, group)
+        s = x.shape_expr
+        y = trtp.from_shape_expr((s[0], weight.shape_expr[0], s[2], s[3], s[4]), dtype=x.dtype)
+        return y, history.like()
+
+    @trtp.impl(plugin_id)
+    def run(
+        x: trtp.Tensor,
+        history: trtp.Tensor,
+        weight: trtp.Tensor,
+        bias: trtp.Tensor,
+        pads: npt.NDArray[np.int32],
+        group: int,
+        outputs: tuple[trtp.Tensor, trtp.Tensor],
+        stream: int,
+    ) -> None:
+        padding = check_attrs(pads, group)
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            xt, ht, wt, bt, yt, nt = (_as_torch(t, torch_dtypes) for t in (x, history, weight, bias, *outputs))
+            _check(xt, ht, wt, bt, padding, group)
+            _launch(xt, ht, wt, bt, yt, nt, depthwise)
+
+    if not with_aot:
+        return
+
+    @trtp.aot_impl(plugin_id)
+    def compile_aot(
+        x: trtp.TensorDesc,
+        history: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        pads: npt.NDArray[np.int32],
+        group: int,
+        outputs: tuple[trtp.TensorDesc, trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        # TensorRT passes every attribute positionally in the order they were given to the plugin
+        # (the register order when parsing ONNX): undo a (group, pads) order from keyword calls.
+        if isinstance(pads, (int, np.integer)):
+            pads, group = group, pads
+        check_attrs(pads, group)
+        ws = weight.shape_expr
+        if not all(not d.is_fake and d.is_constant for d in ws):
+            raise ValueError(f"{plugin_id}: the weight must be a constant (an initializer) of static shape")
+        c_out, _, kt, kh, kw = (d.constant_value() for d in ws)
+        c_in = c_out if depthwise else ws[1].constant_value()
+        xs = x.shape_expr
+        h, w = xs[3], xs[4]
+        hw_hint = h.constant_value() * w.constant_value() if h.is_constant and w.is_constant else 1 << 20
+        name, ptx, cfg = compile_for_tensorrt(
+            torch_dtypes[x.dtype], c_in, c_out, (kt, kh, kw), depthwise, hw_hint, torch_dtypes[bias.dtype]
+        )
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(h * w, cfg["BLOCK_HW"])
+        launch.grid_y = -(-c_out // cfg["BLOCK_CO"])
+        launch.grid_z = xs[0] * xs[2]
+        launch.block_x = cfg["num_warps"] * 32
+        launch.shared_mem = cfg["shared"]
+        # the kernel's scalar arguments, between the input and the output pointers: T, H, W, C_IN,
+        # C_OUT and the strides of the (standard layout) weight along C_out, C_in and taps
+        taps = kt * kh * kw
+        strides = (taps, taps, 1) if depthwise else (c_in * taps, taps, 1)
+        scalars = (xs[2], h, w, c_in, c_out, *strides)
+        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+        return name, ptx, launch, extra_args
+
+
+def _as_torch(t, torch_dtypes: dict):
+    """A zero-copy torch view of a TensorRT plugin tensor (linear layout); bf16 goes through int16."""
+    import torch
+
+    dtype = torch_dtypes[t.dtype]
+    typestr = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2"}[dtype]
+
+    array = SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": tuple(int(d) for d in t.shape),
+            "typestr": typestr,
+            "data": (int(t.data_ptr), False),
+            "version": 3,
+            "strides": None,  # C-contiguous
+        }
+    )
+    view = torch.as_tensor(array, device="cuda")
+    return view.view(torch.bfloat16) if dtype == torch.bfloat16 else view

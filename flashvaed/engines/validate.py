@@ -1,0 +1,177 @@
+"""Check an engine against the PyTorch model it came from, chunk by chunk, with polygraphy.
+
+Every chunk (first and steady) is fed to the engine and to the reference with the same inputs —
+the reference's own state going in — so an error is pinned to the step that made it and does
+not compound. Tolerances per output depend on the export precision. Then the whole clip is
+decoded by the engine alone and compared with the reference and the teacher (PSNR, SSIM).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.logger import G_LOGGER
+
+from ..errors import InputError
+from ..metrics import psnr, ssim
+from ..models.streaming import chunk_bounds, zero_state
+from ..models.wan import LatentDecoder
+from .base import ContractDecoder
+from .ort_backend import OnnxRuntimeDecoder
+
+# (atol, rtol) for frames in [-1, 1]; state tensors get a 10x wider atol (features, not pixels)
+TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2), "bf16": (8e-2, 5e-2)}
+
+
+class TorchStepRunner(BaseRunner):
+    """The reference model's step as a polygraphy runner with the graph's input/output names."""
+
+    def __init__(self, model: LatentDecoder, decoder: ContractDecoder, graph: str) -> None:
+        super().__init__(name=f"torch-{graph}", prefix="flashvaed")
+        self.model, self.contract, self.graph = model, decoder.contract, graph
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        meta = TensorMetadata()
+        for t in self.contract.io(self.graph)["inputs"]:
+            meta.add(t["name"], np.dtype(t["dtype"]), [d if isinstance(d, int) else None for d in t["shape"]])
+        return meta
+
+    @torch.inference_mode()
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        start = time.perf_counter()
+        p = next(self.model.parameters())
+        latents = torch.from_numpy(feed_dict["latents"]).to(p.device, p.dtype)
+        if self.graph == "first":
+            b, _, _, h, w = latents.shape
+            state = zero_state(self.model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+        else:
+            state = tuple(torch.from_numpy(feed_dict[t.input]).to(p.device, p.dtype) for t in self.contract.state)
+        frames, state = self.model.decode_step(latents, state, first=self.graph == "first")
+        out = OrderedDict(frames=frames.float().cpu().numpy())
+        for t, s in zip(self.contract.state, state, strict=True):
+            out[t.output] = s.cpu().numpy()
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
+@dataclass
+class Validation:
+    engine: str
+    reference: str
+    precision: str
+    tolerances: dict[str, float]
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    end_to_end: dict[str, float] = field(default_factory=dict)
+    teacher: dict[str, float] | None = None
+    passed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _feeds(model: LatentDecoder, decoder: ContractDecoder, latents: torch.Tensor, chunk: int) -> dict[str, list]:
+    """Inputs of every chunk, with the reference's state going in (teacher forcing)."""
+    p = next(model.parameters())
+    b, _, t, h, w = latents.shape
+    state = zero_state(model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+    feeds: dict[str, list] = {"first": [], "steady": []}
+    dtype = decoder.contract.state_dtype
+    with torch.inference_mode():
+        for start, stop in chunk_bounds(t, chunk):
+            piece = latents[:, :, start:stop]
+            if start == 0:
+                feeds["first"].append({"latents": piece.numpy()})
+            elif stop - start >= decoder.chunk_range.min:  # a clip's short tail is padded, not fed
+                feed = {"latents": piece.numpy()}
+                feed.update(
+                    {s.input: v.cpu().numpy().astype(dtype) for s, v in zip(decoder.contract.state, state, strict=True)}
+                )
+                feeds["steady"].append(feed)
+            _, state = model.decode_step(piece.to(p.device, p.dtype), state, first=start == 0)
+    return feeds
+
+
+def engine_runner(decoder: ContractDecoder, graph: str) -> BaseRunner:
+    if isinstance(decoder, OnnxRuntimeDecoder):
+        return OnnxrtRunner(decoder.sessions[graph], name=f"{decoder.backend}-{graph}")
+    from polygraphy.backend.trt import TrtRunner
+
+    return TrtRunner(decoder.engines[graph], name=f"{decoder.backend}-{graph}")
+
+
+def validate(
+    engine: ContractDecoder,
+    reference: LatentDecoder,
+    latents: torch.Tensor,
+    chunk: int | None = None,
+    teacher: LatentDecoder | None = None,
+    engine_name: str = "engine",
+    reference_name: str = "reference",
+) -> Validation:
+    """Compare ``engine`` with ``reference`` over every chunk of ``latents``; see module docstring."""
+    if not isinstance(engine, ContractDecoder):
+        raise InputError(f"{engine_name} is not an export or engine directory; validate takes one of those")
+    from ..export.onnx_export import model_fingerprint
+
+    if model_fingerprint(reference) != engine.fingerprint:
+        raise InputError(
+            f"{engine_name} was exported from model {engine.fingerprint}, "
+            f"but {reference_name} is model {model_fingerprint(reference)}"
+        )
+    chunk = engine.default_chunk() if chunk is None else chunk
+    if chunk not in engine.chunk_range:
+        raise InputError(f"chunk {chunk} is outside this engine's chunk range {engine.chunk_range.describe()}")
+    latents = latents.float().cpu()
+    engine.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
+    atol, rtol = TOLERANCES[engine.contract.precision]
+    atols = {"frames": atol, **{t.output: 10 * atol for t in engine.contract.state}}
+    report = Validation(engine_name, reference_name, engine.contract.precision, {"atol": atol, "rtol": rtol})
+    passed = True
+    for graph, feeds in _feeds(reference, engine, latents, chunk).items():
+        if not feeds:
+            continue
+        runners = [engine_runner(engine, graph), TorchStepRunner(reference, engine, graph)]
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # our report says what matters, in one place
+            results = Comparator.run(runners, data_loader=feeds)
+            compare = CompareFunc.simple(atol=atols, rtol=rtol)
+            accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+        passed &= bool(accuracy)
+        # polygraphy >= 0.50 returns one AccuracyResult per compare function; older ones the result itself
+        result = accuracy if hasattr(accuracy, "values") else accuracy[0]
+        for per_pair in result.values():
+            for i, outputs in enumerate(per_pair):
+                report.chunks.append(
+                    {
+                        "graph": graph,
+                        "index": i,
+                        "passed": all(bool(o) for o in outputs.values()),
+                        "outputs": {
+                            name: {"max_abs": o.max_absdiff, "mean_abs": o.mean_absdiff, "passed": bool(o)}
+                            for name, o in outputs.items()
+                        },
+                    }
+                )
+    frames = engine.decode(latents, chunk)
+    with torch.inference_mode():
+        p = next(reference.parameters())
+        expected = reference.decode(latents.to(p.device, p.dtype), chunk).float().cpu()
+        report.end_to_end = {
+            "max_abs": float((frames - expected).abs().max()),
+            "mean_abs": float((frames - expected).abs().mean()),
+            "psnr": psnr(frames, expected),
+        }
+        if teacher is not None:
+            q = next(teacher.parameters())
+            target = teacher.decode(latents.to(q.device, q.dtype), chunk).float().cpu()
+            report.teacher = {"psnr": psnr(frames, target), "ssim": ssim(frames, target)}
+    report.passed = passed
+    return report

@@ -1,0 +1,251 @@
+"""The I/O contract of an exported decoder: what a runtime needs to drive its two graphs.
+
+The same JSON is written to ``manifest.json`` beside the graphs and into each graph's metadata
+(key ``flashvaed.contract``), so a runtime without flashvaed can decode: run ``first`` on latent
+frame 0, then ``steady`` on chunks of k latent frames, feeding every ``next_state/...`` output
+back as the ``state/...`` input of the same name. docs/onnx-contract.md describes every field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..models.streaming import StateSpec
+
+EXPORT_FORMAT = "flashvaed-export"
+ENGINE_FORMAT = "flashvaed-engine"
+CONTRACT_VERSION = 1
+METADATA_KEY = "flashvaed.contract"
+GRAPHS = ("first", "steady")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CHUNK_RULE = (
+    "Run graph 'first' once on latent frame 0 (one latent frame -> one frame + the initial state). "
+    "Then run graph 'steady' on the following latent frames in chunks of k (k within shapes.chunk): "
+    "k latent frames + state -> temporal_factor*k frames + next state, feeding every output "
+    "'next_state/NAME' back as input 'state/NAME'. Concatenating the frames of all chunks equals "
+    "decoding the clip at once."
+)
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """A dimension's range for engines (TensorRT profiles take min/opt/max); min == max is static."""
+
+    min: int
+    opt: int
+    max: int
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def __contains__(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def describe(self, unit: str = "") -> str:
+        return f"{self.min}{unit}" if self.static else f"{self.min}..{self.max}{unit}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> ShapeRange:
+        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+
+    @classmethod
+    def parse(cls, text: str | int, what: str, multiple: int = 1) -> ShapeRange:
+        """``N`` (static), ``MIN:MAX`` (opt = MIN) or ``MIN:OPT:MAX``; values >= 1, multiples of ``multiple``."""
+        parts = str(text).split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
+        if len(values) == 1:
+            values *= 3
+        elif len(values) == 2:
+            values = [values[0], values[0], values[1]]
+        elif len(values) != 3:
+            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+        lo, opt, hi = values
+        if lo < 1 or not lo <= opt <= hi:
+            raise InputError(f"{what} range {text!r} must satisfy 1 <= MIN <= OPT <= MAX")
+        bad = [v for v in values if v % multiple]
+        if bad:
+            raise InputError(f"{what} must be a multiple of {multiple}, got {bad[0]}")
+        return cls(lo // multiple, opt // multiple, hi // multiple)
+
+
+def scaled(dim: str | int, scale: Fraction) -> str | int:
+    """The size of a dimension ``dim`` (a number or a symbol) scaled by ``scale``."""
+    if isinstance(dim, int):
+        return int(dim * scale)
+    if scale == 1:
+        return dim
+    return f"{dim}*{scale}"
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    name: str
+    channels: int
+    frames: int
+    scale: Fraction
+
+    @property
+    def input(self) -> str:
+        return f"state/{self.name}"
+
+    @property
+    def output(self) -> str:
+        return f"next_state/{self.name}"
+
+    def shape(self, batch: str | int, height: str | int, width: str | int) -> list[str | int]:
+        return [batch, self.channels, self.frames, scaled(height, self.scale), scaled(width, self.scale)]
+
+    @classmethod
+    def from_spec(cls, spec: StateSpec) -> StateTensor:
+        return cls(spec.name, spec.channels, spec.frames, spec.scale)
+
+
+@dataclass
+class Contract:
+    """Everything in ``manifest.json`` of an export (engines add a ``backend`` section)."""
+
+    model: dict[str, Any]
+    precision: str
+    plugins: str
+    opset: int
+    shapes: dict[str, ShapeRange]
+    state: list[StateTensor]
+    files: dict[str, str]
+    format: str = EXPORT_FORMAT
+    backend: dict[str, Any] | None = None
+
+    # facts of the model ---------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model["latent_channels"])
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.model["temporal_factor"])
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.model["spatial_factor"])
+
+    @property
+    def state_dtype(self) -> str:
+        return PRECISIONS[self.precision]
+
+    def dims(self) -> dict[str, str | int]:
+        """Symbolic (dynamic) or fixed (static) sizes of batch, chunk and the latent grid."""
+        names = {"batch": "batch", "chunk": "chunk", "height": "h", "width": "w"}
+        return {k: (r.min if r.static else names[k]) for k, r in self.shapes.items()}
+
+    def io(self, graph: str) -> dict[str, list[dict[str, Any]]]:
+        """Names, shapes and dtypes of one graph's inputs and outputs, in order."""
+        d = self.dims()
+        b, h, w = d["batch"], d["height"], d["width"]
+        k = 1 if graph == "first" else d["chunk"]
+        f = (
+            1
+            if graph == "first"
+            else (self.temporal_factor * k if isinstance(k, int) else f"{self.temporal_factor}*chunk")
+        )
+        s = self.spatial_factor
+        latents = {"name": "latents", "shape": [b, self.latent_channels, k, h, w], "dtype": "float32"}
+        frames = {"name": "frames", "shape": [b, 3, f, scaled(h, s), scaled(w, s)], "dtype": "float32"}
+
+        def state(io: str) -> list[dict[str, Any]]:
+            return [{"name": getattr(t, io), "shape": t.shape(b, h, w), "dtype": self.state_dtype} for t in self.state]
+
+        inputs = [latents] if graph == "first" else [latents, *state("input")]
+        return {"inputs": inputs, "outputs": [frames, *state("output")]}
+
+    # serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": CONTRACT_VERSION,
+            "model": self.model,
+            "precision": self.precision,
+            "plugins": self.plugins,
+            "opset": self.opset,
+            "chunk_rule": CHUNK_RULE,
+            "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
+            "graphs": {
+                g: {"file": self.files[g], "latent_frames": 1 if g == "first" else "chunk", **self.io(g)}
+                for g in GRAPHS
+            },
+            "state": [
+                {
+                    "name": t.name,
+                    "input": t.input,
+                    "output": t.output,
+                    "channels": t.channels,
+                    "frames": t.frames,
+                    "scale": str(t.scale),
+                }
+                for t in self.state
+            ],
+            **({"backend": self.backend} if self.backend is not None else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Contract:
+        if d.get("format") not in (EXPORT_FORMAT, ENGINE_FORMAT):
+            raise InputError(f"{where} is not a flashvaed export or engine manifest")
+        if int(d.get("version", 0)) > CONTRACT_VERSION:
+            raise InputError(f"{where} was written by a newer flashvaed (contract version {d['version']})")
+        try:
+            return cls(
+                model=d["model"],
+                precision=d["precision"],
+                plugins=d["plugins"],
+                opset=int(d["opset"]),
+                shapes={k: ShapeRange.from_dict(v) for k, v in d["shapes"].items()},
+                state=[
+                    StateTensor(s["name"], int(s["channels"]), int(s["frames"]), Fraction(s["scale"]))
+                    for s in d["state"]
+                ],
+                files={g: d["graphs"][g]["file"] for g in GRAPHS},
+                format=d["format"],
+                backend=d.get("backend"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where} is malformed: missing or bad field {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def read_manifest(path: str | os.PathLike) -> Contract:
+    """The contract of an export or engine directory; anything else is refused in one line."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not path.is_dir():
+        raise InputError(f"{path} is not a directory (expected an export or engine directory)")
+    if not manifest.is_file():
+        raise InputError(f"{path} is not an export or engine directory (no manifest.json)")
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{manifest} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{manifest} is not a flashvaed export or engine manifest")
+    contract = Contract.from_dict(data, str(manifest))
+    for graph, name in contract.files.items():
+        if not (path / name).is_file():
+            raise InputError(f"{path} lacks its {graph} graph {name}")
+    return contract
+
+
+def is_manifest_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "manifest.json").is_file()

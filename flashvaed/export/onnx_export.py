@@ -1,0 +1,207 @@
+"""Export a streaming decoder (teacher or student) to two ONNX graphs and their contract.
+
+``first`` maps latent frame 0 to its frame and the initial state; ``steady`` maps k latent
+frames and a state to 4k frames and the next state. Latents enter in diffusion space (the
+de-normalisation is inside the graph) as float32, frames leave as float32 in [-1, 1]; the state
+is kept in the export precision. Graphs are traced by torch's TorchScript exporter, with every
+streaming causal conv written as one plugin node carrying a standard-op function body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_output
+from ..errors import InputError
+from ..models.streaming import StateSpec
+from ..models.wan import LatentDecoder
+from .contract import METADATA_KEY, PRECISIONS, Contract, ShapeRange, StateTensor
+from .op_coverage import unsupported_by_tensorrt
+from .plugin_nodes import attach_function_bodies, plugin_nodes
+
+DEFAULT_OPSET = 18
+PLUGIN_CHOICES = ("flashvaed", "none")
+
+
+@dataclass
+class ExportOptions:
+    """Shapes as ``N`` (static), ``MIN:MAX`` or ``MIN:OPT:MAX``; height/width in pixels."""
+
+    chunk: str = "1:2:8"
+    height: str = "64:256:1280"
+    width: str = "64:256:1280"
+    batch: str = "1:1:4"
+    precision: str = "fp32"
+    plugins: str = "flashvaed"
+    opset: int = DEFAULT_OPSET
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    contract: Contract
+    tensorrt_unsupported: list[str] = field(default_factory=list)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the weights (names, shapes, fp32 values): states and engines name their model by it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_facts(model: LatentDecoder, source: str | None) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "family": model.family,
+        "kind": model.kind,
+        "source": source,
+        "fingerprint": model_fingerprint(model),
+        "latent_channels": model.latent_channels,
+        "temporal_factor": model.temporal_factor,
+        "spatial_factor": model.spatial_factor,
+        "latents_mean": [float(v) for v in model.latents_mean.flatten()],
+        "latents_std": [float(v) for v in model.latents_std.flatten()],
+        "config": config.to_dict() if config is not None else None,
+    }
+
+
+def _scaled(size: Tensor | int, scale) -> Tensor | int:  # traced sizes stay symbolic
+    return size * scale.numerator // scale.denominator
+
+
+class FirstGraph(nn.Module):
+    """latents (B, z, 1, h, w) -> frames (B, 3, 1, 8h, 8w), initial state."""
+
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.specs: list[StateSpec] = model.decoder_state_specs()
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, ...]:
+        x = latents.to(self.dtype)
+        b, h, w = x.shape[0], x.shape[3], x.shape[4]
+        zeros = tuple(
+            x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
+        )
+        frames, state = self.model.decode_step(x, zeros, first=True)
+        return (frames.float(), *state)
+
+
+class SteadyGraph(nn.Module):
+    """latents (B, z, k, h, w), state -> frames (B, 3, 4k, 8h, 8w), next state."""
+
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, latents: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        frames, state = self.model.decode_step(latents.to(self.dtype), state)
+        return (frames.float(), *state)
+
+
+def _check_options(options: ExportOptions, model: LatentDecoder) -> dict[str, ShapeRange]:
+    if options.precision not in PRECISIONS:
+        raise InputError(f"unknown precision {options.precision!r} (use {', '.join(PRECISIONS)})")
+    if options.plugins not in PLUGIN_CHOICES:
+        raise InputError(f"unknown --plugins {options.plugins!r} (use {' or '.join(PLUGIN_CHOICES)})")
+    if options.opset < 18:
+        raise InputError(f"opset must be at least 18, got {options.opset}")
+    f = model.spatial_factor
+    return {
+        "batch": ShapeRange.parse(options.batch, "batch"),
+        "chunk": ShapeRange.parse(options.chunk, "chunk (latent frames per steady chunk)"),
+        "height": ShapeRange.parse(options.height, "height (pixels)", multiple=f),
+        "width": ShapeRange.parse(options.width, "width (pixels)", multiple=f),
+    }
+
+
+def _example(r: ShapeRange) -> int:
+    """A tracing size: the optimum, but never 1 on a dynamic axis (a traced 1 can broadcast)."""
+    return r.opt if r.static or r.opt > 1 else min(2, r.max)
+
+
+def _dynamic_axes(io: dict[str, list[dict]]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for t in io["inputs"] + io["outputs"]:
+        named = {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+        if named:
+            axes[t["name"]] = named
+    return axes
+
+
+def _trace(module: nn.Module, args: tuple, path: Path, io: dict[str, list[dict]], opset: int) -> None:
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[t["name"] for t in io["inputs"]],
+        output_names=[t["name"] for t in io["outputs"]],
+        dynamic_axes=_dynamic_axes(io),
+        do_constant_folding=True,
+    )
+
+
+def _finish(path: Path, graph: str, contract: Contract) -> list[str]:
+    """Attach function bodies and the contract, check the graph; return ops TensorRT cannot parse."""
+    model = onnx.load(str(path))
+    attach_function_bodies(model, contract.opset)
+    model.doc_string = f"flashvaed {graph} graph of a {contract.model['family']} {contract.model['kind']}"
+    for key, value in ((METADATA_KEY, contract.to_json()), ("flashvaed.graph", graph)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return unsupported_by_tensorrt(model)
+
+
+@torch.no_grad()
+def export(
+    model: LatentDecoder, out_dir: str | os.PathLike, options: ExportOptions | None = None, source: str | None = None
+) -> ExportResult:
+    """Write ``first.onnx``, ``steady.onnx`` and ``manifest.json`` into ``out_dir`` (atomically)."""
+    options = options or ExportOptions()
+    shapes = _check_options(options, model)
+    dtype = getattr(torch, PRECISIONS[options.precision])
+    model = model.eval().to("cpu", dtype)
+    contract = Contract(
+        model=model_facts(model, source),
+        precision=options.precision,
+        plugins=options.plugins,
+        opset=options.opset,
+        shapes=shapes,
+        state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
+        files={"first": "first.onnx", "steady": "steady.onnx"},
+    )
+    b, h, w = (_example(shapes[k]) for k in ("batch", "height", "width"))
+    k = _example(shapes["chunk"])
+    latents = torch.randn(b, model.latent_channels, 1 + k, h, w)
+    first, steady = FirstGraph(model, dtype), SteadyGraph(model, dtype)
+    out_dir = Path(out_dir)
+    unsupported: set[str] = set()
+    with atomic_output(out_dir, directory=True) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
+        for graph in ("first", "steady"):
+            path = tmp / contract.files[graph]
+            with plugin_nodes(model) if options.plugins == "flashvaed" else nullcontext():
+                if graph == "first":
+                    _trace(first, (latents[:, :, :1],), path, contract.io("first"), options.opset)
+                else:
+                    state = first(latents[:, :, :1])[1:]
+                    _trace(steady, (latents[:, :, 1:], *state), path, contract.io("steady"), options.opset)
+            unsupported.update(_finish(path, graph, contract))
+        (tmp / "manifest.json").write_text(contract.to_json())
+    return ExportResult(out_dir, contract, sorted(unsupported))

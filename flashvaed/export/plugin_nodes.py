@@ -1,0 +1,135 @@
+"""Streaming causal convs as plugin nodes that carry their own fallback body.
+
+TensorRT (>= 10.7) replaces a node whose op type and ``plugin_namespace`` attribute match a
+registered plugin with that plugin (our fused Triton kernel). Every other runtime sees an ONNX
+local function of the same domain and name and runs its body: concatenate the history in front
+of the chunk, Conv, slice off the new history. Node and function share one signature:
+
+    inputs  x (B, C, T, H, W), history (B, C, P, H, W), weight, bias (always present)
+    outputs y (B, C_out, T, H, W), new_history (B, C, P, H, W)
+    attributes pads (Conv layout [0, ph, pw, 0, ph, pw]), group, plugin_namespace, plugin_version
+
+Dense convs (group 1) are ``StreamingCausalConv3d``; depthwise ones (group = channels) are
+``StreamingDepthwiseConv3d``, so a runtime can pick a kernel from the op type alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import AttributeProto, helper
+from torch import Tensor, nn
+
+from ..models.blocks import CausalConv3d
+
+DOMAIN = "flashvaed"
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = "flashvaed"
+PLUGIN_VERSION = "1"
+DENSE = "StreamingCausalConv3d"
+DEPTHWISE = "StreamingDepthwiseConv3d"
+PLUGIN_OPS = ((DOMAIN, DENSE), (DOMAIN, DEPTHWISE))
+INT64_MAX = 2**63 - 1
+
+
+def streaming_conv_reference(
+    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int
+) -> tuple[Tensor, Tensor]:
+    """The semantics every implementation must match: conv over ``cat(history, x)``, last P frames."""
+    joined = torch.cat([history, x], dim=2)
+    y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
+    return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
+
+
+class _PluginNode(torch.autograd.Function):
+    """Runs the reference ops in torch; the ONNX exporter writes one plugin node instead."""
+
+    @staticmethod
+    def forward(ctx, x, history, weight, bias, padding, groups):  # type: ignore[override]
+        return streaming_conv_reference(x, history, weight, bias, padding, groups)
+
+    @staticmethod
+    def symbolic(g, x, history, weight, bias, padding, groups):  # type: ignore[no-untyped-def]
+        op = DENSE if groups == 1 else DEPTHWISE
+        y, new_history = g.op(
+            f"{DOMAIN}::{op}",
+            x,
+            history,
+            weight,
+            bias,
+            outputs=2,
+            pads_i=[0, *padding, 0, *padding],
+            group_i=groups,
+            plugin_namespace_s=PLUGIN_NAMESPACE,
+            plugin_version_s=PLUGIN_VERSION,
+        )
+        # declared types let the exporter's shape inference carry on past our node (and stay quiet)
+        y.setType(x.type().with_sizes([None] * 5))
+        new_history.setType(history.type())
+        return y, new_history
+
+
+def plugin_step(
+    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int
+) -> tuple[Tensor, Tensor]:
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    return _PluginNode.apply(x, history, weight, bias, tuple(padding), groups)
+
+
+@contextmanager
+def plugin_nodes(model: nn.Module) -> Iterator[None]:
+    """While exporting, every streaming causal conv of ``model`` becomes one plugin node."""
+    convs = [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
+    for conv in convs:
+        conv.fused_step = plugin_step
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.fused_step
+
+
+def function_body(op_type: str, opset: int) -> onnx.FunctionProto:
+    """The standard-op body of a plugin node: Concat, Conv, and a Slice of the last P frames."""
+    conv = helper.make_node("Conv", ["joined", "weight", "bias"], ["y"])
+    conv.attribute.extend(
+        [
+            helper.make_attribute_ref("pads", AttributeProto.INTS),
+            helper.make_attribute_ref("group", AttributeProto.INT),
+        ]
+    )
+    nodes = [
+        helper.make_node("Concat", ["history", "x"], ["joined"], axis=2),
+        conv,
+        helper.make_node("Shape", ["history"], ["history_frames"], start=2, end=3),
+        helper.make_node("Neg", ["history_frames"], ["starts"]),
+        helper.make_node("Constant", [], ["ends"], value_ints=[INT64_MAX]),
+        helper.make_node("Constant", [], ["axes"], value_ints=[2]),
+        helper.make_node("Slice", ["joined", "starts", "ends", "axes"], ["new_history"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        op_type,
+        inputs=["x", "history", "weight", "bias"],
+        outputs=["y", "new_history"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["pads", "group", "plugin_namespace", "plugin_version"],
+        doc_string=f"Fallback body of the {PLUGIN_NAMESPACE}::{op_type} TensorRT plugin (version {PLUGIN_VERSION}).",
+    )
+
+
+def attach_function_bodies(model: onnx.ModelProto, opset: int) -> None:
+    """Give every plugin op used in ``model`` its local function and declare our domain."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {(f.domain, f.name) for f in model.functions}
+    for op_type in sorted(used):
+        if (DOMAIN, op_type) not in have:
+            model.functions.append(function_body(op_type, opset))
+    if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

@@ -1,0 +1,158 @@
+"""Export: the two ONNX graphs equal the PyTorch step, driven only by their metadata contract.
+
+The reader below uses nothing of flashvaed: it opens the graphs with onnx and onnxruntime, reads
+the contract from the graph metadata, and runs the chunk rule it describes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from flashvaed.errors import InputError
+from flashvaed.export.contract import ShapeRange
+from flashvaed.export.onnx_export import ExportOptions, export
+from flashvaed.export.op_coverage import unsupported_by_tensorrt
+from flashvaed.export.plugin_nodes import DENSE, DEPTHWISE, DOMAIN
+from flashvaed.models import StudentSpec, WanConfig
+from flashvaed.models.student import build_student, preset_names
+
+SMALL = ExportOptions(chunk="1:2:4", height="16:32:64", width="16:32:64", batch="1:1:2")
+
+
+def contract_decode(export_dir, latents: np.ndarray, chunk: int) -> np.ndarray:
+    """Decode with onnxruntime alone, following the contract in the graphs' metadata."""
+    first = onnx.load(str(export_dir / "first.onnx"), load_external_data=False)
+    contract = json.loads({p.key: p.value for p in first.metadata_props}["flashvaed.contract"])
+    sessions = {
+        g: ort.InferenceSession(str(export_dir / contract["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
+        for g in ("first", "steady")
+    }
+    steady_io = contract["graphs"]["steady"]
+    state_in = [t["name"] for t in steady_io["inputs"][1:]]
+    state_out = [t["name"] for t in steady_io["outputs"][1:]]
+    assert [s["output"] for s in contract["state"]] == state_out
+
+    outs = sessions["first"].run(None, {"latents": latents[:, :, :1]})
+    frames, state = [outs[0]], outs[1:]
+    for start in range(1, latents.shape[2], chunk):
+        feed = {"latents": latents[:, :, start : start + chunk], **dict(zip(state_in, state, strict=True))}
+        outs = sessions["steady"].run(None, feed)
+        frames.append(outs[0])
+        state = outs[1:]
+    return np.concatenate(frames, axis=2)
+
+
+def perturbed(model, scale: float = 0.02):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models(teacher_8):
+    students = {p: perturbed(build_student(StudentSpec.load(p), WanConfig(base_dim=16))[0]) for p in preset_names()}
+    return {"teacher": teacher_8, **students}
+
+
+@pytest.mark.parametrize("name", ["teacher", *preset_names()])
+def test_onnx_equals_pytorch_for_every_chunking(models, name, tmp_path):
+    model = models[name]
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 6, 3, 5)  # a latent size the graphs were not traced at
+    expected = model.decode(latents).numpy()
+    results = {}
+    for plugins in ("flashvaed", "none"):
+        opts = ExportOptions(**{**SMALL.__dict__, "plugins": plugins})
+        out = export(model, tmp_path / plugins, opts)
+        assert out.tensorrt_unsupported == []
+        for chunk in (1, 2, 3):
+            got = contract_decode(tmp_path / plugins, latents.numpy(), chunk)
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"{plugins}, chunk {chunk}")
+            results[plugins, chunk] = got
+    np.testing.assert_allclose(results["flashvaed", 2], results["none", 2], atol=1e-5, rtol=0)
+
+
+def test_plugin_nodes_carry_attributes_and_function_bodies(models, tmp_path):
+    export(models["flash-wan2.1"], tmp_path / "e", SMALL)
+    steady = onnx.load(str(tmp_path / "e" / "steady.onnx"))
+    onnx.checker.check_model(steady, full_check=True)
+    nodes = [n for n in steady.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in nodes} == {DENSE, DEPTHWISE}  # conv_in/time_conv/head dense, stages depthwise
+    assert {(f.domain, f.name) for f in steady.functions} == {(DOMAIN, DENSE), (DOMAIN, DEPTHWISE)}
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"flashvaed" and attrs["plugin_version"] == b"1"
+        assert len(attrs["pads"]) == 6 and attrs["group"] >= 1
+        assert len(n.input) == 4 and len(n.output) == 2
+    # every streaming conv became a node: the Convs left in the main graph mix no frames
+    weights = {i.name: i for i in steady.graph.initializer}
+    conv3d = [weights[n.input[1]] for n in steady.graph.node if n.op_type == "Conv" and n.input[1] in weights]
+    assert conv3d and all(w.dims[2] == 1 for w in conv3d if len(w.dims) == 5)
+    plain = export(models["flash-wan2.1"], tmp_path / "p", ExportOptions(**{**SMALL.__dict__, "plugins": "none"}))
+    plain_graph = onnx.load(str(tmp_path / "p" / "steady.onnx"))
+    assert not plain_graph.functions and all(n.domain == "" for n in plain_graph.graph.node)
+    assert unsupported_by_tensorrt(plain_graph) == [] and plain.contract.plugins == "none"
+
+
+def test_contract_in_manifest_and_metadata_agree(models, tmp_path):
+    r = export(models["teacher"], tmp_path / "e", SMALL)
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    for g in ("first", "steady"):
+        m = onnx.load(str(tmp_path / "e" / f"{g}.onnx"))
+        props = {p.key: p.value for p in m.metadata_props}
+        assert json.loads(props["flashvaed.contract"]) == manifest and props["flashvaed.graph"] == g
+        names_in = [i.name for i in m.graph.input]
+        names_out = [o.name for o in m.graph.output]
+        assert names_in == [t["name"] for t in manifest["graphs"][g]["inputs"]]
+        assert names_out == [t["name"] for t in manifest["graphs"][g]["outputs"]]
+    assert manifest["model"]["fingerprint"] == r.contract.model["fingerprint"]
+    assert len(manifest["state"]) == len(models["teacher"].decoder_state_specs())
+    assert manifest["shapes"]["height"] == {"min": 2, "opt": 4, "max": 8}  # latent rows of 16:32:64 px
+
+
+def test_fp16_export_runs_in_onnxruntime(models, tmp_path):
+    export(models["teacher"], tmp_path / "h", ExportOptions(**{**SMALL.__dict__, "precision": "fp16"}))
+    steady = onnx.load(str(tmp_path / "h" / "steady.onnx"))
+    state_types = {i.type.tensor_type.elem_type for i in steady.graph.input[1:]}
+    assert state_types == {onnx.TensorProto.FLOAT16}
+    assert steady.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 4, 3, 4)
+    try:
+        got = contract_decode(tmp_path / "h", latents.numpy(), 2)
+    except Exception as e:  # some CPU builds of onnxruntime lack fp16 kernels for 3D convs
+        pytest.skip(f"onnxruntime cannot run fp16 here: {str(e)[:80]}")
+    expected = models["teacher"].decode(latents).numpy()
+    assert np.abs(got - expected).max() < 5e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"height": "20"}, "multiple of 8"),
+        ({"chunk": "4:2"}, "MIN <= OPT <= MAX"),
+        ({"chunk": "two"}, "MIN:MAX"),
+        ({"precision": "int8"}, "unknown precision"),
+        ({"plugins": "trt"}, "--plugins"),
+        ({"opset": 17}, "opset"),
+    ],
+)
+def test_bad_export_options(models, tmp_path, kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        export(models["teacher"], tmp_path / "x", ExportOptions(**{**SMALL.__dict__, **kwargs}))
+    assert not (tmp_path / "x").exists()
+
+
+def test_shape_range_parsing():
+    assert ShapeRange.parse("256", "h", 8) == ShapeRange(32, 32, 32)
+    assert ShapeRange.parse("64:1280", "h", 8) == ShapeRange(8, 8, 160)
+    assert ShapeRange.parse("1:2:8", "chunk") == ShapeRange(1, 2, 8)
+    assert 3 in ShapeRange(1, 2, 8) and 9 not in ShapeRange(1, 2, 8)
