@@ -250,13 +250,18 @@ def test_bad_encode_input(bad, files):
 
 def test_failure_midway_leaves_no_output(bad, monkeypatch):
     """An error while frames are being written removes the partial output."""
-    import flashvaed.api as api_module
+    from flashvaed.engines.base import Stream
+    from flashvaed.errors import InputError
 
-    def broken(*args, **kwargs):
-        yield torch.zeros(2, 3, 1, 24, 32)
-        raise api_module.InputError("simulated failure while decoding")
+    pushed = []
 
-    monkeypatch.setattr(api_module, "iter_decode", broken)
+    def broken(self, latents, final=False):
+        pushed.append(1)
+        if len(pushed) % 2 == 0:
+            raise InputError("simulated failure while decoding")
+        return torch.zeros(2, 3, 1, 24, 32)
+
+    monkeypatch.setattr(Stream, "push", broken)
     for out in ("mid.mp4", "mid.pt", "mid_pngs"):
         r = invoke("decode", bad / "z.pt", "-m", bad / "teacher.pth", "-o", bad / out, "-q")
         assert r.exit_code == 2 and "simulated failure" in r.output

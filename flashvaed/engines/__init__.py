@@ -7,6 +7,7 @@ chunk=k)`` and ``stream()`` sessions, whatever runs underneath.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def load(
     """A decoder for ``source``; ``device``/``dtype``/``kernel`` apply to torch models,
     ``providers`` to ONNX Runtime (default: CUDA when present, then CPU)."""
     if isinstance(source, LatentDecoder):
-        return TorchDecoder(source.to(device, dtype), kernel)
+        p = next(source.parameters())
+        if p.dtype != dtype or p.device != torch.device(device):  # convert a copy, not the caller's model
+            source = copy.deepcopy(source).to(device, dtype)
+        return TorchDecoder(source, kernel)
     path = Path(source)
     if not is_manifest_dir(path):
         return TorchDecoder(load_model(path).to(device, dtype), kernel)

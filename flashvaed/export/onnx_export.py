@@ -9,6 +9,7 @@ streaming causal conv written as one plugin node carrying a standard-op function
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -176,7 +177,10 @@ def export(
     options = options or ExportOptions()
     shapes = _check_options(options, model)
     dtype = getattr(torch, PRECISIONS[options.precision])
-    model = model.eval().to("cpu", dtype)
+    p = next(model.parameters())
+    if p.dtype != dtype or p.device.type != "cpu":  # convert a copy: the caller's model stays as it was
+        model = copy.deepcopy(model).to("cpu", dtype)
+    model = model.eval()
     contract = Contract(
         model=model_facts(model, source),
         precision=options.precision,
