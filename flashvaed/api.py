@@ -140,17 +140,12 @@ def decode(
     check_latents(decoder, z)
     if kind != "tensor" and not 0 <= batch_index < z.shape[0]:
         raise InputError(f"--batch-index {batch_index} is out of range for a batch of {z.shape[0]}")
-    chunk = decoder.default_chunk() if chunk is None else chunk
-    if chunk not in decoder.chunk_range:
-        raise InputError(f"--chunk {chunk} is outside this engine's chunk range {decoder.chunk_range.describe()}")
-    decoder.check_geometry(z.shape[0], z.shape[3], z.shape[4])
-    stream = decoder.stream()
-    bounds = chunk_bounds(z.shape[2], chunk)
+    pieces = decoder.iter_decode(z, chunk)  # checks chunk range and size before any output exists
+    n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk()))
     start = time.perf_counter()
     frames = 0
     with frame_sink(out, fps=fps, batch_index=batch_index) as sink:
-        for lo, hi in track(bounds, len(bounds), "decoding", progress):
-            piece = stream.push(z[:, :, lo:hi], final=hi == z.shape[2])
+        for piece in track(pieces, n_chunks, "decoding", progress):
             sink.write(piece)
             frames += piece.shape[2]
             last_shape = piece.shape
@@ -480,6 +475,12 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
+def check_replaceable(out: Path, what: str) -> None:
+    """An output directory may replace an export/engine or an empty directory, nothing else."""
+    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise InputError(f"{out} exists and is not an {what} directory; choose a new output")
+
+
 def export(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -496,8 +497,7 @@ def export(
     if is_manifest_dir(model):
         raise InputError(f"{model} is already an export or engine; export takes a checkpoint or student")
     out = Path(out)
-    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise InputError(f"{out} exists and is not an export directory; choose a new output")
+    check_replaceable(out, "export")
     options = ExportOptions(
         chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset
     )
@@ -516,8 +516,7 @@ def build_engine(
 ) -> Contract:
     """Build an engine directory for ``backend`` from an export directory."""
     out = Path(out)
-    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise InputError(f"{out} exists and is not an engine directory; choose a new output")
+    check_replaceable(out, "engine")
     return engines_build(export_dir, out, backend, providers, threads, timing_cache, workspace_gib)
 
 

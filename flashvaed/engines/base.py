@@ -9,6 +9,7 @@ written once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import Contract, ShapeRange
-from ..models.streaming import check_latents
+from ..models.streaming import check_latents, chunk_bounds
 
 
 @dataclass
@@ -89,8 +90,6 @@ class Stream:
                 outputs.append(frames[:, :, : n * self.decoder.temporal_factor])
             else:
                 outputs.append(self._step(piece, first=False))
-        if not outputs:
-            return torch.empty(b, 3, 0, h * self.decoder.spatial_factor, w * self.decoder.spatial_factor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     def save_state(self) -> StreamState:
@@ -152,8 +151,8 @@ class Decoder:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "fingerprint": self.fingerprint}
 
-    def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
-        """Frames (B, 3, 1 + 4(T-1), 8h, 8w) in [-1, 1], float32 on the CPU."""
+    def iter_decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Iterator[Tensor]:
+        """Frames chunk by chunk, in a new stream; the latents, chunk and size are checked up front."""
         latents = as_tensor(latents)
         check_latents(self, latents)
         chunk = self.default_chunk() if chunk is None else chunk
@@ -161,13 +160,19 @@ class Decoder:
             raise InputError(f"chunk must be at least 1 latent frame, got {chunk}")
         if chunk not in self.chunk_range:
             raise InputError(f"chunk {chunk} is outside this engine's chunk range {self.chunk_range.describe()}")
-        stream = self.stream()
+        self.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
         t = latents.shape[2]
-        outputs = [stream.push(latents[:, :, :1])]
-        for start in range(1, t, chunk):
-            stop = min(start + chunk, t)
-            outputs.append(stream.push(latents[:, :, start:stop], final=stop == t))
-        return torch.cat(outputs, dim=2)
+
+        def pieces() -> Iterator[Tensor]:
+            stream = self.stream()
+            for start, stop in chunk_bounds(t, chunk):
+                yield stream.push(latents[:, :, start:stop], final=stop == t)
+
+        return pieces()
+
+    def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
+        """Frames (B, 3, 1 + 4(T-1), 8h, 8w) in [-1, 1], float32 on the CPU."""
+        return torch.cat(list(self.iter_decode(latents, chunk)), dim=2)
 
     def default_chunk(self) -> int:
         return self.chunk_range.opt

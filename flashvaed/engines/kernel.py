@@ -30,8 +30,9 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..models.blocks import streaming_conv3d
 
 try:
     import triton
@@ -334,18 +335,7 @@ def streaming_causal_conv3d(
     return y, new_history
 
 
-def reference_streaming_conv3d(
-    x: Tensor,
-    history: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    padding: tuple[int, int] | list[int],
-    groups: int,
-) -> tuple[Tensor, Tensor]:
-    """The same result in plain torch: concatenate, conv3d, slice."""
-    joined = torch.cat([history, x], dim=2)
-    y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
-    return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
+reference_streaming_conv3d = streaming_conv3d  # the plain torch result: concatenate, conv3d, slice
 
 
 # ---------------------------------------------------------------------------------------------

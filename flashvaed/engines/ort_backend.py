@@ -58,26 +58,31 @@ class OrtStream(Stream):
         dtype = NUMPY_DTYPES[d.contract.state_dtype]
         shapes = d.state_shapes(batch, height, width)
         self.buffers = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
-        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in bufs] for bufs in self.buffers]
+        values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in bufs] for bufs in self.buffers]
         self.current = 0  # the set holding the state the next step reads
-        self.bindings = {g: d.sessions[g].io_binding() for g in ("first", "steady")}
+        # state is bound once: ``first`` writes set 0; steady binding i reads set i, writes the other
+        self.first_binding = d.sessions["first"].io_binding()
+        for i, t in enumerate(d.contract.state):
+            self.first_binding.bind_ortvalue_output(t.output, values[0][i])
+        self.steady_bindings = []
+        for src in (0, 1):
+            binding = d.sessions["steady"].io_binding()
+            for i, t in enumerate(d.contract.state):
+                binding.bind_ortvalue_input(t.input, values[src][i])
+                binding.bind_ortvalue_output(t.output, values[1 - src][i])
+            self.steady_bindings.append(binding)
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.decoder
-        graph = "first" if first else "steady"
-        binding = self.bindings[graph]
+        binding = self.first_binding if first else self.steady_bindings[self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         frames = np.empty((b, 3, 1 if first else d.temporal_factor * k, h * s, w * s), np.float32)
         binding.bind_ortvalue_input("latents", ort.OrtValue.ortvalue_from_numpy(latents_array(latents)))
         binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))
-        src, dst = self.values[self.current], self.values[1 - self.current]
-        for i, t in enumerate(d.contract.state):
-            if not first:
-                binding.bind_ortvalue_input(t.input, src[i])
-            binding.bind_ortvalue_output(t.output, dst[i])
-        d.sessions[graph].run_with_iobinding(binding)
-        self.current = 1 - self.current
+        d.sessions["first" if first else "steady"].run_with_iobinding(binding)
+        if not first:
+            self.current = 1 - self.current
         return torch.from_numpy(frames)
 
     def _state(self) -> tuple[list[str], list[Tensor]]:

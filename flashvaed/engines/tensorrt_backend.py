@@ -10,7 +10,6 @@ GPU is present.
 from __future__ import annotations
 
 import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +36,11 @@ def require_tensorrt() -> Any:
 
 def _profile_shapes(contract: Contract, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
     """min/opt/max shapes of every input of ``graph`` from the manifest's shape ranges."""
-    shapes = {}
-    for t in contract.io(graph)["inputs"]:
-        per_level = []
-        for level in ("min", "opt", "max"):
-            sizes = {
-                "batch": getattr(contract.shapes["batch"], level),
-                "chunk": getattr(contract.shapes["chunk"], level),
-                "h": getattr(contract.shapes["height"], level),
-                "w": getattr(contract.shapes["width"], level),
-            }
-            per_level.append(tuple(_evaluate(d, sizes) for d in t["shape"]))
-        shapes[t["name"]] = tuple(per_level)
-    return shapes
-
-
-def _evaluate(dim: str | int, sizes: dict[str, int]) -> int:
-    """``'h*2'`` -> 2 * sizes['h'], a number stays a number."""
-    if isinstance(dim, int):
-        return dim
-    name, _, factor = dim.partition("*")
-    if name.isdigit():  # '4*chunk'
-        name, factor = factor, name
-    return int(sizes[name] * Fraction(factor or 1))
+    levels = [
+        contract.io(graph, {k: getattr(r, level) for k, r in contract.shapes.items()})["inputs"]
+        for level in ("min", "opt", "max")
+    ]
+    return {ts[0]["name"]: tuple(tuple(t["shape"]) for t in ts) for ts in zip(*levels, strict=True)}
 
 
 def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:

@@ -149,9 +149,10 @@ class Contract:
         names = {"batch": "batch", "chunk": "chunk", "height": "h", "width": "w"}
         return {k: (r.min if r.static else names[k]) for k, r in self.shapes.items()}
 
-    def io(self, graph: str) -> dict[str, list[dict[str, Any]]]:
-        """Names, shapes and dtypes of one graph's inputs and outputs, in order."""
-        d = self.dims()
+    def io(self, graph: str, sizes: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Names, shapes and dtypes of one graph's inputs and outputs, in order: symbolic, or concrete
+        for ``sizes`` (batch, chunk, height, width in latent units)."""
+        d = sizes or self.dims()
         b, h, w = d["batch"], d["height"], d["width"]
         k = 1 if graph == "first" else d["chunk"]
         f = (

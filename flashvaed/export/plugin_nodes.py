@@ -20,11 +20,10 @@ from contextlib import contextmanager
 
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import AttributeProto, helper
 from torch import Tensor, nn
 
-from ..models.blocks import CausalConv3d
+from ..models.blocks import CausalConv3d, streaming_conv3d
 
 DOMAIN = "flashvaed"
 DOMAIN_VERSION = 1
@@ -36,21 +35,12 @@ PLUGIN_OPS = ((DOMAIN, DENSE), (DOMAIN, DEPTHWISE))
 INT64_MAX = 2**63 - 1
 
 
-def streaming_conv_reference(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int
-) -> tuple[Tensor, Tensor]:
-    """The semantics every implementation must match: conv over ``cat(history, x)``, last P frames."""
-    joined = torch.cat([history, x], dim=2)
-    y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
-    return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
-
-
 class _PluginNode(torch.autograd.Function):
     """Runs the reference ops in torch; the ONNX exporter writes one plugin node instead."""
 
     @staticmethod
     def forward(ctx, x, history, weight, bias, padding, groups):  # type: ignore[override]
-        return streaming_conv_reference(x, history, weight, bias, padding, groups)
+        return streaming_conv3d(x, history, weight, bias, padding, groups)
 
     @staticmethod
     def symbolic(g, x, history, weight, bias, padding, groups):  # type: ignore[no-untyped-def]

@@ -28,6 +28,16 @@ def unfold_time(y: Tensor, batch: int) -> Tensor:
     return y.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
+def streaming_conv3d(
+    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int
+) -> tuple[Tensor, Tensor]:
+    """The streaming causal conv every implementation must match: conv3d over ``cat(history, x)``
+    (no temporal padding, ``padding`` spatially) and the last ``P`` frames of it as the new history."""
+    joined = torch.cat([history, x], dim=2)
+    y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
+    return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
+
+
 class CausalConv3d(nn.Conv3d, StreamingBlock):
     """A Conv3d that sees only present and past frames.
 
@@ -64,11 +74,8 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
 
     def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """Convolve ``x`` after ``history``; return the output and the new history."""
-        if self.fused_step is not None:
-            return self.fused_step(x, history, self.weight, self.bias, self.padding[1:], self.groups)
-        x = torch.cat([history, x], dim=2)
-        new_history = x[:, :, -self.history :].clone(memory_format=torch.contiguous_format)
-        return self._conv_forward(x, self.weight, self.bias), new_history
+        step = self.fused_step or streaming_conv3d
+        return step(x, history, self.weight, self.bias, self.padding[1:], self.groups)
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
         if not self.history:
