@@ -1,34 +1,53 @@
 """`flashvaed` on the command line: a thin Typer shell over ``flashvaed.api``.
 
 Bad input prints one line, ``error: ...``, and exits 2; no traceback. Set FLASHVAED_DEBUG=1 to
-see the traceback of an unexpected failure.
+see the traceback of an unexpected failure. The library names parameters in its errors; here they
+are written as the flags that set them. ``flashvaed.api`` (torch and the rest) is imported when a
+command runs, so ``flashvaed --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api
 from .errors import FlashVAEDError
-from .export.contract import is_manifest_dir
-from .io import VideoOptions
+
+
+class _LazyModule:
+    """``flashvaed.api``, imported on first use."""
+
+    def __getattr__(self, name: str) -> Any:
+        module: ModuleType = importlib.import_module("flashvaed.api")
+        return getattr(module, name)
+
+
+api: Any = _LazyModule()
+FLAGS = {"out": "-o"}  # parameters whose flag is not --NAME
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
 
 app = typer.Typer(
     name="flashvaed",
-    help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path: an original "
-    "Wan2.1_VAE.pth, a diffusers AutoencoderKLWan directory, a .safetensors file, a student directory, "
-    "or (for decode and info) an export or engine directory.",
+    help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path to a VAE of any "
+    "supported family (Wan2.1, Wan2.2): an original release file (Wan2.1_VAE.pth, Wan2.2_VAE.pth), a "
+    "diffusers AutoencoderKLWan directory, a .safetensors file, a student directory, or (for decode and "
+    "info) an export or engine directory.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,7 +73,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlashVAEDError as e:
-            raise fail(str(e), 2) from None
+            raise fail(e.render(flag), 2) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except (typer.Exit, typer.Abort):
@@ -77,14 +96,19 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 @command
 def info(
     model: Annotated[Path, typer.Argument(help="Model path.")],
-    height: Annotated[int, typer.Option(help="Frame height in pixels for MACs and state size.")] = 480,
-    width: Annotated[int, typer.Option(help="Frame width in pixels for MACs and state size.")] = 832,
+    height: Annotated[
+        int | None, typer.Option(help="Frame height in pixels for MACs and state size (default: the family's).")
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(help="Frame width in pixels (default: the family's: 480x832 Wan2.1, 704x1280 Wan2.2)."),
+    ] = None,
     chunk: Annotated[int, typer.Option(help="Latent frames per steady chunk.")] = 1,
     dtype: Dtype = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Family, configuration, parameters, MACs per latent chunk and state size per stream."""
-    if is_manifest_dir(model):
+    if api.is_manifest_dir(model):
         print_engine_info(model, api.engine_info(model), as_json)
         return
     s = api.info(model, height=height, width=width, chunk=chunk, dtype=dtype)
@@ -98,7 +122,8 @@ def info(
         named = {"middle": layout["middle"], **{f"up.{i}": st for i, st in enumerate(layout["up"])}}
         parts = [f"{name} {st['op']} {st['width']}ch" for name, st in named.items()]
         head.add_row("student", f"{s.config['name']}: {', '.join(parts)}, head {layout['head_op']}")
-        head.add_row("teacher config", f"base_dim={s.config['teacher']['base_dim']}, z_dim={layout['z_dim']}")
+        shown = {k: v for k, v in s.config["teacher"].items() if v is not None and not k.startswith("latents_")}
+        head.add_row("teacher config", ", ".join(f"{k}={v}" for k, v in shown.items()))
     else:
         shown = {k: v for k, v in s.config.items() if v is not None and not k.startswith("latents_")}
         head.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -236,7 +261,7 @@ def encode(
     quiet: Quiet = False,
 ) -> None:
     """Encode a video to normalised diffusion-space latents with the model's encoder."""
-    options = VideoOptions(
+    options = api.VideoOptions(
         height=height,
         width=width,
         fit=fit,
@@ -253,7 +278,11 @@ def prune(
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (any MODEL format).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Student directory to write.")] = None,
     preset: Annotated[
-        str | None, typer.Option(help="Student preset: flash-wan2.1, flash-wan2.1-quarter, lite-wan2.1.")
+        str | None,
+        typer.Option(
+            help="Student preset: flash-wan2.1, flash-wan2.1-quarter, lite-wan2.1 (Wan2.1); "
+            "flash-wan2.2, lite-wan2.2 (Wan2.2)."
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Student config file (.yaml/.json) instead of a preset.")] = None,
     calib: Annotated[
@@ -266,8 +295,10 @@ def prune(
     calib_frames: Annotated[int, typer.Option(help="Frames per synthetic or video calibration clip (4n+1).")] = 9,
     calib_size: Annotated[int, typer.Option(help="Height = width of synthetic or video calibration clips.")] = 64,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step while calibrating.")] = 2,
-    height: Annotated[int, typer.Option(help="Resolution for the report's MACs.")] = 480,
-    width: Annotated[int, typer.Option(help="Resolution for the report's MACs.")] = 832,
+    height: Annotated[
+        int | None, typer.Option(help="Resolution for the report's MACs (default: the family's).")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Resolution for the report's MACs (default: the family's).")] = None,
     device: Device = "auto",
     explain_only: Annotated[
         bool, typer.Option("--explain", help="Print the layout and channel groups, then stop.")
@@ -310,7 +341,7 @@ def prune(
     typer.echo(
         f"student {report['student']} ({report['criterion']}): {totals['student_params'] / 1e6:.2f} M params "
         f"(teacher {totals['teacher_params'] / 1e6:.2f} M), {totals['macs_ratio']:.1f}x fewer MACs at "
-        f"{height}x{width}; before distillation PSNR vs teacher {fid['student']:.2f} dB "
+        f"{'x'.join(map(str, totals['resolution']))}; before distillation PSNR vs teacher {fid['student']:.2f} dB "
         f"(pruned only {fid['pruned']:.2f} dB) -> {out}"
     )
 
@@ -369,7 +400,7 @@ def evaluate(
     data: Annotated[list[str], typer.Option("--data", "-d", help="Videos, latents, folders, or 'synthetic'.")],
     clips: Annotated[int, typer.Option(help="Clips to evaluate.")] = 4,
     frames: Annotated[int, typer.Option(help="Frames per clip (4n+1).")] = 17,
-    size: Annotated[int, typer.Option(help="Clip height = width (multiple of 8).")] = 128,
+    size: Annotated[int, typer.Option(help="Clip height = width (multiple of 8 for Wan2.1, 16 for Wan2.2).")] = 128,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
     out_json: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     device: Device = "auto",
@@ -398,12 +429,12 @@ def export(
     chunk: Annotated[
         str, typer.Option(help="Latent frames per steady chunk: K (static), MIN:MAX or MIN:OPT:MAX (dynamic).")
     ] = "1:2:8",
-    height: Annotated[str, typer.Option(help="Frame height in pixels (multiple of 8): N, MIN:MAX or MIN:OPT:MAX.")] = (
-        "64:256:1280"
-    ),
-    width: Annotated[str, typer.Option(help="Frame width in pixels (multiple of 8): N, MIN:MAX or MIN:OPT:MAX.")] = (
-        "64:256:1280"
-    ),
+    height: Annotated[
+        str, typer.Option(help="Frame height in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX.")
+    ] = ("64:256:1280"),
+    width: Annotated[
+        str, typer.Option(help="Frame width in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX.")
+    ] = ("64:256:1280"),
     batch: Annotated[str, typer.Option(help="Streams batched per call: N, MIN:MAX or MIN:OPT:MAX.")] = "1:1:4",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (weights and state; I/O stays float32).")] = "fp32",
     plugins: Annotated[
@@ -496,8 +527,8 @@ def demo(
     ),
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A teacher instead of the embedded one.")] = None,
     frames: Annotated[int, typer.Option(help="Frames of the generated clip (4n+1).")] = 17,
-    height: Annotated[int, typer.Option(help="Clip height (multiple of 8).")] = 64,
-    width: Annotated[int, typer.Option(help="Clip width (multiple of 8).")] = 64,
+    height: Annotated[int, typer.Option(help="Clip height (multiple of the teacher's spatial factor).")] = 64,
+    width: Annotated[int, typer.Option(help="Clip width (multiple of the teacher's spatial factor).")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the generated clip.")] = 0,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
     student: Annotated[bool, typer.Option(help="Also prune and distil a student and compare it.")] = True,

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import yaml
 
+from .devices import resolve_device
 from .errors import InputError
 from .io import write_tensor, write_video
 from .metrics import psnr
-from .models import StudentSpec, load_model, save_student
+from .models import StudentSpec, load_model, load_teacher, save_student
 from .models.streaming import chunk_bounds, iter_decode
 from .progress import track
 from .synthetic import synthetic_clip
@@ -111,20 +112,23 @@ def demo(
 ) -> DemoResult:
     """Encode a generated clip with the teacher, decode it streaming; prune and distil a student;
     write videos; report."""
-    from .api import distill, resolve_device
+    from .distill.run import distill
     from .prune.calibration import calibration_latents
     from .prune.pipeline import prune_teacher
 
     out_dir = Path(out_dir)
-    if frames < 1 or (frames - 1) % 4:
-        raise InputError(f"--frames must be 4n+1 (e.g. 17), got {frames}")
-    if height <= 0 or width <= 0 or height % 8 or width % 8:
-        raise InputError(f"--height and --width must be positive multiples of 8, got {height}x{width}")
     if distill_steps < 0:
-        raise InputError(f"--distill-steps must be >= 0, got {distill_steps}")
+        raise InputError(f"{{distill_steps}} must be >= 0, got {distill_steps}", "distill_steps")
     dev = resolve_device(device)
     model_path = Path(model) if model is not None else embedded_teacher_path()
-    teacher = load_model(model_path).to(dev)
+    teacher = load_teacher(model_path).to(dev)
+    tf, sf = teacher.temporal_factor, teacher.spatial_factor
+    if frames < 1 or (frames - 1) % tf:
+        raise InputError(f"{{frames}} must be {tf}n+1 (e.g. {4 * tf + 1}), got {frames}", "frames")
+    if height <= 0 or width <= 0 or height % sf or width % sf:
+        raise InputError(
+            f"{{height}} and {{width}} must be positive multiples of {sf}, got {height}x{width}", "height", "width"
+        )
     clip = synthetic_clip(frames, height, width, seed=seed)
     with torch.inference_mode():
         latents = teacher.encode(clip)

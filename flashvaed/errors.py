@@ -2,11 +2,34 @@
 
 A leaf module: every layer may raise these, and the CLI turns them into a one-line message and
 exit code 2. Anything else escaping a command is a bug in flashvaed, not bad input.
+
+Messages name the parameter at fault by placeholder: ``InputError("{chunk} must be at least 1",
+"chunk")`` reads "chunk must be at least 1" from the library (``str(e)``) and "--chunk must be
+at least 1" on the command line (``e.render(flag)``), so the library never speaks in CLI flags.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class FlashVAEDError(Exception):
     """Bad input a user can fix: the message names the problem in one line."""
+
+    def __init__(self, message: str, *params: str) -> None:
+        super().__init__(message)
+        self.template = message
+        self.params = params
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every ``{param}`` placeholder written as ``name(param)``."""
+        text = self.template
+        for param in self.params:
+            text = text.replace("{" + param + "}", name(param))
+        return text
+
+    def __str__(self) -> str:
+        return self.render(lambda param: param)
 
 
 class CheckpointError(FlashVAEDError):

@@ -234,7 +234,7 @@ class VideoOptions:
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % self.multiple):
-                raise InputError(f"--{name} must be a positive multiple of {self.multiple}, got {v}")
+                raise InputError(f"{{{name}}} must be a positive multiple of {self.multiple}, got {v}", name)
         if self.fit not in ("crop", "resize"):
             raise InputError(f"fit must be 'crop' or 'resize', got {self.fit!r}")
         if self.frames not in ("trim", "pad"):

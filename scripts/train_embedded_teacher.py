@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashvaed.metrics import psnr
-from flashvaed.models import WanConfig, WanVAE, load_model, save_wan, zero_state
+from flashvaed.models import WanConfig, WanVAE, load_model, save_teacher, zero_state
 from flashvaed.synthetic import synthetic_clip
 
 FRAMES, SIZE = 5, 64  # phases A/B: 2 latent frames (the first-chunk path and one steady chunk)
@@ -189,7 +189,7 @@ def main() -> None:
         args.log_every,
     )
     run_phase("C joint", c, list(model.parameters()), 3e-4, joint_step, model, held_out, args.log_every)
-    save_wan(model.eval(), args.out)
+    save_teacher(model.eval(), args.out)
     print(f"wrote {args.out}")
 
 

@@ -11,7 +11,7 @@ from conftest import latent_stats
 from safetensors.torch import save_file
 
 from flashvaed.errors import CheckpointError
-from flashvaed.models import load_model, save_wan
+from flashvaed.models import load_model, save_teacher
 from flashvaed.models.checkpoint import layout_names
 
 
@@ -53,14 +53,14 @@ def test_diffusers_directory(diffusers_vae_8, diffusers_dir_8):
 def test_single_safetensors_in_each_layout(diffusers_vae_8, teacher_8, tmp_path):
     save_file({k: v.contiguous() for k, v in diffusers_vae_8.state_dict().items()}, tmp_path / "d.safetensors")
     save_file({k: v.contiguous() for k, v in _original_state_dict(teacher_8).items()}, tmp_path / "o.safetensors")
-    save_wan(teacher_8, tmp_path / "f.safetensors")
+    save_teacher(teacher_8, tmp_path / "f.safetensors")
     for name in ("d", "o", "f"):
         _assert_decodes_like(load_model(tmp_path / f"{name}.safetensors"), diffusers_vae_8)
 
 
 def test_writer_round_trips_every_layout(teacher_8, tmp_path):
     for layout, target in [("original", "a.pth"), ("diffusers", "b"), ("flashvaed", "c.safetensors")]:
-        loaded = load_model(save_wan(teacher_8, tmp_path / target, layout))
+        loaded = load_model(save_teacher(teacher_8, tmp_path / target, layout))
         for (k, v), (k2, v2) in zip(teacher_8.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
 
@@ -120,7 +120,7 @@ def test_foreign_and_unknown(tmp_path):
         load_model(tmp_path / "unet.safetensors")
 
 
-def test_wan22_is_refused(diffusers_dir_8, tmp_path):
+def test_config_contradicting_the_keys_is_refused(diffusers_dir_8, tmp_path):
     import shutil
 
     d = tmp_path / "wan22"

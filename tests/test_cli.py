@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flashvaed.cli import app
-from flashvaed.models import save_wan
+from flashvaed.models import save_teacher
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def files(teacher_8, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    save_wan(teacher_8, d / "teacher.pth", "original")
+    save_teacher(teacher_8, d / "teacher.pth", "original")
     torch.manual_seed(0)
     latents = torch.randn(2, 16, 3, 3, 4)
     torch.save({"latents": latents}, d / "z.pt")

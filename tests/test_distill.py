@@ -26,7 +26,7 @@ from flashvaed.distill.config import DistillConfig
 from flashvaed.distill.data import ClipDataset, ClipSpec, batch_items
 from flashvaed.distill.trainer import Distiller
 from flashvaed.errors import InputError
-from flashvaed.models import StudentSpec, load_model, save_student, save_wan
+from flashvaed.models import StudentSpec, load_model, save_student, save_teacher
 from flashvaed.prune.calibration import calibration_latents
 from flashvaed.prune.pipeline import prune_teacher
 
@@ -58,7 +58,7 @@ def pair(tmp_path_factory):
     """A tiny teacher (.pth) and a flash-wan2.1 student pruned from it (directory)."""
     d = tmp_path_factory.mktemp("distill")
     teacher = teacher_from_diffusers(8, seed=11)
-    save_wan(teacher, d / "teacher.pth", "original")
+    save_teacher(teacher, d / "teacher.pth", "original")
     calib = calibration_latents("synthetic", teacher, clips=2, frames=5, size=32)
     # flash-wan2.1's operators with up2/up3 at 1/2: at base 8, 1/8 would leave 1-channel stages whose
     # RMS norms are sign functions (zero gradients that Adam turns into noise-driven steps)
@@ -301,7 +301,7 @@ def bad_inputs(pair, tmp_path_factory):
     write_config(b / "odd.yaml", {"clip_size": 30})
     write_config(b / "typo.yaml", {"optimiser": {"lr": 1}})
     other = teacher_from_diffusers(16, seed=0)
-    save_wan(other, b / "other.pth", "original")
+    save_teacher(other, b / "other.pth", "original")
     return d, b
 
 

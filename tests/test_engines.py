@@ -17,7 +17,7 @@ from flashvaed.engines.build import build_engine
 from flashvaed.engines.validate import validate
 from flashvaed.errors import InputError
 from flashvaed.export.onnx_export import ExportOptions, export
-from flashvaed.models import WanConfig, WanVAE, save_wan
+from flashvaed.models import WanConfig, WanVAE, save_teacher
 
 runner = CliRunner()
 
@@ -29,7 +29,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def built(teacher_8, tmp_path_factory):
     d = tmp_path_factory.mktemp("engines")
-    save_wan(teacher_8, d / "teacher.safetensors")
+    save_teacher(teacher_8, d / "teacher.safetensors")
     export(teacher_8, d / "export", ExportOptions(chunk="1:2:4", height="16:32:64", width="16:32:64", batch="1:1:2"))
     export(teacher_8, d / "static", ExportOptions(chunk="2", height="24", width="32", batch="1"))
     build_engine(d / "export", d / "engine", "onnxruntime")
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line_exit_2(built, tmp_path, args, needle):
     d, latents = built
     torch.save({"latents": latents[:, :, :0]}, tmp_path / "zero.pt")
     torch.save({"latents": torch.randn(1, 16, 3, 4, 4)}, tmp_path / "big.pt")
-    save_wan(WanVAE(WanConfig(base_dim=8)), tmp_path / "other.safetensors")
+    save_teacher(WanVAE(WanConfig(base_dim=8)), tmp_path / "other.safetensors")
     (tmp_path / "manifest.json").write_text("{}")
     paths = {
         "z": d / "z.pt",

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from flashvaed.cli import app
 from flashvaed.errors import InputError
 from flashvaed.metrics import psnr
-from flashvaed.models import StudentSpec, WanConfig, WanVAE, load_model, save_wan
+from flashvaed.models import StudentSpec, WanConfig, WanVAE, load_model, save_teacher
 from flashvaed.models.checkpoint import match_keys
 from flashvaed.prune.calibration import calibration_latents
 from flashvaed.prune.groups import channel_groups
@@ -139,7 +139,7 @@ def test_substitution_recovers_planted_operators():
 
 def test_report_contents(tmp_path):
     teacher = teacher_from_diffusers(8, seed=0)
-    save_wan(teacher, tmp_path / "t.pth", "original")
+    save_teacher(teacher, tmp_path / "t.pth", "original")
     r = runner.invoke(
         app,
         [
@@ -189,7 +189,7 @@ def test_report_contents(tmp_path):
 def cli_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("prune-cli")
     teacher = teacher_from_diffusers(8, seed=0)
-    save_wan(teacher, d / "t.pth", "original")
+    save_teacher(teacher, d / "t.pth", "original")
     torch.save({"latents": torch.randn(1, 8, 2, 2, 2)}, d / "bad_channels.pt")
     (d / "empty").mkdir()
     (d / "bad.yaml").write_text("stages: {up2: {op: warp}}")

@@ -9,13 +9,13 @@ from flashvaed.errors import InputError
 from flashvaed.models import FlashStudent, StudentConfig, StudentSpec, WanConfig, WanVAE, load_model, save_student
 from flashvaed.models.student import build_student, preset_names
 from flashvaed.models.summary import summarize
-from flashvaed.models.wan import teacher_layout
+from flashvaed.models.families.wan21 import teacher_layout
 
 PRESETS = ["flash-wan2.1", "flash-wan2.1-quarter", "lite-wan2.1"]
 
 
 def test_presets_ship():
-    assert preset_names() == sorted(PRESETS)
+    assert preset_names("wan2.1") == sorted(PRESETS)
 
 
 def test_flash_preset_matches_the_paper_at_full_width():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -32,28 +32,39 @@ from torch import Tensor
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..io import TENSOR_SUFFIXES, VIDEO_SUFFIXES, read_tensor
-from ..models.wan import WanVAE
+from ..models.vae import TeacherVAE
 from ..synthetic import synthetic_clip
 
 
 @dataclass(frozen=True)
 class ClipSpec:
-    frames: int = 9  # 4n+1 video frames per clip
-    size: int = 64  # square crop, pixels (multiple of 8)
+    """Clips for one teacher: ``ClipDataset`` sets the factors to its teacher's."""
+
+    frames: int = 9  # tn+1 video frames per clip (t: the temporal factor)
+    size: int = 64  # square crop, pixels (a multiple of the spatial factor)
     stride: int = 1  # keep every n-th video frame
     synthetic_clips: int = 64  # distinct synthetic clips
+    temporal_factor: int = 4
+    spatial_factor: int = 8
 
     def __post_init__(self) -> None:
-        if self.frames < 5 or (self.frames - 1) % 4:
-            raise InputError(f"clips must have 4n+1 >= 5 frames (two latent frames at least), got {self.frames}")
-        if self.size <= 0 or self.size % 8:
-            raise InputError(f"clip size must be a positive multiple of 8, got {self.size}")
+        tf, sf = self.temporal_factor, self.spatial_factor
+        if self.frames < tf + 1 or (self.frames - 1) % tf:
+            raise InputError(
+                f"clips must have {tf}n+1 >= {tf + 1} frames (two latent frames at least), got {self.frames}"
+            )
+        if self.size <= 0 or self.size % sf:
+            raise InputError(f"clip size must be a positive multiple of {sf}, got {self.size}")
         if self.stride < 1 or self.synthetic_clips < 1:
             raise InputError("stride and synthetic clip count must be at least 1")
 
     @property
     def latent_frames(self) -> int:
-        return 1 + (self.frames - 1) // 4
+        return 1 + (self.frames - 1) // self.temporal_factor
+
+    @property
+    def latent_size(self) -> int:
+        return self.size // self.spatial_factor
 
 
 @dataclass
@@ -146,7 +157,7 @@ class LatentSource:
         self.spec = spec
         self.items: list[tuple[Path, int]] = []
         self.shapes: dict[Path, tuple[int, ...]] = {}
-        h = spec.size // 8
+        h = spec.latent_size
         for f in files:
             z = read_tensor(f, "latents")
             if z.dim() != 5 or z.shape[1] != latent_channels:
@@ -168,7 +179,7 @@ class LatentSource:
         if path not in self._cache:
             self._cache = {path: read_tensor(path, "latents").float()}  # keep one file in memory
         z = self._cache[path][b : b + 1]
-        t, h = self.spec.latent_frames, self.spec.size // 8
+        t, h = self.spec.latent_frames, self.spec.latent_size
         t0 = _randint(gen, z.shape[2] - t + 1)
         y0, x0 = _randint(gen, z.shape[3] - h + 1), _randint(gen, z.shape[4] - h + 1)
         return z[:, :, t0 : t0 + t, y0 : y0 + h, x0 : x0 + h].contiguous()
@@ -180,11 +191,12 @@ class ClipDataset:
     def __init__(
         self,
         data: list[str | os.PathLike],
-        teacher: WanVAE,
+        teacher: TeacherVAE,
         spec: ClipSpec,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
+        spec = replace(spec, temporal_factor=teacher.temporal_factor, spatial_factor=teacher.spatial_factor)
         self.teacher, self.spec, self.seed = teacher, spec, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         videos: list[Path] = []

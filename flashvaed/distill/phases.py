@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..models.streaming import chunk_bounds, zero_state
-from ..models.wan import LatentDecoder
+from ..models.streaming import StreamingDecoder, chunk_bounds, zero_state
+from ..models.vae import LatentDecoder
 from .config import DistillConfig
 from .losses import feature_loss, ground_truth_trust, output_loss, temporal_loss
 
@@ -43,15 +43,9 @@ def captured_stages(model: LatentDecoder) -> Iterator[dict[str, list[tuple[Tenso
 
 
 def streaming_decode(model: LatentDecoder, latents: Tensor, chunk: int, clamp: bool) -> Tensor:
-    """Differentiable decode through the streaming step: the first frame, then ``chunk`` at a time."""
-    b, _, t, h, w = latents.shape
-    p = next(model.parameters())
-    state = zero_state(model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
-    frames = []
-    for i, (start, stop) in enumerate(chunk_bounds(t, chunk)):
-        out, state = model.decode_step(latents[:, :, start:stop], state, first=i == 0, clamp=clamp)
-        frames.append(out)
-    return torch.cat(frames, dim=2)
+    """Differentiable decode through the streaming loop: the first frame, then ``chunk`` at a time."""
+    stream = StreamingDecoder(model, inference=False, clamp=clamp)
+    return torch.cat([stream.push(latents[:, :, a:b]) for a, b in chunk_bounds(latents.shape[2], chunk)], dim=2)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ..atomic import atomic_output
 from ..errors import InputError
 from ..metrics import psnr
 from ..models.student import FlashStudent
-from ..models.wan import WanVAE
+from ..models.vae import TeacherVAE
 from ..safeload import load_weights_only
 from .config import DistillConfig
 from .data import ClipDataset, batch_items, collate
@@ -100,7 +100,7 @@ class DistillReport:
 class Distiller:
     def __init__(
         self,
-        teacher: WanVAE,
+        teacher: TeacherVAE,
         student: FlashStudent,
         data: ClipDataset,
         config: DistillConfig,

@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from ..export.contract import ENGINE_FORMAT, is_manifest_dir, read_manifest
 from ..models import load_model
-from ..models.wan import LatentDecoder
+from ..models.vae import LatentDecoder
 from .base import Decoder, Stream, StreamState
 from .torch_backend import TorchDecoder
 

@@ -51,10 +51,10 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
 
 
 class OrtStream(Stream):
-    decoder: OnnxRuntimeDecoder
+    source: OnnxRuntimeDecoder
 
     def _start(self, batch: int, height: int, width: int) -> None:
-        d = self.decoder
+        d = self.source
         dtype = NUMPY_DTYPES[d.contract.state_dtype]
         shapes = d.state_shapes(batch, height, width)
         self.buffers = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
@@ -73,7 +73,7 @@ class OrtStream(Stream):
             self.steady_bindings.append(binding)
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
-        d = self.decoder
+        d = self.source
         binding = self.first_binding if first else self.steady_bindings[self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
@@ -86,7 +86,7 @@ class OrtStream(Stream):
         return torch.from_numpy(frames)
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
-        return [t.name for t in self.decoder.contract.state], [torch.from_numpy(a) for a in self.buffers[self.current]]
+        return [t.name for t in self.source.contract.state], [torch.from_numpy(a) for a in self.buffers[self.current]]
 
     def _set_state(self, tensors: list[Tensor]) -> None:
         for a, t in zip(self.buffers[self.current], tensors, strict=True):

@@ -72,10 +72,10 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
 
 
 class TensorRTStream(Stream):
-    decoder: TensorRTDecoder
+    source: TensorRTDecoder
 
     def _start(self, batch: int, height: int, width: int) -> None:
-        d = self.decoder
+        d = self.source
         dtype = getattr(torch, d.contract.state_dtype)
         shapes = d.state_shapes(batch, height, width)
         self.buffers = [[torch.zeros(s, dtype=dtype, device="cuda") for s in shapes] for _ in range(2)]
@@ -84,7 +84,7 @@ class TensorRTStream(Stream):
         self.cuda_stream = torch.cuda.Stream()
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
-        d = self.decoder
+        d = self.source
         graph = "first" if first else "steady"
         context = self.contexts[graph]
         b, _, k, h, w = latents.shape
@@ -107,7 +107,7 @@ class TensorRTStream(Stream):
         return frames.cpu()
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
-        return [t.name for t in self.decoder.contract.state], [b.cpu() for b in self.buffers[self.current]]
+        return [t.name for t in self.source.contract.state], [b.cpu() for b in self.buffers[self.current]]
 
     def _set_state(self, tensors: list[Tensor]) -> None:
         for buf, t in zip(self.buffers[self.current], tensors, strict=True):

@@ -23,8 +23,8 @@ from polygraphy.logger import G_LOGGER
 
 from ..errors import InputError
 from ..metrics import psnr, ssim
-from ..models.streaming import chunk_bounds, zero_state
-from ..models.wan import LatentDecoder
+from ..models.streaming import StreamingDecoder, chunk_bounds, model_fingerprint, zero_state
+from ..models.vae import LatentDecoder
 from .base import ContractDecoder
 from .ort_backend import OnnxRuntimeDecoder
 
@@ -82,26 +82,21 @@ def _feeds(
     model: LatentDecoder, decoder: ContractDecoder, latents: torch.Tensor, chunk: int
 ) -> tuple[dict[str, list], torch.Tensor]:
     """Inputs of every chunk, with the reference's state going in (teacher forcing), and the
-    reference's frames of the whole clip, which that same pass decodes."""
-    p = next(model.parameters())
-    b, _, t, h, w = latents.shape
-    state = zero_state(model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+    reference's frames of the whole clip, which that same stream decodes."""
+    stream = StreamingDecoder(model)
     feeds: dict[str, list] = {"first": [], "steady": []}
     frames = []
     dtype = decoder.contract.state_dtype
-    with torch.inference_mode():
-        for start, stop in chunk_bounds(t, chunk):
-            piece = latents[:, :, start:stop]
-            if start == 0:
-                feeds["first"].append({"latents": piece.numpy()})
-            elif stop - start >= decoder.chunk_range.min:  # a clip's short tail is padded, not fed
-                feed = {"latents": piece.numpy()}
-                feed.update(
-                    {s.input: v.cpu().numpy().astype(dtype) for s, v in zip(decoder.contract.state, state, strict=True)}
-                )
-                feeds["steady"].append(feed)
-            out, state = model.decode_step(piece.to(p.device, p.dtype), state, first=start == 0)
-            frames.append(out.float().cpu())
+    for start, stop in chunk_bounds(latents.shape[2], chunk):
+        piece = latents[:, :, start:stop]
+        if start == 0:
+            feeds["first"].append({"latents": piece.numpy()})
+        elif stop - start >= decoder.chunk_range.min:  # a clip's short tail is padded, not fed
+            state = zip(decoder.contract.state, stream.state or (), strict=True)
+            feeds["steady"].append(
+                {"latents": piece.numpy(), **{s.input: v.cpu().numpy().astype(dtype) for s, v in state}}
+            )
+        frames.append(stream.push(piece).float().cpu())
     return feeds, torch.cat(frames, dim=2)
 
 
@@ -125,8 +120,6 @@ def validate(
     """Compare ``engine`` with ``reference`` over every chunk of ``latents``; see module docstring."""
     if not isinstance(engine, ContractDecoder):
         raise InputError(f"{engine_name} is not an export or engine directory; validate takes one of those")
-    from ..export.onnx_export import model_fingerprint
-
     reference_fingerprint = model_fingerprint(reference)
     if reference_fingerprint != engine.fingerprint:
         raise InputError(

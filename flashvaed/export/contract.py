@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..models.streaming import StateSpec
+from ..models.streaming import ShapeRange, StateSpec
+
+__all__ = [
+    "ENGINE_FORMAT",
+    "EXPORT_FORMAT",
+    "Contract",
+    "ShapeRange",
+    "StateTensor",
+    "is_manifest_dir",
+    "read_manifest",
+]
 
 EXPORT_FORMAT = "flashvaed-export"
 ENGINE_FORMAT = "flashvaed-engine"
@@ -31,54 +41,6 @@ CHUNK_RULE = (
     "'next_state/NAME' back as input 'state/NAME'. Concatenating the frames of all chunks equals "
     "decoding the clip at once."
 )
-
-
-@dataclass(frozen=True)
-class ShapeRange:
-    """A dimension's range for engines (TensorRT profiles take min/opt/max); min == max is static."""
-
-    min: int
-    opt: int
-    max: int
-
-    @property
-    def static(self) -> bool:
-        return self.min == self.max
-
-    def __contains__(self, value: int) -> bool:
-        return self.min <= value <= self.max
-
-    def describe(self, unit: str = "") -> str:
-        return f"{self.min}{unit}" if self.static else f"{self.min}..{self.max}{unit}"
-
-    def to_dict(self) -> dict[str, int]:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> ShapeRange:
-        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
-
-    @classmethod
-    def parse(cls, text: str | int, what: str, multiple: int = 1) -> ShapeRange:
-        """``N`` (static), ``MIN:MAX`` (opt = MIN) or ``MIN:OPT:MAX``; values >= 1, multiples of ``multiple``."""
-        parts = str(text).split(":")
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
-        if len(values) == 1:
-            values *= 3
-        elif len(values) == 2:
-            values = [values[0], values[0], values[1]]
-        elif len(values) != 3:
-            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
-        lo, opt, hi = values
-        if lo < 1 or not lo <= opt <= hi:
-            raise InputError(f"{what} range {text!r} must satisfy 1 <= MIN <= OPT <= MAX")
-        bad = [v for v in values if v % multiple]
-        if bad:
-            raise InputError(f"{what} must be a multiple of {multiple}, got {bad[0]}")
-        return cls(lo // multiple, opt // multiple, hi // multiple)
 
 
 def scaled(dim: str | int, scale: Fraction) -> str | int:
@@ -139,6 +101,14 @@ class Contract:
     @property
     def spatial_factor(self) -> int:
         return int(self.model["spatial_factor"])
+
+    @property
+    def latency(self) -> int:
+        return int(self.model.get("latency", 0))
+
+    @property
+    def step_inputs(self) -> list[str]:
+        return list(self.model.get("step_inputs", []))
 
     @property
     def state_dtype(self) -> str:

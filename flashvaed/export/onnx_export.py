@@ -10,7 +10,6 @@ streaming causal conv written as one plugin node carrying a standard-op function
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import warnings
 from contextlib import nullcontext
@@ -23,8 +22,8 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..models.streaming import StateSpec
-from ..models.wan import LatentDecoder
+from ..models.streaming import StateSpec, model_fingerprint
+from ..models.vae import LatentDecoder
 from .contract import METADATA_KEY, PRECISIONS, Contract, ShapeRange, StateTensor
 from .op_coverage import unsupported_by_tensorrt
 from .plugin_nodes import attach_function_bodies, plugin_nodes
@@ -53,15 +52,6 @@ class ExportResult:
     tensorrt_unsupported: list[str] = field(default_factory=list)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the weights (names, shapes, fp32 values): states and engines name their model by it."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def model_facts(model: LatentDecoder, source: str | None) -> dict:
     config = getattr(model, "config", None)
     return {
@@ -72,6 +62,8 @@ def model_facts(model: LatentDecoder, source: str | None) -> dict:
         "latent_channels": model.latent_channels,
         "temporal_factor": model.temporal_factor,
         "spatial_factor": model.spatial_factor,
+        "latency": model.latency,
+        "step_inputs": list(model.step_inputs),
         "latents_mean": [float(v) for v in model.latents_mean.flatten()],
         "latents_std": [float(v) for v in model.latents_std.flatten()],
         "config": config.to_dict() if config is not None else None,
@@ -116,7 +108,7 @@ def _check_options(options: ExportOptions, model: LatentDecoder) -> dict[str, Sh
     if options.precision not in PRECISIONS:
         raise InputError(f"unknown precision {options.precision!r} (use {', '.join(PRECISIONS)})")
     if options.plugins not in PLUGIN_CHOICES:
-        raise InputError(f"unknown --plugins {options.plugins!r} (use {' or '.join(PLUGIN_CHOICES)})")
+        raise InputError(f"unknown {{plugins}} {options.plugins!r} (use {' or '.join(PLUGIN_CHOICES)})", "plugins")
     if options.opset < 18:
         raise InputError(f"opset must be at least 18, got {options.opset}")
     f = model.spatial_factor

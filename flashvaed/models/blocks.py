@@ -2,6 +2,7 @@
 
 Every block takes the slice of the state tuple it owns and returns its new slice; blocks that
 carry nothing take and return ``()``. Layer semantics follow the Wan VAE (see docs/architecture.md).
+Blocks also declare how their channels are coupled (``channel_flow``, see ``coupling``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .coupling import ROWS, TIME_ROWS, V_ROWS, ChannelFlow, Group
 from .streaming import State, StateSpec, StreamingBlock, blocks_state_specs, run_blocks
 
 
@@ -82,6 +84,12 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
             return self._conv_forward(x, self.weight, self.bias), ()
         y, history = self.step(x, state[0])
         return y, (history,)
+
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:
+        """As a stage of its own (``conv_in``): it reads the latents and starts the first stream."""
+        if stream is not None:
+            flow.consume(stream, path, stage)
+        return flow.start("stream", self.out_channels, path)
 
 
 class RMSNorm(nn.Module):
@@ -174,6 +182,16 @@ class ResidualBlock(StreamingBlock):
         skip = x if self.shortcut is None else self.shortcut(x)
         return h + skip, s1 + s2
 
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
+        flow.consume(stream, f"{path}.conv1", stage, norm=f"{path}.norm1")
+        hidden = flow.start("hidden", self.norm2.gamma.shape[0], f"{path}.conv1", name=f"{path}.hidden")
+        flow.consume(hidden, f"{path}.conv2", stage, norm=f"{path}.norm2")
+        if self.shortcut is not None:  # the block maps one stream to another
+            flow.consume(stream, f"{path}.shortcut", stage)
+            stream = flow.start("stream", self.shortcut.out_channels, f"{path}.shortcut")
+        flow.produce(stream, f"{path}.conv2")
+        return stream
+
 
 class AttentionBlock(StreamingBlock):
     """Single-head self-attention over the positions of each frame, with a residual add.
@@ -197,6 +215,13 @@ class AttentionBlock(StreamingBlock):
         y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(qk_dim)
         y = self.proj(y.transpose(1, 2).reshape(b * t, self.v_dim, h, w))
         return x + unfold_time(y, b), ()
+
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
+        flow.consume(stream, f"{path}.to_qkv", stage, norm=f"{path}.norm")
+        flow.produce(stream, f"{path}.proj")
+        v = flow.start("attention_v", self.v_dim, f"{path}.to_qkv", V_ROWS, name=f"{path}.v")
+        flow.consume(v, f"{path}.proj", stage)
+        return stream
 
 
 class Upsample(StreamingBlock):
@@ -226,6 +251,13 @@ class Upsample(StreamingBlock):
             x = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
+
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
+        if self.time_conv is not None:  # read as two frames of the same channels
+            flow.consume(stream, f"{path}.time_conv", stage)
+            flow.produce(stream, f"{path}.time_conv", TIME_ROWS)
+        flow.consume(stream, f"{path}.conv", stage)
+        return flow.start("stream", self.conv.out_channels, f"{path}.conv", ROWS)
 
 
 class Downsample(StreamingBlock):
@@ -278,6 +310,13 @@ class Stage(StreamingBlock):
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         return run_blocks(self.sequence(), x, state, first)
 
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
+        for j, block in enumerate(self.blocks):
+            stream = block.channel_flow(flow, f"{path}.blocks.{j}", stage, stream)
+        if self.resample is not None:
+            stream = self.resample.channel_flow(flow, f"{path}.resample", stage, stream)
+        return stream
+
 
 class Head(StreamingBlock):
     """RMSNorm, SiLU and a 3x3(x3) conv (causal in the teacher) to the output channels."""
@@ -293,3 +332,6 @@ class Head(StreamingBlock):
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         return self.conv(F.silu(self.norm(x)), state)
+
+    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> None:
+        flow.consume(stream, f"{path}.conv", stage, norm=f"{path}.norm")

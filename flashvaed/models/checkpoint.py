@@ -1,140 +1,38 @@
-"""Reading and writing Wan2.1 VAE checkpoints in every layout users have them in.
+"""Reading and writing VAE checkpoints in every layout users have them in, for every family.
 
-Layouts: ``original`` (the release's ``Wan2.1_VAE.pth`` state dict), ``diffusers`` (an
-``AutoencoderKLWan`` directory, or its state dict in one .safetensors file) and ``flashvaed``
-(our module names). The architecture is inferred from tensor shapes, keys are matched strictly,
-and nothing is unpickled beyond plain tensors (``torch.load(weights_only=True)``).
+Layouts: ``original`` (a family's release, e.g. ``Wan2.1_VAE.pth``), ``diffusers`` (a model
+directory, or its state dict in one .safetensors file) and ``flashvaed`` (our module names). The
+family and layout are detected from the keys (and config.json or safetensors metadata), the
+architecture is inferred from tensor shapes, keys are matched strictly — against a model built on
+the ``meta`` device first, so a file that does not fit never makes us allocate its model — and
+nothing is unpickled beyond plain tensors (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..atomic import atomic_output
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..safeload import load_weights_only
+from . import families
+from .families import LAYOUTS
 from .student import STUDENT_FORMAT, FlashStudent, StudentConfig
-from .wan import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, LatentDecoder, WanConfig, WanVAE
+from .vae import LatentDecoder, TeacherVAE
 
-LAYOUTS = ("flashvaed", "original", "diffusers")
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-# Residual block parameter names: ours -> (original, diffusers)
-_RESIDUAL = {
-    "norm1": ("residual.0", "norm1"),
-    "conv1": ("residual.2", "conv1"),
-    "norm2": ("residual.3", "norm2"),
-    "conv2": ("residual.6", "conv2"),
-    "shortcut": ("shortcut", "conv_shortcut"),
-}
-
-
-def _residual(rest: str, layout: int) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{_RESIDUAL[head][layout]}.{tail}"
-
-
-def _rename(key: str, layout: str, nrb: int) -> str:
-    """Name of our parameter ``key`` in ``layout`` (``nrb``: residual blocks per encoder stage)."""
-    if layout == "flashvaed":
-        return key
-    orig = layout == "original"
-    li = 0 if orig else 1
-    rules: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (r"quant_conv\.(.*)", lambda m: f"conv1.{m[1]}" if orig else m[0]),
-        (r"post_quant_conv\.(.*)", lambda m: f"conv2.{m[1]}" if orig else m[0]),
-        (r"(encoder|decoder)\.conv_in\.(.*)", lambda m: f"{m[1]}.conv1.{m[2]}" if orig else m[0]),
-        (
-            r"(encoder|decoder)\.middle\.blocks\.([02])\.(.*)",
-            lambda m: (
-                f"{m[1]}.middle.{m[2]}.{_residual(m[3], 0)}"
-                if orig
-                else f"{m[1]}.mid_block.resnets.{int(m[2]) // 2}.{_residual(m[3], 1)}"
-            ),
-        ),
-        (
-            r"(encoder|decoder)\.middle\.blocks\.1\.(.*)",
-            lambda m: f"{m[1]}.middle.1.{m[2]}" if orig else f"{m[1]}.mid_block.attentions.0.{m[2]}",
-        ),
-        (
-            r"(encoder|decoder)\.head\.norm\.(.*)",
-            lambda m: f"{m[1]}.head.0.{m[2]}" if orig else f"{m[1]}.norm_out.{m[2]}",
-        ),
-        (
-            r"(encoder|decoder)\.head\.conv\.(.*)",
-            lambda m: f"{m[1]}.head.2.{m[2]}" if orig else f"{m[1]}.conv_out.{m[2]}",
-        ),
-        # the encoder's stages are one flat list in both external layouts
-        (
-            r"encoder\.down\.(\d+)\.blocks\.(\d+)\.(.*)",
-            lambda m: (
-                f"encoder.{'downsamples' if orig else 'down_blocks'}.{int(m[1]) * (nrb + 1) + int(m[2])}"
-                f".{_residual(m[3], li)}"
-            ),
-        ),
-        (
-            r"encoder\.down\.(\d+)\.resample\.(conv|time_conv)\.(.*)",
-            lambda m: (
-                f"encoder.{'downsamples' if orig else 'down_blocks'}.{int(m[1]) * (nrb + 1) + nrb}"
-                f".{'resample.1' if m[2] == 'conv' else 'time_conv'}.{m[3]}"
-            ),
-        ),
-        # the decoder's up stages: flat in the original, nested in diffusers
-        (
-            r"decoder\.up\.(\d+)\.blocks\.(\d+)\.(.*)",
-            lambda m: (
-                f"decoder.upsamples.{int(m[1]) * (nrb + 2) + int(m[2])}.{_residual(m[3], 0)}"
-                if orig
-                else f"decoder.up_blocks.{m[1]}.resnets.{m[2]}.{_residual(m[3], 1)}"
-            ),
-        ),
-        (
-            r"decoder\.up\.(\d+)\.resample\.(conv|time_conv)\.(.*)",
-            lambda m: (
-                (
-                    f"decoder.upsamples.{int(m[1]) * (nrb + 2) + nrb + 1}."
-                    if orig
-                    else f"decoder.up_blocks.{m[1]}.upsamplers.0."
-                )
-                + ("resample.1" if m[2] == "conv" else "time_conv")
-                + f".{m[3]}"
-            ),
-        ),
-    ]
-    for pattern, rename in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return rename(m)
-    raise KeyError(f"no {layout} name for parameter {key}")
-
-
-def layout_names(model: LatentDecoder, layout: str) -> dict[str, str]:
-    """Our parameter name -> its name in ``layout``, for every parameter of ``model``."""
-    if layout == "flashvaed":
-        return {k: k for k in model.state_dict()}
-    nrb = model.config.num_res_blocks
-    return {k: _rename(k, layout, nrb) for k in model.state_dict()}
-
-
-def detect_layout(keys: set[str] | Mapping[str, object]) -> str | None:
-    if "decoder.conv1.weight" in keys:
-        return "original"
-    if "decoder.conv_in.weight" in keys and "decoder.norm_out.gamma" in keys:
-        return "diffusers"
-    if "decoder.conv_in.weight" in keys and "decoder.head.conv.weight" in keys:
-        return "flashvaed"
-    return None
+STUDENT_WEIGHTS = "model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +57,38 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
     return obj
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file (empty for other files)."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and what describes them: a diffusers directory's config.json, a file's metadata."""
+    if path.is_dir():
+        config_path, weights = path / "config.json", path / DIFFUSERS_WEIGHTS
+        if not (config_path.is_file() and weights.is_file()):
+            raise CheckpointError(f"{path} is not a model directory (expected config.json and {DIFFUSERS_WEIGHTS})")
+        return read_tensors(weights), read_json(config_path)
+    tensors = read_tensors(path)
+    return tensors, read_metadata(path)
 
 
 @dataclass
@@ -186,9 +116,16 @@ class KeyReport:
         return "; ".join(parts) or "all keys match"
 
 
-def match_keys(model: LatentDecoder, tensors: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tensor], KeyReport]:
+def layout_names(model: LatentDecoder, layout: str) -> dict[str, str]:
+    """Our parameter name -> its name in ``layout``, for every parameter of ``model``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    return families.get(model.family).key_names(model, layout)
+
+
+def match_keys(model: nn.Module, tensors: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tensor], KeyReport]:
     """Rename ``tensors`` to our names and check them against ``model`` strictly."""
-    names = layout_names(model, layout)
+    names = layout_names(model, layout)  # type: ignore[arg-type]
     theirs_to_ours = {v: k for k, v in names.items()}
     expected = model.state_dict()
     report = KeyReport()
@@ -205,118 +142,68 @@ def match_keys(model: LatentDecoder, tensors: Mapping[str, Tensor], layout: str)
     return renamed, report
 
 
-def infer_config(tensors: Mapping[str, Tensor], layout: str, extra: Mapping | None = None) -> WanConfig:
-    """The architecture from tensor shapes (base width, z_dim), diffusers' config.json if given."""
-    extra = dict(extra or {})
-    if extra.get("is_residual") or extra.get("patch_size"):
-        raise CheckpointError("this is a Wan2.2 VAE (residual, patchified); only Wan2.1 VAEs are supported")
-    dec_key = "decoder.conv1.weight" if layout == "original" else "decoder.conv_in.weight"
-    enc_key = "encoder.conv1.weight" if layout == "original" else "encoder.conv_in.weight"
-    dim_mult = tuple(extra.get("dim_mult", (1, 2, 4, 4)))
-    dec_w = tensors[dec_key]
-    if dec_w.dim() != 5:
-        raise CheckpointError(f"{dec_key} has shape {tuple(dec_w.shape)}, expected a 3D conv kernel")
-    z_dim = int(dec_w.shape[1])
-    decoder_dim = int(dec_w.shape[0]) // dim_mult[-1]
-    base_dim = int(tensors[enc_key].shape[0]) if enc_key in tensors else decoder_dim
-    if "latents_mean" in extra and "latents_std" in extra:
-        mean, std = tuple(extra["latents_mean"]), tuple(extra["latents_std"])
-    elif z_dim == len(WAN21_LATENTS_MEAN):
-        mean, std = WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
-    else:
-        raise CheckpointError(f"latent statistics for z_dim={z_dim} are unknown (Wan2.1 has 16 latent channels)")
-    try:
-        return WanConfig(
-            base_dim=base_dim,
-            decoder_base_dim=decoder_dim if decoder_dim != base_dim else None,
-            z_dim=z_dim,
-            dim_mult=dim_mult,
-            num_res_blocks=int(extra.get("num_res_blocks", 2)),
-            temporal_downsample=tuple(extra.get("temperal_downsample", (False, True, True))),
-            latents_mean=mean,
-            latents_std=std,
-        )
-    except ValueError as e:
-        raise CheckpointError(f"inconsistent VAE configuration: {e}") from None
+def build_checked(
+    build: Callable[[], LatentDecoder], tensors: Mapping[str, Tensor], layout: str, problem: Callable[[str], str]
+) -> LatentDecoder:
+    """``build()`` with ``tensors`` loaded, refusing (``problem(summary)``) keys that do not fit —
+    decided on a copy built on the meta device, before the real model is allocated."""
+    with torch.device("meta"):
+        shadow = build()
+    _, report = match_keys(shadow, tensors, layout)
+    if not report.ok:
+        raise CheckpointError(problem(report.summary()))
+    model = build()
+    renamed, _ = match_keys(model, tensors, layout)
+    model.load_state_dict(renamed, strict=True)
+    return model.eval()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
-
-
-def load_wan(path: str | os.PathLike) -> WanVAE:
-    """A Wan2.1 VAE from an original .pth, a diffusers directory or a .safetensors file."""
+def load_vae(path: str | os.PathLike) -> TeacherVAE:
+    """A teacher VAE of any family from its original file, a diffusers directory or a .safetensors file."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
-    extra: dict = {}
-    if path.is_dir():
-        config_path, weights = path / "config.json", path / DIFFUSERS_WEIGHTS
-        if not (config_path.is_file() and weights.is_file()):
-            raise CheckpointError(f"{path} is not a model directory (expected config.json and {DIFFUSERS_WEIGHTS})")
-        extra = _read_json(config_path)
-        tensors = read_tensors(weights)
-    else:
-        tensors = read_tensors(path)
-    layout = detect_layout(tensors)
-    if layout is None:
-        sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
-        raise CheckpointError(f"{path} is not a Wan2.1 VAE checkpoint (keys start: {sample})")
-    config = infer_config(tensors, layout, extra)
-    model = WanVAE(config)
-    renamed, report = match_keys(model, tensors, layout)
-    if not report.ok:
-        raise CheckpointError(
-            f"{path} does not fit a Wan2.1 VAE (base_dim {config.base_dim}, z_dim {config.z_dim}): " + report.summary()
-        )
-    model.load_state_dict(renamed, strict=True)
-    return model.eval()
+    tensors, config = read_checkpoint(path)
+    match = families.detect(tensors, config, str(path))
+    family = match.family
+    cfg = family.infer_config(tensors, match.layout, config)
+    model = build_checked(
+        lambda: family.teacher_type(cfg),
+        tensors,
+        match.layout,
+        lambda summary: f"{path} does not fit a {family.title} ({family.describe(cfg)}): {summary}",
+    )
+    return model  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
 # writing files
 # ---------------------------------------------------------------------------------------------
-def save_wan(model: WanVAE, path: str | os.PathLike, layout: str = "flashvaed") -> Path:
+def save_teacher(model: TeacherVAE, path: str | os.PathLike, layout: str = "flashvaed") -> Path:
     """Write ``model`` in ``layout``: a .pth/.safetensors file, or a diffusers directory."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
+    family = families.get(model.family)
     path = Path(path)
     names = layout_names(model, layout)
     tensors = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if layout == "diffusers" and path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
-        c = model.config
-        config = {
-            "_class_name": "AutoencoderKLWan",
-            "base_dim": c.base_dim,
-            "decoder_base_dim": c.decoder_base_dim,
-            "z_dim": c.z_dim,
-            "dim_mult": list(c.dim_mult),
-            "num_res_blocks": c.num_res_blocks,
-            "attn_scales": [],
-            "temperal_downsample": list(c.temporal_downsample),
-            "dropout": 0.0,
-            "latents_mean": list(c.latents_mean),
-            "latents_std": list(c.latents_std),
-        }
         _write(path / DIFFUSERS_WEIGHTS, tensors)
         with atomic_output(path / "config.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2))
+            tmp.write_text(json.dumps(family.diffusers_config(model.config), indent=2))
         return path
-    _write(path, tensors)
+    metadata = None
+    if layout == "flashvaed":
+        metadata = {"flashvaed.family": family.name, "flashvaed.config": json.dumps(model.config.to_dict())}
+    _write(path, tensors, metadata)
     return path
 
 
-def _write(path: Path, tensors: dict[str, Tensor]) -> None:
+def _write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_output(path) as tmp:
         if path.suffix == ".safetensors":
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata=metadata)
         else:
             torch.save(tensors, str(tmp))
 
@@ -324,39 +211,40 @@ def _write(path: Path, tensors: dict[str, Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 # student directories: config.json + model.safetensors (+ prune_report.json, ...)
 # ---------------------------------------------------------------------------------------------
-STUDENT_WEIGHTS = "model.safetensors"
-
-
 def is_student_dir(path: Path) -> bool:
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
         return False
     try:
         return json.loads(config.read_text()).get("format") == STUDENT_FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
 
 def load_student(path: str | os.PathLike) -> FlashStudent:
     path = Path(path)
-    data = _read_json(path / "config.json")
+    data = read_json(path / "config.json")
     if data.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{path} is not a flashvaed student directory")
-    if data.get("version", 1) > 1:
+    if not isinstance(data.get("version", 1), int) or data.get("version", 1) > 1:
         raise CheckpointError(f"{path} was written by a newer flashvaed (student format {data['version']})")
     try:
         config = StudentConfig.from_dict(data)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}/config.json is malformed: {e}") from None
-    model = FlashStudent(config)
-    tensors = read_tensors(path / STUDENT_WEIGHTS) if (path / STUDENT_WEIGHTS).is_file() else None
-    if tensors is None:
+    if not (path / STUDENT_WEIGHTS).is_file():
         raise CheckpointError(f"{path} has no {STUDENT_WEIGHTS}")
-    renamed, report = match_keys(model, tensors, "flashvaed")
-    if not report.ok:
-        raise CheckpointError(f"{path}/{STUDENT_WEIGHTS} does not fit its config.json: {report.summary()}")
-    model.load_state_dict(renamed, strict=True)
-    return model.eval()
+    tensors = read_tensors(path / STUDENT_WEIGHTS)
+    try:
+        model = build_checked(
+            lambda: FlashStudent(config),
+            tensors,
+            "flashvaed",
+            lambda summary: f"{path}/{STUDENT_WEIGHTS} does not fit its config.json: {summary}",
+        )
+    except (TypeError, ValueError) as e:  # a layout the family cannot build
+        raise CheckpointError(f"{path}/config.json is malformed: {e}") from None
+    return model  # type: ignore[return-value]
 
 
 def save_student(model: FlashStudent, out_dir: str | os.PathLike, extra: dict[str, object] | None = None) -> Path:
@@ -375,8 +263,36 @@ def save_student(model: FlashStudent, out_dir: str | os.PathLike, extra: dict[st
     return out_dir
 
 
+# ---------------------------------------------------------------------------------------------
+# what a MODEL argument names
+# ---------------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike) -> LatentDecoder:
     """Any model a MODEL argument may name, its format detected from the path."""
     if is_student_dir(Path(path)):
         return load_student(path)
-    return load_wan(path)
+    return load_vae(path)
+
+
+def load_teacher(path: str | os.PathLike) -> TeacherVAE:
+    """A teacher (a model with an encoder); a student directory is refused."""
+    model = load_model(path)
+    if not isinstance(model, TeacherVAE):
+        raise InputError(
+            f"{path} is a student; {{teacher}} needs a teacher checkpoint (original, diffusers, ...)", "teacher"
+        )
+    return model
+
+
+def load_student_for(path: str | os.PathLike, teacher: TeacherVAE) -> FlashStudent:
+    """The student directory at ``path``, refused unless it was made from a teacher like ``teacher``."""
+    model = load_model(path)
+    if not isinstance(model, FlashStudent):
+        raise InputError(f"{path} is not a student directory (make one with `flashvaed prune`)")
+    if model.family != teacher.family:
+        raise InputError(f"the student is for {model.family} teachers, the teacher is {teacher.family}")
+    mine, theirs = model.config.teacher, teacher.config
+    if mine != theirs:
+        describe = families.get(teacher.family).describe
+        what = describe(mine) if describe(mine) != describe(theirs) else "other settings (e.g. latent statistics)"
+        raise InputError(f"the student was pruned from a teacher with {what}; this teacher has {describe(theirs)}")
+    return model

@@ -1,12 +1,17 @@
 """A decoder's layout as data: per stage the operator kind and the widths.
 
-Teacher and student decoders are the same class built from different layouts: the teacher's
-layout follows from its configuration (all ``causal3d``, full widths); a student's comes from a
-preset or config file resolved against its teacher (``flashvaed.models.student``).
+Teacher and student decoders of a family are the same class built from different layouts: the
+teacher's layout follows from its configuration (all ``causal3d``, full widths); a student's comes
+from a preset or config file resolved against its teacher (``flashvaed.models.student``).
+
+A teacher layout also says which widths are one channel space (``spaces``): a residual stream runs
+through identity shortcuts and, in Wan2.2, through the DupUp shortcuts of its up stages, so those
+widths must stay equal in every student. Resolving a spec reads this; nothing else does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,8 +42,12 @@ class StageLayout:
         if self.op not in OPS:
             raise ValueError(f"unknown operator {self.op!r} (expected one of {', '.join(OPS)})")
         widths = [self.in_width, self.width, *self.hidden] + ([self.resample_width] if self.resample_width else [])
-        if any(int(w) != w or w < 1 for w in widths):
+        if any(isinstance(w, bool) or int(w) != w or w < 1 for w in widths):
             raise ValueError(f"every width must be a positive integer, got {widths}")
+
+    @property
+    def out_width(self) -> int:
+        return self.resample_width if self.resample_width is not None else self.width
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,16 @@ class DecoderLayout:
     v_dim: int
     head_op: str = "causal3d"
     out_channels: int = 3
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # teacher layouts: their family, and "stage.field" -> channel space label (see the module docstring)
+    family: str | None = field(default=None, compare=False)
+    spaces: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "up", tuple(self.up))
         if self.middle.in_width != self.middle.width or len(self.middle.hidden) != 2:
             raise ValueError("the middle stage keeps its width and has two residual blocks")
+        if not self.up:
+            raise ValueError("a decoder has at least one up stage")
         chain = [self.middle.width] + [st.resample_width for st in self.up[:-1]]
         for i, (st, incoming) in enumerate(zip(self.up, chain, strict=True)):
             if st.in_width != incoming:
@@ -71,7 +84,7 @@ class DecoderLayout:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
+        del d["spaces"], d["family"]
         return d
 
     @classmethod
@@ -85,3 +98,28 @@ class DecoderLayout:
             head_op=d.get("head_op", "causal3d"),
             out_channels=d.get("out_channels", 3),
         )
+
+
+def channel_spaces(up: Sequence[StageLayout], resample_joins_input: Sequence[bool]) -> dict[str, str]:
+    """Label the widths of a teacher's stages by channel space.
+
+    A stage whose input and stream widths agree runs its input stream on (identity shortcut);
+    an upsample conv starts a new space unless ``resample_joins_input[i]`` (its output is added
+    to the stage's input by an identity index map, as Wan2.2's DupUp does).
+    """
+    labels = {"middle.width": "s0"}
+    current, count = "s0", 1
+
+    def new() -> str:
+        nonlocal count
+        count += 1
+        return f"s{count - 1}"
+
+    for i, st in enumerate(up):
+        labels[f"up.{i}.in_width"] = current
+        stream = current if st.in_width == st.width else new()
+        labels[f"up.{i}.width"] = stream
+        if st.resample_width is not None:
+            current = current if resample_joins_input[i] else new()
+            labels[f"up.{i}.resample_width"] = current
+    return labels

@@ -1,23 +1,32 @@
-"""The streaming contract every decoder in flashvaed follows.
+"""The streaming contract every decoder in flashvaed follows, and the one loop that drives it.
 
-A causal decoder is a pure step function, ``frames, state = model.decode_step(latents, state)``.
+A decoder is a pure step function, ``frames, state = model.decode_step(latents, state)``.
 ``state`` is an ordered tuple of tensors whose shapes are fixed for a given (batch, h, w) and are
 described up front by ``StateSpec`` records, so that the same model can be exported with its state
 as graph inputs and outputs, run for many streams at once, and tested chunk by chunk.
 
-Chunk 0 is a single latent frame decoded with ``first=True`` (the teacher's first-chunk rule: the
-temporal upsamplers pass it through, giving one output frame); every later chunk holds any k >= 1
-latent frames and gives ``temporal_factor * k`` frames. Concatenating the chunks' outputs equals
-decoding the whole clip in one step.
+Chunk 0 is a single latent frame decoded with ``first=True`` (the causal teachers' first-chunk
+rule: the temporal upsamplers pass it through, giving one output frame); every later chunk holds
+any k >= 1 latent frames and gives ``temporal_factor * k`` frames. Concatenating the chunks'
+outputs equals decoding the whole clip in one step. A decoder with ``latency`` > 0 (a non-causal
+one) holds frames back and gives them up on ``Stream.close()``.
+
+``Stream`` is the loop every backend shares (torch models here, ONNX Runtime and TensorRT engines
+in ``flashvaed.engines``): input checks, the first-chunk split, splitting pushes into the chunk
+sizes a backend accepts, padding a clip's short last chunk, saved states. A backend implements
+how a stream starts and one step.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -93,24 +102,80 @@ def blocks_state_specs(blocks: Sequence[StreamingBlock], name: str, scale: Fract
     return specs
 
 
-@runtime_checkable
-class StreamingDecoderModel(Protocol):
-    """What teachers and students share: the step function and the facts needed to drive it."""
+@dataclass(frozen=True)
+class ShapeRange:
+    """A dimension's range (chunk length, batch, latent size); min == max is static.
+
+    Engines take min/opt/max (TensorRT profiles); ``opt`` is also the default chunk length.
+    """
+
+    min: int
+    opt: int
+    max: int
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def __contains__(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def describe(self, unit: str = "") -> str:
+        return f"{self.min}{unit}" if self.static else f"{self.min}..{self.max}{unit}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> ShapeRange:
+        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+
+    @classmethod
+    def parse(cls, text: str | int, what: str, multiple: int = 1) -> ShapeRange:
+        """``N`` (static), ``MIN:MAX`` (opt = MIN) or ``MIN:OPT:MAX``; values >= 1, multiples of ``multiple``."""
+        parts = str(text).split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
+        if len(values) == 1:
+            values *= 3
+        elif len(values) == 2:
+            values = [values[0], values[0], values[1]]
+        elif len(values) != 3:
+            raise InputError(f"{what} must be N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+        lo, opt, hi = values
+        if lo < 1 or not lo <= opt <= hi:
+            raise InputError(f"{what} range {text!r} must satisfy 1 <= MIN <= OPT <= MAX")
+        bad = [v for v in values if v % multiple]
+        if bad:
+            raise InputError(f"{what} must be a multiple of {multiple}, got {bad[0]}")
+        return cls(lo // multiple, opt // multiple, hi // multiple)
+
+
+ANY_CHUNK = ShapeRange(1, 2, 1 << 30)  # torch models take any chunk; 2 latent frames by default
+
+
+class StreamSource(Protocol):
+    """What a stream needs to know of the decoder it runs: torch models and engines alike."""
 
     latent_channels: int
     temporal_factor: int
     spatial_factor: int
+    latency: int  # latent frames a step holds back (0: causal, frames come out at once)
+    chunk_range: ShapeRange
 
-    def decoder_state_specs(self) -> list[StateSpec]: ...
+    @property
+    def fingerprint(self) -> str: ...
 
-    def decode_step(
-        self, latents: Tensor, state: State, first: bool = False, clamp: bool = True
-    ) -> tuple[Tensor, State]: ...
+    def check_geometry(self, batch: int, height: int, width: int) -> None: ...
 
-    def parameters(self) -> Iterator[nn.Parameter]: ...
+    def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]: ...
+
+    def stream(self) -> Stream: ...
 
 
-def check_latents(model: StreamingDecoderModel, latents: Tensor) -> None:
+def check_latents(model: Any, latents: Tensor) -> None:
     """Refuse latents the model cannot decode, naming the problem in one line."""
     if latents.dim() != 5:
         raise InputError(
@@ -135,72 +200,222 @@ def check_latents(model: StreamingDecoderModel, latents: Tensor) -> None:
         raise InputError("latents contain NaN or Inf values")
 
 
-def _model_dtype_device(model: StreamingDecoderModel) -> tuple[torch.dtype, torch.device]:
-    p = next(iter(model.parameters()))
-    return p.dtype, p.device
+def as_tensor(latents: Tensor | np.ndarray) -> Tensor:
+    if isinstance(latents, np.ndarray):
+        return torch.from_numpy(latents)
+    if not isinstance(latents, Tensor):
+        raise InputError(f"latents must be a torch tensor or numpy array, got {type(latents).__name__}")
+    return latents
 
 
-class StreamingDecoder:
-    """One stream: feed latent chunks in order, get their frames back.
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the weights (names, shapes, fp32 values): states and engines name their model by it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    The model stays pure; this object only holds the state tensors of its own stream, so any
-    number of streams can share one model.
+
+@dataclass
+class StreamState:
+    """A stream's state lifted out of its session: resume it later, in another stream of the same model."""
+
+    fingerprint: str  # the model it belongs to
+    geometry: tuple[int, int, int]  # batch, latent height, latent width
+    names: list[str]
+    tensors: list[Tensor]
+
+
+class Stream:
+    """One stream's session: push latent chunks in order, get their frames back.
+
+    Subclasses implement ``_start`` (allocate the state for a batch and latent size) and
+    ``_step`` (one chunk through the decoder), and ``_state``/``_set_state`` for saved states.
     """
 
-    def __init__(self, model: StreamingDecoderModel) -> None:
-        self.model = model
-        self.state: State | None = None
-        self._geometry: tuple[int, int, int] | None = None
+    def __init__(self, source: StreamSource) -> None:
+        self.source = source
+        self.geometry: tuple[int, int, int] | None = None
 
     @property
     def started(self) -> bool:
-        return self.state is not None
+        return self.geometry is not None
 
     def reset(self) -> None:
-        self.state = None
-        self._geometry = None
+        self.geometry = None
 
-    @torch.inference_mode()
-    def push(self, latents: Tensor) -> Tensor:
-        """Decode the next latent frames of this stream (the first call may hold several)."""
-        check_latents(self.model, latents)
-        dtype, device = _model_dtype_device(self.model)
-        latents = latents.to(device=device, dtype=dtype)
+    def push(self, latents: Tensor | np.ndarray, final: bool = False) -> Tensor:
+        """Decode the next latent frames of this stream (the first push may hold several).
+
+        Pushes are split into chunks the backend accepts. A remainder shorter than its minimum
+        chunk is refused unless ``final`` (the stream ends there): it is then padded by repeating
+        its last latent frame and the extra frames are dropped, which is exact for causal decoders.
+        """
+        latents = as_tensor(latents)
+        src = self.source
+        check_latents(src, latents)
         b, _, _, h, w = latents.shape
-        if self._geometry is not None and self._geometry != (b, h, w):
-            raise InputError(f"chunk has batch/size {(b, h, w)} but this stream started with {self._geometry}")
-        outputs = []
-        if self.state is None:
-            self._geometry = (b, h, w)
-            initial = zero_state(self.model.decoder_state_specs(), b, h, w, dtype=dtype, device=device)
-            frames, self.state = self.model.decode_step(latents[:, :, :1], initial, first=True)
-            outputs.append(frames)
+        if self.geometry is None:
+            src.check_geometry(b, h, w)
+        elif self.geometry != (b, h, w):
+            raise InputError(f"chunk has batch/size {(b, h, w)} but this stream started with {self.geometry}")
+        outputs: list[Tensor] = []
+        if self.geometry is None:
+            self._start(b, h, w)
+            self.geometry = (b, h, w)
+            outputs.append(self._step(latents[:, :, :1], first=True))
             latents = latents[:, :, 1:]
-        if latents.shape[2]:
-            frames, self.state = self.model.decode_step(latents, self.state)
-            outputs.append(frames)
+        rng = src.chunk_range
+        while latents.shape[2]:
+            n = min(latents.shape[2], rng.max)
+            piece, latents = latents[:, :, :n], latents[:, :, n:]
+            if n >= rng.min:
+                outputs.append(self._step(piece, first=False))
+                continue
+            if not final:
+                raise InputError(
+                    f"a chunk of {n} latent frames is below this engine's minimum of {rng.min} "
+                    f"(built for chunks {rng.describe()}); push more frames or pass final=True"
+                )
+            if src.latency:
+                raise InputError("a short last chunk cannot be padded for a decoder with latency")
+            pad = piece[:, :, -1:].expand(-1, -1, rng.min - n, -1, -1)
+            frames = self._step(torch.cat([piece, pad], dim=2), first=False)
+            outputs.append(frames[:, :, : n * src.temporal_factor])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+    def close(self) -> Tensor:
+        """End the stream and return the frames it still holds back (none for causal decoders)."""
+        if self.geometry is None:
+            raise InputError("this stream has not started: there is nothing to close")
+        frames = self._flush()
+        self.reset()
+        return frames
+
+    def save_state(self) -> StreamState:
+        if self.geometry is None:
+            raise InputError("this stream has not started: there is no state to save")
+        names, tensors = self._state()
+        return StreamState(self.source.fingerprint, self.geometry, names, [t.clone() for t in tensors])
+
+    def load_state(self, state: StreamState) -> None:
+        """Continue from a saved state; refused if it belongs to another model or has other shapes."""
+        src = self.source
+        if state.fingerprint != src.fingerprint:
+            raise InputError(
+                f"state belongs to model {state.fingerprint}, but this decoder runs model {src.fingerprint}"
+            )
+        src.check_geometry(*state.geometry)
+        expected = src.state_shapes(*state.geometry)
+        if len(state.tensors) != len(expected):
+            raise InputError(f"state has {len(state.tensors)} tensors, this model needs {len(expected)}")
+        for name, t, shape in zip(state.names, state.tensors, expected, strict=True):
+            if tuple(t.shape) != tuple(shape):
+                raise InputError(f"state tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        self._start(*state.geometry)
+        self.geometry = state.geometry
+        self._set_state(state.tensors)
+
+    # backends -----------------------------------------------------------------------------------
+    def _start(self, batch: int, height: int, width: int) -> None:
+        raise NotImplementedError
+
+    def _step(self, latents: Tensor, first: bool) -> Tensor:
+        raise NotImplementedError
+
+    def _flush(self) -> Tensor:
+        b, h, w = self.geometry  # type: ignore[misc]
+        s = self.source.spatial_factor
+        return torch.zeros(b, 3, 0, h * s, w * s)
+
+    def _state(self) -> tuple[list[str], list[Tensor]]:
+        raise NotImplementedError
+
+    def _set_state(self, tensors: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
+class StreamingDecoder(Stream):
+    """A torch model's stream. The model stays pure; this object holds its stream's state, so any
+    number of streams can share one model.
+
+    Steps run in ``torch.inference_mode`` unless ``inference=False``, which leaves autograd as the
+    caller set it (distillation trains through this loop); ``clamp`` is the step's output clamp;
+    ``inputs`` are extra step inputs the model declares (``model.step_inputs``).
+    """
+
+    def __init__(self, model: Any, *, inference: bool = True, clamp: bool = True, inputs: dict | None = None) -> None:
+        super().__init__(model)
+        self.model = model
+        self.inference, self.clamp, self.inputs = inference, clamp, dict(inputs or {})
+        self.state: State | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.state = None
+
+    def _start(self, batch: int, height: int, width: int) -> None:
+        p = next(self.model.parameters())
+        self.state = zero_state(self.model.decoder_state_specs(), batch, height, width, dtype=p.dtype, device=p.device)
+
+    def _step(self, latents: Tensor, first: bool) -> Tensor:
+        p = next(self.model.parameters())
+        with torch.inference_mode() if self.inference else nullcontext():
+            frames, self.state = self.model.decode_step(
+                latents.to(p.device, p.dtype), self.state, first=first, clamp=self.clamp, **self.inputs
+            )
+        return frames
+
+    def _state(self) -> tuple[list[str], list[Tensor]]:
+        assert self.state is not None
+        return [s.name for s in self.model.decoder_state_specs()], [t.cpu() for t in self.state]
+
+    def _set_state(self, tensors: list[Tensor]) -> None:
+        p = next(self.model.parameters())
+        self.state = tuple(t.to(p.device, p.dtype) for t in tensors)
 
 
 def chunk_bounds(num_frames: int, chunk: int) -> list[tuple[int, int]]:
     """Latent frame ranges of a clip: [0, 1) first, then ranges of ``chunk`` frames."""
     if chunk < 1:
-        raise InputError(f"chunk must be at least 1 latent frame, got {chunk}")
+        raise InputError(f"{{chunk}} must be at least 1 latent frame, got {chunk}", "chunk")
     bounds = [(0, min(1, num_frames))]
     bounds += [(s, min(s + chunk, num_frames)) for s in range(1, num_frames, chunk)]
     return bounds
 
 
-def iter_decode(model: StreamingDecoderModel, latents: Tensor, chunk: int = 1) -> Iterator[Tensor]:
-    """Decode a clip chunk by chunk, yielding each chunk's frames (memory stays flat)."""
-    check_latents(model, latents)
-    stream = StreamingDecoder(model)
-    for start, stop in chunk_bounds(latents.shape[2], chunk):
-        yield stream.push(latents[:, :, start:stop])
+def iter_decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None) -> Iterator[Tensor]:
+    """Decode a clip chunk by chunk in a new stream, yielding each chunk's frames (memory stays flat).
+
+    The latents, the chunk (default: the source's optimum) and the size are checked before the
+    first frame is decoded, so a caller can refuse bad input before it creates any output.
+    """
+    latents = as_tensor(latents)
+    check_latents(source, latents)
+    chunk = source.chunk_range.opt if chunk is None else chunk
+    if chunk < 1:
+        raise InputError(f"{{chunk}} must be at least 1 latent frame, got {chunk}", "chunk")
+    if chunk not in source.chunk_range:
+        raise InputError(
+            f"{{chunk}} {chunk} is outside this engine's chunk range {source.chunk_range.describe()}", "chunk"
+        )
+    source.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
+    t = latents.shape[2]
+
+    def pieces() -> Iterator[Tensor]:
+        stream = source.stream()
+        for start, stop in chunk_bounds(t, chunk):
+            yield stream.push(latents[:, :, start:stop], final=stop == t)
+        if source.latency:
+            yield stream.close()
+
+    return pieces()
 
 
-def decode(model: StreamingDecoderModel, latents: Tensor, chunk: int | None = None) -> Tensor:
+def decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
     """Decode a whole clip; ``chunk=None`` steps once over everything after the first frame."""
-    check_latents(model, latents)
+    latents = as_tensor(latents)
+    check_latents(source, latents)
     chunk = max(1, latents.shape[2] - 1) if chunk is None else chunk
-    return torch.cat(list(iter_decode(model, latents, chunk)), dim=2)
+    return torch.cat(list(iter_decode(source, latents, chunk)), dim=2)

@@ -1,16 +1,19 @@
 """Students as data: a spec (preset or file) resolved against a teacher into a decoder layout.
 
-A spec names, per decoder stage (``middle``, ``up0``..``up3``, ``head``), the operator kind and
-the width: a ratio of the teacher's (``0.125``, ``"1/8"``) or an absolute channel count (``24``).
-Resolving it against a teacher gives a ``DecoderLayout`` with absolute widths, plus notes on
-every rounding. The student model reads the teacher's latents through the same streaming step.
+A spec names, per decoder stage (``middle``, ``up0``, ``up1``, ..., ``head``), the operator kind
+and the width: a ratio of the teacher's (``0.125``, ``"1/8"``) or an absolute channel count
+(``24``). Resolving it against a teacher gives a ``DecoderLayout`` with absolute widths, plus
+notes on every rounding. Widths the teacher ties together (one channel space, see
+``layout.channel_spaces``) must come out equal. The student model reads the teacher's latents
+through the same streaming step, built by the teacher's family.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
@@ -19,22 +22,24 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from . import families
 from .blocks import OPS
-from .layout import DecoderLayout, StageLayout
-from .wan import LatentDecoder, WanConfig, teacher_layout
+from .layout import DecoderLayout, StageLayout, channel_spaces
+from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
-STAGE_KEYS = ("middle", "up0", "up1", "up2", "up3")
 SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel"}
 STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut"}
+STAGE_NAME = re.compile(r"middle|head|up\d+")
 
 
-def preset_names() -> list[str]:
-    return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files("flashvaed").joinpath("presets").iterdir()
-        if p.name.endswith(".yaml")
-    )
+def preset_names(family: str | None = None) -> list[str]:
+    """Shipped presets, or those for one family's teachers."""
+    names = []
+    for p in resources.files("flashvaed").joinpath("presets").iterdir():
+        if p.name.endswith(".yaml") and (family is None or yaml.safe_load(p.read_text()).get("family") == family):
+            names.append(p.name.removesuffix(".yaml"))
+    return sorted(names)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class StudentSpec:
     """A student family member, as users write it (see docs/student.md)."""
 
     name: str
-    family: str = "wan2.1"
+    family: str | None = None  # the teacher family it fits; None: any
     description: str = ""
     stages: dict[str, StageSpec] = field(default_factory=dict)
     at_least_one_channel: bool = False
@@ -61,31 +66,32 @@ class StudentSpec:
             raise InputError(f"{source}: a student config is a mapping with 'stages', got {type(d).__name__}")
         unknown = set(d) - SPEC_KEYS
         if unknown:
-            raise InputError(f"{source}: unknown keys {sorted(unknown)} (allowed: {sorted(SPEC_KEYS)})")
+            raise InputError(f"{source}: unknown keys {sorted(map(str, unknown))} (allowed: {sorted(SPEC_KEYS)})")
         stages_in = d.get("stages")
         if not isinstance(stages_in, dict) or not stages_in:
-            raise InputError(f"{source}: 'stages' must map stage names ({', '.join(STAGE_KEYS)}, head) to settings")
+            raise InputError(f"{source}: 'stages' must map stage names (middle, up0, up1, ..., head) to settings")
         stages = {}
         for key, value in stages_in.items():
             name = str(key).replace(".", "")
-            if name not in (*STAGE_KEYS, "head"):
-                raise InputError(f"{source}: unknown stage {key!r} (stages: {', '.join(STAGE_KEYS)}, head)")
+            if not STAGE_NAME.fullmatch(name):
+                raise InputError(f"{source}: unknown stage {key!r} (stages: middle, up0, up1, ..., head)")
             if not isinstance(value, dict):
                 raise InputError(f"{source}: stage {key!r} must be a mapping like {{op: dwsep3d, width: 0.5}}")
             bad = set(value) - STAGE_SPEC_KEYS
             if bad:
-                raise InputError(f"{source}: stage {key!r} has unknown keys {sorted(bad)}")
+                raise InputError(f"{source}: stage {key!r} has unknown keys {sorted(map(str, bad))}")
             spec = StageSpec(**value)
             if spec.op not in OPS:
                 raise InputError(f"{source}: stage {key!r} has unknown op {spec.op!r} (one of {', '.join(OPS)})")
             if spec.shortcut not in (None, "auto", "always"):
                 raise InputError(f"{source}: stage {key!r}: shortcut must be 'auto' or 'always'")
             if name == "head" and (value.keys() - {"op"}):
-                raise InputError(f"{source}: the head only takes 'op' (its width follows up3)")
+                raise InputError(f"{source}: the head only takes 'op' (its width follows the last up stage)")
             stages[name] = spec
+        family = d.get("family")
         return cls(
             name=str(d.get("name", source)),
-            family=str(d.get("family", "wan2.1")),
+            family=None if family is None else str(family),
             description=str(d.get("description", "")),
             stages=stages,
             at_least_one_channel=bool(d.get("at_least_one_channel", False)),
@@ -124,14 +130,18 @@ class StudentSpec:
             "at_least_one_channel": self.at_least_one_channel,
         }
 
-    def resolve(self, teacher: DecoderLayout, family: str = "wan2.1") -> tuple[DecoderLayout, list[str]]:
+    def resolve(self, teacher: DecoderLayout, family: str | None = None) -> tuple[DecoderLayout, list[str]]:
         """Absolute widths and operators for ``teacher``; notes say where widths were rounded."""
-        if self.family != family:
+        family = family or teacher.family
+        if self.family is not None and family is not None and self.family != family:
             raise InputError(f"student '{self.name}' is for {self.family} teachers, not {family}")
-        if len(teacher.up) != len(STAGE_KEYS) - 1:
-            raise InputError(
-                f"student '{self.name}' names stages up0..up3 but the teacher has {len(teacher.up)} up stages"
-            )
+        keys = {"middle": "middle", **{f"up{i}": f"up.{i}" for i in range(len(teacher.up))}}
+        for name in self.stages:
+            if name != "head" and name not in keys:
+                raise InputError(
+                    f"student '{self.name}' names an unknown stage {name}: the teacher has {len(teacher.up)} up "
+                    f"stages (stages: {', '.join(keys)}, head)"
+                )
         notes: list[str] = []
 
         def width(key: str, what: str, value: float | int | str, full: int) -> int:
@@ -143,7 +153,7 @@ class StudentSpec:
                 return value
             try:
                 ratio = Fraction(value) if isinstance(value, str) else Fraction(value).limit_denominator(1000)
-            except (ValueError, ZeroDivisionError):
+            except (ValueError, ZeroDivisionError, OverflowError):
                 raise InputError(f"{key}: {what} {value!r} is not a ratio like 0.25 or '1/4'") from None
             if not 0 < ratio <= 1:
                 raise InputError(f"{key}: {what} ratio {value} must be in (0, 1]")
@@ -158,34 +168,44 @@ class StudentSpec:
                 notes.append(f"{key}: {what} {full} x {value} = {float(exact):.3g}, rounded to {n}")
             return n
 
-        specs = {k: self.stages.get(k, StageSpec()) for k in STAGE_KEYS}
-        names = dict(zip(STAGE_KEYS, ["middle", *(f"up.{i}" for i in range(4))], strict=True))
-        resolved: dict[str, StageLayout] = {}
-        for key in STAGE_KEYS:
-            t = teacher.stages[names[key]]
+        specs = {k: self.stages.get(k, StageSpec()) for k in keys}
+        spaces = teacher.spaces or channel_spaces(teacher.up, [False] * len(teacher.up))
+        # a channel space takes the width of the stages whose residual stream it is (they must agree) ...
+        claims: dict[str, dict[str, int]] = {}
+        for key, stage in keys.items():
+            w = width(key, "width", specs[key].width, teacher.stages[stage].width)
+            claims.setdefault(spaces[f"{stage}.width"], {})[key] = w
+        size: dict[str, int] = {}
+        for label, claimed in claims.items():
+            if len(set(claimed.values())) > 1:
+                names = " and ".join(claimed)
+                got = " and ".join(str(v) for v in claimed.values())
+                raise InputError(
+                    f"{names} share one residual stream (identity shortcuts); their widths must match, got {got}"
+                )
+            size[label] = next(iter(claimed.values()))
+        # ... and a space no stage streams (an input feeding a width-changing block) its reader's ratio
+        for i, st in enumerate(teacher.up):
+            label = spaces[f"up.{i}.in_width"]
+            if label not in size:
+                size[label] = width(f"up{i}", "input width", specs[f"up{i}"].width, st.in_width)
+
+        def stage(key: str, t: StageLayout, name: str) -> StageLayout:
             s = specs[key]
-            w = width(key, "width", s.width, t.width)
             hidden = tuple(width(key, "hidden", s.hidden if s.hidden is not None else s.width, h) for h in t.hidden)
-            # an input tied to the stream (identity first block) follows it; otherwise the stage's ratio
-            in_w = w if t.in_width == t.width else width(key, "input width", s.width, t.in_width)
             shortcut = s.shortcut == "always" or (s.shortcut is None and s.op == "spatial2d")
-            resolved[key] = StageLayout(s.op, in_w, w, hidden, t.resample_width, t.temporal, shortcut)
-        # the upsample conv of each stage writes the next stage's input
-        ups = [resolved[k] for k in STAGE_KEYS[1:]]
-        for i in range(len(ups) - 1):
-            ups[i] = replace(ups[i], resample_width=ups[i + 1].in_width)
-        middle = resolved["middle"]
-        if ups[0].in_width != middle.width:
-            raise InputError(
-                f"middle and up0 share one residual stream (identity shortcuts); their widths must match, "
-                f"got {middle.width} and {ups[0].in_width}"
-            )
-        head = self.stages.get("head", StageSpec())
+            in_width = size[spaces[f"{name}.in_width"]] if name != "middle" else size[spaces["middle.width"]]
+            resample = size[spaces[f"{name}.resample_width"]] if t.resample_width is not None else None
+            return StageLayout(s.op, in_width, size[spaces[f"{name}.width"]], hidden, resample, t.temporal, shortcut)
+
+        middle = stage("middle", teacher.middle, "middle")
+        ups = tuple(stage(f"up{i}", t, f"up.{i}") for i, t in enumerate(teacher.up))
         v_dim = width("middle", "attention v width", specs["middle"].width, teacher.v_dim)
+        head = self.stages.get("head", StageSpec())
         layout = DecoderLayout(
             teacher.z_dim,
             middle,
-            tuple(ups),
+            ups,
             qk_dim=teacher.qk_dim,
             v_dim=v_dim,
             head_op=head.op,
@@ -200,7 +220,7 @@ class StudentConfig:
 
     name: str
     layout: DecoderLayout
-    teacher: WanConfig
+    teacher: Any  # the teacher's configuration, of its family's config type
     family: str = "wan2.1"
     spec: dict[str, Any] = field(default_factory=dict)
     # per decoder stage, the teacher channels of its output that the student kept (from pruning);
@@ -221,11 +241,12 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        family = str(d.get("family", "wan2.1"))
         return cls(
             name=d["name"],
             layout=DecoderLayout.from_dict(d["layout"]),
-            teacher=WanConfig.from_dict(d["teacher"]),
-            family=d.get("family", "wan2.1"),
+            teacher=families.get(family).config_from_dict(d["teacher"]),
+            family=family,
             spec=d.get("spec", {}),
             teacher_channels=d.get("teacher_channels", {}),
         )
@@ -237,11 +258,21 @@ class FlashStudent(LatentDecoder):
     kind = "student"
 
     def __init__(self, config: StudentConfig) -> None:
-        super().__init__(config.layout, config.teacher.latents_mean, config.teacher.latents_std)
+        super().__init__(families.get(config.family), config.teacher, config.layout)
         self.config = config
-        self.family = config.family
 
 
-def build_student(spec: StudentSpec, teacher: WanConfig) -> tuple[FlashStudent, list[str]]:
-    layout, notes = spec.resolve(teacher_layout(teacher))
-    return FlashStudent(StudentConfig(spec.name, layout, teacher, spec=spec.to_dict())), notes
+def family_of(config: Any) -> families.Family:
+    """The family whose configuration type ``config`` is."""
+    for family in families.FAMILIES.values():
+        if type(config) is family.config_type:
+            return family
+    raise TypeError(f"no model family has configurations of type {type(config).__name__}")
+
+
+def build_student(spec: StudentSpec, teacher: Any) -> tuple[FlashStudent, list[str]]:
+    """A freshly initialised student of ``spec`` for a teacher with configuration ``teacher``."""
+    family = family_of(teacher)
+    layout, notes = spec.resolve(family.teacher_layout(teacher), family.name)
+    config = StudentConfig(spec.name, layout, teacher, family=family.name, spec=spec.to_dict())
+    return FlashStudent(config), notes

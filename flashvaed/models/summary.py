@@ -83,23 +83,23 @@ def summarize(
         first = _count_macs(shadow, torch.zeros(1, model.latent_channels, 1, h, w), state, True)
         steady = _count_macs(shadow, torch.zeros(1, model.latent_channels, chunk, h, w), state, False)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    ops = model.decoder.stage_ops()
     stages = []
     for name, _, block in model.decoder.stages():
         owned = [s for s in specs if s.name == name or s.name.startswith(name + ".")]
         stages.append(
             StageCost(
                 name=name,
-                op=_stage_op(model, name),
+                op=ops[name],
                 params=sum(p.numel() for p in block.parameters()),
                 macs=steady.get(name, 0),
                 state_bytes=state_nbytes(owned, 1, h, w, itemsize),
             )
         )
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     return DecoderSummary(
-        family=getattr(model, "family", type(model).__name__),
-        kind=getattr(model, "kind", "teacher"),
-        config=config,
+        family=model.family,
+        kind=model.kind,
+        config=model.config.to_dict(),
         height=height,
         width=width,
         chunk=chunk,
@@ -114,12 +114,3 @@ def summarize(
         state_tensors=len(specs),
         stages=stages,
     )
-
-
-def _stage_op(model: Any, name: str) -> str:
-    layout = model.decoder.layout
-    if name == "conv_in":
-        return "causal3d"
-    if name == "head":
-        return layout.head_op
-    return layout.stages[name].op

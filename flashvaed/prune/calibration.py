@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..io import TENSOR_SUFFIXES, VIDEO_SUFFIXES, VideoOptions, read_tensor, read_video
 from ..models.streaming import check_latents, iter_decode
-from ..models.wan import WanVAE
+from ..models.vae import TeacherVAE
 from ..progress import track
 from ..synthetic import synthetic_clip
 from .select import augmented_gram
@@ -28,7 +28,7 @@ from .select import augmented_gram
 
 def calibration_latents(
     source: str | os.PathLike,
-    teacher: WanVAE,
+    teacher: TeacherVAE,
     *,
     clips: int = 4,
     frames: int = 9,
@@ -66,7 +66,7 @@ def calibration_latents(
 
 
 @torch.inference_mode()
-def _encode_all(teacher: WanVAE, videos: Iterable[Tensor], total: int, progress: bool) -> list[Tensor]:
+def _encode_all(teacher: TeacherVAE, videos: Iterable[Tensor], total: int, progress: bool) -> list[Tensor]:
     return [teacher.encode(v).float() for v in track(videos, total, "encoding calibration clips", progress)]
 
 

@@ -1,31 +1,45 @@
-"""Channel groups: the sets of channels that must be pruned together, derived from the data flow.
+"""Channel groups: the sets of channels that must be pruned together, found in one generic pass.
 
-A residual stream runs through blocks with identity shortcuts, attention, and temporal
-upsamplers unchanged in its channel space: every block's output rows, every norm over it and
-every layer reading it index the same channels, so they form one group. A 1x1 shortcut or an
-upsample conv ends a stream and starts a new one. Inside each residual block the hidden width
-(conv1's output, norm2, conv2's input) is its own group, and so is attention's v width.
+Every decoder block declares its channel coupling (``channel_flow``, vocabulary in
+``flashvaed.models.coupling``); this module walks the decoder's stages in order and records what
+they declare. A residual stream runs through blocks with identity shortcuts, attention, and
+temporal upsamplers unchanged in its channel space: every block's output rows, every norm over it
+and every layer reading it index the same channels, so they form one group. A 1x1 shortcut or an
+upsample conv ends a stream and starts a new one — unless a parameter-free identity index map
+adds it back to the stream it came from (Wan2.2's DupUp between equal widths), which ties both
+into one group. Inside each residual block the hidden width (conv1's output, norm2, conv2's
+input) is its own group, and so is attention's v width.
 
 Each group lists its *producers* (weights whose output rows are the group's channels), its
 *consumers* (linear layers whose input columns are the group's channels: the places where
 feature maps are collected and compensation is folded in) and the *norms* that normalise over
-it. ``--explain`` prints exactly this.
+it. A parameter-free map that reads several channels of one group per channel of another
+(DupUp between different widths) is a ``ChannelLink``: the channels the target keeps decide
+channels the source must keep. ``--explain`` prints all of this.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.blocks import AttentionBlock, ResidualBlock
-from ..models.wan import WanDecoder
+from torch import nn
 
-# roles of a producer: which rows of its weight belong to the group
-ROWS = "rows"  # output channels
-TIME_ROWS = "time_rows"  # time_conv: rows c and C + c both carry channel c (two output frames)
-V_ROWS = "v_rows"  # to_qkv: the v block of rows
+from ..models.coupling import ROWS, TIME_ROWS, V_ROWS
+
+__all__ = [
+    "ROWS",
+    "TIME_ROWS",
+    "V_ROWS",
+    "ChannelGraph",
+    "ChannelGroup",
+    "ChannelLink",
+    "channel_graph",
+    "channel_groups",
+]
 
 
-@dataclass
+@dataclass(eq=False)
 class ChannelGroup:
     name: str
     kind: str  # stream | input | hidden | attention_v
@@ -44,55 +58,92 @@ class ChannelGroup:
         )
 
 
-def channel_groups(decoder: WanDecoder, prefix: str = "decoder") -> list[ChannelGroup]:
-    """Every prunable channel group of a decoder, in data-flow order."""
-    groups: list[ChannelGroup] = []
+@dataclass(eq=False)
+class ChannelLink:
+    """Parameter-free layer ``path``: target channel ``o`` is filled from source channels ``sources(o)``."""
 
-    def start(kind: str, size: int, producer: str, role: str = ROWS, name: str = "") -> ChannelGroup:
-        group = ChannelGroup(name, kind, size, producers=[(producer, role)])
-        groups.append(group)
+    path: str
+    source: ChannelGroup
+    target: ChannelGroup
+    sources: Callable[[int], list[int]]
+
+    def required(self, kept_targets: list[int]) -> list[int]:
+        """Source channels the kept target channels read (the source must keep them)."""
+        return sorted({s for o in kept_targets for s in self.sources(o)})
+
+    def gather(self, kept_targets: list[int], kept_sources: list[int]) -> list[int]:
+        """For the pruned layer: positions among the kept sources of what each kept target reads."""
+        position = {c: i for i, c in enumerate(kept_sources)}
+        return [position[s] for o in kept_targets for s in self.sources(o)]
+
+
+@dataclass
+class ChannelGraph:
+    groups: list[ChannelGroup]
+    links: list[ChannelLink]
+    stage_outputs: dict[str, ChannelGroup]  # the group of each stage's output (the head has none)
+
+
+class _Flow:
+    """Records what blocks declare (implements ``flashvaed.models.coupling.ChannelFlow``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.groups: list[ChannelGroup] = []
+        self.links: list[ChannelLink] = []
+
+    def start(self, kind: str, size: int, producer: str, role: str = ROWS, name: str = "") -> ChannelGroup:
+        group = ChannelGroup(name.removeprefix(self.prefix + "."), kind, size, producers=[(producer, role)])
+        self.groups.append(group)
         return group
 
-    def consume(group: ChannelGroup, path: str, stage: str, norm: str | None = None) -> None:
-        group.consumers.append(path)
+    def produce(self, group: ChannelGroup, producer: str, role: str = ROWS) -> None:
+        group.producers.append((producer, role))
+
+    def consume(self, group: ChannelGroup, consumer: str, stage: str, norm: str | None = None) -> None:
+        group.consumers.append(consumer)
         if norm:
             group.norms.append(norm)
         if stage not in group.stages:
             group.stages.append(stage)
 
-    stream = start("stream", decoder.conv_in.out_channels, f"{prefix}.conv_in")
-    for stage_name, _, stage in decoder.stages()[1:-1]:
-        for j, block in enumerate(stage.blocks):
-            path = f"{prefix}.{stage_name}.blocks.{j}"
-            short = path.removeprefix(prefix + ".")
-            if isinstance(block, AttentionBlock):
-                consume(stream, f"{path}.to_qkv", stage_name, f"{path}.norm")
-                stream.producers.append((f"{path}.proj", ROWS))
-                v = start("attention_v", block.v_dim, f"{path}.to_qkv", V_ROWS, f"{short}.v")
-                consume(v, f"{path}.proj", stage_name)
-                continue
-            assert isinstance(block, ResidualBlock)
-            consume(stream, f"{path}.conv1", stage_name, f"{path}.norm1")
-            hidden = start("hidden", block.norm2.gamma.shape[0], f"{path}.conv1", name=f"{short}.hidden")
-            consume(hidden, f"{path}.conv2", stage_name, f"{path}.norm2")
-            if block.shortcut is not None:  # the block maps one stream to another
-                consume(stream, f"{path}.shortcut", stage_name)
-                stream = start("stream", block.shortcut.out_channels, f"{path}.shortcut")
-            stream.producers.append((f"{path}.conv2", ROWS))
-        resample = stage.resample
-        if resample is not None:
-            path = f"{prefix}.{stage_name}.resample"
-            if resample.time_conv is not None:
-                consume(stream, f"{path}.time_conv", stage_name)
-                stream.producers.append((f"{path}.time_conv", TIME_ROWS))
-            consume(stream, f"{path}.conv", stage_name)
-            stream = start("stream", resample.conv.out_channels, f"{path}.conv")
-    consume(stream, f"{prefix}.head.conv", "head", f"{prefix}.head.norm")
-    for g in groups:
+    def couple(
+        self, source: ChannelGroup, target: ChannelGroup, path: str, sources: Callable[[int], list[int]]
+    ) -> ChannelGroup:
+        if source.size == target.size and all(sources(o) == [o] for o in range(target.size)):
+            return self._merge(source, target)  # an identity map: one channel space
+        self.links.append(ChannelLink(path, source, target, sources))
+        return target
+
+    def _merge(self, keep: ChannelGroup, gone: ChannelGroup) -> ChannelGroup:
+        keep.producers += gone.producers
+        keep.consumers += gone.consumers
+        keep.norms += gone.norms
+        keep.stages += [s for s in gone.stages if s not in keep.stages]
+        self.groups.remove(gone)
+        return keep
+
+
+def channel_groups(decoder: nn.Module, prefix: str = "decoder") -> list[ChannelGroup]:
+    """Every prunable channel group of a decoder, in data-flow order."""
+    return channel_graph(decoder, prefix).groups
+
+
+def channel_graph(decoder: nn.Module, prefix: str = "decoder") -> ChannelGraph:
+    """The channel groups of a decoder, in data-flow order, the links between them and each
+    stage's output group."""
+    flow = _Flow(prefix)
+    outputs: dict[str, ChannelGroup] = {}
+    stream = None
+    for name, _, block in decoder.stages():
+        stream = block.channel_flow(flow, f"{prefix}.{name}", name, stream)
+        if stream is not None:
+            outputs[name] = stream
+    for g in flow.groups:
         if g.kind != "stream":
             continue
         if len(g.consumers) == 2 and g.consumers[1].endswith(".shortcut"):
             g.kind, g.name = "input", f"{g.stages[0]}.input"  # feeds one width-changing block only
         else:
             g.name = "+".join(g.stages) + ".stream"
-    return groups
+    return ChannelGraph(flow.groups, flow.links, outputs)

@@ -16,16 +16,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InputError
 from ..metrics import psnr
+from ..models import families
+from ..models.blocks import CausalConv3d, DepthwiseSeparableConv3d, FrameConv2d
 from ..models.layout import DecoderLayout
 from ..models.student import FlashStudent, StudentConfig, StudentSpec
 from ..models.summary import summarize
-from ..models.wan import WanVAE, teacher_layout
+from ..models.vae import LatentDecoder, TeacherVAE
 from .calibration import input_grams, norm_ratios
-from .groups import ROWS, TIME_ROWS, V_ROWS, ChannelGroup, channel_groups
+from .groups import ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
 from .select import Compensation, Selection, compensation, fold_into_consumer, independence_select, l1_select
 from .substitute import Substitution, fit_substitutions
 
@@ -97,8 +99,8 @@ def _l1_magnitudes(state: dict[str, Tensor], group: ChannelGroup) -> Tensor:
 
 
 def select_channels(
-    teacher: WanVAE,
-    groups: list[ChannelGroup],
+    teacher: TeacherVAE,
+    graph: ChannelGraph,
     targets: list[int],
     latents: list[Tensor],
     criterion: str,
@@ -106,33 +108,57 @@ def select_channels(
     chunk: int,
     progress: bool,
 ) -> list[GroupDecision]:
-    decisions = [GroupDecision(g, k) for g, k in zip(groups, targets, strict=True)]
-    if criterion == "l1":
-        state = teacher.state_dict()
-        for d in decisions:
-            if d.keep_count < d.group.size:
-                d.selection = l1_select(_l1_magnitudes(state, d.group), d.keep_count)
-        return decisions
-    pruned = [d for d in decisions if d.keep_count < d.group.size]
-    if not pruned:
-        return decisions
-    consumers = [p for d in pruned for p in d.group.consumers]
-    grams = input_grams(teacher, consumers, latents, chunk=chunk, progress=progress)
-    for d in pruned:
-        c = d.group.size
-        combined = sum(grams[p] / torch.trace(grams[p][:c, :c]).clamp(min=1e-30) for p in d.group.consumers)
-        d.selection = independence_select(combined, d.keep_count)
-        d.compensations = {p: compensation(grams[p], d.selection.keep) for p in d.group.consumers}
-    keeps = {n: d.selection.keep for d in pruned for n in d.group.norms}
-    ratios = norm_ratios(teacher, keeps, latents, chunk=chunk, progress=progress) if keeps else {}
-    for d in pruned:
-        scale = math.sqrt(d.group.size / d.keep_count)
-        d.norm_scales = {n: scale * ratios[n] for n in d.group.norms}
-    return decisions
+    """Which channels of each group to keep (and, for independence, how to compensate the rest).
+
+    Groups are decided against the data flow, so that a group read through a link (a
+    parameter-free shortcut) keeps the channels its target's kept channels read.
+    """
+    decisions = {id(g): GroupDecision(g, k) for g, k in zip(graph.groups, targets, strict=True)}
+    pruned = [d for d in decisions.values() if d.keep_count < d.group.size]
+    grams = {}
+    if criterion == "independence" and pruned:
+        consumers = [p for d in pruned for p in d.group.consumers]
+        grams = input_grams(teacher, consumers, latents, chunk=chunk, progress=progress)
+    state = teacher.state_dict()
+    for group in reversed(graph.groups):
+        d = decisions[id(group)]
+        forced = sorted(
+            {c for link in graph.links if link.source is group for c in link.required(kept(decisions, link.target))}
+        )
+        if d.keep_count == group.size:
+            continue
+        if len(forced) > d.keep_count:
+            link = next(link for link in graph.links if link.source is group)
+            raise InputError(
+                f"{link.path} (a parameter-free shortcut) reads {len(forced)} channels of {group.name}, "
+                f"but the student keeps only {d.keep_count} of them; widen the stages that stream it"
+            )
+        if criterion == "l1":
+            d.selection = l1_select(_l1_magnitudes(state, group), d.keep_count, forced)
+            continue
+        c = group.size
+        combined = sum(grams[p] / torch.trace(grams[p][:c, :c]).clamp(min=1e-30) for p in group.consumers)
+        d.selection = independence_select(combined, d.keep_count, forced)
+        d.compensations = {p: compensation(grams[p], d.selection.keep) for p in group.consumers}
+    if criterion == "independence":
+        keeps = {n: d.selection.keep for d in pruned for n in d.group.norms if d.selection}
+        ratios = norm_ratios(teacher, keeps, latents, chunk=chunk, progress=progress) if keeps else {}
+        for d in pruned:
+            scale = math.sqrt(d.group.size / d.keep_count)
+            d.norm_scales = {n: scale * ratios[n] for n in d.group.norms}
+    return [decisions[id(g)] for g in graph.groups]
 
 
-def pruned_state_dict(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[str, Tensor]:
-    """The teacher's decoder weights at the kept channels, with compensation folded in."""
+def kept(decisions: dict[int, GroupDecision], group: ChannelGroup) -> list[int]:
+    d = decisions[id(group)]
+    return d.selection.keep if d.selection else list(range(group.size))
+
+
+def pruned_state_dict(
+    teacher: TeacherVAE, graph: ChannelGraph, decisions: list[GroupDecision], pruned: nn.Module
+) -> dict[str, Tensor]:
+    """The teacher's decoder weights at the kept channels, with compensation folded in, and the
+    channels each parameter-free link of ``pruned`` reads."""
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
     for d in decisions:
         if d.selection is None:
@@ -163,43 +189,33 @@ def pruned_state_dict(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[s
             for name in ("weight", "bias"):
                 if f"{path}.{name}" in state:
                     state[f"{path}.{name}"] = state[f"{path}.{name}"].index_select(0, rows)
+    by_group = {id(d.group): d for d in decisions}
+    expected = pruned.state_dict()
+    for link in graph.links:
+        gather = link.gather(kept(by_group, link.target), kept(by_group, link.source))
+        if f"{link.path}.sources" in expected:
+            state[f"{link.path}.sources"] = torch.tensor(gather, dtype=torch.long)
+        elif gather != list(range(len(gather))):
+            raise AssertionError(f"{link.path} would need a channel gather its pruned layer does not have")
     return state
 
 
-def stage_channels(teacher: WanVAE, decisions: list[GroupDecision]) -> dict[str, list[int]]:
+def stage_channels(graph: ChannelGraph, decisions: list[GroupDecision]) -> dict[str, list[int]]:
     """Per decoder stage (but the head), the teacher channels of its output the student keeps."""
-    kept = {}
-    for d in decisions:
-        keep = d.selection.keep if d.selection else list(range(d.group.size))
-        for path, role in d.group.producers:
-            if role == ROWS:
-                kept[path] = keep
-    channels = {}
-    for name, _, block in teacher.decoder.stages():
-        if name == "head":
-            continue
-        if name == "conv_in":
-            last = "decoder.conv_in"
-        elif block.resample is not None:
-            last = f"decoder.{name}.resample.conv"
-        else:
-            last = f"decoder.{name}.blocks.{len(block.blocks) - 1}.conv2"
-        channels[name] = kept[last]
-    return channels
+    by_group = {id(d.group): d for d in decisions}
+    return {name: kept(by_group, group) for name, group in graph.stage_outputs.items()}
 
 
-def substitution_targets(layout: DecoderLayout) -> dict[str, str]:
-    """Conv path (in the pruned model) -> the operator the student uses there."""
+SUBSTITUTES = {FrameConv2d: "spatial2d", DepthwiseSeparableConv3d: "dwsep3d"}
+
+
+def substitution_targets(pruned: nn.Module, student: nn.Module) -> dict[str, str]:
+    """Conv path -> operator, wherever the student has a cheaper operator than the pruned teacher."""
     targets = {}
-    for name, st in layout.stages.items():
-        if st.op != "causal3d":
-            for j in range(len(st.hidden) + (1 if name == "middle" else 0)):
-                if name == "middle" and j == 1:
-                    continue  # the attention block
-                for conv in ("conv1", "conv2"):
-                    targets[f"decoder.{name}.blocks.{j}.{conv}"] = st.op
-    if layout.head_op != "causal3d":
-        targets["decoder.head.conv"] = layout.head_op
+    for path, module in student.named_modules():
+        op = SUBSTITUTES.get(type(module))
+        if op is not None and isinstance(pruned.get_submodule(path), CausalConv3d):
+            targets[path] = op
     return targets
 
 
@@ -218,7 +234,9 @@ def student_state_dict(student: FlashStudent, pruned: FlashStudent, subs: list[S
 
 
 @torch.inference_mode()
-def fidelity(teacher: WanVAE, models: dict[str, FlashStudent], latents: list[Tensor], chunk: int) -> dict[str, float]:
+def fidelity(
+    teacher: LatentDecoder, models: dict[str, FlashStudent], latents: list[Tensor], chunk: int
+) -> dict[str, float]:
     """PSNR (dB) of each model's frames against the teacher's on the given latents."""
     reference = [teacher.decode(z, chunk) for z in latents]
     return {
@@ -227,13 +245,13 @@ def fidelity(teacher: WanVAE, models: dict[str, FlashStudent], latents: list[Ten
 
 
 def prune_teacher(
-    teacher: WanVAE,
+    teacher: TeacherVAE,
     spec: StudentSpec,
     latents: list[Tensor],
     *,
     criterion: str = "independence",
     chunk: int = 2,
-    report_size: tuple[int, int] = (480, 832),
+    report_size: tuple[int, int] | None = None,
     progress: bool = False,
 ) -> PruneResult:
     """Initialise the student ``spec`` from ``teacher`` on calibration ``latents``."""
@@ -246,30 +264,38 @@ def prune_teacher(
             raise InputError(
                 f"calibration latents have {z.shape[1]} channels but the teacher reads {teacher.latent_channels}"
             )
+    family = families.get(teacher.family)
     teacher = teacher.eval()
-    t_layout = teacher_layout(teacher.config)
+    t_layout = family.teacher_layout(teacher.config)
     layout, notes = spec.resolve(t_layout, family=teacher.family)
-    p_layout = pruned_layout(layout, t_layout)
-    pruned = FlashStudent(StudentConfig(f"{spec.name}-pruned", p_layout, teacher.config, spec=spec.to_dict()))
-    groups = channel_groups(teacher.decoder)
-    targets = [g.size for g in channel_groups(pruned.decoder)]
-    decisions = select_channels(teacher, groups, targets, latents, criterion, chunk=chunk, progress=progress)
-    pruned.load_state_dict(pruned_state_dict(teacher, decisions), strict=True)
+
+    def student_of(name: str, layout: DecoderLayout, channels: dict | None = None) -> FlashStudent:
+        config = StudentConfig(
+            name, layout, teacher.config, family=teacher.family, spec=spec.to_dict(), teacher_channels=channels or {}
+        )
+        return FlashStudent(config).to(next(teacher.parameters()).device)
+
+    pruned = student_of(f"{spec.name}-pruned", pruned_layout(layout, t_layout))
+    graph = channel_graph(teacher.decoder)
+    pruned_groups = channel_groups(pruned.decoder)
+    if [g.kind for g in pruned_groups] != [g.kind for g in graph.groups]:
+        raise AssertionError("the pruned decoder's channel groups do not mirror the teacher's")
+    targets = [g.size for g in pruned_groups]
+    decisions = select_channels(teacher, graph, targets, latents, criterion, chunk=chunk, progress=progress)
+    pruned.load_state_dict(pruned_state_dict(teacher, graph, decisions, pruned), strict=True)
     pruned.eval()
-    subs = fit_substitutions(pruned, substitution_targets(layout), latents, chunk=chunk, progress=progress)
-    channels = stage_channels(teacher, decisions)
-    student = FlashStudent(
-        StudentConfig(spec.name, layout, teacher.config, spec=spec.to_dict(), teacher_channels=channels)
-    )
+    student = student_of(spec.name, layout, stage_channels(graph, decisions))
+    subs = fit_substitutions(pruned, substitution_targets(pruned, student), latents, chunk=chunk, progress=progress)
     student.load_state_dict(student_state_dict(student, pruned, subs), strict=True)
     student.eval()
     scores = fidelity(teacher, {"pruned": pruned, "student": student}, latents, chunk)
-    report = build_report(teacher, student, spec, criterion, decisions, subs, notes, scores, report_size, latents)
+    size = report_size or family.default_resolution
+    report = build_report(teacher, student, spec, criterion, decisions, subs, notes, scores, size, latents)
     return PruneResult(student, pruned, decisions, subs, notes, report)
 
 
 def build_report(
-    teacher: WanVAE,
+    teacher: TeacherVAE,
     student: FlashStudent,
     spec: StudentSpec,
     criterion: str,
@@ -281,6 +307,7 @@ def build_report(
     latents: list[Tensor],
 ) -> dict[str, Any]:
     t_sum, s_sum = summarize(teacher, *size, chunk=1), summarize(student, *size, chunk=1)
+    ops = student.decoder.stage_ops()
     stages = [
         {
             "name": t.name,
@@ -288,12 +315,13 @@ def build_report(
             "student_params": s.params,
             "teacher_macs": t.macs,
             "student_macs": s.macs,
-            "op": _stage_op(student, t.name),
+            "op": ops[t.name],
         }
         for t, s in zip(t_sum.stages, s_sum.stages, strict=True)
     ]
     return {
         "student": spec.name,
+        "family": teacher.family,
         "criterion": criterion,
         "teacher": teacher.config.to_dict(),
         "layout": student.config.layout.to_dict(),
@@ -314,12 +342,3 @@ def build_report(
         "groups": [d.to_dict() for d in decisions],
         "substitutions": [{"conv": s.conv, "op": s.op, "choice": s.choice, "errors": s.errors} for s in subs],
     }
-
-
-def _stage_op(student: FlashStudent, name: str) -> str:
-    layout = student.config.layout
-    if name == "head":
-        return layout.head_op
-    if name == "conv_in":
-        return "causal3d"
-    return layout.stages[name].op

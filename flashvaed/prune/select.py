@@ -14,6 +14,7 @@ channels) the (C+1) x (C+1) matrix of [X, 1]^T [X, 1], so that means (intercepts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,26 +43,38 @@ def augmented_gram(x: Tensor, max_rows: int | None = None, generator: torch.Gene
     return rows.T @ rows
 
 
-def independence_select(gram: Tensor, k: int) -> Selection:
-    """Keep ``k`` of the C channels of an augmented (C+1)x(C+1) Gram matrix, most independent first."""
+def independence_select(gram: Tensor, k: int, forced: Sequence[int] = ()) -> Selection:
+    """Keep ``k`` of the C channels of an augmented (C+1)x(C+1) Gram matrix, most independent first.
+
+    ``forced`` channels are kept whatever their scores (another layer reads them); the rest are
+    chosen greedily after projecting them out.
+    """
     g = gram.double()
     c = g.shape[0] - 1
-    if not 1 <= k <= c:
-        raise ValueError(f"cannot keep {k} of {c} channels")
+    if not 1 <= k <= c or len(forced) > k:
+        raise ValueError(f"cannot keep {k} of {c} channels ({len(forced)} of them required)")
+    forced = list(forced)
     residual = torch.diagonal(g).clone()
     basis = torch.zeros(c + 1, k + 1, dtype=torch.float64)
     scores = torch.zeros(c, dtype=torch.float64)
     chosen: list[int] = []
+    tiny = 1e-12 * float(torch.diagonal(g).abs().max())
     for m in range(k + 1):
         if m == 0:
             i = c  # the constant: means are never a reason to keep a channel
+        elif m <= len(forced):
+            i = forced[m - 1]
+            scores[i] = residual[i].clamp(min=0)
+            chosen.append(i)
         else:
             masked = residual[:c].clone()
             masked[chosen] = -torch.inf
             i = int(torch.argmax(masked))
             scores[i] = residual[i].clamp(min=0)
             chosen.append(i)
-        pivot = residual[i].clamp(min=1e-30).sqrt()
+        if residual[i] <= tiny:  # nothing left of it to project out (a dependent forced channel)
+            continue
+        pivot = residual[i].sqrt()
         column = (g[:, i] - basis[:, :m] @ basis[i, :m]) / pivot
         basis[:, m] = column
         residual = residual - column**2
@@ -71,9 +84,12 @@ def independence_select(gram: Tensor, k: int) -> Selection:
     return Selection(sorted(chosen), (scores / scale).tolist())
 
 
-def l1_select(magnitudes: Tensor, k: int) -> Selection:
-    """Keep the ``k`` channels of largest magnitude (L1 norm of the weights producing them)."""
-    keep = torch.topk(magnitudes.double(), k).indices.sort().values.tolist()
+def l1_select(magnitudes: Tensor, k: int, forced: Sequence[int] = ()) -> Selection:
+    """Keep the ``k`` channels of largest magnitude (L1 norm of the weights producing them),
+    ``forced`` ones first."""
+    ranked = magnitudes.double().clone()
+    ranked[list(forced)] = torch.inf
+    keep = torch.topk(ranked, k).indices.sort().values.tolist()
     return Selection(keep, magnitudes.double().tolist())
 
 

@@ -1,0 +1,30 @@
+"""Device and dtype names as users write them. A leaf module: it imports only ``errors``."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; naming an absent device is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown {{device}} {device!r} (use auto, cpu, cuda or cuda:N)", "device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{{device}} {device!r} requested but CUDA is not available here", "device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported {{device}} {device!r} (use auto, cpu, cuda or cuda:N)", "device")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InputError(f"unknown {{dtype}} {dtype!r} (use {', '.join(DTYPES)})", "dtype")
+    return DTYPES[dtype]

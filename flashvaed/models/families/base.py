@@ -1,0 +1,121 @@
+"""What a model family module provides, and the registry that finds families by name or by keys.
+
+A family owns everything specific to one VAE: its configuration (a dataclass read from and written
+to dicts), how to recognise its checkpoints in each source layout, its key maps, the configuration
+inferred from tensor shapes, its blocks, its teacher layout and its decoder and encoder modules.
+Everything else in flashvaed asks the model (``LatentDecoder``/``TeacherVAE``) or the family
+through this interface, never a family's name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ...errors import CheckpointError
+from ..layout import DecoderLayout
+
+LAYOUTS = ("flashvaed", "original", "diffusers")
+
+
+@dataclass(frozen=True)
+class Match:
+    """A family's recognition of a checkpoint: the source layout and a key that proves it."""
+
+    family: Family
+    layout: str
+    evidence: str
+
+
+class Family:
+    """One VAE family. Subclasses fill in the class attributes and methods below."""
+
+    name: ClassVar[str]  # "wan2.1"
+    title: ClassVar[str]  # "Wan2.1 VAE", for messages
+    config_type: ClassVar[type]  # the configuration dataclass (to_dict / from_dict)
+    teacher_type: ClassVar[type]  # the TeacherVAE subclass
+    default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
+
+    # recognising checkpoints ------------------------------------------------------------------
+    def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
+        """Every layout of this family the keys (and config.json / metadata) point at, with evidence."""
+        raise NotImplementedError
+
+    def infer_config(self, tensors: Mapping[str, Tensor], layout: str, config: Mapping) -> Any:
+        """The architecture from tensor shapes (widths, latent channels) and a config, if given."""
+        raise NotImplementedError
+
+    def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
+        """Our parameter name -> its name in ``layout``, for every entry of ``model.state_dict()``."""
+        raise NotImplementedError
+
+    def diffusers_config(self, config: Any) -> dict[str, Any]:
+        """config.json of the diffusers model class this family's checkpoints load into."""
+        raise NotImplementedError
+
+    def describe(self, config: Any) -> str:
+        """The few numbers that tell two teachers of the family apart, for messages."""
+        raise NotImplementedError
+
+    # building ---------------------------------------------------------------------------------
+    def config_from_dict(self, d: Mapping[str, Any]) -> Any:
+        return self.config_type.from_dict(dict(d))
+
+    def teacher_layout(self, config: Any) -> DecoderLayout:
+        raise NotImplementedError
+
+    def build_decoder(self, config: Any, layout: DecoderLayout) -> nn.Module:
+        """The decoder for ``layout`` (the teacher's or a student's) of a teacher with ``config``."""
+        raise NotImplementedError
+
+    def build_encoder(self, config: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def build_post_quant_conv(self, config: Any) -> nn.Module:
+        return nn.Identity()
+
+    def build_quant_conv(self, config: Any) -> nn.Module:
+        return nn.Identity()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def names() -> list[str]:
+    return list(FAMILIES)
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def detect(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> Match:
+    """The one family and layout a checkpoint is in; anything else is refused in one line."""
+    keys = set(tensors)
+    matches = [m for family in FAMILIES.values() for m in family.detect(keys, tensors, config)]
+    if not matches:
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+        first, *others = [f.title for f in FAMILIES.values()]
+        nor = f", nor a {' or '.join(others)} one" if others else ""
+        raise CheckpointError(f"{where} is not a {first} checkpoint{nor} (keys start: {sample})")
+    if len(matches) > 1:
+        parts = [f"{m.family.title} {m.layout} ({m.evidence})" for m in matches[:3]]
+        raise CheckpointError(f"{where} mixes checkpoint layouts: " + " and ".join(parts))
+    return matches[0]
+
+
+def any_key(keys: Collection[str], pattern: str) -> str | None:
+    """The first key (sorted) matching ``pattern`` (a full-match regex), if any."""
+    regex = re.compile(pattern)
+    return next((k for k in sorted(keys) if regex.fullmatch(k)), None)

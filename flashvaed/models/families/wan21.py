@@ -1,0 +1,517 @@
+"""The Wan2.1 VAE family: encoder, streaming decoder, latent statistics, checkpoint layouts.
+
+Compression 4x in time and 8x8 in space. N latent frames decode to 1 + 4(N-1) frames; 4n+1
+video frames encode to n+1 latent frames. Latents in diffusion space are normalised per channel,
+``(mu - mean) / std``; the decoder de-normalises them first. Facts: ../shared/docs/wan-vae.md in
+the planning repo; diffusers' ``AutoencoderKLWan`` is the test oracle.
+
+The Wan2.2 family builds on the pieces here (config, encoder/decoder stage structure, key rules).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ...errors import CheckpointError
+from ..blocks import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Stage, Upsample
+from ..layout import DecoderLayout, StageLayout, channel_spaces
+from ..streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
+from ..vae import TeacherVAE
+from .base import Family, Match, any_key, register
+
+# fmt: off
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+# fmt: on
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Architecture of a Wan2.1-style VAE; ``base_dim`` 96 and ``z_dim`` 16 is the released one."""
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = field(default=WAN21_LATENTS_MEAN)
+    latents_std: tuple[float, ...] = field(default=WAN21_LATENTS_STD)
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latent statistics must have z_dim={self.z_dim} entries")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError("temporal_downsample needs one entry per resampling stage")
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.decoder_base_dim or self.base_dim
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        """Widths of the middle and of each up stage, e.g. 384, 384, 384, 192, 96."""
+        return [self.decoder_dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        return self.temporal_downsample[::-1]
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WanConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def teacher_layout(config: WanConfig) -> DecoderLayout:
+    """The decoder layout of a Wan2.1-style VAE: causal 3D convs at full width everywhere."""
+    widths = config.decoder_widths
+    nrb = config.num_res_blocks
+    last = len(config.dim_mult) - 1
+    up = []
+    for i, (in_dim, out_dim) in enumerate(itertools.pairwise(widths)):
+        up.append(
+            StageLayout(
+                op="causal3d",
+                in_width=in_dim // 2 if i > 0 else in_dim,  # the upsample convs halve the width
+                width=out_dim,
+                hidden=(out_dim,) * (nrb + 1),
+                resample_width=out_dim // 2 if i < last else None,
+                temporal=i < last and config.temporal_upsample[i],
+            )
+        )
+    middle = StageLayout("causal3d", widths[0], widths[0], (widths[0], widths[0]))
+    spaces = channel_spaces(up, [False] * len(up))
+    return DecoderLayout(
+        config.z_dim, middle, tuple(up), qk_dim=widths[0], v_dim=widths[0], family="wan2.1", spaces=spaces
+    )
+
+
+class WanDecoder(nn.Module):
+    """conv_in, middle (res, attention, res), up stages with resampling, head; built from a layout."""
+
+    def __init__(self, layout: DecoderLayout) -> None:
+        super().__init__()
+        self.layout = layout
+        m = layout.middle
+        self.conv_in = CausalConv3d(layout.z_dim, m.width, 3)
+        self.middle = Stage(
+            [
+                ResidualBlock(m.width, m.width, m.hidden[0], m.op, m.shortcut),
+                AttentionBlock(m.width, layout.qk_dim, layout.v_dim),
+                ResidualBlock(m.width, m.width, m.hidden[1], m.op, m.shortcut),
+            ]
+        )
+        self.up = nn.ModuleList([self.up_stage(i, st) for i, st in enumerate(layout.up)])
+        self.head = Head(layout.up[-1].width, layout.out_channels, layout.head_op)
+        self.temporal_factor = 2 ** sum(st.temporal for st in layout.up)
+        self.spatial_factor = 2 ** sum(st.resample_width is not None for st in layout.up)
+
+    def up_stage(self, index: int, st: StageLayout) -> StreamingBlock:
+        blocks = [
+            ResidualBlock(st.in_width if j == 0 else st.width, st.width, hidden, st.op, st.shortcut)
+            for j, hidden in enumerate(st.hidden)
+        ]
+        resample = Upsample(st.width, st.resample_width, st.temporal) if st.resample_width else None
+        return Stage(blocks, resample)
+
+    def stages(self) -> list[tuple[str, Fraction, StreamingBlock]]:
+        """Blocks in the order they run, with their names and spatial scale (latent grid = 1)."""
+        items: list[tuple[str, Fraction, StreamingBlock]] = [
+            ("conv_in", Fraction(1), self.conv_in),
+            ("middle", Fraction(1), self.middle),
+        ]
+        scale = Fraction(1)
+        for i, stage in enumerate(self.up):
+            items.append((f"up.{i}", scale, stage))
+            scale *= 2 if stage.resample is not None else 1
+        items.append(("head", scale, self.head))
+        return items
+
+    def stage_ops(self) -> dict[str, str]:
+        """The operator kind of each stage, for cost reports."""
+        return {
+            "conv_in": "causal3d",
+            **{n: st.op for n, st in self.layout.stages.items()},
+            "head": self.layout.head_op,
+        }
+
+    def state_specs(self) -> list[StateSpec]:
+        return [s for name, scale, block in self.stages() for s in block.state_specs(name, scale)]
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        return run_blocks([block for _, _, block in self.stages()], x, state, first)
+
+
+class WanEncoder(nn.Module):
+    """conv_in, down stages with resampling, middle (res, attention, res), head to 2*z_dim.
+
+    It runs over chunks of 1, 4, 4, ... frames as the reference does (``iter_encode``).
+    """
+
+    def __init__(self, config: WanConfig, in_channels: int = 3) -> None:
+        super().__init__()
+        self.temporal_factor = config.temporal_factor
+        dims = [config.base_dim * m for m in (1, *config.dim_mult)]
+        last = len(config.dim_mult) - 1
+        self.conv_in = CausalConv3d(in_channels, dims[0], 3)
+        self.down = nn.ModuleList(
+            [
+                self.down_stage(i, in_dim, out_dim, config, i < last)
+                for i, (in_dim, out_dim) in enumerate(itertools.pairwise(dims))
+            ]
+        )
+        self.middle = Stage(
+            [ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]), ResidualBlock(dims[-1], dims[-1])]
+        )
+        self.head = Head(dims[-1], 2 * config.z_dim)
+
+    def down_stage(self, index: int, in_dim: int, out_dim: int, config: WanConfig, resample: bool) -> StreamingBlock:
+        blocks = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(config.num_res_blocks)]
+        return Stage(blocks, Downsample(out_dim, config.temporal_downsample[index]) if resample else None)
+
+    def stages(self) -> list[tuple[str, Fraction, StreamingBlock]]:
+        """Blocks in the order they run, with their names and spatial scale (input grid = 1)."""
+        items: list[tuple[str, Fraction, StreamingBlock]] = [("conv_in", Fraction(1), self.conv_in)]
+        items += [(f"down.{i}", Fraction(1, 2**i), stage) for i, stage in enumerate(self.down)]
+        bottom = Fraction(1, 2 ** (len(self.down) - 1))
+        items += [("middle", bottom, self.middle), ("head", bottom, self.head)]
+        return items
+
+    def state_specs(self) -> list[StateSpec]:
+        return [s for name, scale, block in self.stages() for s in block.state_specs(name, scale)]
+
+    def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
+        return run_blocks([block for _, _, block in self.stages()], x, state, first)
+
+    def iter_encode(self, video: Tensor) -> Iterator[Tensor]:
+        """The encoder's output (B, 2z, 1, h, w) for each chunk of 1, then 4, 4, ... frames."""
+        b, _, t, h, w = video.shape
+        p = next(self.parameters())
+        state = zero_state(self.state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+        tf = self.temporal_factor
+        for start, stop in [(0, 1)] + [(s, s + tf) for s in range(1, t, tf)]:
+            out, state = self(video[:, :, start:stop], state, first=start == 0)
+            yield out
+
+
+class WanVAE(TeacherVAE):
+    """The Wan2.1 VAE: ``encode`` videos to diffusion-space latents, ``decode_step`` them back."""
+
+    def __init__(self, config: WanConfig | None = None) -> None:
+        super().__init__(config or WanConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint layouts
+# ---------------------------------------------------------------------------------------------
+# Residual block parameter names: ours -> (original, diffusers)
+_RESIDUAL = {
+    "norm1": ("residual.0", "norm1"),
+    "conv1": ("residual.2", "conv1"),
+    "norm2": ("residual.3", "norm2"),
+    "conv2": ("residual.6", "conv2"),
+    "shortcut": ("shortcut", "conv_shortcut"),
+}
+
+Rule = tuple[str, Callable[[re.Match[str]], str]]
+
+
+def residual_name(rest: str, layout: str) -> str:
+    """A residual block's parameter ``rest`` (e.g. ``conv1.weight``) in ``layout``."""
+    head, _, tail = rest.partition(".")
+    return f"{_RESIDUAL[head][0 if layout == 'original' else 1]}.{tail}"
+
+
+def resample_name(part: str) -> str:
+    return "resample.1" if part == "conv" else "time_conv"
+
+
+def common_rules(layout: str) -> list[Rule]:
+    """Renaming rules shared by the Wan families: quant convs, conv_in, middle, head."""
+    orig = layout == "original"
+    return [
+        (r"quant_conv\.(.*)", lambda m: f"conv1.{m[1]}" if orig else m[0]),
+        (r"post_quant_conv\.(.*)", lambda m: f"conv2.{m[1]}" if orig else m[0]),
+        (r"(encoder|decoder)\.conv_in\.(.*)", lambda m: f"{m[1]}.conv1.{m[2]}" if orig else m[0]),
+        (
+            r"(encoder|decoder)\.middle\.blocks\.([02])\.(.*)",
+            lambda m: (
+                f"{m[1]}.middle.{m[2]}.{residual_name(m[3], layout)}"
+                if orig
+                else f"{m[1]}.mid_block.resnets.{int(m[2]) // 2}.{residual_name(m[3], layout)}"
+            ),
+        ),
+        (
+            r"(encoder|decoder)\.middle\.blocks\.1\.(.*)",
+            lambda m: f"{m[1]}.middle.1.{m[2]}" if orig else f"{m[1]}.mid_block.attentions.0.{m[2]}",
+        ),
+        (
+            r"(encoder|decoder)\.head\.norm\.(.*)",
+            lambda m: f"{m[1]}.head.0.{m[2]}" if orig else f"{m[1]}.norm_out.{m[2]}",
+        ),
+        (
+            r"(encoder|decoder)\.head\.conv\.(.*)",
+            lambda m: f"{m[1]}.head.2.{m[2]}" if orig else f"{m[1]}.conv_out.{m[2]}",
+        ),
+    ]
+
+
+def rename(key: str, rules: list[Rule]) -> str:
+    for pattern, to in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return to(m)
+    raise KeyError(f"no name for parameter {key}")
+
+
+def stage_rules(layout: str, nrb: int) -> list[Rule]:
+    """Wan2.1's stages: flat lists in the original layout, nested decoder stages in diffusers."""
+    orig = layout == "original"
+    enc = "downsamples" if orig else "down_blocks"
+    return [
+        (
+            r"encoder\.down\.(\d+)\.blocks\.(\d+)\.(.*)",
+            lambda m: f"encoder.{enc}.{int(m[1]) * (nrb + 1) + int(m[2])}.{residual_name(m[3], layout)}",
+        ),
+        (
+            r"encoder\.down\.(\d+)\.resample\.(conv|time_conv)\.(.*)",
+            lambda m: f"encoder.{enc}.{int(m[1]) * (nrb + 1) + nrb}.{resample_name(m[2])}.{m[3]}",
+        ),
+        (
+            r"decoder\.up\.(\d+)\.blocks\.(\d+)\.(.*)",
+            lambda m: (
+                f"decoder.upsamples.{int(m[1]) * (nrb + 2) + int(m[2])}.{residual_name(m[3], layout)}"
+                if orig
+                else f"decoder.up_blocks.{m[1]}.resnets.{m[2]}.{residual_name(m[3], layout)}"
+            ),
+        ),
+        (
+            r"decoder\.up\.(\d+)\.resample\.(conv|time_conv)\.(.*)",
+            lambda m: (
+                (
+                    f"decoder.upsamples.{int(m[1]) * (nrb + 2) + nrb + 1}."
+                    if orig
+                    else f"decoder.up_blocks.{m[1]}.upsamplers.0."
+                )
+                + f"{resample_name(m[2])}.{m[3]}"
+            ),
+        ),
+    ]
+
+
+# config.json / safetensors metadata: read with care, every value is untrusted
+def config_int(config: Mapping, key: str, default: int, lo: int, hi: int) -> int:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise CheckpointError(f"config field {key}={value!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def config_list(config: Mapping, key: str, default: tuple, kind: type, max_len: int = 8) -> tuple:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= max_len:
+        raise CheckpointError(f"config field {key} must be a list of 1 to {max_len} entries, got {value!r}"[:200])
+
+    def fits(v: object) -> bool:
+        if kind is bool:
+            return isinstance(v, bool)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
+            return False
+        return kind is not float or math.isfinite(v)
+
+    if not all(fits(v) for v in value):
+        raise CheckpointError(f"config field {key} must hold {kind.__name__} values, got {value!r}"[:200])
+    return tuple(value)
+
+
+def our_metadata(config: Mapping) -> tuple[str | None, dict]:
+    """(family, config) from the metadata flashvaed writes into its own .safetensors files."""
+    family = config.get("flashvaed.family")
+    raw = config.get("flashvaed.config")
+    if raw is None:
+        return family, {}
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        raise CheckpointError("the checkpoint's flashvaed.config metadata is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError("the checkpoint's flashvaed.config metadata is not a JSON object")
+    return family, data
+
+
+def conv_shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise CheckpointError(f"the checkpoint lacks {key}")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != 5:
+        raise CheckpointError(f"{key} has shape {shape}, expected a 3D conv kernel")
+    return shape
+
+
+LAYOUT_KEYS = {  # our name of a parameter every Wan checkpoint has -> its name per layout
+    "original": ("decoder.conv1.weight", "encoder.conv1.weight", "decoder.head.2.weight"),
+    "diffusers": ("decoder.conv_in.weight", "encoder.conv_in.weight", "decoder.conv_out.weight"),
+    "flashvaed": ("decoder.conv_in.weight", "encoder.conv_in.weight", "decoder.head.conv.weight"),
+}
+
+
+class WanFamily(Family):
+    name: ClassVar[str] = "wan2.1"
+    title: ClassVar[str] = "Wan2.1 VAE"
+    config_type: ClassVar[type] = WanConfig
+    teacher_type: ClassVar[type] = WanVAE
+    residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified
+    # keys that tell this family's layouts apart from the other Wan family's
+    original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.(residual|resample|time_conv|shortcut)\..*"
+    diffusers_marker: ClassVar[str] = r"decoder\.up_blocks\.\d+\.upsamplers\..*"
+
+    def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
+        matches = []
+        if "decoder.conv1.weight" in keys:
+            evidence = any_key(keys, self.original_marker)
+            if evidence:
+                matches.append(Match(self, "original", evidence))
+        if "decoder.conv_in.weight" in keys and "decoder.norm_out.gamma" in keys:
+            evidence = any_key(keys, self.diffusers_marker)
+            if evidence is None and config.get("is_residual") is self.residual:
+                evidence = f"config.json: is_residual {str(self.residual).lower()}"
+            if evidence:
+                matches.append(Match(self, "diffusers", evidence))
+        if "decoder.conv_in.weight" in keys and "decoder.head.conv.weight" in keys:
+            family, _ = our_metadata(config)
+            if family == self.name or (family is None and self.owns_head(tensors["decoder.head.conv.weight"])):
+                matches.append(Match(self, "flashvaed", "decoder.head.conv.weight"))
+        return matches
+
+    def owns_head(self, head: Tensor) -> bool:
+        """Our own layout without metadata: the head's output channels tell the patch size."""
+        return head.dim() == 5 and head.shape[0] == 3
+
+    def infer_config(self, tensors: Mapping[str, Tensor], layout: str, config: Mapping) -> WanConfig:
+        if layout == "flashvaed":
+            config = {**config, **our_metadata(config)[1]}
+        dec_key, enc_key, _ = LAYOUT_KEYS[layout]
+        dim_mult = config_list(config, "dim_mult", (1, 2, 4, 4), int, max_len=6)
+        if any(not 1 <= m <= 16 for m in dim_mult):
+            raise CheckpointError(f"config field dim_mult={list(dim_mult)} must hold integers in [1, 16]")
+        dec = conv_shape(tensors, dec_key)
+        z_dim, decoder_dim = dec[1], dec[0] // dim_mult[-1]
+        base_dim = conv_shape(tensors, enc_key)[0] if enc_key in tensors else decoder_dim
+        nrb = config_int(config, "num_res_blocks", 2, 1, 8)
+        temporal = config_list(
+            config, "temperal_downsample", config_list(config, "temporal_downsample", (False, True, True), bool), bool
+        )
+        mean, std = self.latent_statistics(config, z_dim)
+        try:
+            return self.config_type(
+                base_dim=base_dim,
+                decoder_base_dim=decoder_dim if decoder_dim != base_dim else None,
+                z_dim=z_dim,
+                dim_mult=dim_mult,
+                num_res_blocks=nrb,
+                temporal_downsample=temporal,
+                latents_mean=mean,
+                latents_std=std,
+                **self.extra_config(tensors, layout, config),
+            )
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"inconsistent VAE configuration: {e}") from None
+
+    def extra_config(self, tensors: Mapping[str, Tensor], layout: str, config: Mapping) -> dict[str, Any]:
+        """Configuration fields a derived family adds, read from shapes or config."""
+        return {}
+
+    def latent_statistics(self, config: Mapping, z_dim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if "latents_mean" in config and "latents_std" in config:
+            mean = config_list(config, "latents_mean", (), float, max_len=4096)
+            std = config_list(config, "latents_std", (), float, max_len=4096)
+            if len(mean) != z_dim or len(std) != z_dim:
+                raise CheckpointError(f"latent statistics have {len(mean)}/{len(std)} entries, z_dim is {z_dim}")
+            return mean, std
+        released = self.config_type()
+        if z_dim == released.z_dim:
+            return released.latents_mean, released.latents_std
+        raise CheckpointError(
+            f"latent statistics for z_dim={z_dim} are unknown ({self.title} has {released.z_dim} latent channels)"
+        )
+
+    def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
+        keys = model.state_dict()
+        if layout == "flashvaed":
+            return {k: k for k in keys}
+        rules = common_rules(layout) + self.stage_rules(layout, model.config.num_res_blocks)
+        return {k: rename(k, rules) for k in keys}
+
+    def stage_rules(self, layout: str, nrb: int) -> list[Rule]:
+        return stage_rules(layout, nrb)
+
+    def diffusers_config(self, config: WanConfig) -> dict[str, Any]:
+        return {
+            "_class_name": "AutoencoderKLWan",
+            "base_dim": config.base_dim,
+            "decoder_base_dim": config.decoder_base_dim,
+            "z_dim": config.z_dim,
+            "dim_mult": list(config.dim_mult),
+            "num_res_blocks": config.num_res_blocks,
+            "attn_scales": [],
+            "temperal_downsample": list(config.temporal_downsample),
+            "dropout": 0.0,
+            "latents_mean": list(config.latents_mean),
+            "latents_std": list(config.latents_std),
+        }
+
+    def describe(self, config: WanConfig) -> str:
+        extra = f", decoder_base_dim {config.decoder_base_dim}" if config.decoder_base_dim else ""
+        return f"base_dim {config.base_dim}{extra}, z_dim {config.z_dim}"
+
+    def teacher_layout(self, config: WanConfig) -> DecoderLayout:
+        return teacher_layout(config)
+
+    def build_decoder(self, config: WanConfig, layout: DecoderLayout) -> nn.Module:
+        return WanDecoder(layout)
+
+    def build_encoder(self, config: WanConfig) -> nn.Module:
+        return WanEncoder(config)
+
+    def build_post_quant_conv(self, config: WanConfig) -> nn.Module:
+        return nn.Conv3d(config.z_dim, config.z_dim, 1)
+
+    def build_quant_conv(self, config: WanConfig) -> nn.Module:
+        return nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+
+
+WAN21 = register(WanFamily())
+WanVAE.family_def = WAN21

@@ -1,0 +1,133 @@
+"""The two model classes every family shares: a latent decoder (teachers and students) and a
+teacher VAE (the decoder plus the family's encoder).
+
+A family (``flashvaed.models.families``) supplies the configuration, the decoder and encoder
+modules and the latent statistics; these classes hold the streaming step and the facts every
+later stage asks for (latent channels, factors, state specs, stages, an encoder or not), so
+nothing downstream needs to know which family it is looking at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from .layout import DecoderLayout
+from .streaming import ANY_CHUNK, State, StateSpec, StreamingDecoder, model_fingerprint
+from .streaming import decode as streaming_decode
+
+
+class LatentDecoder(nn.Module):
+    """Diffusion-space latents -> frames: de-normalisation, ``post_quant_conv`` and the family's
+    decoder built from a layout. The part teachers and students share, and the streaming contract
+    they both follow.
+    """
+
+    kind = "teacher"
+    has_encoder = False
+    latency = 0  # latent frames a step holds back: 0, the decoder is causal
+    step_inputs: tuple[str, ...] = ()  # extra inputs of decode_step beyond latents and state
+    chunk_range = ANY_CHUNK
+
+    def __init__(self, family: Any, config: Any, layout: DecoderLayout) -> None:
+        super().__init__()
+        self.family = family.name
+        z = layout.z_dim
+        self.post_quant_conv = family.build_post_quant_conv(config)
+        self.decoder = family.build_decoder(config, layout)
+        self.latent_channels = z
+        self.temporal_factor = self.decoder.temporal_factor
+        self.spatial_factor = self.decoder.spatial_factor
+        stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
+        if stats.shape != (2, z):
+            raise ValueError(f"latent statistics must have {z} entries, got {stats.shape[1]}")
+        self.register_buffer("latents_mean", stats[0].view(1, z, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", stats[1].view(1, z, 1, 1, 1), persistent=False)
+
+    def decoder_state_specs(self) -> list[StateSpec]:
+        return self.decoder.state_specs()
+
+    def decode_step(
+        self, latents: Tensor, state: State, first: bool = False, clamp: bool = True
+    ) -> tuple[Tensor, State]:
+        """Decode one chunk of diffusion-space latents; the first chunk is one frame."""
+        if first and latents.shape[2] != 1:
+            raise InputError(f"the first chunk must be one latent frame, got {latents.shape[2]}")
+        z = latents * self.latents_std + self.latents_mean
+        frames, state = self.decoder(self.post_quant_conv(z), state, first)
+        return (frames.clamp(-1.0, 1.0) if clamp else frames), state
+
+    def decode(self, latents: Tensor, chunk: int | None = None) -> Tensor:
+        """Frames in [-1, 1], (B, 3, 1 + t(T-1), s*h, s*w), from latents (B, z, T, h, w)."""
+        return streaming_decode(self, latents, chunk)
+
+    # what a stream asks of its source (``flashvaed.models.streaming.StreamSource``) -------------
+    def stream(self, **options: Any) -> StreamingDecoder:
+        """A new stream over this model (see ``StreamingDecoder`` for ``options``)."""
+        return StreamingDecoder(self, **options)
+
+    def check_geometry(self, batch: int, height: int, width: int) -> None:
+        """Torch models take any batch and latent size."""
+
+    def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
+        return [s.shape(batch, height, width) for s in self.decoder_state_specs()]
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self)
+
+
+class TeacherVAE(LatentDecoder):
+    """A family's whole VAE: ``encode`` videos to diffusion-space latents, ``decode_step`` them back."""
+
+    has_encoder = True
+    family_def: Any  # set by each family's teacher class
+
+    def __init__(self, config: Any) -> None:
+        family = self.family_def
+        super().__init__(family, config, family.teacher_layout(config))
+        self.config = config
+        self.encoder = family.build_encoder(config)
+        self.quant_conv = family.build_quant_conv(config)
+
+    def iter_encode(self, video: Tensor) -> Iterator[Tensor]:
+        """Normalised latents (the posterior mean) of a video (B, 3, 4n+1, H, W) in [-1, 1].
+
+        Frames go through the encoder in the chunks the family's reference uses (1, 4, 4, ...
+        for causal ones); each chunk's latent frames are yielded as soon as they are ready.
+        """
+        check_video(video, self.spatial_factor, self.temporal_factor)
+        p = next(self.parameters())
+        video = video.to(device=p.device, dtype=p.dtype)
+        for out in self.encoder.iter_encode(video):
+            mu = self.quant_conv(out)[:, : self.latent_channels]
+            yield (mu - self.latents_mean) / self.latents_std
+
+    def encode(self, video: Tensor) -> Tensor:
+        """Normalised latents (B, z, n+1, H/s, W/s) of a video (B, 3, tn+1, H, W) in [-1, 1]."""
+        return torch.cat(list(self.iter_encode(video)), dim=2)
+
+
+def check_video(video: Tensor, spatial_factor: int = 8, temporal_factor: int = 4) -> None:
+    """Refuse videos the encoder cannot take, naming the problem in one line."""
+    if video.dim() != 5 or video.shape[1] != 3:
+        raise InputError(f"video must be (batch, 3, frames, height, width), got {tuple(video.shape)}")
+    _, _, t, h, w = video.shape
+    if t == 0 or (t - 1) % temporal_factor:
+        raise InputError(f"video must have {temporal_factor}n+1 frames, got {t}")
+    if h == 0 or w == 0 or h % spatial_factor or w % spatial_factor:
+        raise InputError(f"video height and width must be multiples of {spatial_factor}, got {h}x{w}")
+    if not torch.isfinite(video).all():
+        raise InputError("video contains NaN or Inf values")
+
+
+def latent_frames(num_frames: int, temporal_factor: int = 4) -> int:
+    return 1 + (num_frames - 1) // temporal_factor
+
+
+def video_frames(num_latent_frames: int, temporal_factor: int = 4) -> int:
+    return 1 + temporal_factor * (num_latent_frames - 1)
