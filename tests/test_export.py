@@ -58,7 +58,9 @@ def perturbed(model, scale: float = 0.02):
 
 @pytest.fixture(scope="module")
 def models(teacher_8):
-    students = {p: perturbed(build_student(StudentSpec.load(p), WanConfig(base_dim=16))[0]) for p in preset_names("wan2.1")}
+    students = {
+        p: perturbed(build_student(StudentSpec.load(p), WanConfig(base_dim=16))[0]) for p in preset_names("wan2.1")
+    }
     return {"teacher": teacher_8, **students}
 
 

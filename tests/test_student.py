@@ -7,9 +7,9 @@ import torch
 
 from flashvaed.errors import InputError
 from flashvaed.models import FlashStudent, StudentConfig, StudentSpec, WanConfig, WanVAE, load_model, save_student
+from flashvaed.models.families.wan21 import teacher_layout
 from flashvaed.models.student import build_student, preset_names
 from flashvaed.models.summary import summarize
-from flashvaed.models.families.wan21 import teacher_layout
 
 PRESETS = ["flash-wan2.1", "flash-wan2.1-quarter", "lite-wan2.1"]
 
