@@ -44,22 +44,22 @@ def test_pivoted_selection_keeps_a_basis_and_compensation_is_exact():
     assert comp.error_before > 0.01 and comp.error_after < 1e-8
 
 
-def plant_duplicates(teacher: WanVAE) -> None:
-    """Make channels 4..7 of the up.3 stream exactly twice channels 0..3, with halved norm gains.
+def plant_duplicates(teacher: WanVAE, name: str = "up.3+head.stream") -> None:
+    """Make the second half of a stream's channels exactly twice the first half, with halved norm gains.
 
     The stream is a sum of its producers' outputs, so doubling their rows doubles the channels;
     halving the gains of the norms over it makes the silu inputs of the consumers identical.
     """
-    group = next(g for g in channel_groups(teacher.decoder) if g.name == "up.3+head.stream")
-    assert group.size == 8
+    group = next(g for g in channel_groups(teacher.decoder) if g.name == name)
+    half = group.size // 2
     with torch.no_grad():
         for path, _ in group.producers:
             layer = teacher.get_submodule(path)
-            layer.weight[4:] = 2 * layer.weight[:4]
-            layer.bias[4:] = 2 * layer.bias[:4]
+            layer.weight[half:] = 2 * layer.weight[:half]
+            layer.bias[half:] = 2 * layer.bias[:half]
         for path in group.norms:
             gamma = teacher.get_submodule(path).gamma
-            gamma[4:] = gamma[:4] / 2
+            gamma[half:] = gamma[:half] / 2
 
 
 def test_planted_redundancy_independence_is_exact_l1_is_not():

@@ -41,6 +41,10 @@ class Family:
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
 
     # recognising checkpoints ------------------------------------------------------------------
+    def layouts_present(self, keys: Collection[str]) -> dict[str, str]:
+        """Layout -> a key in that layout's naming, for every layout whose names the keys use."""
+        raise NotImplementedError
+
     def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
         """Every layout of this family the keys (and config.json / metadata) point at, with evidence."""
         raise NotImplementedError
@@ -103,6 +107,11 @@ def get(name: str) -> Family:
 def detect(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> Match:
     """The one family and layout a checkpoint is in; anything else is refused in one line."""
     keys = set(tensors)
+    for family in FAMILIES.values():
+        present = family.layouts_present(keys)
+        if len(present) > 1:
+            parts = [f"{layout} ({key})" for layout, key in present.items()]
+            raise CheckpointError(f"{where} mixes checkpoint layouts: " + " and ".join(parts))
     matches = [m for family in FAMILIES.values() for m in family.detect(keys, tensors, config)]
     if not matches:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"

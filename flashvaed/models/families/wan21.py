@@ -398,6 +398,11 @@ class WanFamily(Family):
     original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.(residual|resample|time_conv|shortcut)\..*"
     diffusers_marker: ClassVar[str] = r"decoder\.up_blocks\.\d+\.upsamplers\..*"
 
+    def layouts_present(self, keys: Collection[str]) -> dict[str, str]:
+        markers = {"original": "decoder.conv1.weight", "diffusers": "decoder.norm_out.gamma"}
+        markers["flashvaed"] = "decoder.head.conv.weight"
+        return {layout: key for layout, key in markers.items() if key in keys}
+
     def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
         matches = []
         if "decoder.conv1.weight" in keys:
