@@ -1,12 +1,14 @@
 """Teacher vs student decode speed on one runtime (torch eager), in one run (prints tables).
 
-Full-width Wan2.1 teacher (base 96, random weights) and every student preset built on it, at
+A full-size teacher of one family (random weights: the released configuration, e.g. Wan2.1 base
+96, Wan2.2 base 160 / decoder 256) and every student preset of that family built on it, at
 256x256 on the CPU by default, streaming with chunks of k = 2 latent frames. For each model:
 MACs per output frame (meta-device count), measured seconds per output frame, and both ratios
 to the teacher. A per-stage table then says where the time goes (share of time vs share of
 MACs), which is what to look at when the measured speed-up falls short of the MACs ratio.
 
-    python benchmarks/student_speed.py                       # the issue's table
+    python benchmarks/student_speed.py                       # Wan2.1 and its presets
+    python benchmarks/student_speed.py --family wan2.2       # Wan2.2 (TI2V-5B) and flash-wan2.2
     python benchmarks/student_speed.py --size 128 --frames 3 # quicker
 """
 
@@ -19,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from flashvaed.models import StudentSpec, WanConfig, WanVAE, summarize
+from flashvaed.models import StudentSpec, families, summarize
 from flashvaed.models.streaming import iter_decode
 from flashvaed.models.student import build_student, preset_names
 
@@ -58,25 +60,30 @@ def stage_seconds(model: torch.nn.Module, latents: torch.Tensor, chunk: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-dim", type=int, default=96)
+    parser.add_argument("--family", default="wan2.1", choices=families.names())
+    parser.add_argument("--base-dim", type=int, default=None, help="encoder and decoder width (default: released)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--frames", type=int, default=3, help="latent frames per clip (first + steady chunks)")
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per student (median)")
-    parser.add_argument("--presets", nargs="+", default=preset_names())
+    parser.add_argument("--presets", nargs="+", default=None, help="default: every preset of the family")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = WanConfig(base_dim=args.base_dim)
-    teacher = WanVAE(config).eval()
+    family = families.get(args.family)
+    config = family.config_type()
+    if args.base_dim is not None:
+        config = family.config_type(base_dim=args.base_dim, decoder_base_dim=args.base_dim)
+    teacher = family.teacher_type(config).eval()
     models = {"teacher": teacher}
-    for name in args.presets:
+    for name in args.presets or preset_names(args.family):
         models[name] = build_student(StudentSpec.load(name), config)[0].eval()
-    latents = torch.randn(1, 16, args.frames, args.size // 8, args.size // 8)
-    frames = 1 + 4 * (args.frames - 1)
+    s, t = teacher.spatial_factor, teacher.temporal_factor
+    latents = torch.randn(1, teacher.latent_channels, args.frames, args.size // s, args.size // s)
+    frames = 1 + t * (args.frames - 1)
     print(
-        f"Wan2.1 base {args.base_dim}, {args.size}x{args.size}, {args.frames} latent frames -> {frames} frames, "
-        f"chunk {args.chunk}, CPU {torch.get_num_threads()} threads, torch {torch.__version__}, eager"
+        f"{family.title} ({family.describe(config)}), {args.size}x{args.size}, {args.frames} latent frames -> "
+        f"{frames} frames, chunk {args.chunk}, CPU {torch.get_num_threads()} threads, torch {torch.__version__}, eager"
     )
 
     summaries = {n: summarize(m, args.size, args.size, chunk=args.chunk) for n, m in models.items()}

@@ -316,6 +316,8 @@ def prune(
             typer.echo(f"  produced by:   {', '.join(g['producers'])}")
             typer.echo(f"  consumed by:   {', '.join(g['consumers'])}")
             typer.echo(f"  normalised by: {', '.join(g['norms']) or '-'}")
+            if g["read_by"]:
+                typer.echo(f"  also read by:  {', '.join(g['read_by'])} (keeps what they need)")
         return
     if out is None:
         raise FlashVAEDError("--out is required (the student directory to write)")

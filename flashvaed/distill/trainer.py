@@ -158,14 +158,17 @@ class Distiller:
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             if self.resume:
-                raise InputError(f"--resume: no checkpoint in {self.run_dir}")
+                raise InputError(f"{{resume}}: no checkpoint in {self.run_dir}", "resume")
             return None
         if not self.resume:
-            raise InputError(f"{self.run_dir} holds a run already: pass --resume to continue it, or a new -o")
+            raise InputError(
+                f"{self.run_dir} holds a run already: pass {{resume}} to continue it, or a new {{out}}", "resume", "out"
+            )
         state = load_weights_only(path, InputError)
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise InputError(
-                f"--resume: {path} was made with a different config, data, student, teacher or process count"
+                f"{{resume}}: {path} was made with a different config, data, student, teacher or process count",
+                "resume",
             )
         self.student.load_state_dict(state["student"])
         self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
