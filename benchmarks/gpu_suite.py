@@ -165,7 +165,9 @@ def kernel_alone(dtype: torch.dtype) -> None:
         )  # fmt: skip
 
 
-def speed_and_fidelity(family_name: str, frames: int, repeats: int) -> None:
+def speed_and_fidelity(
+    family_name: str, frames: int, repeats: int, chunk: int, dtypes: list[str], kernels: list[str]
+) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as deployed
     family = families.get(family_name)
     height, width = (64, 96) if SMOKE else family.default_resolution
@@ -177,15 +179,15 @@ def speed_and_fidelity(family_name: str, frames: int, repeats: int) -> None:
         z = torch.randn(1, model.latent_channels, frames, height // s, width // s, device=DEVICE)
         n_frames = 1 + model.temporal_factor * (frames - 1)
         reference = None
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dtype in (getattr(torch, d) for d in dtypes):
             model.to(dtype)
-            for kernel in ("torch", "triton") if dtype != torch.float16 else ("torch",):
+            for kernel in [k for k in kernels if k == "torch" or dtype != torch.float16]:
                 ctx = triton_convs(model) if kernel == "triton" else contextlib.nullcontext()
                 try:
                     with ctx, torch.inference_mode():
                         if DEVICE == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        seconds, out = sync_time(lambda m=model: decode(m, z.to(dtype), 2), repeats)  # noqa: B023
+                        seconds, out = sync_time(lambda m=model: decode(m, z.to(dtype), chunk), repeats)  # noqa: B023
                         peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
                         out = out.float()
                 except Exception as e:
@@ -195,12 +197,13 @@ def speed_and_fidelity(family_name: str, frames: int, repeats: int) -> None:
                 times[name, str(dtype)[6:], kernel] = seconds
                 RESULTS["speed"].append(
                     {"family": family_name, "model": name, "dtype": str(dtype)[6:], "kernel": kernel,
-                     "size": f"{height}x{width}", "frames": n_frames, "ms/frame": 1000 * seconds / n_frames,
-                     "frames/s": n_frames / seconds, "peak GiB": peak, "speed-up vs teacher": 1.0}
+                     "size": f"{height}x{width}", "frames": n_frames, "chunk": chunk,
+                     "ms/frame": 1000 * seconds / n_frames, "frames/s": n_frames / seconds, "peak GiB": peak,
+                     "speed-up vs teacher": 1.0}
                 )  # fmt: skip
                 if dtype == torch.float32 and kernel == "torch":
                     reference = out
-                elif kernel == "torch":
+                elif kernel == "torch" and reference is not None:
                     diff = float((out - reference).abs().max())
                     RESULTS["fidelity"].append(
                         {"family": family_name, "model": name, "dtype": str(dtype)[6:],
@@ -221,6 +224,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Wan2.1 only")
     parser.add_argument("--frames", type=int, default=3, help="latent frames per timed clip")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=2, help="latent frames per steady chunk")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--kernels", default="torch,triton")
+    parser.add_argument("--skip-checks", action="store_true", help="only the decode speed")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,17 +251,19 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(RESULTS, f, indent=2)
 
+    if not args.skip_checks:
+        for name in names:
+            attempt(f"exactness {name}", exactness, name)
+        for dtype in (torch.float32, torch.bfloat16) if not SMOKE else ():
+            attempt(f"kernel {dtype}", kernel_alone, dtype)
+        done("checks")
     for name in names:
-        attempt(f"exactness {name}", exactness, name)
-    for dtype in (torch.float32, torch.bfloat16) if not SMOKE else ():
-        attempt(f"kernel {dtype}", kernel_alone, dtype)
-    done("checks")
-    for name in names:
-        attempt(f"speed {name}", speed_and_fidelity, name, args.frames, args.repeats)
+        dtypes, kernels = args.dtypes.split(","), args.kernels.split(",")
+        attempt(f"speed {name}", speed_and_fidelity, name, args.frames, args.repeats, args.chunk, dtypes, kernels)
         done(name)
     table("Exactness on the GPU (small random models; TF32 off)", RESULTS["exactness"])
     table("Streaming causal conv alone: Triton kernel vs cuDNN (cat + conv3d + slice)", RESULTS["kernel"])
-    table("Decode speed, full size, chunk 2 (TF32 on for fp32)", RESULTS["speed"])
+    table(f"Decode speed, full size, chunk {args.chunk} (TF32 on for fp32)", RESULTS["speed"])
     table("Half-precision fidelity vs fp32 (same model, same latents)", RESULTS["fidelity"])
     table("Failures", RESULTS["errors"])
 
