@@ -118,7 +118,9 @@ def diffusers_to_wan22_original(state: dict, num_res_blocks: int = 2) -> dict:
     resnet["conv_shortcut"] = "shortcut"
 
     def rename(key: str) -> str:
-        key = re.sub(r"(resnets\.\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.", lambda m: f"{m[1]}.{resnet[m[2]]}.", key)
+        key = re.sub(
+            r"(resnets\.\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.", lambda m: f"{m[1]}.{resnet[m[2]]}.", key
+        )
         for old, new in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
             if key.startswith(old):
                 return new + key[len(old) :]
@@ -128,9 +130,13 @@ def diffusers_to_wan22_original(state: dict, num_res_blocks: int = 2) -> dict:
         key = re.sub(r"\.mid_block\.attentions\.0\.", ".middle.1.", key)
         key = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".middle.{2 * int(m[1])}.", key)
         key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2.", key)
-        key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsampler\.", rf"encoder.downsamples.\1.downsamples.{num_res_blocks}.", key)
+        key = re.sub(
+            r"encoder\.down_blocks\.(\d+)\.downsampler\.", rf"encoder.downsamples.\1.downsamples.{num_res_blocks}.", key
+        )
         key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2.", key)
-        return re.sub(r"decoder\.up_blocks\.(\d+)\.upsampler\.", rf"decoder.upsamples.\1.upsamples.{num_res_blocks + 1}.", key)
+        return re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsampler\.", rf"decoder.upsamples.\1.upsamples.{num_res_blocks + 1}.", key
+        )
 
     return {rename(k): v.clone() for k, v in state.items()}
 

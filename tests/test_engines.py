@@ -193,3 +193,17 @@ def test_bad_input_is_one_line_exit_2(built, tmp_path, args, needle):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
     assert not (tmp_path / "e").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_a_contract_declaring_latency_or_step_inputs_is_refused(built, tmp_path):
+    """Such contracts are for decoders this version's runtimes cannot drive yet (non-causal ones)."""
+    import shutil
+
+    d, _ = built
+    for field, value in (("latency", 1), ("step_inputs", ["timestep"])):
+        shutil.copytree(d / "export", tmp_path / field)
+        manifest = json.loads((tmp_path / field / "manifest.json").read_text())
+        manifest["model"][field] = value
+        (tmp_path / field / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(InputError, match="latency or extra step inputs"):
+            engines.load(tmp_path / field)

@@ -142,3 +142,19 @@ def test_the_cli_imports_no_runtime_until_a_command_runs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_mixing_layouts_is_one_line_exit_2(mixed, tmp_path):
+    state = torch.load(mixed / "wan22.pth", weights_only=True)
+    state["decoder.upsamples.7.time_conv.weight"] = torch.zeros(1)  # a Wan2.1 (flat) key
+    torch.save(state, tmp_path / "mixed.pth")
+    torch.save({"latents": torch.randn(1, 48, 2, 2, 2)}, tmp_path / "z48.pt")
+    r = invoke("decode", tmp_path / "z48.pt", "-m", tmp_path / "mixed.pth", "-o", tmp_path / "o.pt", "-q")
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and "mixes checkpoint layouts: Wan2.1 VAE original" in lines[0]
+        and "Wan2.2 VAE original" in lines[0]
+    )
+    assert not (tmp_path / "o.pt").exists()

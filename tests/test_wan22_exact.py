@@ -220,7 +220,11 @@ def test_mixed_layouts_are_refused(pair, tmp_path):
     ref, _ = pair
     original = diffusers_to_wan22_original(ref.state_dict())
     with_wan21_key = {**original, "decoder.upsamples.7.time_conv.weight": torch.zeros(1)}
-    with_diffusers_key = {**original, "decoder.conv_in.weight": torch.zeros(1), "decoder.norm_out.gamma": torch.zeros(1)}
+    with_diffusers_key = {
+        **original,
+        "decoder.conv_in.weight": torch.zeros(1),
+        "decoder.norm_out.gamma": torch.zeros(1),
+    }
     for name, state in (("a.pth", with_wan21_key), ("b.pth", with_diffusers_key)):
         torch.save(state, tmp_path / name)
         with pytest.raises(CheckpointError, match="mixes checkpoint layouts") as e:

@@ -111,7 +111,9 @@ def test_planted_redundancy_independence_is_exact_l1_is_not():
     assert report.ok
     teacher.load_state_dict(state)
     plant_duplicates(teacher, "up.2.stream")
-    spec = StudentSpec.from_dict({"name": "half-up2", "stages": {"up2": {"op": "causal3d", "width": 0.5, "hidden": 1.0}}})
+    spec = StudentSpec.from_dict(
+        {"name": "half-up2", "stages": {"up2": {"op": "causal3d", "width": 0.5, "hidden": 1.0}}}
+    )
     calib = calibration_latents("synthetic", teacher, clips=2, frames=5, size=32)
     held_out = torch.randn(1, 48, 3, 2, 3)
     with torch.no_grad():

@@ -55,7 +55,7 @@ class Decoder:
 
     def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
         """Frames (B, 3, 1 + t(T-1), s*h, s*w) in [-1, 1], float32 on the CPU."""
-        return torch.cat(list(self.iter_decode(as_tensor(latents), chunk)), dim=2)
+        return torch.cat(list(self.iter_decode(latents, chunk)), dim=2)
 
     def default_chunk(self) -> int:
         return self.chunk_range.opt

@@ -50,7 +50,7 @@ class TorchDecoder(Decoder):
         return self._fingerprint
 
     def stream(self) -> TorchStream:
-        return TorchStream(self.model)
+        return TorchStream(self.model, source=self)
 
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         return self.model.state_shapes(batch, height, width)

@@ -342,11 +342,20 @@ class StreamingDecoder(Stream):
 
     Steps run in ``torch.inference_mode`` unless ``inference=False``, which leaves autograd as the
     caller set it (distillation trains through this loop); ``clamp`` is the step's output clamp;
-    ``inputs`` are extra step inputs the model declares (``model.step_inputs``).
+    ``inputs`` are extra step inputs the model declares (``model.step_inputs``); ``source`` is what
+    the stream reports its facts from (default: the model itself; an engine wrapping it).
     """
 
-    def __init__(self, model: Any, *, inference: bool = True, clamp: bool = True, inputs: dict | None = None) -> None:
-        super().__init__(model)
+    def __init__(
+        self,
+        model: Any,
+        *,
+        inference: bool = True,
+        clamp: bool = True,
+        inputs: dict | None = None,
+        source: StreamSource | None = None,
+    ) -> None:
+        super().__init__(source or model)
         self.model = model
         self.inference, self.clamp, self.inputs = inference, clamp, dict(inputs or {})
         self.state: State | None = None

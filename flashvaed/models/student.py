@@ -221,7 +221,7 @@ class StudentConfig:
     name: str
     layout: DecoderLayout
     teacher: Any  # the teacher's configuration, of its family's config type
-    family: str = "wan2.1"
+    family: str  # the teacher's family: ``teacher`` is read through it
     spec: dict[str, Any] = field(default_factory=dict)
     # per decoder stage, the teacher channels of its output that the student kept (from pruning);
     # distillation compares stage outputs at these channels
@@ -241,7 +241,7 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
-        family = str(d.get("family", "wan2.1"))
+        family = str(d["family"])
         return cls(
             name=d["name"],
             layout=DecoderLayout.from_dict(d["layout"]),

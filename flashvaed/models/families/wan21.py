@@ -111,7 +111,7 @@ def teacher_layout(config: WanConfig) -> DecoderLayout:
     middle = StageLayout("causal3d", widths[0], widths[0], (widths[0], widths[0]))
     spaces = channel_spaces(up, [False] * len(up))
     return DecoderLayout(
-        config.z_dim, middle, tuple(up), qk_dim=widths[0], v_dim=widths[0], family="wan2.1", spaces=spaces
+        config.z_dim, middle, tuple(up), qk_dim=widths[0], v_dim=widths[0], family=WanFamily.name, spaces=spaces
     )
 
 

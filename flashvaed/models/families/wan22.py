@@ -211,7 +211,7 @@ def teacher_layout(config: Wan22Config) -> DecoderLayout:
     spaces = channel_spaces(up, joins)
     out = 3 * config.patch_size**2
     return DecoderLayout(
-        config.z_dim, middle, tuple(up), widths[0], widths[0], out_channels=out, family="wan2.2", spaces=spaces
+        config.z_dim, middle, tuple(up), widths[0], widths[0], out_channels=out, family=Wan22Family.name, spaces=spaces
     )
 
 
