@@ -24,12 +24,11 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
 
 import torch
 
 from flashvaed.models import StreamingDecoder, StudentSpec, families
-from flashvaed.models.blocks import CausalConv3d, streaming_conv3d
+from flashvaed.models.blocks import fused_steps, streaming_conv3d
 from flashvaed.models.student import build_student
 
 RESULTS: dict[str, list[dict]] = {"exactness": [], "kernel": [], "speed": [], "fidelity": [], "errors": []}
@@ -73,21 +72,12 @@ def sync_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return statistics.median(runs), out
 
 
-@contextlib.contextmanager
-def triton_convs(model: torch.nn.Module) -> Iterator[None]:
+def triton_convs(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     if SMOKE:
-        yield
-        return
+        return contextlib.nullcontext()
     from flashvaed.engines.kernel import streaming_causal_conv3d
 
-    convs = [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
-    for conv in convs:
-        conv.fused_step = streaming_causal_conv3d
-    try:
-        yield
-    finally:
-        for conv in convs:
-            del conv.fused_step
+    return fused_steps(model, streaming_causal_conv3d)
 
 
 def decode(model: torch.nn.Module, latents: torch.Tensor, chunk: int) -> torch.Tensor:

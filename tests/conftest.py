@@ -1,4 +1,4 @@
-"""Shared fixtures: random-weight Wan2.1 VAEs in diffusers (the oracle) and in flashvaed."""
+"""Shared fixtures: random-weight Wan2.1 and Wan2.2 VAEs in diffusers (the oracle) and in flashvaed."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import torch
 warnings.filterwarnings("ignore", message=".*NumPy.*")
 
 
-def perturbed_diffusers_vae(base_dim: int, seed: int = 0):
-    """diffusers' AutoencoderKLWan with random weights, norm gains and output scale not at init.
-
-    The head is scaled down so that decoded frames mostly sit inside the [-1, 1] clamp and the
-    comparison sees real values, not saturated ones.
-    """
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=base_dim).eval()
+def perturb(vae):
+    """Move every norm gain and bias off its initial value; scale the head down so that decoded
+    frames mostly sit inside the [-1, 1] clamp and comparisons see real values, not saturated ones."""
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("gamma"):
@@ -27,7 +20,15 @@ def perturbed_diffusers_vae(base_dim: int, seed: int = 0):
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
         vae.decoder.conv_out.weight.mul_(0.5)
-    return vae
+    return vae.eval()
+
+
+def perturbed_diffusers_vae(base_dim: int, seed: int = 0):
+    """diffusers' AutoencoderKLWan (Wan2.1) with random weights, norm gains and output scale not at init."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return perturb(AutoencoderKLWan(base_dim=base_dim))
 
 
 @pytest.fixture(scope="session")
@@ -79,15 +80,8 @@ def perturbed_wan22_vae(base_dim: int, decoder_base_dim: int, seed: int = 0):
         scale_factor_spatial=16,
         latents_mean=list(WAN22_LATENTS_MEAN),
         latents_std=list(WAN22_LATENTS_STD),
-    ).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-        vae.decoder.conv_out.weight.mul_(0.5)
-    return vae
+    )
+    return perturb(vae)
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +133,3 @@ def diffusers_to_wan22_original(state: dict, num_res_blocks: int = 2) -> dict:
         )
 
     return {rename(k): v.clone() for k, v in state.items()}
-
-
-def wan22_latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
-    return latent_stats(vae)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import InputError
-from ..models.blocks import CausalConv3d
+from ..models.blocks import streaming_convs
 from ..models.streaming import ANY_CHUNK, StreamingDecoder, model_fingerprint
 from ..models.vae import LatentDecoder
 from .base import Decoder
@@ -67,7 +67,7 @@ def use_triton_kernel(model: LatentDecoder) -> int:
         raise InputError("the triton kernel needs the triton package (pip install triton)")
     if next(model.parameters()).device.type != "cuda":
         raise InputError("the triton kernel runs on CUDA devices only; use {device} cuda or the torch kernel", "device")
-    convs = [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
+    convs = streaming_convs(model)
     for conv in convs:
         conv.fused_step = streaming_causal_conv3d
     return len(convs)

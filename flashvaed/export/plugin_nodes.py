@@ -15,15 +15,14 @@ Dense convs (group 1) are ``StreamingCausalConv3d``; depthwise ones (group = cha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import onnx
 import torch
 from onnx import AttributeProto, helper
 from torch import Tensor, nn
 
-from ..models.blocks import CausalConv3d, streaming_conv3d
+from ..models.blocks import fused_steps, streaming_conv3d
 
 DOMAIN = "flashvaed"
 DOMAIN_VERSION = 1
@@ -71,17 +70,9 @@ def plugin_step(
     return _PluginNode.apply(x, history, weight, bias, tuple(padding), groups)
 
 
-@contextmanager
-def plugin_nodes(model: nn.Module) -> Iterator[None]:
+def plugin_nodes(model: nn.Module) -> AbstractContextManager[None]:
     """While exporting, every streaming causal conv of ``model`` becomes one plugin node."""
-    convs = [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
-    for conv in convs:
-        conv.fused_step = plugin_step
-    try:
-        yield
-    finally:
-        for conv in convs:
-            del conv.fused_step
+    return fused_steps(model, plugin_step)
 
 
 def function_body(op_type: str, opset: int) -> onnx.FunctionProto:

@@ -7,7 +7,8 @@ Blocks also declare how their channels are coupled (``channel_flow``, see ``coup
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
@@ -90,6 +91,24 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
         if stream is not None:
             flow.consume(stream, path, stage)
         return flow.start("stream", self.out_channels, path)
+
+
+def streaming_convs(model: nn.Module) -> list[CausalConv3d]:
+    """Every causal conv of ``model`` that carries history (the ones a fused step can replace)."""
+    return [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
+
+
+@contextmanager
+def fused_steps(model: nn.Module, step: Callable[..., tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Within the block, every streaming causal conv of ``model`` runs ``step``."""
+    convs = streaming_convs(model)
+    for conv in convs:
+        conv.fused_step = step
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.fused_step
 
 
 class RMSNorm(nn.Module):
