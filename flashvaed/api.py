@@ -227,7 +227,7 @@ def explain(
             "producers": [x for x, _ in g.producers],
             "consumers": g.consumers,
             "norms": g.norms,
-            "read_by": [f"{link.path} (for {link.target.name})" for link in graph.links if link.source is g],
+            "read_by": [f"{link.path} -> {link.target.name}" for link in graph.links if link.source is g],
         }
         for g, p in zip(graph.groups, channel_groups(pruned.decoder), strict=True)
     ]

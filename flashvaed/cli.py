@@ -76,6 +76,8 @@ def command(fn: F) -> F:
             raise fail(e.render(flag), 2) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except BrokenPipeError:  # output piped into e.g. `head`: main() ends quietly
+            raise
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
@@ -317,7 +319,7 @@ def prune(
             typer.echo(f"  consumed by:   {', '.join(g['consumers'])}")
             typer.echo(f"  normalised by: {', '.join(g['norms']) or '-'}")
             if g["read_by"]:
-                typer.echo(f"  also read by:  {', '.join(g['read_by'])} (keeps what they need)")
+                typer.echo(f"  also read by:  {', '.join(g['read_by'])} (channels they need are kept)")
         return
     if out is None:
         raise FlashVAEDError("--out is required (the student directory to write)")
