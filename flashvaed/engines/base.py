@@ -51,7 +51,7 @@ class Decoder:
 
     def iter_decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Iterator[Tensor]:
         """Frames chunk by chunk, in a new stream; the latents, chunk and size are checked up front."""
-        return iter_decode(self, latents, self.default_chunk() if chunk is None else chunk)
+        return iter_decode(self, latents, chunk)  # chunk None: the engine's optimum
 
     def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
         """Frames (B, 3, 1 + t(T-1), s*h, s*w) in [-1, 1], float32 on the CPU."""

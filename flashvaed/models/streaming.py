@@ -425,6 +425,6 @@ def iter_decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int |
 def decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
     """Decode a whole clip; ``chunk=None`` steps once over everything after the first frame."""
     latents = as_tensor(latents)
-    check_latents(source, latents)
-    chunk = max(1, latents.shape[2] - 1) if chunk is None else chunk
+    if chunk is None:  # iter_decode checks the latents; here only their length is read
+        chunk = max(1, latents.shape[2] - 1) if latents.dim() == 5 else 1
     return torch.cat(list(iter_decode(source, latents, chunk)), dim=2)

@@ -219,26 +219,21 @@ class Wan22Decoder(WanDecoder):
     """Wan2.1's decoder with DupUp shortcuts on the upsampling stages and an unpatchified output."""
 
     def __init__(self, config: Wan22Config, layout: DecoderLayout) -> None:
-        teacher = teacher_layout(config)
-        # set before the base class builds the stages (a plain list: nn.Module allows it)
-        self.teacher_repeats = [
-            (st.resample_width * self.factors(st)[2]) // st.in_width if st.resample_width else None for st in teacher.up
-        ]
+        # the teacher's widths fix each DupUp's repeats, also in students (a plain attribute, set
+        # before the base class builds the stages: nn.Module allows it)
+        self.teacher = teacher_layout(config)
         super().__init__(layout)
         self.patch_size = config.patch_size
         self.spatial_factor *= config.patch_size
-
-    @staticmethod
-    def factors(st: StageLayout) -> tuple[int, int, int]:
-        ft = 2 if st.temporal else 1
-        return ft, 2, ft * 4
 
     def up_stage(self, index: int, st: StageLayout) -> StreamingBlock:
         stage = super().up_stage(index, st)
         shortcut = None
         if st.resample_width is not None:
-            ft, fs, _ = self.factors(st)
-            shortcut = DupUp3D(st.in_width, st.resample_width, ft, fs, self.teacher_repeats[index])
+            ft, fs = (2 if st.temporal else 1), 2
+            t = self.teacher.up[index]
+            repeats = t.resample_width * ft * fs * fs // t.in_width
+            shortcut = DupUp3D(st.in_width, st.resample_width, ft, fs, repeats)
         return ResidualUpStage(list(stage.blocks), stage.resample, shortcut)
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
