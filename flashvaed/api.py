@@ -108,12 +108,20 @@ def decode(
     dtype: str = "float32",
     batch_index: int = 0,
     fps: int = 16,
+    decode_timestep: float | None = None,
+    decode_noise_scale: float | None = None,
+    seed: int = 0,
     progress: bool = False,
 ) -> DecodeResult:
     """Decode normalised diffusion-space latents (B, z, T, h, w) to frames, video or PNGs.
 
     MODEL may be a checkpoint, a student, an export or an engine directory (``engines.load``);
     ``chunk=None`` takes the engine's optimal chunk (2 latent frames for torch models).
+
+    Timestep-conditioned models (LTX-Video 0.9.1+) decode as upstream's pipeline does: noise mixed
+    into the normalised latents with ``decode_noise_scale`` (default 0.025), the decoder conditioned
+    on ``decode_timestep`` (default 0.05); ``seed`` fixes every random draw (the mixing noise and
+    0.9.1's injected noise maps). Both options are refused for models they do not apply to.
 
     Memory stays flat in the clip length: chunks are decoded and handed to the output one by
     one (raw tensor outputs do keep all frames, since they are written as one tensor).
@@ -124,12 +132,15 @@ def decode(
         raise InputError(f"{{chunk}} must be at least 1, got {chunk}", "chunk")
     if fps < 1:
         raise InputError(f"{{fps}} must be at least 1, got {fps}", "fps")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+        raise InputError(f"{{seed}} must be a non-negative integer, got {seed!r}", "seed")
     z = read_tensor(latents, "latents")
     decoder = engines.load(model, device=dev, dtype=dt)
     check_latents(decoder, z)
     if kind != "tensor" and not 0 <= batch_index < z.shape[0]:
         raise InputError(f"{{batch_index}} {batch_index} is out of range for a batch of {z.shape[0]}", "batch_index")
-    pieces = decoder.iter_decode(z, chunk)  # checks chunk range and size before any output exists
+    z, options = decode_conditions(decoder, z, decode_timestep, decode_noise_scale, seed)
+    pieces = decoder.iter_decode(z, chunk, **options)  # checks chunk range, size, options before any output
     n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk()))
     start = time.perf_counter()
     frames = 0
@@ -141,6 +152,29 @@ def decode(
     seconds = time.perf_counter() - start
     b, c, _, h, w = last_shape
     return DecodeResult(Path(out), (b, c, frames, h, w), seconds)
+
+
+def decode_conditions(
+    decoder: Any, latents: torch.Tensor, timestep: float | None, noise_scale: float | None, seed: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The latents after upstream's decode-time noise, and the stream options, for ``decoder``."""
+    inputs = getattr(decoder, "step_inputs", ())
+    if "timestep" not in inputs:
+        for value, name in ((timestep, "decode_timestep"), (noise_scale, "decode_noise_scale")):
+            if value is not None:
+                raise InputError(f"this model is not timestep-conditioned: {{{name}}} does not apply", name)
+        return latents, {}
+    from .models.families.ltx import DEFAULT_NOISE_SCALE, DEFAULT_TIMESTEP, mix_decode_noise
+
+    timestep = DEFAULT_TIMESTEP if timestep is None else timestep
+    noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
+    for value, name in ((timestep, "decode_timestep"), (noise_scale, "decode_noise_scale")):
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"{{{name}}} must be a finite number >= 0, got {value}", name)
+    options: dict[str, Any] = {"timestep": float(timestep)}
+    if "noise" in inputs:
+        options["seed"] = seed
+    return mix_decode_noise(latents, float(noise_scale), seed), options
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def info(
     ] = None,
     width: Annotated[
         int | None,
-        typer.Option(help="Frame width in pixels (default: the family's: 480x832 Wan2.1, 704x1280 Wan2.2)."),
+        typer.Option(
+            help="Frame width in pixels (default: the family's: 480x832 Wan2.1, 704x1280 Wan2.2, 512x768 LTX)."
+        ),
     ] = None,
     chunk: Annotated[int, typer.Option(help="Latent frames per steady chunk.")] = 1,
     dtype: Dtype = "float32",
@@ -130,7 +132,14 @@ def info(
         shown = {k: v for k, v in s.config.items() if v is not None and not k.startswith("latents_")}
         head.add_row("config", ", ".join(f"{k}={v}" for k, v in shown.items()))
     head.add_row("parameters", f"{s.params_decoder / 1e6:.2f} M decoder, {s.params_total / 1e6:.2f} M total")
-    head.add_row("first chunk", f"1 latent frame -> 1 frame: {s.macs_first / 1e9:.1f} GMACs")
+    if s.latency:
+        head.add_row(
+            "latency",
+            f"{s.latency} latent frames (not causal: frames leave a stream {s.latency} latent frames late; "
+            "closing the stream flushes them)",
+        )
+    else:
+        head.add_row("first chunk", f"1 latent frame -> 1 frame: {s.macs_first / 1e9:.1f} GMACs")
     head.add_row(
         "steady chunk",
         f"{s.chunk} latent frame(s) -> {s.frames_per_chunk} frames: {s.macs_steady / 1e9:.1f} GMACs "
@@ -222,6 +231,20 @@ def decode(
     dtype: Dtype = "float32",
     batch_index: Annotated[int, typer.Option(help="Which sample goes to .mp4/PNG outputs.")] = 0,
     fps: Annotated[int, typer.Option(help="Frame rate of .mp4 outputs.")] = 16,
+    decode_timestep: Annotated[
+        float | None,
+        typer.Option(help="Timestep-conditioned models (LTX-Video 0.9.1+): the decoder's timestep (default 0.05)."),
+    ] = None,
+    decode_noise_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Timestep-conditioned models: noise mixed into the normalised latents, "
+            "latents*(1-S) + noise*S, as upstream's pipeline does (default 0.025; 0 for none)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of every random draw (decode noise, LTX 0.9.1's injected noise).")
+    ] = 0,
     quiet: Quiet = False,
 ) -> None:
     """Decode latents to frames, streaming chunk by chunk (memory stays flat)."""
@@ -234,6 +257,9 @@ def decode(
         dtype=dtype,
         batch_index=batch_index,
         fps=fps,
+        decode_timestep=decode_timestep,
+        decode_noise_scale=decode_noise_scale,
+        seed=seed,
         progress=not quiet,
     )
     b, _, f, h, w = r.shape

@@ -133,3 +133,168 @@ def diffusers_to_wan22_original(state: dict, num_res_blocks: int = 2) -> dict:
         )
 
     return {rename(k): v.clone() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# LTX-Video: diffusers' AutoencoderKLLTXVideo at tiny widths, one per decoder generation, with the
+# topology of the released configs (docs: ltx-vae.md, section 8)
+LTX_TINY = {
+    "0.9.0": dict(
+        block_out_channels=(8, 16, 32, 32),
+        decoder_block_out_channels=(8, 16, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 2),
+        decoder_layers_per_block=(1, 2, 1, 1, 2),
+    ),
+    "0.9.1": dict(
+        block_out_channels=(8, 16, 32, 32),
+        decoder_block_out_channels=(16, 32, 64),
+        layers_per_block=(1, 1, 1, 1, 2),
+        decoder_layers_per_block=(1, 2, 1, 2),
+        decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(True, True, True, False),
+        upsample_residual=(True, True, True),
+        upsample_factor=(2, 2, 2),
+        timestep_conditioning=True,
+    ),
+    "0.9.5": dict(
+        block_out_channels=(8, 16, 32, 64, 128),
+        down_block_types=("LTXVideo095DownBlock3D",) * 4,
+        layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, True),
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        decoder_block_out_channels=(16, 32, 64),
+        decoder_layers_per_block=(1, 1, 2, 1),
+        decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(False, False, False, False),
+        upsample_residual=(True, True, True),
+        upsample_factor=(2, 2, 2),
+        timestep_conditioning=True,
+    ),
+}
+LTX_LATENT = 8  # latent channels of the tiny models
+
+
+def perturbed_ltx_vae(generation: str, seed: int = 0):
+    """diffusers' AutoencoderKLLTXVideo (tiny) with random weights and everything that starts at a
+    neutral value moved off it: shortcut LayerNorms, biases, noise scales, scale-shift tables, the
+    timestep multiplier and the latent statistics."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(latent_channels=LTX_LATENT, **LTX_TINY[generation])
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "per_channel_scale" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+            elif "norm3" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            elif "scale_shift_table" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        if vae.decoder.timestep_scale_multiplier is not None:
+            vae.decoder.timestep_scale_multiplier.fill_(700.0)  # not the 1000.0 it starts at
+        vae.latents_mean.copy_(0.3 * torch.randn_like(vae.latents_mean))
+        vae.latents_std.copy_(0.5 + torch.rand_like(vae.latents_std))
+        vae.decoder.conv_out.conv.weight.mul_(0.5)
+    return vae.eval()
+
+
+def ltx_reference_decode(ref, latents, timestep=None, seed=0):
+    """diffusers' decoder on normalised latents (it takes de-normalised ones), unclamped; noise
+    maps from the global generator after ``torch.manual_seed(seed)``, as upstream draws them."""
+    mean = ref.latents_mean.view(1, -1, 1, 1, 1)
+    std = ref.latents_std.view(1, -1, 1, 1, 1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        t = None if timestep is None else torch.as_tensor(timestep, dtype=torch.float32).expand(latents.shape[0])
+        return ref.decoder(latents * std + mean, t)
+
+
+# The original single-file layout, written from the facts (ltx-vae.md section 7: D-CONV's block
+# renames read backwards, the resnet renames, the statistics names), independently of flashvaed.
+LTX_ORIGINAL_BLOCKS = {
+    "0.9.0": {
+        "decoder": ["mid_block", "up_blocks.0", "up_blocks.1.upsamplers.0", "up_blocks.1", "up_blocks.2.conv_in",
+                    "up_blocks.2.upsamplers.0", "up_blocks.2", "up_blocks.3.conv_in", "up_blocks.3.upsamplers.0",
+                    "up_blocks.3"],
+        "encoder": ["down_blocks.0", "down_blocks.0.downsamplers.0", "down_blocks.0.conv_out", "down_blocks.1",
+                    "down_blocks.1.downsamplers.0", "down_blocks.1.conv_out", "down_blocks.2",
+                    "down_blocks.2.downsamplers.0", "down_blocks.3", "mid_block"],
+    },
+    "0.9.1": {
+        "decoder": ["mid_block", "up_blocks.0.upsamplers.0", "up_blocks.0", "up_blocks.1.upsamplers.0", "up_blocks.1",
+                    "up_blocks.2.upsamplers.0", "up_blocks.2"],
+    },
+    "0.9.5": {
+        "encoder": ["down_blocks.0", "down_blocks.0.downsamplers.0", "down_blocks.1", "down_blocks.1.downsamplers.0",
+                    "down_blocks.2", "down_blocks.2.downsamplers.0", "down_blocks.3", "down_blocks.3.downsamplers.0",
+                    "mid_block"],
+    },
+}  # fmt: skip
+LTX_ORIGINAL_BLOCKS["0.9.1"]["encoder"] = LTX_ORIGINAL_BLOCKS["0.9.0"]["encoder"]
+LTX_ORIGINAL_BLOCKS["0.9.5"]["decoder"] = LTX_ORIGINAL_BLOCKS["0.9.1"]["decoder"]
+
+
+def ltx_original_config(generation: str) -> dict:
+    """The upstream (CausalVideoAutoencoder) config of the tiny models, block lists in upstream order."""
+    res = lambda n, noise=False: ["res_x", {"num_layers": n, **({"inject_noise": True} if noise else {})}]  # noqa: E731
+    if generation == "0.9.5":
+        encoder = [res(1), ["compress_space_res", {"multiplier": 2}], res(1), ["compress_time_res", {"multiplier": 2}],
+                   res(1), ["compress_all_res", {"multiplier": 2}], res(1), ["compress_all_res", {"multiplier": 2}],
+                   res(1)]  # fmt: skip
+    else:
+        encoder = [res(1), ["compress_all", {}], ["res_x_y", 1], res(1), ["compress_all", {}], ["res_x_y", 1], res(1),
+                   ["compress_all", {}], res(1), res(2)]  # fmt: skip
+    if generation == "0.9.0":  # running order: mid 2, up 1, compress, 1, res_x_y, compress, 2, res_x_y, compress, 1
+        decoder = [res(1), ["compress_all", {}], ["res_x_y", {"multiplier": 2}], res(2), ["compress_all", {}],
+                   ["res_x_y", {"multiplier": 2}], res(1), ["compress_all", {}], res(1), res(2)]  # fmt: skip
+    else:
+        up = ["compress_all", {"residual": True, "multiplier": 2}]
+        noisy = generation == "0.9.1"
+        layers = [1, 2, 1, 2] if noisy else [1, 1, 2, 1]
+        decoder = [res(layers[0], noisy), up, res(layers[1], noisy), up, res(layers[2], noisy), up, res(layers[3])]
+    return {
+        "_class_name": "CausalVideoAutoencoder",
+        "dims": 3,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": LTX_LATENT,
+        "encoder_blocks": encoder,
+        "decoder_blocks": decoder,
+        "encoder_base_channels": 8,
+        "decoder_base_channels": 8,
+        "scaling_factor": 1.0,
+        "norm_layer": "pixel_norm",
+        "patch_size": 4,
+        "latent_log_var": "uniform",
+        "use_quant_conv": False,
+        "causal_decoder": False,
+        "timestep_conditioning": generation != "0.9.0",
+    }
+
+
+def diffusers_to_ltx_original(state: dict, generation: str) -> dict:
+    """diffusers' AutoencoderKLLTXVideo keys -> the original single file's ``vae.`` names."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        if key in ("latents_mean", "latents_std"):
+            stat = "mean-of-means" if key == "latents_mean" else "std-of-means"
+            out[f"vae.per_channel_statistics.{stat}"] = value.clone()
+            continue
+        side, _, rest = key.partition(".")
+        for index, prefix in sorted(enumerate(LTX_ORIGINAL_BLOCKS[generation][side]), key=lambda item: -len(item[1])):
+            if rest.startswith(prefix + "."):
+                rest = f"{'up' if side == 'decoder' else 'down'}_blocks.{index}." + rest[len(prefix) + 1 :]
+                break
+        rest = rest.replace(".resnets.", ".res_blocks.")
+        rest = re.sub(r"norm3\.(weight|bias)$", r"norm3.norm.\1", rest)
+        rest = rest.replace("conv_shortcut.conv.", "conv_shortcut.")
+        if side == "decoder" and rest.startswith("time_embedder."):
+            rest = "last_" + rest
+        if side == "decoder" and rest == "scale_shift_table":
+            rest = "last_scale_shift_table"
+        out[f"vae.{side}.{rest}"] = value.clone()
+    return out

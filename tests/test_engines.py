@@ -195,15 +195,18 @@ def test_bad_input_is_one_line_exit_2(built, tmp_path, args, needle):
     assert not (tmp_path / "e").exists() and not (tmp_path / "x.pt").exists()
 
 
-def test_a_contract_declaring_latency_or_step_inputs_is_refused(built, tmp_path):
-    """Such contracts are for decoders this version's runtimes cannot drive yet (non-causal ones)."""
+def test_a_contract_inconsistent_with_its_graphs_is_refused(built, tmp_path):
+    """A decoder with latency needs its 'last' graph; step inputs must be ones this version drives."""
     import shutil
 
     d, _ = built
-    for field, value in (("latency", 1), ("step_inputs", ["timestep"])):
+    for field, value, needle in (
+        ("latency", 1, "graphs \\(expected first, steady, last\\)"),
+        ("step_inputs", ["temperature"], "declares step inputs this version cannot drive \\(temperature\\)"),
+    ):
         shutil.copytree(d / "export", tmp_path / field)
         manifest = json.loads((tmp_path / field / "manifest.json").read_text())
         manifest["model"][field] = value
         (tmp_path / field / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(InputError, match="latency or extra step inputs"):
+        with pytest.raises(InputError, match=needle):
             engines.load(tmp_path / field)

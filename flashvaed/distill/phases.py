@@ -43,7 +43,13 @@ def captured_stages(model: LatentDecoder) -> Iterator[dict[str, list[tuple[Tenso
 
 
 def streaming_decode(model: LatentDecoder, latents: Tensor, chunk: int, clamp: bool) -> Tensor:
-    """Differentiable decode through the streaming loop: the first frame, then ``chunk`` at a time."""
+    """Differentiable decode through the streaming loop: the first frame, then ``chunk`` at a time.
+
+    A decoder with latency runs its one-shot form instead (which its stream equals): its stream's
+    warm-up positions are not frames, and stage features must be frames to be compared.
+    """
+    if model.latency:
+        return model.decode_clip(latents, clamp=clamp)
     stream = StreamingDecoder(model, inference=False, clamp=clamp)
     return torch.cat([stream.push(latents[:, :, a:b]) for a, b in chunk_bounds(latents.shape[2], chunk)], dim=2)
 
@@ -94,15 +100,17 @@ class DistillObjective(nn.Module):
     def align(self, teacher: TeacherPass) -> tuple[Tensor, dict[str, float]]:
         total = None
         parts = {}
+        one_shot = getattr(self.student.decoder, "one_shot_context", None)  # decoders with latency
         for name, scale, block in self.student.decoder.stages():
             chunks = teacher.stages[name]
             b, _, _, h, w = chunks[0][0].shape
             h, w = int(h / scale), int(w / scale)  # back to the latent grid
             p = next(self.student.parameters())
             state = zero_state(block.state_specs(name, scale), b, h, w, dtype=p.dtype, device=p.device)
+            extra = () if one_shot is None else (one_shot(b, h, w),)
             loss = None
             for i, (t_in, t_out) in enumerate(chunks):
-                y, state = self._run(block, self._select(t_in, self.keep_in[name]), state, i == 0)
+                y, state = self._run(block, self._select(t_in, self.keep_in[name]), state, i == 0, *extra)
                 term = feature_loss(y, self._select(t_out, self.keep_out[name]))
                 loss = term if loss is None else loss + term
             loss = loss / len(chunks)
@@ -110,12 +118,12 @@ class DistillObjective(nn.Module):
             total = loss if total is None else total + loss
         return total.mean(), parts
 
-    def _run(self, block: nn.Module, x: Tensor, state: tuple, first: bool) -> tuple[Tensor, tuple]:
+    def _run(self, block: nn.Module, x: Tensor, state: tuple, first: bool, *extra: object) -> tuple[Tensor, tuple]:
         if self.checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(block, x, state, first, use_reentrant=False)
-        return block(x, state, first)
+            return checkpoint(block, x, state, first, *extra, use_reentrant=False)
+        return block(x, state, first, *extra)
 
     def transfer(self, latents: Tensor, teacher: TeacherPass, progress: float) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config.transfer

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import Contract
-from ..models.streaming import ANY_CHUNK, ShapeRange, Stream, StreamState, as_tensor, iter_decode
+from ..models.streaming import ANY_CHUNK, ShapeRange, Stream, StreamState, as_tensor, conditioning_inputs, iter_decode
 
 __all__ = ["ContractDecoder", "Decoder", "Stream", "StreamState", "as_tensor"]
 
@@ -31,13 +31,16 @@ class Decoder:
     temporal_factor: int
     spatial_factor: int
     latency: int = 0
+    output_offset: int = 0
+    step_inputs: tuple[str, ...] = ()  # extra per-stream inputs (an LTX timestep, noise maps)
     chunk_range: ShapeRange = ANY_CHUNK
 
     @property
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def stream(self) -> Stream:
+    def stream(self, **options: Any) -> Stream:
+        """A new stream; ``options`` are the model's stream options (a timestep, a seed)."""
         raise NotImplementedError
 
     def check_geometry(self, batch: int, height: int, width: int) -> None:
@@ -49,13 +52,13 @@ class Decoder:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "fingerprint": self.fingerprint}
 
-    def iter_decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Iterator[Tensor]:
+    def iter_decode(self, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any) -> Iterator[Tensor]:
         """Frames chunk by chunk, in a new stream; the latents, chunk and size are checked up front."""
-        return iter_decode(self, latents, chunk)  # chunk None: the engine's optimum
+        return iter_decode(self, latents, chunk, **options)  # chunk None: the engine's optimum
 
-    def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
+    def decode(self, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any) -> Tensor:
         """Frames (B, 3, 1 + t(T-1), s*h, s*w) in [-1, 1], float32 on the CPU."""
-        return torch.cat(list(self.iter_decode(latents, chunk)), dim=2)
+        return torch.cat(list(self.iter_decode(latents, chunk, **options)), dim=2)
 
     def default_chunk(self) -> int:
         return self.chunk_range.opt
@@ -65,21 +68,41 @@ class ContractDecoder(Decoder):
     """A decoder driven by an export's contract: its facts, shape ranges and state shapes."""
 
     def __init__(self, contract: Contract) -> None:
-        if contract.latency or contract.step_inputs:
+        unknown = set(contract.step_inputs) - {"timestep", "noise"}
+        if unknown:
             raise InputError(
-                "this export declares decoder latency or extra step inputs, which this version's runtimes "
-                "do not drive; update flashvaed"
+                f"this export declares step inputs this version cannot drive ({', '.join(sorted(unknown))})"
             )
         self.contract = contract
         self.latent_channels = contract.latent_channels
         self.temporal_factor = contract.temporal_factor
         self.spatial_factor = contract.spatial_factor
+        self.latency, self.output_offset = contract.latency, contract.output_offset
+        self.step_inputs = tuple(contract.step_inputs)
         self._fingerprint = contract.model["fingerprint"]
         self.chunk_range = contract.shapes["chunk"]
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse stream options this engine does not take (before any step)."""
+        self.stream_inputs(None, 1, 1, options)
+
+    def stream_inputs(self, batch: int | None, height: int, width: int, options: dict[str, Any]) -> dict[str, Any]:
+        """The per-stream graph inputs (``timestep``, ``noise/i``) as float32 numpy arrays."""
+        if not self.step_inputs:
+            if options:
+                raise InputError(f"this engine's graphs take no stream options, got {', '.join(sorted(options))}")
+            return {}
+        c = self.contract
+        inputs = conditioning_inputs(
+            c.step_inputs, c.noise_scales, batch, height, width, default_timestep=c.default_timestep, **options
+        )
+        arrays = {"timestep": inputs["timestep"].numpy()} if "timestep" in inputs else {}
+        arrays.update({f"noise/{i}": n.numpy() for i, n in enumerate(inputs.get("noise", ()))})
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
     def check_geometry(self, batch: int, height: int, width: int) -> None:
         shapes, s = self.contract.shapes, self.spatial_factor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -53,6 +54,10 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
 class OrtStream(Stream):
     source: OnnxRuntimeDecoder
 
+    def __init__(self, source: OnnxRuntimeDecoder, options: dict[str, Any] | None = None) -> None:
+        super().__init__(source)
+        self.options = dict(options or {})
+
     def _start(self, batch: int, height: int, width: int) -> None:
         d = self.source
         dtype = NUMPY_DTYPES[d.contract.state_dtype]
@@ -60,27 +65,43 @@ class OrtStream(Stream):
         self.buffers = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
         values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in bufs] for bufs in self.buffers]
         self.current = 0  # the set holding the state the next step reads
-        # state is bound once: ``first`` writes set 0; steady binding i reads set i, writes the other
+        # per-stream inputs (a timestep, noise maps) are bound once, to every graph
+        self.inputs = {
+            k: ort.OrtValue.ortvalue_from_numpy(v)
+            for k, v in d.stream_inputs(batch, height, width, self.options).items()
+        }
+        # state is bound once: ``first`` writes set 0; steady (and last) binding i reads set i, writes the other
         self.first_binding = d.sessions["first"].io_binding()
         for i, t in enumerate(d.contract.state):
             self.first_binding.bind_ortvalue_output(t.output, values[0][i])
-        self.steady_bindings = []
-        for src in (0, 1):
-            binding = d.sessions["steady"].io_binding()
-            for i, t in enumerate(d.contract.state):
-                binding.bind_ortvalue_input(t.input, values[src][i])
-                binding.bind_ortvalue_output(t.output, values[1 - src][i])
-            self.steady_bindings.append(binding)
+        self.bindings: dict[str, list] = {}
+        for graph in d.contract.graphs[1:]:
+            self.bindings[graph] = []
+            for src in (0, 1):
+                binding = d.sessions[graph].io_binding()
+                for i, t in enumerate(d.contract.state):
+                    binding.bind_ortvalue_input(t.input, values[src][i])
+                    binding.bind_ortvalue_output(t.output, values[1 - src][i])
+                self.bindings[graph].append(binding)
+        for binding in [self.first_binding] + [b for pair in self.bindings.values() for b in pair]:
+            for name, value in self.inputs.items():
+                binding.bind_ortvalue_input(name, value)
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
-        binding = self.first_binding if first else self.steady_bindings[self.current]
+        graph = "first" if first else ("last" if d.latency and self.end is not None else "steady")
+        binding = self.first_binding if first else self.bindings[graph][self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
-        frames = np.empty((b, 3, 1 if first else d.temporal_factor * k, h * s, w * s), np.float32)
+        n = 1 if first and not d.latency else d.temporal_factor * k
+        frames = np.empty((b, 3, n, h * s, w * s), np.float32)
         binding.bind_ortvalue_input("latents", ort.OrtValue.ortvalue_from_numpy(latents_array(latents)))
         binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))
-        d.sessions["first" if first else "steady"].run_with_iobinding(binding)
+        if d.latency and not first:
+            binding.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(np.array(self.position, np.int64)))
+            if graph == "last":
+                binding.bind_ortvalue_input("end", ort.OrtValue.ortvalue_from_numpy(np.array(self.end, np.int64)))
+        d.sessions[graph].run_with_iobinding(binding)
         if not first:
             self.current = 1 - self.current
         return torch.from_numpy(frames)
@@ -119,8 +140,9 @@ class OnnxRuntimeDecoder(ContractDecoder):
             for g, f in contract.files.items()
         }
 
-    def stream(self) -> OrtStream:
-        return OrtStream(self)
+    def stream(self, **options: Any) -> OrtStream:
+        self.check_options(options)
+        return OrtStream(self, options)
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.providers}

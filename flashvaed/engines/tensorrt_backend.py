@@ -74,6 +74,10 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
 class TensorRTStream(Stream):
     source: TensorRTDecoder
 
+    def __init__(self, source: TensorRTDecoder, options: dict[str, Any] | None = None) -> None:
+        super().__init__(source)
+        self.options = dict(options or {})
+
     def _start(self, batch: int, height: int, width: int) -> None:
         d = self.source
         dtype = getattr(torch, d.contract.state_dtype)
@@ -82,18 +86,33 @@ class TensorRTStream(Stream):
         self.current = 0
         self.contexts = {g: e.create_execution_context() for g, e in d.engines.items()}
         self.cuda_stream = torch.cuda.Stream()
+        # per-stream inputs (a timestep, noise maps), and the clock's scalars, live on the device
+        inputs = d.stream_inputs(batch, height, width, self.options)
+        self.inputs = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
+        self.clock = {k: torch.zeros((), dtype=torch.int64, device="cuda") for k in ("position", "end")}
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
-        graph = "first" if first else "steady"
+        graph = "first" if first else ("last" if d.latency and self.end is not None else "steady")
         context = self.contexts[graph]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         x = latents.to("cuda", torch.float32).contiguous()
-        frames = torch.empty((b, 3, 1 if first else d.temporal_factor * k, h * s, w * s), device="cuda")
+        n = 1 if first and not d.latency else d.temporal_factor * k
+        frames = torch.empty((b, 3, n, h * s, w * s), device="cuda")
         context.set_input_shape("latents", tuple(x.shape))
         context.set_tensor_address("latents", x.data_ptr())
         context.set_tensor_address("frames", frames.data_ptr())
+        extra = dict(self.inputs)
+        if d.latency and not first:
+            self.clock["position"].fill_(self.position)
+            extra["position"] = self.clock["position"]
+            if graph == "last":
+                self.clock["end"].fill_(self.end)
+                extra["end"] = self.clock["end"]
+        for name, value in extra.items():
+            context.set_input_shape(name, tuple(value.shape))
+            context.set_tensor_address(name, value.data_ptr())
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
         for i, t in enumerate(d.contract.state):
             if not first:
@@ -128,8 +147,11 @@ class TensorRTDecoder(ContractDecoder):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         plans = (contract.backend or {}).get("plan_files", {})
         self.engines = {g: runtime.deserialize_cuda_engine((self.path / f).read_bytes()) for g, f in plans.items()}
-        if set(self.engines) != {"first", "steady"} or not all(self.engines.values()):
-            raise InputError(f"{path} does not hold loadable TensorRT plans for both graphs")
+        if set(self.engines) != set(contract.graphs) or not all(self.engines.values()):
+            raise InputError(
+                f"{path} does not hold loadable TensorRT plans for its graphs ({', '.join(contract.graphs)})"
+            )
 
-    def stream(self) -> TensorRTStream:
-        return TensorRTStream(self)
+    def stream(self, **options: Any) -> TensorRTStream:
+        self.check_options(options)
+        return TensorRTStream(self, options)

@@ -6,6 +6,8 @@ instead of concatenate + conv + slice.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from ..errors import InputError
@@ -37,7 +39,8 @@ class TorchDecoder(Decoder):
         self.latent_channels = model.latent_channels
         self.temporal_factor = model.temporal_factor
         self.spatial_factor = model.spatial_factor
-        self.latency = model.latency
+        self.latency, self.output_offset = model.latency, model.output_offset
+        self.step_inputs = model.step_inputs
         self._fingerprint: str | None = None
         self.kernel = kernel
         if kernel == "triton":
@@ -49,8 +52,8 @@ class TorchDecoder(Decoder):
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
-    def stream(self) -> TorchStream:
-        return TorchStream(self.model, source=self)
+    def stream(self, **options: Any) -> TorchStream:
+        return TorchStream(self.model, source=self, options=options)
 
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         return self.model.state_shapes(batch, height, width)

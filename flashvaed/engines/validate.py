@@ -55,7 +55,16 @@ class TorchStepRunner(BaseRunner):
             state = zero_state(self.model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
         else:
             state = tuple(torch.from_numpy(feed_dict[t.input]).to(p.device, p.dtype) for t in self.contract.state)
-        frames, state = self.model.decode_step(latents, state, first=self.graph == "first")
+        inputs: dict[str, Any] = {}
+        if self.model.latency:
+            inputs["position"] = int(feed_dict.get("position", 0))
+            inputs["end"] = int(feed_dict["end"]) if "end" in feed_dict else None
+        if "timestep" in feed_dict:
+            inputs["timestep"] = torch.from_numpy(feed_dict["timestep"]).to(p.device)
+        noise = sorted((k for k in feed_dict if k.startswith("noise/")), key=lambda k: int(k.split("/")[1]))
+        if noise:
+            inputs["noise"] = tuple(torch.from_numpy(feed_dict[k]).to(p.device, p.dtype) for k in noise)
+        frames, state = self.model.decode_step(latents, state, first=self.graph == "first", **inputs)
         out = OrderedDict(frames=frames.float().cpu().numpy())
         for t, s in zip(self.contract.state, state, strict=True):
             out[t.output] = s.cpu().numpy()
@@ -78,26 +87,45 @@ class Validation:
         return dict(self.__dict__)
 
 
+class RecordingStream(StreamingDecoder):
+    """The reference model's stream, chunked as the engine chunks (its facts are the engine's: a
+    short last chunk padded, a decoder with latency drained), recording every step's graph inputs."""
+
+    def __init__(self, model: LatentDecoder, engine: ContractDecoder) -> None:
+        super().__init__(model, source=engine)
+        self.feeds: dict[str, list] = {g: [] for g in engine.contract.graphs}
+
+    def _step(self, latents: torch.Tensor, first: bool) -> torch.Tensor:
+        engine: ContractDecoder = self.source  # type: ignore[assignment]
+        graph = "first" if first else ("last" if engine.latency and self.end is not None else "steady")
+        dtype = engine.contract.state_dtype
+        feed: dict[str, np.ndarray] = {"latents": latents.float().cpu().numpy()}
+        if not first:
+            for t, v in zip(engine.contract.state, self.state or (), strict=True):
+                feed[t.input] = v.cpu().numpy().astype(dtype)
+        if engine.latency and not first:
+            feed["position"] = np.array(self.position, np.int64)
+            if graph == "last":
+                feed["end"] = np.array(self.end, np.int64)
+        b, _, _, h, w = latents.shape
+        feed.update(engine.stream_inputs(b, h, w, self.options))
+        self.feeds[graph].append(feed)
+        return super()._step(latents, first)
+
+
 def _feeds(
     model: LatentDecoder, decoder: ContractDecoder, latents: torch.Tensor, chunk: int
 ) -> tuple[dict[str, list], torch.Tensor]:
     """Inputs of every chunk, with the reference's state going in (teacher forcing), and the
     reference's frames of the whole clip, which that same stream decodes."""
-    stream = StreamingDecoder(model)
-    feeds: dict[str, list] = {"first": [], "steady": []}
+    stream = RecordingStream(model, decoder)
     frames = []
-    dtype = decoder.contract.state_dtype
-    for start, stop in chunk_bounds(latents.shape[2], chunk):
-        piece = latents[:, :, start:stop]
-        if start == 0:
-            feeds["first"].append({"latents": piece.numpy()})
-        elif stop - start >= decoder.chunk_range.min:  # a clip's short tail is padded, not fed
-            state = zip(decoder.contract.state, stream.state or (), strict=True)
-            feeds["steady"].append(
-                {"latents": piece.numpy(), **{s.input: v.cpu().numpy().astype(dtype) for s, v in state}}
-            )
-        frames.append(stream.push(piece).float().cpu())
-    return feeds, torch.cat(frames, dim=2)
+    t = latents.shape[2]
+    for start, stop in chunk_bounds(t, chunk):
+        frames.append(stream.push(latents[:, :, start:stop], final=stop == t).float().cpu())
+    if decoder.latency:
+        frames.append(stream.close().float().cpu())
+    return stream.feeds, torch.cat(frames, dim=2)
 
 
 def engine_runner(decoder: ContractDecoder, graph: str) -> BaseRunner:

@@ -32,7 +32,7 @@ EXPORT_FORMAT = "flashvaed-export"
 ENGINE_FORMAT = "flashvaed-engine"
 CONTRACT_VERSION = 1
 METADATA_KEY = "flashvaed.contract"
-GRAPHS = ("first", "steady")
+GRAPHS = ("first", "steady", "last")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CHUNK_RULE = (
     "Run graph 'first' once on latent frame 0 (one latent frame -> one frame + the initial state). "
@@ -40,6 +40,16 @@ CHUNK_RULE = (
     "k latent frames + state -> temporal_factor*k frames + next state, feeding every output "
     "'next_state/NAME' back as input 'state/NAME'. Concatenating the frames of all chunks equals "
     "decoding the clip at once."
+)
+CLOCK_RULE = (
+    "This decoder has latency (model.latency latent frames; it is not causal). Every graph maps k latent "
+    "frames to temporal_factor*k output positions: 'first' (k=1) starts the stream, 'steady' takes input "
+    "'position' (int64: latent frames pushed before this chunk), 'last' also 'end' (int64: the clip's "
+    "length T in latent frames) and runs every chunk once the clip's length is known: a final chunk shorter "
+    "than shapes.chunk.min padded with any latents, then chunks of any latents until model.latency latent "
+    "frames past the end were pushed. Output position p is frame p - model.output_offset of the clip; keep "
+    "frames 0 .. temporal_factor*(T-1). 'timestep' (float32, one per sample) and 'noise/i' (float32 maps of "
+    "the latent grid scaled by model.noise_scales[i]) are per-stream inputs, the same for every chunk."
 )
 
 
@@ -111,6 +121,24 @@ class Contract:
         return list(self.model.get("step_inputs", []))
 
     @property
+    def output_offset(self) -> int:
+        return int(self.model.get("output_offset", 0))
+
+    @property
+    def noise_scales(self) -> list[Fraction]:
+        return [Fraction(s) for s in self.model.get("noise_scales", [])]
+
+    @property
+    def default_timestep(self) -> float | None:
+        value = self.model.get("default_timestep")
+        return None if value is None else float(value)
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The graphs of this export: a decoder with latency adds ``last`` (the clip's end known)."""
+        return GRAPHS if self.latency else GRAPHS[:2]
+
+    @property
     def state_dtype(self) -> str:
         return PRECISIONS[self.precision]
 
@@ -125,11 +153,10 @@ class Contract:
         d = sizes or self.dims()
         b, h, w = d["batch"], d["height"], d["width"]
         k = 1 if graph == "first" else d["chunk"]
-        f = (
-            1
-            if graph == "first"
-            else (self.temporal_factor * k if isinstance(k, int) else f"{self.temporal_factor}*chunk")
-        )
+        if graph == "first" and not self.latency:
+            f: str | int = 1
+        else:
+            f = self.temporal_factor * k if isinstance(k, int) else f"{self.temporal_factor}*chunk"
         s = self.spatial_factor
         latents = {"name": "latents", "shape": [b, self.latent_channels, k, h, w], "dtype": "float32"}
         frames = {"name": "frames", "shape": [b, 3, f, scaled(h, s), scaled(w, s)], "dtype": "float32"}
@@ -138,6 +165,14 @@ class Contract:
             return [{"name": getattr(t, io), "shape": t.shape(b, h, w), "dtype": self.state_dtype} for t in self.state]
 
         inputs = [latents] if graph == "first" else [latents, *state("input")]
+        if self.latency and graph != "first":
+            inputs.append({"name": "position", "shape": [], "dtype": "int64"})
+        if graph == "last":
+            inputs.append({"name": "end", "shape": [], "dtype": "int64"})
+        if "timestep" in self.step_inputs:
+            inputs.append({"name": "timestep", "shape": [b], "dtype": "float32"})
+        for i, scale in enumerate(self.noise_scales):
+            inputs.append({"name": f"noise/{i}", "shape": [scaled(h, scale), scaled(w, scale)], "dtype": "float32"})
         return {"inputs": inputs, "outputs": [frames, *state("output")]}
 
     # serialisation --------------------------------------------------------------------------
@@ -149,11 +184,11 @@ class Contract:
             "precision": self.precision,
             "plugins": self.plugins,
             "opset": self.opset,
-            "chunk_rule": CHUNK_RULE,
+            "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.latency else ""),
             "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
             "graphs": {
                 g: {"file": self.files[g], "latent_frames": 1 if g == "first" else "chunk", **self.io(g)}
-                for g in GRAPHS
+                for g in self.graphs
             },
             "state": [
                 {
@@ -176,7 +211,7 @@ class Contract:
         if int(d.get("version", 0)) > CONTRACT_VERSION:
             raise InputError(f"{where} was written by a newer flashvaed (contract version {d['version']})")
         try:
-            return cls(
+            contract = cls(
                 model=d["model"],
                 precision=d["precision"],
                 plugins=d["plugins"],
@@ -186,11 +221,14 @@ class Contract:
                     StateTensor(s["name"], int(s["channels"]), int(s["frames"]), Fraction(s["scale"]))
                     for s in d["state"]
                 ],
-                files={g: d["graphs"][g]["file"] for g in GRAPHS},
+                files={g: d["graphs"][g]["file"] for g in GRAPHS if g in d["graphs"] or g != "last"},
                 format=d["format"],
                 backend=d.get("backend"),
             )
-        except (KeyError, TypeError, ValueError) as e:
+            if set(contract.files) != set(contract.graphs):
+                raise KeyError(f"graphs (expected {', '.join(contract.graphs)})")
+            return contract
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{where} is malformed: missing or bad field {e}") from None
 
     def to_json(self) -> str:

@@ -1,7 +1,10 @@
-"""Export a streaming decoder (teacher or student) to two ONNX graphs and their contract.
+"""Export a streaming decoder (teacher or student) to ONNX graphs and their contract.
 
 ``first`` maps latent frame 0 to its frame and the initial state; ``steady`` maps k latent
-frames and a state to 4k frames and the next state. Latents enter in diffusion space (the
+frames and a state to 4k frames and the next state. A decoder with latency (LTX-Video) runs on a
+clock: ``steady`` also takes the stream ``position``, and a third graph ``last`` the clip's
+``end`` (see ``flashvaed.models.streaming``); per-stream inputs (a timestep, noise maps) enter
+every graph. Latents enter in diffusion space (the
 de-normalisation is inside the graph) as float32, frames leave as float32 in [-1, 1]; the state
 is kept in the export precision. Graphs are traced by torch's TorchScript exporter, with every
 streaming causal conv written as one plugin node carrying a standard-op function body.
@@ -63,7 +66,10 @@ def model_facts(model: LatentDecoder, source: str | None) -> dict:
         "temporal_factor": model.temporal_factor,
         "spatial_factor": model.spatial_factor,
         "latency": model.latency,
+        "output_offset": model.output_offset,
         "step_inputs": list(model.step_inputs),
+        "noise_scales": [str(s) for s in model.noise_scales],
+        "default_timestep": model.default_timestep,
         "latents_mean": [float(v) for v in model.latents_mean.flatten()],
         "latents_std": [float(v) for v in model.latents_std.flatten()],
         "config": config.to_dict() if config is not None else None,
@@ -74,33 +80,53 @@ def _scaled(size: Tensor | int, scale) -> Tensor | int:  # traced sizes stay sym
     return size * scale.numerator // scale.denominator
 
 
+def _conditioning(model: LatentDecoder, dtype: torch.dtype, extra: tuple[Tensor, ...]) -> dict:
+    """The step inputs of a conditioned decoder from a graph's trailing inputs (timestep, noise/i)."""
+    inputs: dict = {}
+    if "timestep" in model.step_inputs:
+        inputs["timestep"], extra = extra[0], extra[1:]
+    if model.noise_scales:
+        inputs["noise"] = tuple(n.to(dtype) for n in extra)
+    return inputs
+
+
 class FirstGraph(nn.Module):
-    """latents (B, z, 1, h, w) -> frames (B, 3, 1, 8h, 8w), initial state."""
+    """latents (B, z, 1, h, w) [, conditioning] -> frames (B, 3, 1 or t, s*h, s*w), initial state."""
 
     def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.dtype = model, dtype
         self.specs: list[StateSpec] = model.decoder_state_specs()
 
-    def forward(self, latents: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, latents: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
         x = latents.to(self.dtype)
         b, h, w = x.shape[0], x.shape[3], x.shape[4]
         zeros = tuple(
             x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
         )
-        frames, state = self.model.decode_step(x, zeros, first=True)
+        clock = {"position": 0, "end": None} if self.model.latency else {}
+        inputs = _conditioning(self.model, self.dtype, extra)
+        frames, state = self.model.decode_step(x, zeros, first=True, **clock, **inputs)
         return (frames.float(), *state)
 
 
 class SteadyGraph(nn.Module):
-    """latents (B, z, k, h, w), state -> frames (B, 3, 4k, 8h, 8w), next state."""
+    """latents (B, z, k, h, w), state [, position [, end]] [, conditioning] -> frames (B, 3, t*k, s*h, s*w),
+    next state. ``last`` is this graph with the clip's end as an input."""
 
-    def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype, last: bool = False) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype, self.last = model, dtype, last
+        self.states = len(model.decoder_state_specs())
 
-    def forward(self, latents: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        frames, state = self.model.decode_step(latents.to(self.dtype), state)
+    def forward(self, latents: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+        state, rest = rest[: self.states], rest[self.states :]
+        clock = {}
+        if self.model.latency:
+            clock = {"position": rest[0], "end": rest[1] if self.last else None}
+            rest = rest[2 if self.last else 1 :]
+        inputs = _conditioning(self.model, self.dtype, rest)
+        frames, state = self.model.decode_step(latents.to(self.dtype), state, **clock, **inputs)
         return (frames.float(), *state)
 
 
@@ -180,24 +206,33 @@ def export(
         opset=options.opset,
         shapes=shapes,
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
-        files={"first": "first.onnx", "steady": "steady.onnx"},
+        files={"first": "first.onnx", "steady": "steady.onnx", **({"last": "last.onnx"} if model.latency else {})},
     )
     b, h, w = (_example(shapes[k]) for k in ("batch", "height", "width"))
     k = _example(shapes["chunk"])
     latents = torch.randn(b, model.latent_channels, 1 + k, h, w)
-    first, steady = FirstGraph(model, dtype), SteadyGraph(model, dtype)
+    extra: tuple[Tensor, ...] = ()
+    if "timestep" in model.step_inputs:
+        extra += (torch.full((b,), 0.05),)
+    extra += tuple(torch.randn(int(h * s), int(w * s)) for s in model.noise_scales)
+    first = FirstGraph(model, dtype)
     out_dir = Path(out_dir)
     unsupported: set[str] = set()
     with atomic_output(out_dir, directory=True) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
-        for graph in ("first", "steady"):
+        for graph in contract.graphs:
             path = tmp / contract.files[graph]
             with plugin_nodes(model) if options.plugins == "flashvaed" else nullcontext():
                 if graph == "first":
-                    _trace(first, (latents[:, :, :1],), path, contract.io("first"), options.opset)
+                    _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), options.opset)
                 else:
-                    state = first(latents[:, :, :1])[1:]
-                    _trace(steady, (latents[:, :, 1:], *state), path, contract.io("steady"), options.opset)
+                    state = first(latents[:, :, :1], *extra)[1:]
+                    clock: tuple[Tensor, ...] = ()
+                    if model.latency:  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
+                        clock = (torch.tensor(3),) + ((torch.tensor(4),) if graph == "last" else ())
+                    steady = SteadyGraph(model, dtype, last=graph == "last")
+                    args = (latents[:, :, 1:], *state, *clock, *extra)
+                    _trace(steady, args, path, contract.io(graph), options.opset)
             unsupported.update(_finish(path, graph, contract))
         (tmp / "manifest.json").write_text(contract.to_json())
     return ExportResult(out_dir, contract, sorted(unsupported))

@@ -68,7 +68,12 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
             in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), groups=groups, bias=bias
         )
         self.history = kt - 1
+        self.current_tap = kt - 1  # the kernel tap that reads the frame being produced
         self.num_states = 1 if self.history else 0
+
+    def kernel_input(self, args: tuple) -> Tensor:
+        """What the kernel ran on in a call with ``args`` (history, then the new frames)."""
+        return torch.cat([args[1][0], args[0]], dim=2) if self.history else args[0]
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         if not self.history:
@@ -134,6 +139,7 @@ class DepthwiseSeparableConv3d(StreamingBlock):
     conv: it keeps the last 2 input frames) followed by a pointwise 1x1x1 conv."""
 
     num_states = 1
+    substitutes_as = "dwsep3d"  # pruning fits it to a dense 3x3x3 conv
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -151,6 +157,8 @@ class DepthwiseSeparableConv3d(StreamingBlock):
 class FrameConv2d(nn.Conv2d, StreamingBlock):
     """A 3x3 conv applied to every frame alone: no temporal mixing, no state."""
 
+    substitutes_as = "spatial2d"
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1)
 
@@ -158,7 +166,10 @@ class FrameConv2d(nn.Conv2d, StreamingBlock):
         return unfold_time(self._conv_forward(fold_time(x), self.weight, self.bias), x.shape[0]), ()
 
 
-OPS = ("causal3d", "dwsep3d", "spatial2d")
+# operator kinds of decoder convs: a causal 3D conv, a 3D conv that also reads one future frame
+# (LTX-Video's teacher; its decoder runs with latency), depthwise-separable 3D (with the temporal
+# behaviour of the family's teacher conv), per-frame 2D. A family builds those in ``Family.ops``.
+OPS = ("causal3d", "conv3d", "dwsep3d", "spatial2d")
 
 
 def make_conv(op: str, in_channels: int, out_channels: int) -> StreamingBlock:
@@ -169,6 +180,8 @@ def make_conv(op: str, in_channels: int, out_channels: int) -> StreamingBlock:
         return DepthwiseSeparableConv3d(in_channels, out_channels)
     if op == "spatial2d":
         return FrameConv2d(in_channels, out_channels)
+    if op == "conv3d":
+        raise ValueError("operator conv3d (a 3D conv reading a future frame) does not fit a causal decoder")
     raise ValueError(f"unknown operator {op!r} (expected one of {', '.join(OPS)})")
 
 

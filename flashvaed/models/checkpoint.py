@@ -167,6 +167,8 @@ def load_vae(path: str | os.PathLike) -> TeacherVAE:
     match = families.detect(tensors, config, str(path))
     family = match.family
     cfg = family.infer_config(tensors, match.layout, config)
+    skip = family.config_tensor_keys(match.layout, tensors.keys())
+    tensors = {k: v for k, v in tensors.items() if k not in skip}
     model = build_checked(
         lambda: family.teacher_type(cfg),
         tensors,
@@ -187,13 +189,14 @@ def save_teacher(model: TeacherVAE, path: str | os.PathLike, layout: str = "flas
     path = Path(path)
     names = layout_names(model, layout)
     tensors = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(family.config_tensors(model.config, layout))
     if layout == "diffusers" and path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         _write(path / DIFFUSERS_WEIGHTS, tensors)
         with atomic_output(path / "config.json") as tmp:
             tmp.write_text(json.dumps(family.diffusers_config(model.config), indent=2))
         return path
-    metadata = None
+    metadata = family.file_metadata(model.config, layout)
     if layout == "flashvaed":
         metadata = {"flashvaed.family": family.name, "flashvaed.config": json.dumps(model.config.to_dict())}
     _write(path, tensors, metadata)

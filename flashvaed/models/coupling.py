@@ -18,6 +18,7 @@ from typing import Any, Protocol
 ROWS = "rows"  # output channels
 TIME_ROWS = "time_rows"  # time_conv: rows c and C + c both carry channel c (two output frames)
 V_ROWS = "v_rows"  # to_qkv: the v block of rows
+D2S_ROWS = "d2s_rows"  # a conv before depth-to-space: rows 8c .. 8c+7 carry channel c
 
 Group = Any  # a channel group, opaque to the models
 
@@ -33,6 +34,16 @@ class ChannelFlow(Protocol):
 
     def consume(self, group: Group, consumer: str, stage: str, norm: str | None = None) -> None:
         """``consumer`` is a linear layer whose input channels are ``group`` (after ``norm``, if any)."""
+        ...
+
+    def slice(self, group: Group, key: str, start: int = 0) -> None:
+        """Entries ``start + c`` of parameter ``key`` (flattened) belong to channel ``c`` of ``group``:
+        a per-channel gain, noise scale or scale-shift table row, pruned with the group."""
+        ...
+
+    def gather(self, group: Group, key: str, start: int = 0) -> None:
+        """Buffer ``key`` lists, for the pruned layer, the entries ``start + c`` (kept c) it reads of
+        an unpruned tensor (LTX's shared timestep embedding), in the order of ``start``."""
         ...
 
     def couple(self, source: Group, target: Group, path: str, sources: Callable[[int], list[int]]) -> Group:

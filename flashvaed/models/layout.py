@@ -52,6 +52,9 @@ class StageLayout:
 
 @dataclass(frozen=True)
 class DecoderLayout:
+    """A decoder's stages: ``middle`` (at the latent grid; it may end in an upsampler, as LTX's does)
+    and ``up``; ``qk_dim``/``v_dim`` are the middle's attention widths (0: no attention)."""
+
     z_dim: int
     middle: StageLayout
     up: tuple[StageLayout, ...]
@@ -65,11 +68,13 @@ class DecoderLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "up", tuple(self.up))
-        if self.middle.in_width != self.middle.width or len(self.middle.hidden) != 2:
-            raise ValueError("the middle stage keeps its width and has two residual blocks")
+        if self.middle.in_width != self.middle.width or not self.middle.hidden:
+            raise ValueError("the middle stage keeps its width and has at least one residual block")
         if not self.up:
             raise ValueError("a decoder has at least one up stage")
-        chain = [self.middle.width] + [st.resample_width for st in self.up[:-1]]
+        if self.qk_dim < 0 or self.v_dim < 0 or (self.qk_dim == 0) != (self.v_dim == 0):
+            raise ValueError("attention widths are both positive, or both 0 (no attention)")
+        chain = [self.middle.out_width] + [st.resample_width for st in self.up[:-1]]
         for i, (st, incoming) in enumerate(zip(self.up, chain, strict=True)):
             if st.in_width != incoming:
                 raise ValueError(f"up.{i} takes {st.in_width} channels but receives {incoming}")

@@ -8,8 +8,16 @@ as graph inputs and outputs, run for many streams at once, and tested chunk by c
 Chunk 0 is a single latent frame decoded with ``first=True`` (the causal teachers' first-chunk
 rule: the temporal upsamplers pass it through, giving one output frame); every later chunk holds
 any k >= 1 latent frames and gives ``temporal_factor * k`` frames. Concatenating the chunks'
-outputs equals decoding the whole clip in one step. A decoder with ``latency`` > 0 (a non-causal
-one) holds frames back and gives them up on ``Stream.close()``.
+outputs equals decoding the whole clip in one step.
+
+A decoder with ``latency`` > 0 (a non-causal one, like LTX-Video's) runs on a clock instead: every
+step maps k latent frames to ``temporal_factor * k`` output positions, and the step is told the
+stream ``position`` (latent frames before this chunk) and, once known, its ``end`` (the clip's
+length), from which each layer replaces frames before the clip's start and after its end by the
+clip's first and last frame (upstream's replicate padding). Output positions before
+``output_offset`` and past the clip are dropped here. ``push`` may therefore return no frames yet;
+``close()`` pushes ``latency`` more latent frames (their values are never read) and returns the
+rest.
 
 ``Stream`` is the loop every backend shares (torch models here, ONNX Runtime and TensorRT engines
 in ``flashvaed.engines``): input checks, the first-chunk split, splitting pushes into the chunk
@@ -163,6 +171,7 @@ class StreamSource(Protocol):
     temporal_factor: int
     spatial_factor: int
     latency: int  # latent frames a step holds back (0: causal, frames come out at once)
+    output_offset: int  # with latency: output positions before the clip's first frame
     chunk_range: ShapeRange
 
     @property
@@ -172,7 +181,49 @@ class StreamSource(Protocol):
 
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]: ...
 
-    def stream(self) -> Stream: ...
+    def stream(self, **options: Any) -> Stream: ...
+
+
+def conditioning_inputs(
+    step_inputs: Sequence[str],
+    noise_scales: Sequence[Fraction],
+    batch: int | None,
+    height: int,
+    width: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    default_timestep: float | None = None,
+    timestep: float | Sequence[float] | Tensor | None = None,
+    seed: int = 0,
+    **unknown: Any,
+) -> dict[str, Any]:
+    """The per-stream inputs of a conditioned decoder (LTX-Video), for torch models and engines alike.
+
+    ``timestep``: (B,) float32, one value for all samples or one each (``default_timestep`` if
+    none). ``noise``: one (h*s, w*s) map per entry of ``noise_scales``, drawn once per stream from a
+    CPU generator seeded with ``seed``, in order (upstream's draw order after ``torch.manual_seed``).
+    ``batch=None`` checks the options only.
+    """
+    if unknown:
+        raise InputError(f"this decoder takes the options timestep and seed, not {', '.join(sorted(unknown))}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputError(f"{{seed}} must be a non-negative integer, got {seed!r}", "seed")
+    inputs: dict[str, Any] = {}
+    if "timestep" in step_inputs:
+        t = torch.as_tensor(default_timestep if timestep is None else timestep, dtype=torch.float32).flatten()
+        if t.numel() == 1 and batch is not None:
+            t = t.expand(batch)
+        if (batch is not None and t.numel() != batch) or not torch.isfinite(t).all():
+            raise InputError(f"{{timestep}} must be one finite number or one per sample, got {timestep!r}", "timestep")
+        inputs["timestep"] = t.to(device).clone()
+    elif timestep is not None:
+        raise InputError("this decoder is not timestep-conditioned: {timestep} does not apply", "timestep")
+    if noise_scales:
+        g = torch.Generator().manual_seed(seed)
+        maps = [torch.randn(int(height * s), int(width * s), generator=g) for s in noise_scales]
+        inputs["noise"] = tuple(m.to(device=device, dtype=dtype) for m in maps)
+    return inputs
 
 
 def check_latents(model: Any, latents: Tensor) -> None:
@@ -225,6 +276,7 @@ class StreamState:
     geometry: tuple[int, int, int]  # batch, latent height, latent width
     names: list[str]
     tensors: list[Tensor]
+    position: int = 0  # latent frames the stream had taken (decoders with latency)
 
 
 class Stream:
@@ -237,6 +289,8 @@ class Stream:
     def __init__(self, source: StreamSource) -> None:
         self.source = source
         self.geometry: tuple[int, int, int] | None = None
+        self.position = 0  # latent frames taken so far
+        self.end: int | None = None  # the clip's length in latent frames, once known
 
     @property
     def started(self) -> bool:
@@ -244,6 +298,7 @@ class Stream:
 
     def reset(self) -> None:
         self.geometry = None
+        self.position, self.end = 0, None
 
     def push(self, latents: Tensor | np.ndarray, final: bool = False) -> Tensor:
         """Decode the next latent frames of this stream (the first push may hold several).
@@ -260,44 +315,83 @@ class Stream:
             src.check_geometry(b, h, w)
         elif self.geometry != (b, h, w):
             raise InputError(f"chunk has batch/size {(b, h, w)} but this stream started with {self.geometry}")
+        if self.end is not None:
+            raise InputError("this stream was pushed its final chunk; close() it and start a new one")
         outputs: list[Tensor] = []
         if self.geometry is None:
             self._start(b, h, w)
             self.geometry = (b, h, w)
-            outputs.append(self._step(latents[:, :, :1], first=True))
+            if final and src.latency:
+                self.end = latents.shape[2]
+            outputs.append(self._advance(latents[:, :, :1], first=True))
             latents = latents[:, :, 1:]
+        elif final and src.latency:
+            self.end = self.position + latents.shape[2]
         rng = src.chunk_range
         while latents.shape[2]:
             n = min(latents.shape[2], rng.max)
             piece, latents = latents[:, :, :n], latents[:, :, n:]
             if n >= rng.min:
-                outputs.append(self._step(piece, first=False))
+                outputs.append(self._advance(piece, first=False))
                 continue
             if not final:
                 raise InputError(
                     f"a chunk of {n} latent frames is below this engine's minimum of {rng.min} "
                     f"(built for chunks {rng.describe()}); push more frames or pass final=True"
                 )
-            if src.latency:
-                raise InputError("a short last chunk cannot be padded for a decoder with latency")
+            # pad by repeating the last latent frame: exact for causal decoders, and a clocked decoder
+            # never reads frames past the end it was told
             pad = piece[:, :, -1:].expand(-1, -1, rng.min - n, -1, -1)
-            frames = self._step(torch.cat([piece, pad], dim=2), first=False)
-            outputs.append(frames[:, :, : n * src.temporal_factor])
+            frames = self._advance(torch.cat([piece, pad], dim=2), first=False)
+            outputs.append(frames if src.latency else frames[:, :, : n * src.temporal_factor])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+    def _advance(self, latents: Tensor, first: bool) -> Tensor:
+        """One step; for a clocked decoder, the output positions of the clip only."""
+        src = self.source
+        n = latents.shape[2]
+        frames = self._step(latents, first)
+        if src.latency:
+            tf = src.temporal_factor
+            start = tf * self.position - src.output_offset  # the clip's frame index of this step's first position
+            total = 1 + tf * (self.end - 1) if self.end is not None else None
+            lo = max(0, -start)
+            hi = tf * n if total is None else max(lo, min(tf * n, total - start))
+            frames = frames[:, :, lo:hi]
+        self.position += n
+        return frames
 
     def close(self) -> Tensor:
         """End the stream and return the frames it still holds back (none for causal decoders)."""
         if self.geometry is None:
             raise InputError("this stream has not started: there is nothing to close")
-        frames = self._flush()
+        src = self.source
+        if not src.latency:
+            frames = self._flush()
+        else:
+            if self.end is None:
+                self.end = self.position
+            b, h, w = self.geometry
+            rng = src.chunk_range
+            remaining = src.latency - (self.position - self.end)
+            outputs = [self._flush()]
+            while remaining > 0:
+                n = min(max(remaining, rng.min), rng.max)
+                outputs.append(self._advance(torch.zeros(b, src.latent_channels, n, h, w), first=False))
+                remaining -= n
+            frames = torch.cat(outputs, dim=2)
         self.reset()
         return frames
 
     def save_state(self) -> StreamState:
         if self.geometry is None:
             raise InputError("this stream has not started: there is no state to save")
+        if self.end is not None:
+            raise InputError("this stream was pushed its final chunk: close() it instead of saving its state")
         names, tensors = self._state()
-        return StreamState(self.source.fingerprint, self.geometry, names, [t.clone() for t in tensors])
+        return StreamState(
+            self.source.fingerprint, self.geometry, names, [t.clone() for t in tensors], position=self.position
+        )
 
     def load_state(self, state: StreamState) -> None:
         """Continue from a saved state; refused if it belongs to another model or has other shapes."""
@@ -315,6 +409,7 @@ class Stream:
                 raise InputError(f"state tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self._start(*state.geometry)
         self.geometry = state.geometry
+        self.position, self.end = state.position, None
         self._set_state(state.tensors)
 
     # backends -----------------------------------------------------------------------------------
@@ -342,8 +437,9 @@ class StreamingDecoder(Stream):
 
     Steps run in ``torch.inference_mode`` unless ``inference=False``, which leaves autograd as the
     caller set it (distillation trains through this loop); ``clamp`` is the step's output clamp;
-    ``inputs`` are extra step inputs the model declares (``model.step_inputs``); ``source`` is what
-    the stream reports its facts from (default: the model itself; an engine wrapping it).
+    ``options`` are the model's per-stream options (``model.stream_inputs``: a timestep, a seed),
+    turned into its extra step inputs when the stream starts; ``source`` is what the stream
+    reports its facts from (default: the model itself; an engine wrapping it).
     """
 
     def __init__(
@@ -352,12 +448,14 @@ class StreamingDecoder(Stream):
         *,
         inference: bool = True,
         clamp: bool = True,
-        inputs: dict | None = None,
+        options: dict | None = None,
         source: StreamSource | None = None,
     ) -> None:
         super().__init__(source or model)
         self.model = model
-        self.inference, self.clamp, self.inputs = inference, clamp, dict(inputs or {})
+        self.inference, self.clamp, self.options = inference, clamp, dict(options or {})
+        model.stream_inputs(None, 1, 1, **self.options)  # refuse bad options before any step (batch unknown)
+        self.inputs: dict[str, Any] = {}
         self.state: State | None = None
 
     def reset(self) -> None:
@@ -367,12 +465,14 @@ class StreamingDecoder(Stream):
     def _start(self, batch: int, height: int, width: int) -> None:
         p = next(self.model.parameters())
         self.state = zero_state(self.model.decoder_state_specs(), batch, height, width, dtype=p.dtype, device=p.device)
+        self.inputs = self.model.stream_inputs(batch, height, width, **self.options)
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         p = next(self.model.parameters())
+        clock = {"position": self.position, "end": self.end} if self.model.latency else {}
         with torch.inference_mode() if self.inference else nullcontext():
             frames, self.state = self.model.decode_step(
-                latents.to(p.device, p.dtype), self.state, first=first, clamp=self.clamp, **self.inputs
+                latents.to(p.device, p.dtype), self.state, first=first, clamp=self.clamp, **self.inputs, **clock
             )
         return frames
 
@@ -394,11 +494,14 @@ def chunk_bounds(num_frames: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def iter_decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None) -> Iterator[Tensor]:
+def iter_decode(
+    source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any
+) -> Iterator[Tensor]:
     """Decode a clip chunk by chunk in a new stream, yielding each chunk's frames (memory stays flat).
 
-    The latents, the chunk (default: the source's optimum) and the size are checked before the
-    first frame is decoded, so a caller can refuse bad input before it creates any output.
+    The latents, the chunk (default: the source's optimum), the size and the stream ``options``
+    are checked before the first frame is decoded, so a caller can refuse bad input before it
+    creates any output.
     """
     latents = as_tensor(latents)
     check_latents(source, latents)
@@ -411,9 +514,9 @@ def iter_decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int |
         )
     source.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
     t = latents.shape[2]
+    stream = source.stream(**options)
 
     def pieces() -> Iterator[Tensor]:
-        stream = source.stream()
         for start, stop in chunk_bounds(t, chunk):
             yield stream.push(latents[:, :, start:stop], final=stop == t)
         if source.latency:
@@ -422,9 +525,9 @@ def iter_decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int |
     return pieces()
 
 
-def decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None) -> Tensor:
+def decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any) -> Tensor:
     """Decode a whole clip; ``chunk=None`` steps once over everything after the first frame."""
     latents = as_tensor(latents)
     if chunk is None:  # iter_decode checks the latents; here only their length is read
         chunk = max(1, latents.shape[2] - 1) if latents.dim() == 5 else 1
-    return torch.cat(list(iter_decode(source, latents, chunk)), dim=2)
+    return torch.cat(list(iter_decode(source, latents, chunk, **options)), dim=2)

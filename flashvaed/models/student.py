@@ -135,6 +135,14 @@ class StudentSpec:
         family = family or teacher.family
         if self.family is not None and family is not None and self.family != family:
             raise InputError(f"student '{self.name}' is for {self.family} teachers, not {family}")
+        if family is not None and family in families.FAMILIES:
+            ops = families.get(family).ops
+            for name, st in self.stages.items():
+                if st.op not in ops:
+                    raise InputError(
+                        f"student '{self.name}': stage {name} asks for operator {st.op}, which {family} decoders "
+                        f"do not build (they build {', '.join(ops)})"
+                    )
         keys = {"middle": "middle", **{f"up{i}": f"up.{i}" for i in range(len(teacher.up))}}
         for name in self.stages:
             if name != "head" and name not in keys:
@@ -185,6 +193,10 @@ class StudentSpec:
                 )
             size[label] = next(iter(claimed.values()))
         # ... and a space no stage streams (an input feeding a width-changing block) its reader's ratio
+        if teacher.middle.resample_width is not None and spaces["middle.resample_width"] not in size:
+            size[spaces["middle.resample_width"]] = width(
+                "up0", "input width", specs["up0"].width, teacher.middle.resample_width
+            )
         for i, st in enumerate(teacher.up):
             label = spaces[f"up.{i}.in_width"]
             if label not in size:
@@ -200,7 +212,7 @@ class StudentSpec:
 
         middle = stage("middle", teacher.middle, "middle")
         ups = tuple(stage(f"up{i}", t, f"up.{i}") for i, t in enumerate(teacher.up))
-        v_dim = width("middle", "attention v width", specs["middle"].width, teacher.v_dim)
+        v_dim = width("middle", "attention v width", specs["middle"].width, teacher.v_dim) if teacher.v_dim else 0
         head = self.stages.get("head", StageSpec())
         layout = DecoderLayout(
             teacher.z_dim,

@@ -41,6 +41,7 @@ class DecoderSummary:
     frames_per_chunk: int
     state_bytes: int
     state_tensors: int
+    latency: int = 0  # latent frames a stream holds back (0: causal)
     stages: list[StageCost] = field(default_factory=list)
     teacher: DecoderSummary | None = None  # for students: the same figures for their teacher
 
@@ -112,5 +113,6 @@ def summarize(
         frames_per_chunk=model.temporal_factor * chunk,
         state_bytes=state_nbytes(specs, 1, h, w, itemsize),
         state_tensors=len(specs),
+        latency=model.latency,
         stages=stages,
     )

@@ -10,6 +10,7 @@ nothing downstream needs to know which family it is looking at.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -29,8 +30,6 @@ class LatentDecoder(nn.Module):
 
     kind = "teacher"
     has_encoder = False
-    latency = 0  # latent frames a step holds back: 0, the decoder is causal
-    step_inputs: tuple[str, ...] = ()  # extra inputs of decode_step beyond latents and state
     chunk_range = ANY_CHUNK
 
     def __init__(self, family: Any, config: Any, layout: DecoderLayout) -> None:
@@ -42,6 +41,13 @@ class LatentDecoder(nn.Module):
         self.latent_channels = z
         self.temporal_factor = self.decoder.temporal_factor
         self.spatial_factor = self.decoder.spatial_factor
+        # latent frames a step holds back (0: causal) and, if so, the output positions before the
+        # clip's first frame; extra inputs of decode_step beyond latents and state (see ``streaming``)
+        self.latency: int = getattr(self.decoder, "latency", 0)
+        self.output_offset: int = getattr(self.decoder, "output_offset", 0)
+        self.step_inputs: tuple[str, ...] = tuple(getattr(self.decoder, "step_inputs", ()))
+        self.noise_scales: tuple[Fraction, ...] = tuple(getattr(self.decoder, "noise_scales", ()))  # noise map grids
+        self.default_timestep: float | None = getattr(self.decoder, "default_timestep", None)
         stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
         if stats.shape != (2, z):
             raise ValueError(f"latent statistics must have {z} entries, got {stats.shape[1]}")
@@ -52,23 +58,58 @@ class LatentDecoder(nn.Module):
         return self.decoder.state_specs()
 
     def decode_step(
-        self, latents: Tensor, state: State, first: bool = False, clamp: bool = True
+        self, latents: Tensor, state: State, first: bool = False, clamp: bool = True, **inputs: Any
     ) -> tuple[Tensor, State]:
-        """Decode one chunk of diffusion-space latents; the first chunk is one frame."""
+        """Decode one chunk of diffusion-space latents; the first chunk is one frame.
+
+        ``inputs`` are the decoder's ``step_inputs`` (and, with latency, its clock: ``position``, ``end``).
+        """
         if first and latents.shape[2] != 1:
             raise InputError(f"the first chunk must be one latent frame, got {latents.shape[2]}")
         z = latents * self.latents_std + self.latents_mean
-        frames, state = self.decoder(self.post_quant_conv(z), state, first)
+        frames, state = self.decoder(self.post_quant_conv(z), state, first, **inputs)
         return (frames.clamp(-1.0, 1.0) if clamp else frames), state
 
-    def decode(self, latents: Tensor, chunk: int | None = None) -> Tensor:
-        """Frames in [-1, 1], (B, 3, 1 + t(T-1), s*h, s*w), from latents (B, z, T, h, w)."""
-        return streaming_decode(self, latents, chunk)
+    def decode(self, latents: Tensor, chunk: int | None = None, **options: Any) -> Tensor:
+        """Frames in [-1, 1], (B, 3, 1 + t(T-1), s*h, s*w), from latents (B, z, T, h, w).
+
+        ``options`` are the model's stream options (``stream_inputs``), e.g. an LTX timestep and seed.
+        """
+        return streaming_decode(self, latents, chunk, **options)
+
+    def decode_clip(self, latents: Tensor, *, clamp: bool = True, **options: Any) -> Tensor:
+        """A whole clip in one pass, with autograd as the caller set it (distillation, calibration).
+
+        A decoder with latency runs its one-shot form (every position a frame of the clip, which
+        streaming equals); a causal one runs the streaming loop with the whole clip as one chunk.
+        """
+        if not self.latency:
+            stream = self.stream(inference=False, clamp=clamp, **options)
+            pieces = [stream.push(latents[:, :, :1])]
+            if latents.shape[2] > 1:
+                pieces.append(stream.push(latents[:, :, 1:], final=True))
+            return torch.cat(pieces, dim=2)
+        b, _, _, h, w = latents.shape
+        inputs = self.stream_inputs(b, h, w, **options)
+        frames, _ = self.decode_step(latents, (), clamp=clamp, full=True, **inputs)
+        return frames
+
+    def stream_inputs(self, batch: int | None, height: int, width: int, **options: Any) -> dict[str, Any]:
+        """The extra step inputs of one stream from its options (refused if the model takes none)."""
+        make = getattr(self.decoder, "stream_inputs", None)
+        if make is None:
+            if options:
+                raise InputError(f"this {self.family} model takes no decode options, got {', '.join(sorted(options))}")
+            return {}
+        p = next(self.parameters())
+        return make(batch, height, width, dtype=p.dtype, device=p.device, **options)
 
     # what a stream asks of its source (``flashvaed.models.streaming.StreamSource``) -------------
-    def stream(self, **options: Any) -> StreamingDecoder:
-        """A new stream over this model (see ``StreamingDecoder`` for ``options``)."""
-        return StreamingDecoder(self, **options)
+    def stream(
+        self, *, inference: bool = True, clamp: bool = True, source: Any = None, **options: Any
+    ) -> StreamingDecoder:
+        """A new stream over this model; ``options`` are its stream options (``stream_inputs``)."""
+        return StreamingDecoder(self, inference=inference, clamp=clamp, source=source, options=options)
 
     def check_geometry(self, batch: int, height: int, width: int) -> None:
         """Torch models take any batch and latent size."""

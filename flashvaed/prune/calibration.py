@@ -86,8 +86,12 @@ def hooks(model: nn.Module, callbacks: dict[str, Callable[[Tensor], None]]):
 
 @torch.inference_mode()
 def run(model: nn.Module, latents: list[Tensor], chunk: int, description: str, progress: bool) -> None:
-    """Decode every calibration clip through the streaming step, discarding the frames."""
+    """Decode every calibration clip, discarding the frames: through the streaming step, or for a
+    decoder with latency in its one-shot form (its stream's warm-up positions are not frames)."""
     for z in track(latents, len(latents), description, progress):
+        if model.latency:
+            model.decode_clip(z)
+            continue
         for _ in iter_decode(model, z, chunk):
             pass
 

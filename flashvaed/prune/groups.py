@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..models.coupling import ROWS, TIME_ROWS, V_ROWS
+from ..models.coupling import D2S_ROWS, ROWS, TIME_ROWS, V_ROWS
 
 __all__ = [
+    "D2S_ROWS",
     "ROWS",
     "TIME_ROWS",
     "V_ROWS",
@@ -48,6 +49,8 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)  # module paths whose inputs are the group
     norms: list[str] = field(default_factory=list)  # RMSNorm module paths over the group
     stages: list[str] = field(default_factory=list)  # decoder stages the group runs through
+    slices: list[tuple[str, int]] = field(default_factory=list)  # (parameter key, start): per-channel entries
+    gathers: list[tuple[str, int]] = field(default_factory=list)  # (index buffer key, start)
 
     def describe(self) -> str:
         producers = ", ".join(f"{p}{'' if r == ROWS else f' ({r})'}" for p, r in self.producers)
@@ -107,6 +110,12 @@ class _Flow:
         if stage not in group.stages:
             group.stages.append(stage)
 
+    def slice(self, group: ChannelGroup, key: str, start: int = 0) -> None:
+        group.slices.append((key, start))
+
+    def gather(self, group: ChannelGroup, key: str, start: int = 0) -> None:
+        group.gathers.append((key, start))
+
     def couple(
         self, source: ChannelGroup, target: ChannelGroup, path: str, sources: Callable[[int], list[int]]
     ) -> ChannelGroup:
@@ -119,6 +128,8 @@ class _Flow:
         keep.producers += gone.producers
         keep.consumers += gone.consumers
         keep.norms += gone.norms
+        keep.slices += gone.slices
+        keep.gathers += gone.gathers
         keep.stages += [s for s in gone.stages if s not in keep.stages]
         self.groups.remove(gone)
         return keep

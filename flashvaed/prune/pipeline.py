@@ -21,13 +21,12 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..metrics import psnr
 from ..models import families
-from ..models.blocks import CausalConv3d, DepthwiseSeparableConv3d, FrameConv2d
 from ..models.layout import DecoderLayout
 from ..models.student import FlashStudent, StudentConfig, StudentSpec
 from ..models.summary import summarize
 from ..models.vae import LatentDecoder, TeacherVAE
 from .calibration import input_grams, norm_ratios
-from .groups import ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
+from .groups import D2S_ROWS, ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
 from .select import Compensation, Selection, compensation, fold_into_consumer, independence_select, l1_select
 from .substitute import Substitution, fit_substitutions
 
@@ -80,9 +79,9 @@ def pruned_layout(layout: DecoderLayout, teacher: DecoderLayout) -> DecoderLayou
             raise InputError(f"{name}: the input width must differ from the stream width, as in the teacher")
     return replace(
         layout,
-        middle=replace(layout.middle, op="causal3d", shortcut=False),
-        up=tuple(replace(st, op="causal3d", shortcut=False) for st in layout.up),
-        head_op="causal3d",
+        middle=replace(layout.middle, op=teacher.middle.op, shortcut=False),
+        up=tuple(replace(st, op=t.op, shortcut=False) for st, t in zip(layout.up, teacher.up, strict=True)),
+        head_op=teacher.head_op,
     )
 
 
@@ -92,6 +91,8 @@ def _l1_magnitudes(state: dict[str, Tensor], group: ChannelGroup) -> Tensor:
         w = state[f"{path}.weight"].double().flatten(1).abs().sum(1)
         if role == TIME_ROWS:
             w = w[: group.size] + w[group.size :]
+        elif role == D2S_ROWS:
+            w = w.view(group.size, -1).sum(1)
         elif role == V_ROWS:
             w = w[-group.size :]
         total += w
@@ -161,6 +162,8 @@ def pruned_state_dict(
     channels each parameter-free link of ``pruned`` reads."""
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
     for d in decisions:
+        for path in d.group.norms:  # a parameter-free norm (LTX's) gains a gamma in the pruned model
+            state.setdefault(f"{path}.gamma", torch.ones(d.group.size))
         if d.selection is None:
             continue
         keep = torch.tensor(d.selection.keep)
@@ -174,8 +177,7 @@ def pruned_state_dict(
             if b is not None:
                 state[f"{path}.bias"] = b
         for path in d.group.norms:
-            g = state[f"{path}.gamma"].index_select(0, keep)
-            state[f"{path}.gamma"] = g * d.norm_scales.get(path, 1.0)
+            state[f"{path}.gamma"] = state[f"{path}.gamma"].index_select(0, keep) * d.norm_scales.get(path, 1.0)
     for d in decisions:  # then output rows
         if d.selection is None:
             continue
@@ -183,6 +185,8 @@ def pruned_state_dict(
         c = d.group.size
         for path, role in d.group.producers:
             rows = {ROWS: keep, TIME_ROWS: torch.cat([keep, keep + c])}.get(role)
+            if role == D2S_ROWS:
+                rows = (keep[:, None] * 8 + torch.arange(8)).flatten()
             if role == V_ROWS:
                 total = state[f"{path}.weight"].shape[0]
                 rows = torch.cat([torch.arange(total - c), keep + total - c])
@@ -191,6 +195,7 @@ def pruned_state_dict(
                     state[f"{path}.{name}"] = state[f"{path}.{name}"].index_select(0, rows)
     by_group = {id(d.group): d for d in decisions}
     expected = pruned.state_dict()
+    _prune_slices(state, decisions, by_group, expected)
     for link in graph.links:
         gather = link.gather(kept(by_group, link.target), kept(by_group, link.source))
         if f"{link.path}.sources" in expected:
@@ -200,21 +205,44 @@ def pruned_state_dict(
     return state
 
 
+def _prune_slices(
+    state: dict[str, Tensor], decisions: list[GroupDecision], by_group: dict[int, GroupDecision], expected: dict
+) -> None:
+    """Per-channel parameter entries (``ChannelGroup.slices``) at the kept channels, and the index
+    buffers (``gathers``) that read an unpruned tensor at them."""
+    claims: dict[str, list[tuple[int, ChannelGroup]]] = {}
+    reads: dict[str, list[tuple[int, ChannelGroup]]] = {}
+    for d in decisions:
+        for key, start in d.group.slices:
+            claims.setdefault(key, []).append((start, d.group))
+        for key, start in d.group.gathers:
+            reads.setdefault(key, []).append((start, d.group))
+    for key, parts in claims.items():
+        flat = state[key].reshape(-1)
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        for start, group in parts:
+            keep[start : start + group.size] = False
+            keep[torch.tensor(kept(by_group, group)) + start] = True
+        state[key] = flat[keep].reshape(expected[key].shape)
+    for key, parts in reads.items():
+        index = [start + c for start, group in sorted(parts, key=lambda p: p[0]) for c in kept(by_group, group)]
+        state[key] = torch.tensor(index, dtype=torch.long)
+
+
 def stage_channels(graph: ChannelGraph, decisions: list[GroupDecision]) -> dict[str, list[int]]:
     """Per decoder stage (but the head), the teacher channels of its output the student keeps."""
     by_group = {id(d.group): d for d in decisions}
     return {name: kept(by_group, group) for name, group in graph.stage_outputs.items()}
 
 
-SUBSTITUTES = {FrameConv2d: "spatial2d", DepthwiseSeparableConv3d: "dwsep3d"}
-
-
 def substitution_targets(pruned: nn.Module, student: nn.Module) -> dict[str, str]:
-    """Conv path -> operator, wherever the student has a cheaper operator than the pruned teacher."""
+    """Conv path -> operator, wherever the student has a cheaper operator (``substitutes_as``)
+    than the pruned teacher's temporal 3x3x3 conv."""
     targets = {}
     for path, module in student.named_modules():
-        op = SUBSTITUTES.get(type(module))
-        if op is not None and isinstance(pruned.get_submodule(path), CausalConv3d):
+        op = getattr(type(module), "substitutes_as", None)
+        conv = pruned.get_submodule(path) if op is not None else None
+        if isinstance(conv, nn.Conv3d) and conv.kernel_size == (3, 3, 3) and hasattr(conv, "current_tap"):
             targets[path] = op
     return targets
 

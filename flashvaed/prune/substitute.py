@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.blocks import CausalConv3d
 from .calibration import run
 
 MAX_ROWS = 32768
@@ -44,9 +43,9 @@ def _rows(x: Tensor) -> Tensor:
 class _SpatialFit:
     """Statistics for replacing a causal conv by a per-frame 2D conv."""
 
-    def __init__(self, conv: CausalConv3d, generator: torch.Generator) -> None:
+    def __init__(self, conv: nn.Conv3d, generator: torch.Generator) -> None:
         w = conv.weight.detach().double()
-        self.candidates = {"current_tap": w[:, :, -1], "tap_sum": w.sum(2)}
+        self.candidates = {"current_tap": w[:, :, conv.current_tap], "tap_sum": w.sum(2)}
         self.bias = conv.bias.detach().double()
         self.cin, self.cout = conv.in_channels, conv.out_channels
         n = self.cin * 9 + 1
@@ -92,7 +91,7 @@ class _SpatialFit:
 class _DepthwiseFit:
     """Statistics for replacing a causal conv by depthwise (3x3x3) + pointwise (1x1x1) convs."""
 
-    def __init__(self, conv: CausalConv3d, generator: torch.Generator) -> None:
+    def __init__(self, conv: nn.Conv3d, generator: torch.Generator) -> None:
         w = conv.weight.detach().double()  # (out, in, 3, 3, 3)
         cout, cin = w.shape[:2]
         u, s, vh = torch.linalg.svd(w.flatten(2).transpose(0, 1), full_matrices=False)  # per input channel
@@ -146,10 +145,9 @@ def fit_substitutions(
     handles = []
     for path, op in targets.items():
         conv = model.get_submodule(path)
-        assert isinstance(conv, CausalConv3d), path
         fit = _SpatialFit(conv, generator) if op == "spatial2d" else _DepthwiseFit(conv, generator)
         fits[path] = fit
-        handles.append(conv.register_forward_hook(_observer(fit)))
+        handles.append(conv.register_forward_hook(_observer(conv, fit)))
     try:
         run(model, latents, chunk, "calibrating: operator substitution", progress)
     finally:
@@ -158,13 +156,12 @@ def fit_substitutions(
     return [fit.result(path) for path, fit in fits.items()]
 
 
-def _observer(fit: _SpatialFit | _DepthwiseFit) -> Callable:
+def _observer(conv: nn.Module, fit: _SpatialFit | _DepthwiseFit) -> Callable:
     def hook(_module: nn.Module, args: tuple, output: tuple) -> None:
-        x, state = args[0], args[1]
         y = output[0]
         if isinstance(fit, _SpatialFit):
-            fit.observe(x, y)
-        else:
-            fit.observe(torch.cat([state[0], x], dim=2), y)
+            fit.observe(args[0], y)
+        else:  # the frames the kernel ran on: history (or padding), then the new ones
+            fit.observe(conv.kernel_input(args), y)
 
     return hook

@@ -39,6 +39,7 @@ class Family:
     config_type: ClassVar[type]  # the configuration dataclass (to_dict / from_dict)
     teacher_type: ClassVar[type]  # the TeacherVAE subclass
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
+    ops: ClassVar[tuple[str, ...]] = ("causal3d", "dwsep3d", "spatial2d")  # operator kinds its decoders build
 
     # recognising checkpoints ------------------------------------------------------------------
     def layouts_present(self, keys: Collection[str]) -> dict[str, str]:
@@ -52,6 +53,19 @@ class Family:
     def infer_config(self, tensors: Mapping[str, Tensor], layout: str, config: Mapping) -> Any:
         """The architecture from tensor shapes (widths, latent channels) and a config, if given."""
         raise NotImplementedError
+
+    def config_tensor_keys(self, layout: str, keys: Collection[str]) -> set[str]:
+        """Tensors of a checkpoint that hold configuration (e.g. latent statistics), not weights:
+        read by ``infer_config`` and left out of key matching."""
+        return set()
+
+    def config_tensors(self, config: Any, layout: str) -> dict[str, Tensor]:
+        """Configuration tensors a checkpoint written in ``layout`` carries beside the weights."""
+        return {}
+
+    def file_metadata(self, config: Any, layout: str) -> dict[str, str] | None:
+        """Safetensors metadata of a single-file checkpoint written in ``layout`` (ours: our own)."""
+        return None
 
     def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
         """Our parameter name -> its name in ``layout``, for every entry of ``model.state_dict()``."""
