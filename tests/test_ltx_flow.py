@@ -245,3 +245,39 @@ def test_tensorrt_profiles_cover_the_clock_and_the_conditioning(exports):
     for i, r in enumerate(scales):  # the maps follow the latent grid's range at their scale
         assert last[f"noise/{i}"] == ((2 * r, 2 * r), (2 * r, 3 * r), (3 * r, 3 * r))
     assert "position" not in _profile_shapes(contract, "first") and "end" not in _profile_shapes(contract, "steady")
+
+
+def test_causal_student_has_no_latency_and_streams_exactly(work, tmp_path):
+    r = invoke("prune", "-t", work / "ltx.safetensors", "--preset", "flash-ltx-causal", "-o", tmp_path / "c", "-q")
+    assert r.exit_code == 0, r.output
+    student = load_model(tmp_path / "c")
+    assert student.latency == 0 and student.output_offset == 7  # depth-to-space drops a first frame, 3 times
+    assert all(not m.delay for m in student.modules() if hasattr(m, "delay"))
+    latents = torch.randn(1, LTX_LATENT, 5, 2, 3)
+    stream = student.stream(clamp=False)
+    first = stream.push(latents[:, :, :1])
+    assert first.shape[2] == 1  # a frame per latent frame as it arrives: nothing held back
+    pieces = [first] + [stream.push(latents[:, :, i : i + 1]) for i in range(1, 5)] + [stream.close()]
+    with torch.no_grad():
+        one_shot = student.decode_clip(latents, clamp=False)
+    torch.testing.assert_close(torch.cat(pieces, dim=2), one_shot, atol=1e-5, rtol=0)
+    r = invoke("export", tmp_path / "c", "-o", tmp_path / "e", "--chunk", 2, "--height", 64, "--width", 96)
+    assert r.exit_code == 0, r.output
+    engine = engines.load(tmp_path / "e")
+    assert engine.contract.graphs == ("first", "steady")
+    for frames in (1, 2, 5):  # the short last chunk is padded without an end: causal convs never read it
+        z = latents[:, :, :frames]
+        torch.testing.assert_close(engine.decode(z, 2), student.decode(z, 2), atol=1e-4, rtol=0)
+    r = invoke(
+        "distill", "-s", tmp_path / "c", "-t", work / "ltx.safetensors", "-d", "synthetic", "-o", tmp_path / "d",
+        "--steps-per-phase", 8, "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d" / "distill_report.json").read_text())
+    assert report["phases"][-1]["psnr_vs_teacher_db"] > report["psnr_vs_teacher_before_db"] + 0.5
+
+
+def test_a_causal_spec_refuses_future_reading_convs(work):
+    spec = StudentSpec.from_dict({"name": "x", "causal": True, "stages": {"middle": {"op": "conv3d"}}})
+    with pytest.raises(InputError, match="is causal: stage middle asks for conv3d"):
+        build_student(spec, load_model(work / "ltx.safetensors").config)

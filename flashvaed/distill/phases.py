@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..models.streaming import StreamingDecoder, chunk_bounds, zero_state
+from ..models.streaming import StreamingDecoder, chunk_bounds, clocked, zero_state
 from ..models.vae import LatentDecoder
 from .config import DistillConfig
 from .losses import feature_loss, ground_truth_trust, output_loss, temporal_loss
@@ -48,7 +48,7 @@ def streaming_decode(model: LatentDecoder, latents: Tensor, chunk: int, clamp: b
     A decoder with latency runs its one-shot form instead (which its stream equals): its stream's
     warm-up positions are not frames, and stage features must be frames to be compared.
     """
-    if model.latency:
+    if clocked(model):
         return model.decode_clip(latents, clamp=clamp)
     stream = StreamingDecoder(model, inference=False, clamp=clamp)
     return torch.cat([stream.push(latents[:, :, a:b]) for a, b in chunk_bounds(latents.shape[2], chunk)], dim=2)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import Contract
+from ..models.streaming import clocked
 from .base import ContractDecoder, Stream
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -93,11 +94,11 @@ class OrtStream(Stream):
         binding = self.first_binding if first else self.bindings[graph][self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
-        n = 1 if first and not d.latency else d.temporal_factor * k
+        n = 1 if first and not clocked(d) else d.temporal_factor * k
         frames = np.empty((b, 3, n, h * s, w * s), np.float32)
         binding.bind_ortvalue_input("latents", ort.OrtValue.ortvalue_from_numpy(latents_array(latents)))
         binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))
-        if d.latency and not first:
+        if clocked(d) and not first:
             binding.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(np.array(self.position, np.int64)))
             if graph == "last":
                 binding.bind_ortvalue_input("end", ort.OrtValue.ortvalue_from_numpy(np.array(self.end, np.int64)))

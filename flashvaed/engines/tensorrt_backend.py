@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import Contract
+from ..models.streaming import clocked
 from .base import ContractDecoder, Stream
 
 INSTALL_HINT = "pip install flashvaed[tensorrt]"
@@ -98,13 +99,13 @@ class TensorRTStream(Stream):
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         x = latents.to("cuda", torch.float32).contiguous()
-        n = 1 if first and not d.latency else d.temporal_factor * k
+        n = 1 if first and not clocked(d) else d.temporal_factor * k
         frames = torch.empty((b, 3, n, h * s, w * s), device="cuda")
         context.set_input_shape("latents", tuple(x.shape))
         context.set_tensor_address("latents", x.data_ptr())
         context.set_tensor_address("frames", frames.data_ptr())
         extra = dict(self.inputs)
-        if d.latency and not first:
+        if clocked(d) and not first:
             self.clock["position"].fill_(self.position)
             extra["position"] = self.clock["position"]
             if graph == "last":

@@ -23,7 +23,7 @@ from polygraphy.logger import G_LOGGER
 
 from ..errors import InputError
 from ..metrics import psnr, ssim
-from ..models.streaming import StreamingDecoder, chunk_bounds, model_fingerprint, zero_state
+from ..models.streaming import StreamingDecoder, chunk_bounds, clocked, model_fingerprint, zero_state
 from ..models.vae import LatentDecoder
 from .base import ContractDecoder
 from .ort_backend import OnnxRuntimeDecoder
@@ -56,7 +56,7 @@ class TorchStepRunner(BaseRunner):
         else:
             state = tuple(torch.from_numpy(feed_dict[t.input]).to(p.device, p.dtype) for t in self.contract.state)
         inputs: dict[str, Any] = {}
-        if self.model.latency:
+        if clocked(self.model):
             inputs["position"] = int(feed_dict.get("position", 0))
             inputs["end"] = int(feed_dict["end"]) if "end" in feed_dict else None
         if "timestep" in feed_dict:
@@ -103,7 +103,7 @@ class RecordingStream(StreamingDecoder):
         if not first:
             for t, v in zip(engine.contract.state, self.state or (), strict=True):
                 feed[t.input] = v.cpu().numpy().astype(dtype)
-        if engine.latency and not first:
+        if clocked(engine) and not first:
             feed["position"] = np.array(self.position, np.int64)
             if graph == "last":
                 feed["end"] = np.array(self.end, np.int64)

@@ -42,12 +42,13 @@ CHUNK_RULE = (
     "decoding the clip at once."
 )
 CLOCK_RULE = (
-    "This decoder has latency (model.latency latent frames; it is not causal). Every graph maps k latent "
-    "frames to temporal_factor*k output positions: 'first' (k=1) starts the stream, 'steady' takes input "
-    "'position' (int64: latent frames pushed before this chunk), 'last' also 'end' (int64: the clip's "
+    "This decoder runs on a clock. Every graph maps k latent frames to temporal_factor*k output positions: "
+    "'first' (k=1) starts the stream, 'steady' takes input 'position' (int64: latent frames pushed before "
+    "this chunk). With model.latency > 0 (not causal) a graph 'last' also takes 'end' (int64: the clip's "
     "length T in latent frames) and runs every chunk once the clip's length is known: a final chunk shorter "
     "than shapes.chunk.min padded with any latents, then chunks of any latents until model.latency latent "
-    "frames past the end were pushed. Output position p is frame p - model.output_offset of the clip; keep "
+    "frames past the end were pushed (with latency 0, pad a short final chunk and run 'steady'). "
+    "Output position p is frame p - model.output_offset of the clip; keep "
     "frames 0 .. temporal_factor*(T-1). 'timestep' (float32, one per sample) and 'noise/i' (float32 maps of "
     "the latent grid scaled by model.noise_scales[i]) are per-stream inputs, the same for every chunk."
 )
@@ -134,6 +135,11 @@ class Contract:
         return None if value is None else float(value)
 
     @property
+    def clocked(self) -> bool:
+        """Whether the graphs run on a clock (``position`` input, positions cropped): see CLOCK_RULE."""
+        return bool(self.latency or self.output_offset)
+
+    @property
     def graphs(self) -> tuple[str, ...]:
         """The graphs of this export: a decoder with latency adds ``last`` (the clip's end known)."""
         return GRAPHS if self.latency else GRAPHS[:2]
@@ -153,7 +159,7 @@ class Contract:
         d = sizes or self.dims()
         b, h, w = d["batch"], d["height"], d["width"]
         k = 1 if graph == "first" else d["chunk"]
-        if graph == "first" and not self.latency:
+        if graph == "first" and not self.clocked:
             f: str | int = 1
         else:
             f = self.temporal_factor * k if isinstance(k, int) else f"{self.temporal_factor}*chunk"
@@ -165,7 +171,7 @@ class Contract:
             return [{"name": getattr(t, io), "shape": t.shape(b, h, w), "dtype": self.state_dtype} for t in self.state]
 
         inputs = [latents] if graph == "first" else [latents, *state("input")]
-        if self.latency and graph != "first":
+        if self.clocked and graph != "first":
             inputs.append({"name": "position", "shape": [], "dtype": "int64"})
         if graph == "last":
             inputs.append({"name": "end", "shape": [], "dtype": "int64"})
@@ -184,7 +190,7 @@ class Contract:
             "precision": self.precision,
             "plugins": self.plugins,
             "opset": self.opset,
-            "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.latency else ""),
+            "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.clocked else ""),
             "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
             "graphs": {
                 g: {"file": self.files[g], "latent_frames": 1 if g == "first" else "chunk", **self.io(g)}

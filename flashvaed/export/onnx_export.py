@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..models.streaming import StateSpec, model_fingerprint
+from ..models.streaming import StateSpec, clocked, model_fingerprint
 from ..models.vae import LatentDecoder
 from .contract import METADATA_KEY, PRECISIONS, Contract, ShapeRange, StateTensor
 from .op_coverage import unsupported_by_tensorrt
@@ -104,7 +104,7 @@ class FirstGraph(nn.Module):
         zeros = tuple(
             x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
         )
-        clock = {"position": 0, "end": None} if self.model.latency else {}
+        clock = {"position": 0, "end": None} if clocked(self.model) else {}
         inputs = _conditioning(self.model, self.dtype, extra)
         frames, state = self.model.decode_step(x, zeros, first=True, **clock, **inputs)
         return (frames.float(), *state)
@@ -122,7 +122,7 @@ class SteadyGraph(nn.Module):
     def forward(self, latents: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         state, rest = rest[: self.states], rest[self.states :]
         clock = {}
-        if self.model.latency:
+        if clocked(self.model):
             clock = {"position": rest[0], "end": rest[1] if self.last else None}
             rest = rest[2 if self.last else 1 :]
         inputs = _conditioning(self.model, self.dtype, rest)
@@ -228,7 +228,7 @@ def export(
                 else:
                     state = first(latents[:, :, :1], *extra)[1:]
                     clock: tuple[Tensor, ...] = ()
-                    if model.latency:  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
+                    if clocked(model):  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
                         clock = (torch.tensor(3),) + ((torch.tensor(4),) if graph == "last" else ())
                     steady = SteadyGraph(model, dtype, last=graph == "last")
                     args = (latents[:, :, 1:], *state, *clock, *extra)

@@ -62,6 +62,7 @@ class DecoderLayout:
     v_dim: int
     head_op: str = "causal3d"
     out_channels: int = 3
+    causal: bool = False  # every temporal conv causal (the Wan families always are; an LTX student may be)
     # teacher layouts: their family, and "stage.field" -> channel space label (see the module docstring)
     family: str | None = field(default=None, compare=False)
     spaces: dict[str, str] = field(default_factory=dict, compare=False)
@@ -102,6 +103,7 @@ class DecoderLayout:
             v_dim=d["v_dim"],
             head_op=d.get("head_op", "causal3d"),
             out_channels=d.get("out_channels", 3),
+            causal=bool(d.get("causal", False)),
         )
 
 

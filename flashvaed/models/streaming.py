@@ -226,6 +226,12 @@ def conditioning_inputs(
     return inputs
 
 
+def clocked(source: Any) -> bool:
+    """Whether a decoder runs on a clock (position-indexed output, see the module docstring): one with
+    latency, or a causal one whose first output positions are not frames (an LTX-style causal student)."""
+    return bool(getattr(source, "latency", 0) or getattr(source, "output_offset", 0))
+
+
 def check_latents(model: Any, latents: Tensor) -> None:
     """Refuse latents the model cannot decode, naming the problem in one line."""
     if latents.dim() != 5:
@@ -291,6 +297,7 @@ class Stream:
         self.geometry: tuple[int, int, int] | None = None
         self.position = 0  # latent frames taken so far
         self.end: int | None = None  # the clip's length in latent frames, once known
+        self.chunk = 0  # the largest chunk stepped so far: the flush steps in chunks of its size
 
     @property
     def started(self) -> bool:
@@ -298,7 +305,7 @@ class Stream:
 
     def reset(self) -> None:
         self.geometry = None
-        self.position, self.end = 0, None
+        self.position, self.end, self.chunk = 0, None, 0
 
     def push(self, latents: Tensor | np.ndarray, final: bool = False) -> Tensor:
         """Decode the next latent frames of this stream (the first push may hold several).
@@ -321,11 +328,11 @@ class Stream:
         if self.geometry is None:
             self._start(b, h, w)
             self.geometry = (b, h, w)
-            if final and src.latency:
+            if final and clocked(src):
                 self.end = latents.shape[2]
             outputs.append(self._advance(latents[:, :, :1], first=True))
             latents = latents[:, :, 1:]
-        elif final and src.latency:
+        elif final and clocked(src):
             self.end = self.position + latents.shape[2]
         rng = src.chunk_range
         while latents.shape[2]:
@@ -343,15 +350,16 @@ class Stream:
             # never reads frames past the end it was told
             pad = piece[:, :, -1:].expand(-1, -1, rng.min - n, -1, -1)
             frames = self._advance(torch.cat([piece, pad], dim=2), first=False)
-            outputs.append(frames if src.latency else frames[:, :, : n * src.temporal_factor])
+            outputs.append(frames if clocked(src) else frames[:, :, : n * src.temporal_factor])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
     def _advance(self, latents: Tensor, first: bool) -> Tensor:
         """One step; for a clocked decoder, the output positions of the clip only."""
         src = self.source
         n = latents.shape[2]
+        self.chunk = max(self.chunk, n)
         frames = self._step(latents, first)
-        if src.latency:
+        if clocked(src):
             tf = src.temporal_factor
             start = tf * self.position - src.output_offset  # the clip's frame index of this step's first position
             total = 1 + tf * (self.end - 1) if self.end is not None else None
@@ -375,8 +383,9 @@ class Stream:
             rng = src.chunk_range
             remaining = src.latency - (self.position - self.end)
             outputs = [self._flush()]
+            size = min(max(self.chunk, rng.opt, rng.min), rng.max)  # as large as the stream's steps, no larger
             while remaining > 0:
-                n = min(max(remaining, rng.min), rng.max)
+                n = min(max(remaining, rng.min), size)
                 outputs.append(self._advance(torch.zeros(b, src.latent_channels, n, h, w), first=False))
                 remaining -= n
             frames = torch.cat(outputs, dim=2)
@@ -469,7 +478,7 @@ class StreamingDecoder(Stream):
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         p = next(self.model.parameters())
-        clock = {"position": self.position, "end": self.end} if self.model.latency else {}
+        clock = {"position": self.position, "end": self.end} if clocked(self.model) else {}
         with torch.inference_mode() if self.inference else nullcontext():
             frames, self.state = self.model.decode_step(
                 latents.to(p.device, p.dtype), self.state, first=first, clamp=self.clamp, **self.inputs, **clock

@@ -28,7 +28,7 @@ from .layout import DecoderLayout, StageLayout, channel_spaces
 from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
-SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel"}
+SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "causal"}
 STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut"}
 STAGE_NAME = re.compile(r"middle|head|up\d+")
 
@@ -59,6 +59,7 @@ class StudentSpec:
     description: str = ""
     stages: dict[str, StageSpec] = field(default_factory=dict)
     at_least_one_channel: bool = False
+    causal: bool = False  # no temporal conv reads a future frame (zero latency, for non-causal teachers)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> StudentSpec:
@@ -95,6 +96,7 @@ class StudentSpec:
             description=str(d.get("description", "")),
             stages=stages,
             at_least_one_channel=bool(d.get("at_least_one_channel", False)),
+            causal=bool(d.get("causal", False)),
         )
 
     @classmethod
@@ -128,6 +130,7 @@ class StudentSpec:
             "description": self.description,
             "stages": stages,
             "at_least_one_channel": self.at_least_one_channel,
+            **({"causal": True} if self.causal else {}),
         }
 
     def resolve(self, teacher: DecoderLayout, family: str | None = None) -> tuple[DecoderLayout, list[str]]:
@@ -142,6 +145,11 @@ class StudentSpec:
                     raise InputError(
                         f"student '{self.name}': stage {name} asks for operator {st.op}, which {family} decoders "
                         f"do not build (they build {', '.join(ops)})"
+                    )
+                if self.causal and st.op == "conv3d":
+                    raise InputError(
+                        f"student '{self.name}' is causal: stage {name} asks for conv3d, which reads a future "
+                        "frame (use causal3d)"
                     )
         keys = {"middle": "middle", **{f"up{i}": f"up.{i}" for i in range(len(teacher.up))}}
         for name in self.stages:
@@ -222,6 +230,7 @@ class StudentSpec:
             v_dim=v_dim,
             head_op=head.op,
             out_channels=teacher.out_channels,
+            causal=self.causal or teacher.causal,
         )
         return layout, notes
 

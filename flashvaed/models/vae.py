@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .layout import DecoderLayout
-from .streaming import ANY_CHUNK, State, StateSpec, StreamingDecoder, model_fingerprint
+from .streaming import ANY_CHUNK, State, StateSpec, StreamingDecoder, clocked, model_fingerprint
 from .streaming import decode as streaming_decode
 
 
@@ -83,7 +83,7 @@ class LatentDecoder(nn.Module):
         A decoder with latency runs its one-shot form (every position a frame of the clip, which
         streaming equals); a causal one runs the streaming loop with the whole clip as one chunk.
         """
-        if not self.latency:
+        if not clocked(self):
             stream = self.stream(inference=False, clamp=clamp, **options)
             pieces = [stream.push(latents[:, :, :1])]
             if latents.shape[2] > 1:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..io import TENSOR_SUFFIXES, VIDEO_SUFFIXES, VideoOptions, read_tensor, read_video
-from ..models.streaming import check_latents, iter_decode
+from ..models.streaming import check_latents, clocked, iter_decode
 from ..models.vae import TeacherVAE
 from ..progress import track
 from ..synthetic import synthetic_clip
@@ -89,7 +89,7 @@ def run(model: nn.Module, latents: list[Tensor], chunk: int, description: str, p
     """Decode every calibration clip, discarding the frames: through the streaming step, or for a
     decoder with latency in its one-shot form (its stream's warm-up positions are not frames)."""
     for z in track(latents, len(latents), description, progress):
-        if model.latency:
+        if clocked(model):
             model.decode_clip(z)
             continue
         for _ in iter_decode(model, z, chunk):

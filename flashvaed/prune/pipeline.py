@@ -82,6 +82,7 @@ def pruned_layout(layout: DecoderLayout, teacher: DecoderLayout) -> DecoderLayou
         middle=replace(layout.middle, op=teacher.middle.op, shortcut=False),
         up=tuple(replace(st, op=t.op, shortcut=False) for st, t in zip(layout.up, teacher.up, strict=True)),
         head_op=teacher.head_op,
+        causal=teacher.causal,
     )
 
 
@@ -261,6 +262,28 @@ def student_state_dict(student: FlashStudent, pruned: FlashStudent, subs: list[S
     return state
 
 
+def realign_taps(student: nn.Module, pruned: nn.Module, state: dict[str, Tensor]) -> None:
+    """Where a student conv reads time with another current tap than the pruned conv it was made
+    from (a causal student of a non-causal teacher), shift its kernel so the taps line up, folding
+    taps that would read future frames into the current one (the next frame taken as this one)."""
+    for path, module in student.named_modules():
+        tap, key = getattr(module, "current_tap", None), f"{path}.weight"
+        if tap is None or key not in state:
+            continue
+        try:
+            reference = pruned.get_submodule(path)
+        except AttributeError:  # a substituted op's depthwise conv: made from the conv it replaces
+            reference = pruned.get_submodule(path.rpartition(".")[0])
+        ref_tap = getattr(reference, "current_tap", None)
+        if ref_tap is None or ref_tap == tap:
+            continue
+        w = state[key]
+        out = torch.zeros_like(w)
+        for j in range(w.shape[2]):
+            out[:, :, min(max(j - ref_tap + tap, 0), w.shape[2] - 1)] += w[:, :, j]
+        state[key] = out
+
+
 @torch.inference_mode()
 def fidelity(
     teacher: LatentDecoder, models: dict[str, FlashStudent], latents: list[Tensor], chunk: int
@@ -314,7 +337,9 @@ def prune_teacher(
     pruned.eval()
     student = student_of(spec.name, layout, stage_channels(graph, decisions))
     subs = fit_substitutions(pruned, substitution_targets(pruned, student), latents, chunk=chunk, progress=progress)
-    student.load_state_dict(student_state_dict(student, pruned, subs), strict=True)
+    state = student_state_dict(student, pruned, subs)
+    realign_taps(student, pruned, state)
+    student.load_state_dict(state, strict=True)
     student.eval()
     scores = fidelity(teacher, {"pruned": pruned, "student": student}, latents, chunk)
     size = report_size or family.default_resolution

@@ -320,8 +320,8 @@ def teacher_layout(config: LTXConfig) -> DecoderLayout:
             spaces[f"{name}.resample_width"] = f"s{i + 1}"
     out_channels = 3 * config.patch_size**2
     return DecoderLayout(
-        config.latent_channels, stages[0], tuple(stages[1:]), 0, 0, op, out_channels, family=LTXFamily.name,
-        spaces=spaces,
+        config.latent_channels, stages[0], tuple(stages[1:]), 0, 0, op, out_channels, causal=config.causal_decoder,
+        family=LTXFamily.name, spaces=spaces,
     )  # fmt: skip
 
 
@@ -482,11 +482,14 @@ class FrameConv(FrameConv2d):
         return rate, offset
 
 
-def make_conv(op: str, in_channels: int, out_channels: int, padding_mode: str = "zeros") -> nn.Module:
+def make_conv(
+    op: str, in_channels: int, out_channels: int, padding_mode: str = "zeros", causal: bool = False
+) -> nn.Module:
+    """The conv of kind ``op``; ``causal``: the decoder's temporal convs read no future frame."""
     if op in ("conv3d", "causal3d"):
         return ReplicateConv3d(in_channels, out_channels, 3, causal=op == "causal3d", padding_mode=padding_mode)
     if op == "dwsep3d":
-        return DepthwiseSeparable(in_channels, out_channels, causal=False, padding_mode=padding_mode)
+        return DepthwiseSeparable(in_channels, out_channels, causal=causal, padding_mode=padding_mode)
     if op == "spatial2d":
         return FrameConv(in_channels, out_channels)
     raise ValueError(f"unknown operator {op!r} for an LTX decoder")
@@ -578,11 +581,12 @@ class ResBlock(nn.Module):
         noise: bool = False,
         student: bool = False,
         embedding_width: int | None = None,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         self.norm1, self.norm2 = PixelNorm(in_channels, student), PixelNorm(out_channels, student)
-        self.conv1 = make_conv(op, in_channels, out_channels, padding_mode)
-        self.conv2 = make_conv(op, out_channels, out_channels, padding_mode)
+        self.conv1 = make_conv(op, in_channels, out_channels, padding_mode, causal)
+        self.conv2 = make_conv(op, out_channels, out_channels, padding_mode, causal)
         self.norm3: nn.LayerNorm | None = None
         self.shortcut: nn.Conv3d | None = None
         if in_channels != out_channels:
@@ -688,8 +692,11 @@ class Upsample(nn.Module):
         student: bool = False,
     ) -> None:
         super().__init__()
+        causal = op == "causal3d"
         self.narrow = (
-            ResBlock(in_channels, out_channels, op, padding_mode=padding_mode, student=student) if narrow else None
+            ResBlock(in_channels, out_channels, op, padding_mode=padding_mode, student=student, causal=causal)
+            if narrow
+            else None
         )
         mid = out_channels if narrow else in_channels
         self.conv = ReplicateConv3d(mid, 8 * out_channels, 3, causal=op == "causal3d", padding_mode=padding_mode)
@@ -747,6 +754,7 @@ class Stage(nn.Module):
         student: bool = False,
     ) -> None:
         super().__init__()
+        causal = conv_op == "causal3d"
         self.groups = [n for _, n, _ in structure.groups]
         noise = [flag for _, n, flag in structure.groups for _ in range(n)]
         if any(h != st.width for h in st.hidden):
@@ -762,6 +770,7 @@ class Stage(nn.Module):
                     noise=flag,
                     student=student,
                     embedding_width=teacher_width,
+                    causal=causal,
                 )
                 for flag in noise
             ]
@@ -840,6 +849,7 @@ class Head(nn.Module):
         padding_mode: str,
         teacher_width: int,
         student: bool = False,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         self.norm = PixelNorm(width, student)
@@ -852,7 +862,7 @@ class Head(nn.Module):
             )
         else:
             self.ada_index = None
-        self.conv = make_conv(op, width, out_channels, padding_mode)
+        self.conv = make_conv(op, width, out_channels, padding_mode, causal)
         self.num_states = self.conv.num_states
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
@@ -891,7 +901,10 @@ class LTXDecoder(nn.Module):
         if len(structure) != len(stages):
             raise ValueError(f"an LTX decoder of this configuration has {len(structure)} stages, got {len(stages)}")
         conditioned, pad = config.timestep_conditioning, config.spatial_padding_mode
-        conv_op = "causal3d" if config.causal_decoder else "conv3d"
+        causal = config.causal_decoder or layout.causal  # a causal student of a non-causal teacher: no latency
+        conv_op = "causal3d" if causal else "conv3d"
+        if causal and "conv3d" in [st.op for st in stages] + [layout.head_op]:
+            raise ValueError("a causal LTX decoder has no conv3d (a conv reading a future frame) stage")
         teacher = teacher_layout(config)
         student = layout != teacher  # students (and pruned teachers) gain norm gains and embedding gathers
         teacher_stages = [teacher.middle, *teacher.up]
@@ -912,7 +925,7 @@ class LTXDecoder(nn.Module):
         self.up = nn.ModuleList(built[1:])
         self.head = Head(
             stages[-1].out_width, layout.out_channels, layout.head_op, conditioned=conditioned, padding_mode=pad,
-            teacher_width=teacher_stages[-1].out_width, student=student,
+            teacher_width=teacher_stages[-1].out_width, student=student, causal=causal,
         )  # fmt: skip
         self.timestep_scale_multiplier = nn.Parameter(torch.tensor(1000.0)) if conditioned else None
         self.patch_size = config.patch_size
