@@ -141,7 +141,7 @@ def decode(
         raise InputError(f"{{batch_index}} {batch_index} is out of range for a batch of {z.shape[0]}", "batch_index")
     z, options = decode_conditions(decoder, z, decode_timestep, decode_noise_scale, seed)
     pieces = decoder.iter_decode(z, chunk, **options)  # checks chunk range, size, options before any output
-    n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk()))
+    n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk())) + (1 if decoder.latency else 0)
     start = time.perf_counter()
     frames = 0
     with frame_sink(out, fps=fps, batch_index=batch_index) as sink:

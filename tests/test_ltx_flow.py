@@ -281,3 +281,26 @@ def test_a_causal_spec_refuses_future_reading_convs(work):
     spec = StudentSpec.from_dict({"name": "x", "causal": True, "stages": {"middle": {"op": "conv3d"}}})
     with pytest.raises(InputError, match="is causal: stage middle asks for conv3d"):
         build_student(spec, load_model(work / "ltx.safetensors").config)
+
+
+@pytest.mark.parametrize("generation", ["0.9.0", "0.9.5"])
+def test_other_generations_prune_and_export(generation, tmp_path):
+    """0.9.0 (narrowing res_x_y, plain depth-to-space, no conditioning) and 0.9.5 (space-to-depth
+    encoder) from diffusers directories through prune, export and ONNX Runtime."""
+    torch.manual_seed(1)
+    short = [Block("res_x", 1) if b.kind == "res_x" else b for b in LTXConfig.released(generation).encoder_blocks]
+    config = LTXConfig.released(
+        generation, latent_channels=LTX_LATENT, encoder_base=8, decoder_base=16, encoder_blocks=tuple(short),
+        latents_mean=(0.0,) * LTX_LATENT, latents_std=(1.0,) * LTX_LATENT,
+    )  # fmt: skip
+    save_teacher(LTXVAE(config).eval(), tmp_path / "teacher", "diffusers")
+    assert load_model(tmp_path / "teacher").config.generation == generation
+    r = invoke("prune", "-t", tmp_path / "teacher", "--preset", "flash-ltx", "-o", tmp_path / "s", "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", tmp_path / "s", "-o", tmp_path / "e", "--chunk", "1:2:2", "--height", 64, "--width", 96)
+    assert r.exit_code == 0, r.output
+    student, engine = load_model(tmp_path / "s"), engines.load(tmp_path / "e")
+    latents = torch.randn(1, LTX_LATENT, 3, 2, 3)
+    torch.testing.assert_close(engine.decode(latents, 2), student.decode(latents, 2), atol=1e-4, rtol=0)
+    video = torch.rand(1, 3, 9, 64, 96) * 2 - 1
+    assert load_model(tmp_path / "teacher").encode(video).shape == (1, LTX_LATENT, 2, 2, 3)

@@ -56,9 +56,9 @@ class TorchStepRunner(BaseRunner):
         else:
             state = tuple(torch.from_numpy(feed_dict[t.input]).to(p.device, p.dtype) for t in self.contract.state)
         inputs: dict[str, Any] = {}
-        if clocked(self.model):
-            inputs["position"] = int(feed_dict.get("position", 0))
-            inputs["end"] = int(feed_dict["end"]) if "end" in feed_dict else None
+        if clocked(self.model):  # tensors, as in the graph: every block runs (no eager idle skipping)
+            inputs["position"] = torch.tensor(int(feed_dict.get("position", 0)))
+            inputs["end"] = torch.tensor(int(feed_dict["end"])) if "end" in feed_dict else None
         if "timestep" in feed_dict:
             inputs["timestep"] = torch.from_numpy(feed_dict["timestep"]).to(p.device)
         noise = sorted((k for k in feed_dict if k.startswith("noise/")), key=lambda k: int(k.split("/")[1]))

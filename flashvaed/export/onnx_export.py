@@ -104,7 +104,8 @@ class FirstGraph(nn.Module):
         zeros = tuple(
             x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
         )
-        clock = {"position": 0, "end": None} if clocked(self.model) else {}
+        # a traced clock is a tensor: the graph keeps every block (idle skipping is for eager streams)
+        clock = {"position": torch.zeros((), dtype=torch.int64), "end": None} if clocked(self.model) else {}
         inputs = _conditioning(self.model, self.dtype, extra)
         frames, state = self.model.decode_step(x, zeros, first=True, **clock, **inputs)
         return (frames.float(), *state)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError
-from .streaming import state_nbytes, zero_state
+from .streaming import clocked, state_nbytes, zero_state
 
 
 @dataclass
@@ -58,8 +58,10 @@ class DecoderSummary:
 
 
 def _count_macs(model: torch.nn.Module, latents: torch.Tensor, state: tuple, first: bool) -> dict[str, int]:
+    # a clocked decoder's steady step is counted deep inside a clip (every block busy)
+    clock = {"position": 0 if first else 1 << 20} if clocked(model) else {}
     with FlopCounterMode(display=False) as counter:
-        model.decode_step(latents, state, first=first)
+        model.decode_step(latents, state, first=first, **clock)
     counts = {"total": sum(counter.get_flop_counts()["Global"].values()) // 2}
     for name, ops in counter.get_flop_counts().items():
         # names are "<TopClass>.<path>"; keep the path under the decoder

@@ -365,6 +365,23 @@ def replicate_edges(joined: Tensor, rate: int, offset: int, history: int, clock:
     return joined.index_select(2, idx.clamp(0, n - 1))
 
 
+Span = tuple[tuple[int, int], tuple[int, int]]  # (rate, offset) of a block's input and of its output
+
+
+def idle(clock: Clock, span: Span, positions: int) -> bool:
+    """Whether a block's step lies wholly outside the clip, so it can be skipped (eager streams only):
+    every input position before the clip's first frame (its outputs are too, and its state keeps
+    nothing of the clip), or every output position after the clip's last frame (downstream reads
+    copies of the last frame instead, and the block never runs again). A skipped block outputs zeros.
+    This is what keeps a stream's warm-up and flush from costing a full step of every layer."""
+    if clock.full or not isinstance(clock.position, int) or isinstance(clock.end, Tensor):
+        return False
+    (r_in, o_in), (r_out, o_out) = span
+    if r_in * clock.position + positions - 1 - o_in < 0:
+        return True
+    return clock.end is not None and r_out * clock.position - o_out >= r_out * (clock.end - 1) + 1
+
+
 class ReplicateConv3d(nn.Conv3d):
     """LTX's temporal conv: replicate padding in time (first frame in front; last frame at the end
     unless causal), ``spatial_padding_mode`` in space.
@@ -519,6 +536,11 @@ def pixel_norm(x: Tensor) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
 
+def channel_layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A LayerNorm over the channels of (B, C, T, H, W) (explicit permutes: they export to ONNX)."""
+    return norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
 class PixelNorm(nn.Module):
     """``pixel_norm`` as a module; students add a per-channel ``gamma`` (pruning rescales it, as the
     mean over fewer channels changes)."""
@@ -584,6 +606,7 @@ class ResBlock(nn.Module):
         causal: bool = False,
     ) -> None:
         super().__init__()
+        self.out_channels = out_channels
         self.norm1, self.norm2 = PixelNorm(in_channels, student), PixelNorm(out_channels, student)
         self.conv1 = make_conv(op, in_channels, out_channels, padding_mode, causal)
         self.conv2 = make_conv(op, out_channels, out_channels, padding_mode, causal)
@@ -614,11 +637,16 @@ class ResBlock(nn.Module):
         )
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
-        return self.conv2.set_timeline(*self.conv1.set_timeline(rate, offset))
+        out = self.conv2.set_timeline(*self.conv1.set_timeline(rate, offset))
+        self.span: Span = ((rate, offset), out)
+        return out
 
     def forward(
         self, x: Tensor, state: State, context: StepContext, embedding: Tensor | None = None
     ) -> tuple[Tensor, State]:
+        if idle(context.clock, self.span, x.shape[2]):
+            b, _, t, h, w = x.shape
+            return x.new_zeros(b, self.out_channels, t, h, w), tuple(state)
         n1, n2 = self.conv1.num_states, self.conv2.num_states
         h = self.norm1(x)
         if self.scale_shift_table is not None:
@@ -635,7 +663,7 @@ class ResBlock(nn.Module):
             h = h + context.noise[self.noise_index + 1][None, None, None] * self.noise2[None, :, None]
         skip, s3 = self.skip(x, state[n1 + n2 :], context.clock)
         if self.shortcut is not None:
-            skip = self.shortcut(self.norm3(skip.movedim(1, -1)).movedim(-1, 1))  # type: ignore[misc]
+            skip = self.shortcut(channel_layer_norm(self.norm3, skip))  # type: ignore[misc]
         return h + skip, s1 + s2 + s3
 
     def full(self, x: Tensor) -> Tensor:
@@ -643,12 +671,12 @@ class ResBlock(nn.Module):
         h = self.conv1.full(F.silu(self.norm1(x)))
         h = self.conv2.full(F.silu(self.norm2(h)))
         if self.shortcut is not None:
-            x = self.shortcut(self.norm3(x.movedim(1, -1)).movedim(-1, 1))  # type: ignore[misc]
+            x = self.shortcut(channel_layer_norm(self.norm3, x))  # type: ignore[misc]
         return h + x
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         flow.consume(stream, f"{path}.conv1", stage, norm=f"{path}.norm1")
-        hidden = flow.start("hidden", self.conv1.out_channels, f"{path}.conv1", name=f"{path}.hidden")
+        hidden = flow.start("hidden", self.out_channels, f"{path}.conv1", name=f"{path}.hidden")
         flow.consume(hidden, f"{path}.conv2", stage, norm=f"{path}.norm2")
         if self.noise1 is not None:
             flow.slice(hidden, f"{path}.noise1")
@@ -716,12 +744,17 @@ class Upsample(nn.Module):
         return specs + self.conv.state_specs(f"{name}.conv", scale) + self.skip.state_specs(f"{name}.skip", scale)
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
+        start = (rate, offset)
         if self.narrow is not None:
             rate, offset = self.narrow.set_timeline(rate, offset)
         rate, offset = self.conv.set_timeline(rate, offset)
-        return 2 * rate, 2 * offset + 1  # depth-to-space doubles positions; the first frame is dropped
+        self.span: Span = (start, (2 * rate, 2 * offset + 1))
+        return self.span[1]  # depth-to-space doubles positions; the first frame is dropped: an offset
 
     def forward(self, x: Tensor, state: State, context: StepContext) -> tuple[Tensor, State]:
+        if idle(context.clock, self.span, x.shape[2]):
+            b, _, t, h, w = x.shape
+            return x.new_zeros(b, self.conv.out_channels // 8, 2 * t, 2 * h, 2 * w), tuple(state)
         states: list[Tensor] = []
         i = 0
         if self.narrow is not None:
@@ -869,11 +902,17 @@ class Head(nn.Module):
         return self.conv.state_specs(f"{name}.conv", scale)
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
-        return self.conv.set_timeline(rate, offset)
+        out = self.conv.set_timeline(rate, offset)
+        self.span: Span = ((rate, offset), out)
+        return out
 
     def forward(self, x: Tensor, state: State, first: bool = False, context: StepContext | None = None):  # type: ignore[no-untyped-def]
         if context is None:
             raise TypeError("an LTX decoder block runs with its decoder's step context (LTXDecoder.context)")
+        if idle(context.clock, self.span, x.shape[2]):
+            b, _, t, h, w = x.shape
+            conv = self.conv.pointwise if isinstance(self.conv, DepthwiseSeparable) else self.conv
+            return x.new_zeros(b, conv.out_channels, t, h, w), tuple(state)
         x = self.norm(x)
         if self.embedder is not None:
             embedding = self.embedder(context.timestep, x.dtype)  # type: ignore[arg-type]
