@@ -309,7 +309,7 @@ def prune(
         str | None,
         typer.Option(
             help="Student preset: flash-wan2.1, flash-wan2.1-quarter, lite-wan2.1 (Wan2.1); "
-            "flash-wan2.2, lite-wan2.2 (Wan2.2)."
+            "flash-wan2.2, lite-wan2.2 (Wan2.2); flash-ltx, flash-ltx-causal, lite-ltx (LTX-Video)."
         ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Student config file (.yaml/.json) instead of a preset.")] = None,

@@ -241,3 +241,14 @@ def test_one_shot_form_equals_the_stream_and_diffusers(pair):
     torch.testing.assert_close(got, raw_decode(ours, latents, 2, **options(generation, seed=2)), atol=1e-5, rtol=0)
     expected = ltx_reference_decode(ref, latents, None if generation == "0.9.0" else 0.05, seed=2)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_config_that_widens_without_bound_is_refused(tmp_path):
+    ref = perturbed_ltx_vae("0.9.0", seed=4)
+    state = diffusers_to_ltx_original(ref.state_dict(), "0.9.0")
+    config = ltx_original_config("0.9.0")
+    config["encoder_blocks"] = [["res_x", 1]] + [["res_x_y", {"multiplier": 8}]] * 30 + [["res_x", 1]]
+    path = tmp_path / "wide.safetensors"
+    save_file(state, str(path), {"config": json.dumps({"vae": config})})
+    with pytest.raises(CheckpointError, match="widen the network past 16384 channels"):
+        load_model(path)

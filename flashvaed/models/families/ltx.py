@@ -52,6 +52,7 @@ from .wan22 import patchify, unpatchify
 
 DEFAULT_TIMESTEP = 0.05  # the released pipelines' decode_timestep
 DEFAULT_NOISE_SCALE = 0.025  # ... and decode_noise_scale
+MAX_WIDTH = 16384  # no released VAE comes near; an untrusted config asking for more is refused
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -174,6 +175,11 @@ class LTXConfig:
             raise ValueError(f"latent statistics must have {self.latent_channels} entries")
         if self.spatial_padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"unknown spatial_padding_mode {self.spatial_padding_mode!r}")
+        width = self.encoder_base
+        for b in self.encoder_blocks:
+            width *= b.multiplier if b.kind != "res_x" else 1
+        if max(width, self.decoder_top_width) > MAX_WIDTH:
+            raise ValueError(f"the block lists widen the network past {MAX_WIDTH} channels")
         run = self.decoder_run
         if not run or run[0].kind != "res_x" or run[-1].kind != "res_x":
             raise ValueError("the decoder must start and end with res_x blocks (in running order)")
