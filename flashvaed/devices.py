@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import InputError
@@ -22,6 +24,23 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported {{device}} {device!r} (use auto, cpu, cuda or cuda:N)", "device")
     return dev
+
+
+def rank_device(device: torch.device, env: dict[str, str] | None = None) -> torch.device:
+    """Under ``torchrun`` (WORLD_SIZE > 1) each rank takes its own GPU, ``cuda:LOCAL_RANK``, and makes
+    it current (NCCL needs one device per rank); CPU runs and single processes are unchanged."""
+    env = dict(os.environ if env is None else env)
+    if device.type != "cuda" or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.index is not None:
+        raise InputError(
+            f"under torchrun every rank takes cuda:LOCAL_RANK; give {{device}} cuda or auto, not {device}", "device"
+        )
+    local = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= local < torch.cuda.device_count():
+        raise InputError(f"LOCAL_RANK {local} has no GPU here ({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

@@ -389,3 +389,23 @@ def test_evaluate_planted_identity_student(pair, tmp_path):
     assert m["retention_psnr"] == pytest.approx(1.0) and m["flicker_student_teacher"] == 0.0
     assert m["psnr_teacher_gt"] == pytest.approx(m["psnr_student_gt"])
     assert "| PSNR (dB) |" in r.output and "frames/s" in r.output
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    """NCCL needs one device per rank: cuda -> cuda:LOCAL_RANK, made current (CUDA faked here)."""
+    from flashvaed import devices
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    cuda = torch.device("cuda")
+    for rank in (0, 1):
+        env = {"WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        assert devices.rank_device(cuda, env) == torch.device("cuda", rank)
+    assert current == [0, 1]
+    assert devices.rank_device(cuda, {}) == cuda  # one process: unchanged
+    assert devices.rank_device(torch.device("cpu"), {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}).type == "cpu"
+    with pytest.raises(InputError, match="LOCAL_RANK 2 has no GPU here"):
+        devices.rank_device(cuda, {"WORLD_SIZE": "3", "LOCAL_RANK": "2"})
+    with pytest.raises(InputError, match="every rank takes cuda:LOCAL_RANK"):
+        devices.rank_device(torch.device("cuda", 0), {"WORLD_SIZE": "2", "LOCAL_RANK": "1"})

@@ -210,3 +210,25 @@ def test_a_contract_inconsistent_with_its_graphs_is_refused(built, tmp_path):
         (tmp_path / field / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(InputError, match=needle):
             engines.load(tmp_path / field)
+
+
+def test_a_tensorrt_engine_directory_lists_its_plans(built, tmp_path, monkeypatch):
+    """The TensorRT branch of build_engine (the TensorRT calls faked: none can run here) writes a
+    manifest naming its plan files, which read_manifest accepts."""
+    from flashvaed.engines import tensorrt_backend
+    from flashvaed.export.contract import read_manifest
+
+    def fake_build(export_dir, contract, out_dir, timing_cache, workspace_gib):
+        plans = {g: f"{g}.plan" for g in contract.files}
+        for name in plans.values():
+            (out_dir / name).write_bytes(b"plan")
+        return {"name": "tensorrt", "tensorrt_version": "10.7.0", "plan_files": plans}
+
+    monkeypatch.setattr(tensorrt_backend, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "build", fake_build)
+    d, _ = built
+    build_engine(d / "export", tmp_path / "trt", "tensorrt")
+    contract = read_manifest(tmp_path / "trt")
+    assert contract.files == {"first": "first.plan", "steady": "steady.plan"}
+    assert contract.backend["plan_files"] == contract.files
+    assert not list((tmp_path / "trt").glob("*.onnx"))

@@ -184,3 +184,25 @@ def test_compiles_to_ptx_for_tensorrt(monkeypatch):
         pytest.skip(f"triton cannot compile for CUDA here: {exc}")
     assert f".entry {name}(" in ptx
     assert {"BLOCK_CO", "BLOCK_CI", "BLOCK_HW", "num_warps", "shared"} <= cfg.keys()
+
+
+def test_offsets_past_int32_are_allowed_and_a_giant_frame_is_refused():
+    """720p, chunk 8, 96 channels: one batch element's activations pass 2**31 elements, which the
+    kernel's int64 channel offsets address (the AOT plugin has no other guard); only a single frame
+    plane of 2**31 elements is refused. Checked on meta tensors: no memory is touched."""
+    from flashvaed.engines.kernel import _check
+
+    x = torch.empty(1, 96 * 64, 8, 720, 1280, device="meta")  # 96*64 channels: > 2**31 per sample
+    hist = torch.empty(1, 96 * 64, 2, 720, 1280, device="meta")
+    w = torch.empty(96, 96 * 64, 3, 3, 3, device="meta")
+    assert x[0].numel() > 2**31 and _check(x, hist, w, None, (1, 1), 1) is False
+    big = torch.empty(1, 1, 1, 2**16, 2**15, device="meta")
+    with pytest.raises(ValueError, match="one frame of one channel"):
+        _check(
+            big,
+            torch.empty(1, 1, 2, 2**16, 2**15, device="meta"),
+            torch.empty(1, 1, 3, 3, 3, device="meta"),
+            None,
+            (1, 1),
+            1,
+        )

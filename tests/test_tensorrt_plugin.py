@@ -32,6 +32,16 @@ def test_register_plugins_names_the_extra():
     assert not tensorrt_plugin.aot_supported()
 
 
+@pytest.fixture
+def no_tf32():
+    """The dense reference conv (cuDNN) and the JIT kernel use TF32 on Ampere+ when torch allows it,
+    which a 1e-4 comparison cannot absorb: run both in IEEE fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _gpu_plugin_stack() -> str | None:
     """Why the engine test cannot run here, or None."""
     if not torch.cuda.is_available():
@@ -46,7 +56,7 @@ def _gpu_plugin_stack() -> str | None:
 @pytest.mark.skipif(_gpu_plugin_stack() is not None, reason=str(_gpu_plugin_stack()))
 @pytest.mark.parametrize("aot", [True, False], ids=["aot", "jit"])
 @pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
-def test_plugin_engine_matches_reference(depthwise, aot):
+def test_plugin_engine_matches_reference(depthwise, aot, no_tf32):
     import tensorrt as trt
     import tensorrt.plugin as trtp
 

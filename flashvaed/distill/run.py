@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..devices import resolve_device
+from ..devices import rank_device, resolve_device
 from ..errors import InputError
 from ..models.checkpoint import load_student_for, load_teacher
 from .config import DistillConfig
@@ -40,7 +40,7 @@ def distill(
     run = Path(out)
     if run.exists() and not (run / CHECKPOINT).exists() and any(run.iterdir()) and not resume:
         raise InputError(f"{run} exists and is not a distillation run; choose a new {{out}}", "out")
-    dev = resolve_device(device)
+    dev = rank_device(resolve_device(device))
     teacher_model = load_teacher(teacher)
     student_model = load_student_for(student, teacher_model)
     if not data:

@@ -53,6 +53,7 @@ def build_engine(
 
             cache = Path(timing_cache) if timing_cache else None
             contract.backend = build(export_dir, contract, tmp, cache, workspace_gib)
+            contract.files = dict(contract.backend["plan_files"])  # the engine directory holds plans
         contract.format = ENGINE_FORMAT
         contract.backend["source_export"] = str(export_dir)
         (tmp / "manifest.json").write_text(contract.to_json())

@@ -118,6 +118,7 @@ def _streaming_conv3d_kernel(
     ow = hw % W
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < C_OUT
+    co64 = co.to(tl.int64)  # channel offsets in int64: C x T x H x W passes 2**31 at 720p (96 ch, chunk 8)
     # The new history is frames T..T+P-1 of cat(history, x): exactly what the programs of the last
     # output frame read as temporal taps 1..P. One channel tile of them writes it (dense: the
     # first output-channel tile, which loops over all input channels; depthwise: every tile).
@@ -141,7 +142,8 @@ def _streaming_conv3d_kernel(
         for ci0 in range(0, 1 if DEPTHWISE else C_IN, BLOCK_CI):
             ci = co if DEPTHWISE else ci0 + tl.arange(0, BLOCK_CI)
             ci_ok = ci < C_IN
-            rows = frame + ci[:, None] * c_stride
+            ci64 = ci.to(tl.int64)
+            rows = frame + ci64[:, None] * c_stride
             # spatial taps as a loop, not unrolled: one input tile live at a time
             for k in range(KH * KW):
                 ih = oh + (k // KW - KH // 2)
@@ -158,13 +160,13 @@ def _streaming_conv3d_kernel(
                     acc = tl.dot(wt.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
                 if dt >= 1:
                     if writer & (k == CENTRE):  # the unshifted tile of frame T + dt - 1: new history
-                        dst = hist_base + (dt - 1) * HW + ci[:, None] * (P * HW) + hw[None, :]
+                        dst = hist_base + (dt - 1) * HW + ci64[:, None] * (P * HW) + hw[None, :]
                         tl.store(dst, xt, mask=ci_ok[:, None] & hw_ok[None, :])
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
     y_base = y_ptr + (b * C_OUT * T + t) * HW
-    dst = y_base + co[:, None] * (T * HW) + hw[None, :]
+    dst = y_base + co64[:, None] * (T * HW) + hw[None, :]
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & hw_ok[None, :])
 
 
@@ -225,8 +227,8 @@ def _check(
         raise ValueError(f"x, history and weight must share a dtype, got {x.dtype}, {history.dtype}, {weight.dtype}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {x.dtype}")
-    if max(x[0].numel(), history[0].numel(), c_out * x[0, 0].numel()) > _INT32_MAX:
-        raise ValueError("one batch element of the activations must hold fewer than 2**31 elements")
+    if h * w > _INT32_MAX:  # batch and channel offsets are int64 in the kernel; in-frame ones int32
+        raise ValueError("one frame of one channel must hold fewer than 2**31 elements")
     return depthwise
 
 
