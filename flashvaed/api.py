@@ -28,7 +28,7 @@ from .export.contract import Contract, is_manifest_dir, read_manifest
 from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor
 from .models import DecoderSummary, StudentSpec, families, load_model, save_student, summarize
 from .models.checkpoint import is_student_dir, load_teacher
-from .models.streaming import check_latents, chunk_bounds
+from .models.streaming import check_latents, chunk_bounds, mix_decode_noise
 from .models.vae import LatentDecoder
 from .progress import track
 
@@ -158,16 +158,14 @@ def decode_conditions(
     decoder: Any, latents: torch.Tensor, timestep: float | None, noise_scale: float | None, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The latents after upstream's decode-time noise, and the stream options, for ``decoder``."""
-    inputs = getattr(decoder, "step_inputs", ())
+    inputs = decoder.step_inputs
     if "timestep" not in inputs:
         for value, name in ((timestep, "decode_timestep"), (noise_scale, "decode_noise_scale")):
             if value is not None:
                 raise InputError(f"this model is not timestep-conditioned: {{{name}}} does not apply", name)
         return latents, {}
-    from .models.families.ltx import DEFAULT_NOISE_SCALE, DEFAULT_TIMESTEP, mix_decode_noise
-
-    timestep = DEFAULT_TIMESTEP if timestep is None else timestep
-    noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
+    timestep = decoder.default_timestep if timestep is None else timestep
+    noise_scale = (decoder.default_noise_scale or 0.0) if noise_scale is None else noise_scale
     for value, name in ((timestep, "decode_timestep"), (noise_scale, "decode_noise_scale")):
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{{{name}}} must be a finite number >= 0, got {value}", name)

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from flashvaed.errors import CheckpointError, InputError
 from flashvaed.models import load_model, save_teacher
-from flashvaed.models.families.ltx import LTXVAE, LTXConfig, mix_decode_noise
-from flashvaed.models.streaming import iter_decode
+from flashvaed.models.families.ltx import LTXVAE, LTXConfig
+from flashvaed.models.streaming import iter_decode, mix_decode_noise
 
 GENERATIONS = ["0.9.0", "0.9.1", "0.9.5"]
 

@@ -33,6 +33,8 @@ class Decoder:
     latency: int = 0
     output_offset: int = 0
     step_inputs: tuple[str, ...] = ()  # extra per-stream inputs (an LTX timestep, noise maps)
+    default_timestep: float | None = None  # conditioned decoders: their pipeline's decode timestep ...
+    default_noise_scale: float | None = None  # ... and decode-time latent noise
     chunk_range: ShapeRange = ANY_CHUNK
 
     @property
@@ -79,6 +81,7 @@ class ContractDecoder(Decoder):
         self.spatial_factor = contract.spatial_factor
         self.latency, self.output_offset = contract.latency, contract.output_offset
         self.step_inputs = tuple(contract.step_inputs)
+        self.default_timestep, self.default_noise_scale = contract.default_timestep, contract.default_noise_scale
         self._fingerprint = contract.model["fingerprint"]
         self.chunk_range = contract.shapes["chunk"]
 

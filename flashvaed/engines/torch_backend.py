@@ -41,6 +41,7 @@ class TorchDecoder(Decoder):
         self.spatial_factor = model.spatial_factor
         self.latency, self.output_offset = model.latency, model.output_offset
         self.step_inputs = model.step_inputs
+        self.default_timestep, self.default_noise_scale = model.default_timestep, model.default_noise_scale
         self._fingerprint: str | None = None
         self.kernel = kernel
         if kernel == "triton":

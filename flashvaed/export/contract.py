@@ -140,6 +140,11 @@ class Contract:
         return bool(self.latency or self.output_offset)
 
     @property
+    def default_noise_scale(self) -> float | None:
+        value = self.model.get("default_noise_scale")
+        return None if value is None else float(value)
+
+    @property
     def graphs(self) -> tuple[str, ...]:
         """The graphs of this export: a decoder with latency adds ``last`` (the clip's end known)."""
         return GRAPHS if self.latency else GRAPHS[:2]

@@ -70,6 +70,7 @@ def model_facts(model: LatentDecoder, source: str | None) -> dict:
         "step_inputs": list(model.step_inputs),
         "noise_scales": [str(s) for s in model.noise_scales],
         "default_timestep": model.default_timestep,
+        "default_noise_scale": model.default_noise_scale,
         "latents_mean": [float(v) for v in model.latents_mean.flatten()],
         "latents_std": [float(v) for v in model.latents_std.flatten()],
         "config": config.to_dict() if config is not None else None,

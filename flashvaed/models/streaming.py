@@ -232,6 +232,22 @@ def clocked(source: Any) -> bool:
     return bool(getattr(source, "latency", 0) or getattr(source, "output_offset", 0))
 
 
+def mix_decode_noise(latents: Tensor, scale: float, seed: int) -> Tensor:
+    """Decode-time noise on normalised latents, ``latents * (1 - s) + noise * s`` (LTX-Video's pipeline).
+
+    The noise is drawn frame by frame (so a stream can draw it chunk by chunk) from its own CPU
+    generator, seeded ``seed + 1`` so that it never repeats the decoder's noise maps (seeded ``seed``).
+    """
+    if not 0.0 <= scale <= 1.0:
+        raise InputError(f"{{decode_noise_scale}} must be in [0, 1], got {scale}", "decode_noise_scale")
+    if scale == 0.0:
+        return latents
+    g = torch.Generator().manual_seed(seed + 1)
+    b, c, t, h, w = latents.shape
+    noise = torch.stack([torch.randn(b, c, h, w, generator=g) for _ in range(t)], dim=2)
+    return latents * (1 - scale) + noise.to(latents.dtype) * scale
+
+
 def check_latents(model: Any, latents: Tensor) -> None:
     """Refuse latents the model cannot decode, naming the problem in one line."""
     if latents.dim() != 5:

@@ -47,7 +47,9 @@ class LatentDecoder(nn.Module):
         self.output_offset: int = getattr(self.decoder, "output_offset", 0)
         self.step_inputs: tuple[str, ...] = tuple(getattr(self.decoder, "step_inputs", ()))
         self.noise_scales: tuple[Fraction, ...] = tuple(getattr(self.decoder, "noise_scales", ()))  # noise map grids
+        # conditioned decoders: the decode timestep and decode-time latent noise of their pipeline
         self.default_timestep: float | None = getattr(self.decoder, "default_timestep", None)
+        self.default_noise_scale: float | None = getattr(self.decoder, "default_noise_scale", None)
         stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
         if stats.shape != (2, z):
             raise ValueError(f"latent statistics must have {z} entries, got {stats.shape[1]}")

@@ -985,6 +985,7 @@ class LTXDecoder(nn.Module):
                 self.noise_scales += [scale, scale]
         self.step_inputs = (("timestep",) if conditioned else ()) + (("noise",) if self.noise_scales else ())
         self.default_timestep = DEFAULT_TIMESTEP if conditioned else None
+        self.default_noise_scale = DEFAULT_NOISE_SCALE if conditioned else None
         rate, offset = 1, 0
         for _, _, block in self.stages():
             rate, offset = block.set_timeline(rate, offset)
@@ -1068,22 +1069,6 @@ class LTXDecoder(nn.Module):
             states.extend(s)
             i += n
         return unpatchify(x, self.patch_size), tuple(states)
-
-
-def mix_decode_noise(latents: Tensor, scale: float, seed: int) -> Tensor:
-    """Upstream's decode-time noise on normalised latents: ``latents * (1 - s) + noise * s``.
-
-    The noise is drawn frame by frame (so a stream can draw it chunk by chunk) from its own CPU
-    generator, seeded ``seed + 1`` so that it never repeats the decoder's noise maps (seeded ``seed``).
-    """
-    if not 0.0 <= scale <= 1.0:
-        raise InputError(f"{{decode_noise_scale}} must be in [0, 1], got {scale}", "decode_noise_scale")
-    if scale == 0.0:
-        return latents
-    g = torch.Generator().manual_seed(seed + 1)
-    b, c, t, h, w = latents.shape
-    noise = torch.stack([torch.randn(b, c, h, w, generator=g) for _ in range(t)], dim=2)
-    return latents * (1 - scale) + noise.to(latents.dtype) * scale
 
 
 # ---------------------------------------------------------------------------------------------
