@@ -1172,7 +1172,6 @@ class LTXVAE(TeacherVAE):
 # checkpoint layouts
 # ---------------------------------------------------------------------------------------------
 STATISTICS = "per_channel_statistics."
-EXTRA_STATISTICS = ("channel", "mean-of-stds", "mean-of-stds_over_std-of-means")
 
 
 def _res_param(rest: str, layout: str) -> str:
@@ -1242,21 +1241,19 @@ def encoder_names(config: LTXConfig, layout: str) -> dict[str, str]:
         for k, b in enumerate(config.encoder_blocks):
             names[f"blocks.{k}"] = f"down_blocks.{k}.res_blocks" if b.kind == "res_x" else f"down_blocks.{k}"
         return names
-    names, down, opened = {}, -1, False
+    names, down = {}, -1
     blocks = config.encoder_blocks
-    last_res = max(k for k, b in enumerate(blocks) if b.kind == "res_x")
+    last_res = max(k for k, b in enumerate(blocks) if b.kind == "res_x")  # diffusers' mid block
     for k, b in enumerate(blocks):
         if b.kind == "res_x" and k == last_res:
             names[f"blocks.{k}"] = "mid_block.resnets"
         elif b.kind == "res_x":
             down += 1
             names[f"blocks.{k}"] = f"down_blocks.{down}.resnets"
-            opened = True
         elif b.kind == "res_x_y":
             names[f"blocks.{k}"] = f"down_blocks.{down}.conv_out"
         else:
             names[f"blocks.{k}"] = f"down_blocks.{down}.downsamplers.0"
-    del opened
     return names
 
 
