@@ -18,7 +18,16 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import Contract
-from ..models.streaming import ANY_CHUNK, ShapeRange, Stream, StreamState, as_tensor, conditioning_inputs, iter_decode
+from ..models.streaming import (
+    ANY_CHUNK,
+    ShapeRange,
+    Stream,
+    StreamState,
+    as_tensor,
+    clocked,
+    conditioning_inputs,
+    iter_decode,
+)
 
 __all__ = ["ContractDecoder", "Decoder", "Stream", "StreamState", "as_tensor"]
 
@@ -88,6 +97,17 @@ class ContractDecoder(Decoder):
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def step_graph(self, first: bool, end: int | None) -> str:
+        """The graph a stream step runs: ``first``, then ``steady``; ``last`` once a decoder with
+        latency knows the clip's end (see the contract's clock rule)."""
+        if first:
+            return "first"
+        return "last" if self.latency and end is not None else "steady"
+
+    def step_frames(self, first: bool, chunk: int) -> int:
+        """Output frames (positions, for a clocked decoder) of a step over ``chunk`` latent frames."""
+        return 1 if first and not clocked(self) else self.temporal_factor * chunk
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse stream options this engine does not take (before any step)."""

@@ -90,11 +90,11 @@ class OrtStream(Stream):
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
-        graph = "first" if first else ("last" if d.latency and self.end is not None else "steady")
+        graph = d.step_graph(first, self.end)
         binding = self.first_binding if first else self.bindings[graph][self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
-        n = 1 if first and not clocked(d) else d.temporal_factor * k
+        n = d.step_frames(first, k)
         frames = np.empty((b, 3, n, h * s, w * s), np.float32)
         binding.bind_ortvalue_input("latents", ort.OrtValue.ortvalue_from_numpy(latents_array(latents)))
         binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))

@@ -94,12 +94,12 @@ class TensorRTStream(Stream):
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
-        graph = "first" if first else ("last" if d.latency and self.end is not None else "steady")
+        graph = d.step_graph(first, self.end)
         context = self.contexts[graph]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         x = latents.to("cuda", torch.float32).contiguous()
-        n = 1 if first and not clocked(d) else d.temporal_factor * k
+        n = d.step_frames(first, k)
         frames = torch.empty((b, 3, n, h * s, w * s), device="cuda")
         context.set_input_shape("latents", tuple(x.shape))
         context.set_tensor_address("latents", x.data_ptr())

@@ -97,7 +97,7 @@ class RecordingStream(StreamingDecoder):
 
     def _step(self, latents: torch.Tensor, first: bool) -> torch.Tensor:
         engine: ContractDecoder = self.source  # type: ignore[assignment]
-        graph = "first" if first else ("last" if engine.latency and self.end is not None else "steady")
+        graph = engine.step_graph(first, self.end)
         dtype = engine.contract.state_dtype
         feed: dict[str, np.ndarray] = {"latents": latents.float().cpu().numpy()}
         if not first:

@@ -232,7 +232,7 @@ class Contract:
                     StateTensor(s["name"], int(s["channels"]), int(s["frames"]), Fraction(s["scale"]))
                     for s in d["state"]
                 ],
-                files={g: d["graphs"][g]["file"] for g in GRAPHS if g in d["graphs"] or g != "last"},
+                files={g: spec["file"] for g, spec in d["graphs"].items() if g in GRAPHS},
                 format=d["format"],
                 backend=d.get("backend"),
             )
