@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import engines
-from .atomic import atomic_output
+from .atomic import atomic_output, check_output
 from .demo import DemoResult, demo, embedded_teacher_path
 from .devices import resolve_device, resolve_dtype
 from .distill.evaluate import Evaluation, evaluate
 from .distill.run import distill
 from .errors import InputError
-from .export.contract import Contract, is_manifest_dir, read_manifest
-from .io import VideoOptions, frame_sink, output_kind, read_tensor, read_video, write_tensor
+from .export.contract import OURS, Contract, is_manifest_dir, is_ours, read_manifest
+from .io import PNG_DIR, VideoOptions, frame_sink, is_png_dir, output_kind, read_tensor, read_video, write_tensor
 from .models import DecoderSummary, StudentSpec, families, load_model, save_student, summarize
-from .models.checkpoint import is_student_dir, load_teacher
+from .models.checkpoint import STUDENT_DIR, is_student_dir, load_teacher
 from .models.streaming import check_latents, chunk_bounds, mix_decode_noise
 from .models.vae import LatentDecoder
 from .progress import track
+from .safeload import check_budget
 
 if TYPE_CHECKING:
     from .engines.validate import Validation
@@ -127,6 +128,7 @@ def decode(
     one (raw tensor outputs do keep all frames, since they are written as one tensor).
     """
     kind = output_kind(out)
+    check_output(out, directory=kind == "png", replaceable=is_png_dir, what=PNG_DIR, inputs=[latents, model])
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if chunk is not None and chunk < 1:
         raise InputError(f"{{chunk}} must be at least 1, got {chunk}", "chunk")
@@ -137,8 +139,14 @@ def decode(
     z = read_tensor(latents, "latents")
     decoder = engines.load(model, device=dev, dtype=dt)
     check_latents(decoder, z)
-    if kind != "tensor" and not 0 <= batch_index < z.shape[0]:
+    if batch_index < 0 or (kind != "tensor" and batch_index >= z.shape[0]):
         raise InputError(f"{{batch_index}} {batch_index} is out of range for a batch of {z.shape[0]}", "batch_index")
+    if kind == "tensor":  # a raw tensor output is written whole: all frames are held at once
+        b, _, t, h, w = z.shape
+        sf = decoder.spatial_factor
+        check_budget(
+            b * 3 * decoder.temporal_factor * t * h * sf * w * sf * 4, f"decoding {latents} to {out}", InputError
+        )
     z, options = decode_conditions(decoder, z, decode_timestep, decode_noise_scale, seed)
     pieces = decoder.iter_decode(z, chunk, **options)  # checks chunk range, size, options before any output
     n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk())) + (1 if decoder.latency else 0)
@@ -200,6 +208,7 @@ def encode(
     """
     if output_kind(out) != "tensor":
         raise InputError(f"latents are written as .pt, .npy or .safetensors, not {Path(out).name!r}")
+    check_output(out, inputs=[video, model])
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     vae = load_model(model)
     if not vae.has_encoder:
@@ -304,7 +313,7 @@ def prune(
         )
     family = families.get(model.family)
     spec.resolve(family.teacher_layout(model.config), family=model.family)  # refuse a bad fit before any work
-    check_student_target(out)
+    check_output(out, directory=True, replaceable=is_student_dir, what=STUDENT_DIR, inputs=[teacher, calib, config])
     latents = calibration_latents(
         calib, model, clips=calib_clips, frames=calib_frames, size=calib_size, progress=progress
     )
@@ -315,19 +324,7 @@ def prune(
     return result.report
 
 
-def check_student_target(out: str | os.PathLike) -> None:
-    out = Path(out)
-    if out.exists() and not is_student_dir(out) and not (out.is_dir() and not any(out.iterdir())):
-        raise InputError(f"{out} exists and is not a student directory; choose a new output")
-
-
 # ---------------------------------------------------------------------------------------------
-def check_replaceable(out: Path, what: str) -> None:
-    """An output directory may replace an export/engine or an empty directory, nothing else."""
-    if out.exists() and not (is_manifest_dir(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise InputError(f"{out} exists and is not an {what} directory; choose a new output")
-
-
 def export(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -337,7 +334,7 @@ def export(
     width: str = "64:256:1280",
     batch: str = "1:1:4",
     precision: str = "fp32",
-    plugins: str = "flashvaed",
+    plugins: str = "all",
     opset: int = 18,
 ) -> ExportResult:
     """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``."""
@@ -346,8 +343,7 @@ def export(
 
     if is_manifest_dir(model):
         raise InputError(f"{model} is already an export or engine; export takes a checkpoint or student")
-    out = Path(out)
-    check_replaceable(out, "export")
+    out = check_output(out, directory=True, replaceable=is_ours, what=OURS, inputs=[model])
     options = ExportOptions(
         chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset
     )
@@ -367,8 +363,7 @@ def build_engine(
     """Build an engine directory for ``backend`` from an export directory."""
     from .engines.build import build_engine as engines_build
 
-    out = Path(out)
-    check_replaceable(out, "engine")
+    out = check_output(out, directory=True, replaceable=is_ours, what=OURS, inputs=[export_dir, timing_cache])
     return engines_build(export_dir, out, backend, providers, threads, timing_cache, workspace_gib)
 
 
@@ -386,6 +381,8 @@ def validate(
 
     if not is_manifest_dir(engine):
         raise InputError(f"{engine} is not an export or engine directory (no manifest.json)")
+    if out_json is not None:
+        check_output(out_json, inputs=[engine, reference, latents, teacher])
     decoder = engines.load(engine)
     z = read_tensor(latents, "latents")
     check_latents(decoder, z)

@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class _LazyModule:
 
 
 api: Any = _LazyModule()
-FLAGS = {"out": "-o"}  # parameters whose flag is not --NAME
+FLAGS = {"out": "-o", "workspace_gib": "--workspace"}  # parameters whose flag is not --NAME
 
 
 def flag(param: str) -> str:
@@ -74,8 +75,8 @@ def command(fn: F) -> F:
             return fn(*args, **kwargs)
         except FlashVAEDError as e:
             raise fail(e.render(flag), 2) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+        except KeyboardInterrupt as e:
+            raise fail("interrupted", 143 if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:  # output piped into e.g. `head`: main() ends quietly
             raise
         except (typer.Exit, typer.Abort):
@@ -468,8 +469,12 @@ def export(
     batch: Annotated[str, typer.Option(help="Streams batched per call: N, MIN:MAX or MIN:OPT:MAX.")] = "1:1:4",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (weights and state; I/O stays float32).")] = "fp32",
     plugins: Annotated[
-        str, typer.Option(help="'flashvaed': causal convs as plugin nodes with function bodies; 'none': plain ops.")
-    ] = "flashvaed",
+        str,
+        typer.Option(
+            help="Which streaming causal convs become plugin nodes (with function bodies): 'all', "
+            "'depthwise' (dense ones plain ops) or 'none' (plain ops); 'flashvaed' means 'all'."
+        ),
+    ] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18).")] = 18,
 ) -> None:
     """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
@@ -584,12 +589,50 @@ def demo(
     typer.echo(r.summary())
 
 
-def main() -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that outputs in progress are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Typer's usage errors: click's, or those of the click that newer Typer versions vendor."""
+    kinds: list[type[Exception]] = []
+    vendored = getattr(getattr(typer, "exceptions", None), "TyperException", None)
+    if vendored is not None:
+        kinds.append(vendored)
     try:
-        app()
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def main() -> None:
+    """The console script: SIGTERM handled like Ctrl-C; usage errors in one line, exit 2."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = app(standalone_mode=False)
+    except _usage_errors() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `flashvaed` or `flashvaed CMD`: the help
+            out_console.print(e.format_message(), markup=False, highlight=False)  # type: ignore[attr-defined]
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        err_console.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
+    except (typer.Abort, KeyboardInterrupt) as e:  # Ctrl-C outside a command, e.g. while importing
+        err_console.print("error: interrupted", markup=False, highlight=False)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:  # e.g. `flashvaed info ... | head`
         sys.stderr.close()
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

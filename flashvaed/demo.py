@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -21,11 +21,13 @@ from typing import Any
 import torch
 import yaml
 
+from .atomic import atomic_output, check_output
 from .devices import resolve_device
 from .errors import InputError
 from .io import write_tensor, write_video
 from .metrics import psnr
 from .models import StudentSpec, load_model, load_teacher, save_student
+from .models.checkpoint import is_student_dir
 from .models.streaming import chunk_bounds, iter_decode
 from .progress import track
 from .synthetic import synthetic_clip
@@ -39,6 +41,34 @@ DEMO_STUDENT = {
         **{k: {"op": "spatial2d", "width": 0.5} for k in ("up2", "up3")},
     },
 }
+
+
+DEMO_FORMAT = "flashvaed-demo"
+DEMO_DIR = "a demo output"
+DEMO_REPORT = "report.json"
+DEMO_NAMES = {  # what demos write; folders of these alone are earlier demo outputs
+    "latents.safetensors",
+    "input.mp4",
+    "reconstruction.mp4",
+    "student.mp4",
+    "comparison.mp4",
+    "student-pruned",
+    "student",
+    "distill.yaml",
+    DEMO_REPORT,
+}
+
+
+def is_demo_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier demo's output (which a new demo replaces)."""
+    try:
+        report = json.loads((path / DEMO_REPORT).read_text()) if (path / DEMO_REPORT).is_file() else None
+        if isinstance(report, dict) and report.get("format") == DEMO_FORMAT:
+            return True
+        entries = list(path.iterdir())  # an older demo's, without a report: its names, its students
+        return all(p.name in DEMO_NAMES and (p.is_file() or is_student_dir(p)) for p in entries)
+    except (OSError, ValueError):
+        return False
 
 
 def embedded_teacher_path() -> Path:
@@ -116,7 +146,9 @@ def demo(
     from .prune.calibration import calibration_latents
     from .prune.pipeline import prune_teacher
 
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR, inputs=[model])
+    if seed < 0:
+        raise InputError(f"{{seed}} must be >= 0, got {seed}", "seed")
     if distill_steps < 0:
         raise InputError(f"{{distill_steps}} must be >= 0, got {distill_steps}", "distill_steps")
     dev = resolve_device(device)
@@ -134,60 +166,57 @@ def demo(
         latents = teacher.encode(clip)
         streamed, seconds = _timed_decode(teacher, latents, chunk, progress, "decoding (teacher)")
         one_shot = teacher.decode(latents).cpu()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_tensor(latents, out_dir / "latents.safetensors", "latents")
-    write_video(clip, out_dir / "input.mp4", fps=fps)
-    write_video(streamed, out_dir / "reconstruction.mp4", fps=fps)
-    result = DemoResult(
-        out_dir=out_dir,
-        video_shape=tuple(clip.shape),
-        latents_shape=tuple(latents.shape),
-        psnr_db=psnr(streamed, clip),
-        streaming_max_diff=(streamed - one_shot).abs().max().item(),
-        decode_fps=streamed.shape[2] / max(seconds, 1e-9),
-        model="the embedded Wan2.1 teacher" if model is None else f"teacher {model_path.name}",
-        params=sum(p.numel() for p in teacher.parameters()),
-    )
-    panels = [clip, streamed]
-    if student:
-        size = min(height, width)
-        calib = calibration_latents("synthetic", teacher, clips=4, frames=9, size=size, seed=seed + 100)
-        pruned = prune_teacher(teacher, StudentSpec.from_dict(DEMO_STUDENT), calib, progress=progress).student
-        if (out_dir / "student-pruned").exists():
-            shutil.rmtree(out_dir / "student-pruned")
-        save_student(pruned, out_dir / "student-pruned")
-        config = {
-            "batch_size": 2,
-            "clip_frames": 9,
-            "clip_size": size,
-            "synthetic_clips": 32,
-            "checkpoint_every": 1000,
-            "optimizer": {"lr": 2e-3},
-        }
-        (out_dir / "distill.yaml").write_text(yaml.safe_dump(config))
-        run = out_dir / "student"
-        if run.exists():
-            shutil.rmtree(run)  # the demo's own previous run
-        distill(
-            model_path,
-            out_dir / "student-pruned",
-            ["synthetic"],
-            run,
-            config=out_dir / "distill.yaml",
-            steps_per_phase=distill_steps,
-            device=str(dev),
-            progress=progress,
+    with atomic_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR) as tmp:
+        write_tensor(latents, tmp / "latents.safetensors", "latents")
+        write_video(clip, tmp / "input.mp4", fps=fps)
+        write_video(streamed, tmp / "reconstruction.mp4", fps=fps)
+        result = DemoResult(
+            out_dir=out_dir,
+            video_shape=tuple(clip.shape),
+            latents_shape=tuple(latents.shape),
+            psnr_db=psnr(streamed, clip),
+            streaming_max_diff=(streamed - one_shot).abs().max().item(),
+            decode_fps=streamed.shape[2] / max(seconds, 1e-9),
+            model="the embedded Wan2.1 teacher" if model is None else f"teacher {model_path.name}",
+            params=sum(p.numel() for p in teacher.parameters()),
         )
-        trained = load_model(run).to(dev)
-        with torch.inference_mode():
-            before = pruned.to(dev).decode(latents, chunk).cpu()
-            ours, s_seconds = _timed_decode(trained, latents, chunk, progress, "decoding (student)")
-        result.student_params = sum(p.numel() for p in trained.parameters())
-        result.student_psnr_vs_teacher_before_db = psnr(before, streamed)
-        result.student_psnr_vs_teacher_db = psnr(ours, streamed)
-        result.student_psnr_vs_input_db = psnr(ours, clip)
-        result.student_decode_fps = ours.shape[2] / max(s_seconds, 1e-9)
-        write_video(ours, out_dir / "student.mp4", fps=fps)
-        panels.append(ours)
-    write_video(torch.cat(panels, dim=-1), out_dir / "comparison.mp4", fps=fps)
+        panels = [clip, streamed]
+        if student:
+            size = min(height, width)
+            calib = calibration_latents("synthetic", teacher, clips=4, frames=9, size=size, seed=seed + 100)
+            pruned = prune_teacher(teacher, StudentSpec.from_dict(DEMO_STUDENT), calib, progress=progress).student
+            save_student(pruned, tmp / "student-pruned")
+            config = {
+                "batch_size": 2,
+                "clip_frames": 9,
+                "clip_size": size,
+                "synthetic_clips": 32,
+                "checkpoint_every": 1000,
+                "optimizer": {"lr": 2e-3},
+            }
+            (tmp / "distill.yaml").write_text(yaml.safe_dump(config))
+            run = tmp / "student"
+            distill(
+                model_path,
+                tmp / "student-pruned",
+                ["synthetic"],
+                run,
+                config=tmp / "distill.yaml",
+                steps_per_phase=distill_steps,
+                device=str(dev),
+                progress=progress,
+            )
+            trained = load_model(run).to(dev)
+            with torch.inference_mode():
+                before = pruned.to(dev).decode(latents, chunk).cpu()
+                ours, s_seconds = _timed_decode(trained, latents, chunk, progress, "decoding (student)")
+            result.student_params = sum(p.numel() for p in trained.parameters())
+            result.student_psnr_vs_teacher_before_db = psnr(before, streamed)
+            result.student_psnr_vs_teacher_db = psnr(ours, streamed)
+            result.student_psnr_vs_input_db = psnr(ours, clip)
+            result.student_decode_fps = ours.shape[2] / max(s_seconds, 1e-9)
+            write_video(ours, tmp / "student.mp4", fps=fps)
+            panels.append(ours)
+        write_video(torch.cat(panels, dim=-1), tmp / "comparison.mp4", fps=fps)
+        (tmp / DEMO_REPORT).write_text(json.dumps({"format": DEMO_FORMAT, **result.to_dict()}, indent=2))
     return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from torch import Tensor
 
 from .atomic import atomic_output
 from .errors import InputError
-from .safeload import load_weights_only
+from .safeload import check_budget, check_file, load_npy, load_weights_only
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
+RANGE_SLACK = 1e-3  # float frames may overshoot [-1, 1] by rounding, e.g. a decoder's output
+VIDEO_COPY_BYTES = 1 + 4 + 4  # per pixel channel: the uint8 frame, its float copy, a resized/cropped copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,19 +40,17 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
 def read_tensor(path: str | os.PathLike, key: str) -> Tensor:
     """One tensor from .pt (a tensor or a dict holding ``key``), .npy or .safetensors."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in TENSOR_SUFFIXES:
         raise InputError(f"unknown extension {path.suffix!r} for {path} (expected {', '.join(TENSOR_SUFFIXES)})")
+    check_file(path, InputError)
     if suffix == ".pt" or suffix == ".pth":
         obj: object = load_weights_only(path, InputError)
+    elif suffix == ".npy":
+        obj = torch.from_numpy(load_npy(path, InputError))
     else:
         try:
-            if suffix == ".npy":
-                obj = torch.from_numpy(np.load(path, allow_pickle=False))
-            else:
-                obj = load_file(str(path))
+            obj = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"cannot read {path}: {first_line}") from None
@@ -93,13 +94,10 @@ def to_uint8(frames: Tensor) -> np.ndarray:
 
 
 def output_kind(out: str | os.PathLike) -> Literal["tensor", "video", "png"]:
-    """What ``out`` will hold, by its extension; refuses targets that must not be replaced."""
+    """What ``out`` will hold: by its extension, and an existing directory holds PNG frames."""
     out = Path(out)
     suffix = out.suffix.lower()
-    if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if not (p.name.startswith("frame_") and p.suffix == ".png")]
-        if foreign:
-            raise InputError(f"{out} is a directory holding other files ({foreign[0]}, ...); choose a new one")
+    if out.is_dir() and not out.is_symlink() and suffix not in (*TENSOR_SUFFIXES, ".mp4"):
         return "png"
     if suffix in TENSOR_SUFFIXES:
         return "tensor"
@@ -176,13 +174,25 @@ class _PngSink(FrameSink):
             self.count += 1
 
 
+PNG_DIR = "a folder of decoded frames"
+PNG_NAME = re.compile(r"frame_\d{5,}\.png")
+
+
+def is_png_dir(path: Path) -> bool:
+    """Whether ``path`` holds only frames we write (a PNG output may replace it)."""
+    try:
+        return path.is_dir() and all(PNG_NAME.fullmatch(p.name) and p.is_file() for p in path.iterdir())
+    except OSError:
+        return False
+
+
 @contextmanager
 def frame_sink(out: str | os.PathLike, fps: int = 16, batch_index: int = 0) -> Iterator[FrameSink]:
     """Open a sink for ``out`` by its extension: raw tensor file, .mp4, or a PNG directory."""
     out = Path(out)
     kind = output_kind(out)
     if kind == "png":
-        with atomic_output(out, directory=True) as tmp:
+        with atomic_output(out, directory=True, replaceable=is_png_dir, what=PNG_DIR) as tmp:
             yield _PngSink(tmp, batch_index)
     elif kind == "video":
         with atomic_output(out) as tmp:
@@ -244,19 +254,36 @@ class VideoOptions:
 
 
 def decode_video_file(path: str | os.PathLike, options: VideoOptions | None = None) -> np.ndarray:
-    """RGB frames (F, H, W, 3) uint8 of a video file, after start/stride/max_frames."""
+    """RGB frames (F, H, W, 3) uint8 of a video file, after start/stride/max_frames.
+
+    The frames' memory (and that of their float copies downstream) is checked against the
+    machine's before decoding, from the sizes the file declares, and again as frames arrive:
+    a tiny file may declare a huge size or frame count.
+    """
     options = options or VideoOptions()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
+    check_file(path, InputError)
     frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            h, w = stream.codec_context.height, stream.codec_context.width
+            declared = stream.frames or 1
+            kept = max(1, (declared - options.start + options.stride - 1) // options.stride)
+            if options.max_frames is not None:
+                kept = min(kept, options.max_frames)
+            per_frame = h * w * 3 * VIDEO_COPY_BYTES
+            check_budget(kept * per_frame, f"{path} ({kept} frames of {w}x{h})", InputError)
             for i, frame in enumerate(container.decode(video=0)):
                 if i < options.start or (i - options.start) % options.stride:
                     continue
+                check_budget(
+                    (len(frames) + 1) * frame.width * frame.height * 3 * VIDEO_COPY_BYTES,
+                    f"{path} ({len(frames) + 1} frames of {frame.width}x{frame.height})",
+                    InputError,
+                )
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if options.max_frames is not None and len(frames) >= options.max_frames:
                     break
@@ -305,20 +332,34 @@ def _center_crop(video: Tensor, h: int, w: int) -> Tensor:
     return video[..., top : top + h, left : left + w]
 
 
+def frames_in_range(video: Tensor, path: Path) -> Tensor:
+    """Float frames in [-1, 1]: uint8 frames (0..255) are converted; other ranges are refused."""
+    if video.dtype == torch.uint8:
+        return video.float() / 127.5 - 1.0
+    if not (video.dtype.is_floating_point):
+        raise InputError(f"{path}: frames must be float in [-1, 1] or uint8 in [0, 255], got {video.dtype}")
+    video = video.float()
+    if not torch.isfinite(video).all():
+        raise InputError(f"{path}: frames contain NaN or Inf values")
+    lo, hi = video.min().item(), video.max().item()
+    if lo < -1 - RANGE_SLACK or hi > 1 + RANGE_SLACK:
+        hint = " (they look like 0..255 pixel values: save them as uint8)" if hi > 2 else ""
+        raise InputError(f"{path}: float frames must lie in [-1, 1], found [{lo:.3g}, {hi:.3g}]{hint}")
+    return video.clamp(-1, 1)
+
+
 def read_video(path: str | os.PathLike, options: VideoOptions | None = None) -> Tensor:
     """A video file or a raw frames tensor file as encoder input (B, 3, 4n+1, H, W) in [-1, 1]."""
     options = options or VideoOptions()
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in TENSOR_SUFFIXES:
-        video = read_tensor(path, "frames").float()
+        video = read_tensor(path, "frames")
         if video.dim() != 5 or video.shape[1] != 3:
             raise InputError(f"{path}: frames must be (batch, 3, frames, height, width), got {tuple(video.shape)}")
-        if not torch.isfinite(video).all():
-            raise InputError(f"{path}: frames contain NaN or Inf values")
         if video.shape[2] == 0:
             raise InputError(f"{path}: frames tensor holds zero frames")
-        video = video[:, :, options.start :: options.stride][:, :, : options.max_frames]
+        video = frames_in_range(video, path)[:, :, options.start :: options.stride][:, :, : options.max_frames]
     elif suffix in VIDEO_SUFFIXES:
         array = decode_video_file(path, options)
         video = torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0

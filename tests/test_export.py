@@ -158,3 +158,44 @@ def test_shape_range_parsing():
     assert ShapeRange.parse("64:1280", "h", 8) == ShapeRange(8, 8, 160)
     assert ShapeRange.parse("1:2:8", "chunk") == ShapeRange(1, 2, 8)
     assert 3 in ShapeRange(1, 2, 8) and 9 not in ShapeRange(1, 2, 8)
+
+
+def test_stream_state_stays_on_the_device_the_session_runs_on():
+    from flashvaed.engines.ort_backend import state_device
+
+    cuda_first = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert state_device(cuda_first, {"CUDAExecutionProvider": {"device_id": "1"}}) == ("cuda", 1)
+    assert state_device(cuda_first, {}) == ("cuda", 0)
+    assert state_device(["CPUExecutionProvider"], {"CPUExecutionProvider": {}}) == ("cpu", 0)
+    assert state_device(["CPUExecutionProvider", "CUDAExecutionProvider"], {}) == ("cpu", 0)  # CPU runs first
+    assert state_device([], {}) == ("cpu", 0)
+
+
+def test_device_state_decodes_and_saves_like_host_state(models, tmp_path, monkeypatch):
+    """The device-state path (OrtValues rebound step to step, update_inplace, numpy()) run on the
+    CPU device: the same frames and saved states as the CPU path's numpy buffers."""
+    from flashvaed.engines import load, ort_backend
+
+    export(models["teacher"], tmp_path / "e", SMALL)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 6, 3, 4)
+    host = load(tmp_path / "e")
+    stream = host.stream()
+    stream.push(latents[:, :, :3])
+    assert isinstance(stream.state, ort_backend.HostState)  # a CPU session keeps today's numpy buffers
+    expected = host.decode(latents, chunk=2)
+
+    monkeypatch.setattr(
+        ort_backend, "make_state", lambda shapes, dtype, device: ort_backend.DeviceState(shapes, dtype, "cpu", 0)
+    )
+    device = load(tmp_path / "e")
+    torch.testing.assert_close(device.decode(latents, chunk=2), expected, rtol=0, atol=0)
+    stream = device.stream()
+    head = stream.push(latents[:, :, :3])
+    assert isinstance(stream.state, ort_backend.DeviceState)
+    saved = stream.save_state()
+    tail = stream.push(latents[:, :, 3:])
+    resumed = device.stream()
+    resumed.load_state(saved)
+    torch.testing.assert_close(resumed.push(latents[:, :, 3:]), tail, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([head, tail], dim=2), expected, rtol=0, atol=1e-5)

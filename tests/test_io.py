@@ -64,11 +64,13 @@ def test_synthetic_clips_move_and_are_reproducible():
 
 
 def test_png_output_never_replaces_a_directory_with_other_files(tmp_path):
-    from flashvaed.io import output_kind
+    from flashvaed.io import write_video
 
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "frame_00000.png").write_bytes(b"")
-    assert output_kind(tmp_path / "frames") == "png"  # an earlier run's frames: replaced
+    write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "frames")  # an earlier run's frames: replaced
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_00000.png", "frame_00001.png"]
     (tmp_path / "frames" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="other files"):
-        output_kind(tmp_path / "frames")
+    with pytest.raises(InputError, match="not a folder of decoded frames"):
+        write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "frames")
+    assert (tmp_path / "frames" / "notes.txt").read_text() == "mine"

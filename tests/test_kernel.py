@@ -6,6 +6,10 @@ force, so each test sets the variable for itself (``interpret`` fixture) instead
 whole test process.
 """
 
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +17,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from flashvaed.engines import kernel as K
+from flashvaed.errors import FlashVAEDError
+from flashvaed.export.plugin_nodes import WEIGHT_PERM
 from flashvaed.models.blocks import CausalConv3d
 
 OP = torch.ops.flashvaed.streaming_causal_conv3d
@@ -184,6 +190,56 @@ def test_compiles_to_ptx_for_tensorrt(monkeypatch):
         pytest.skip(f"triton cannot compile for CUDA here: {exc}")
     assert f".entry {name}(" in ptx
     assert {"BLOCK_CO", "BLOCK_CI", "BLOCK_HW", "num_warps", "shared"} <= cfg.keys()
+    # the plugin passes exactly AOT_SCALARS between the pointers (SW_O = 1 is compiled in)
+    params = ptx[ptx.index(f".entry {name}(") :].split(")", 1)[0]
+    assert len(re.findall(r"\.param \.u32", params)) == len(K.AOT_SCALARS) == 7
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_aot_arguments_read_the_packed_weight(interpret, groups):
+    """The ahead-of-time launch: a plugin node's packed weight (kt, kh, kw, C_in/groups, C_out), the
+    scalars of ``aot_scalar_args`` and SW_O = 1, run here by the interpreter."""
+    b, c, t, h, w = 2, 6, 3, 5, 7
+    x, history, weight, bias, padding = make_inputs(b, c, c, t, h, w, (3, 3, 3), groups)
+    packed = weight.permute(*WEIGHT_PERM).contiguous()
+    depthwise = groups > 1
+    y, new_history = torch.empty(b, c, t, h, w), torch.empty_like(history)
+    cfg = K.launch_config(c, c, h * w, depthwise)
+    grid = (-(-h * w // cfg["BLOCK_HW"]), -(-c // cfg["BLOCK_CO"]), b * t)
+    scalars = dict(zip(K.AOT_SCALARS, K.aot_scalar_args(t, h, w, c, c, depthwise), strict=True))
+    K._kernel()[grid](
+        x, history, packed, bias, **scalars, SW_O=1, y_ptr=y, new_hist_ptr=new_history,
+        KT=3, KH=3, KW=3, DEPTHWISE=depthwise, HAS_BIAS=True, DOT_PRECISION="ieee",
+        BLOCK_CO=cfg["BLOCK_CO"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_HW=cfg["BLOCK_HW"],
+    )  # fmt: skip
+    y_ref, history_ref = expected(x, history, weight, bias, padding, groups)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(new_history, history_ref, rtol=0, atol=0)
+
+
+def test_old_triton_is_refused_in_one_line():
+    for version in ("3.4.0", "3.9.0", "3.5.0+git0123abc", "4.0"):
+        K.check_triton_version(version)
+    for version in ("3.3.1", "3.0.0", "2.3.1", "unknown"):
+        with pytest.raises(FlashVAEDError, match=r"needs triton>=3\.4 .*found triton") as info:
+            K.check_triton_version(version)
+        assert "\n" not in str(info.value) and version in str(info.value)
+
+
+def test_importing_the_kernel_with_an_old_triton_says_which_is_needed():
+    script = (
+        "import sys, types\n"
+        "sys.modules['triton'] = types.SimpleNamespace(__version__='3.3.1')\n"
+        "from flashvaed.errors import FlashVAEDError\n"
+        "try:\n"
+        "    import flashvaed.engines.kernel\n"
+        "except FlashVAEDError as e:\n"
+        "    print('REFUSED:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED: the fused streaming conv kernel needs triton>=3.4" in result.stdout, result.stdout
+    assert "found triton 3.3.1" in result.stdout
 
 
 def test_offsets_past_int32_are_allowed_and_a_giant_frame_is_refused():

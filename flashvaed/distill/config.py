@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import InputError
+from ..safeload import load_config
 
 
 @dataclass(frozen=True)
@@ -125,13 +124,9 @@ class DistillConfig:
         if path is None:
             return cls()
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"distillation config not found: {path}")
-        try:
-            text = path.read_text()
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (yaml.YAMLError, json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-            raise InputError(f"malformed distillation config {path}: {str(e).splitlines()[0]}") from None
+        data = load_config(path, InputError, "distillation config")
         return cls.from_dict(data or {}, path.name)
 
 

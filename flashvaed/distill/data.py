@@ -26,13 +26,15 @@ from pathlib import Path
 import av
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..io import TENSOR_SUFFIXES, VIDEO_SUFFIXES, read_tensor
+from ..io import TENSOR_SUFFIXES, VIDEO_COPY_BYTES, VIDEO_SUFFIXES, read_tensor
 from ..models.vae import TeacherVAE
+from ..safeload import check_budget, check_file
 from ..synthetic import synthetic_clip
 
 
@@ -93,7 +95,7 @@ class VideoSource:
         needed = (spec.frames - 1) * spec.stride + 1
         for f in files:
             try:
-                n = _count_frames(f)
+                n = _probe(f, spec)
             except (av.FFmpegError, OSError, InputError, StopIteration) as e:
                 self.skipped.append(f"{f.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
@@ -124,14 +126,19 @@ class VideoSource:
         return random_crop(video, spec.size, gen)
 
 
-def _count_frames(path: Path) -> int:
+def _probe(path: Path, spec: ClipSpec) -> int:
+    """The frame count of a video, refused (InputError) if a clip of it would not fit in memory;
+    counted from packets, not decoded frames, where the container does not say."""
+    check_file(path, InputError, "video")
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise InputError("no video stream")
-        n = container.streams.video[0].frames
-        if n:
-            return n
-        return sum(1 for _ in container.decode(video=0))
+        stream = container.streams.video[0]
+        h, w = stream.codec_context.height, stream.codec_context.width
+        check_budget(
+            spec.frames * h * w * 3 * VIDEO_COPY_BYTES, f"a clip of {spec.frames} frames of {w}x{h}", InputError
+        )
+        return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def random_crop(video: Tensor, size: int, gen: torch.Generator) -> Tensor:
@@ -209,6 +216,8 @@ class ClipDataset:
             path = Path(entry)
             if not path.exists():
                 raise InputError(f"data not found: {path} (give videos, latents, folders of them, or 'synthetic')")
+            if not path.is_dir():
+                check_file(path, InputError, "data file")
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             videos += [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
             latents += [p for p in files if p.suffix.lower() in TENSOR_SUFFIXES]
@@ -231,9 +240,8 @@ class ClipDataset:
         gen = _generator(self.seed, 0 if self.cache_dir else epoch, index)
         if self.cache_dir is not None:
             cached = self.cache_dir / f"clip-{self.seed}-{index}.safetensors"
-            if cached.is_file():
-                t = load_file(str(cached))
-                return Clip(t["latents"], t.get("frames"))
+            if cached.exists():
+                return self.cached_clip(cached)
         n_video, n_latent, _ = self.sizes
         if index < n_video:
             frames = self.videos.frames(index, gen)
@@ -250,6 +258,24 @@ class ClipDataset:
             with atomic_output(self.cache_dir / f"clip-{self.seed}-{index}.safetensors") as tmp:
                 save_file({"latents": latents.contiguous(), "frames": frames.contiguous()}, str(tmp))
         return clip
+
+    def cached_clip(self, path: Path) -> Clip:
+        """A clip from the latent cache, refused unless it is one this run would have written."""
+        s = self.spec
+        want = (1, self.teacher.latent_channels, s.latent_frames, s.latent_size, s.latent_size)
+        check_file(path, InputError, "cached clip")
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError, ValueError):
+            t = {}
+        latents, frames = t.get("latents"), t.get("frames")
+        if latents is None or tuple(latents.shape) != want or (frames is not None and frames.shape[2] != s.frames):
+            raise InputError(
+                f"cached clip {path} is unreadable or was made for another run (expected latents {want}); "
+                "delete it or choose another {cache_latents}",
+                "cache_latents",
+            )
+        return Clip(latents, frames)
 
 
 def batch_items(step: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:

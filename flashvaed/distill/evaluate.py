@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, check_output
 from ..devices import resolve_device
 from ..errors import InputError
 from ..metrics import flicker, psnr, ssim
@@ -70,6 +70,8 @@ def evaluate(
     decode speed of both on the same runtime. Latent-only data has no ground truth (those are None)."""
     if clips < 1:
         raise InputError(f"{{clips}} must be at least 1, got {clips}", "clips")
+    if out_json is not None:
+        check_output(out_json, inputs=[model, teacher, *data])
     dev = resolve_device(device)
     teacher_model = load_teacher(teacher).to(dev)
     student_model = load_student_for(model, teacher_model).to(dev)

@@ -10,6 +10,10 @@ are needed. All losses are per-sample means (see ``losses``).
    and output losses (L1 + SSIM), their weights moving linearly from features to outputs.
 3. ``refine``: output losses against the teacher and, per sample, against the real frames (trusted
    as much as the teacher itself reconstructs them), plus temporal consistency.
+
+Gradient checkpointing (``DistillObjective.checkpointing``) covers every phase: each run of a
+student decoder stage, whether stage by stage (align) or in the streaming decode (transfer,
+refine), keeps only its inputs and recomputes its activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import checkpoint as activation_checkpoint
 
 from ..models.streaming import StreamingDecoder, chunk_bounds, clocked, zero_state
 from ..models.vae import LatentDecoder
@@ -40,6 +46,33 @@ def captured_stages(model: LatentDecoder) -> Iterator[dict[str, list[tuple[Tenso
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def checkpointed_stages(model: LatentDecoder, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every decoder stage of ``model`` runs under activation checkpointing.
+
+    The stage's ``forward`` is wrapped (not ``__call__``), so forward hooks (``captured_stages``)
+    see each call once, and the recomputation in backward records nothing.
+    """
+    if not enabled:
+        yield
+        return
+    blocks = [block for _, _, block in model.decoder.stages()]
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute: the class's forward again
+
+
+def _checkpointed(forward: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return activation_checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def streaming_decode(model: LatentDecoder, latents: Tensor, chunk: int, clamp: bool) -> Tensor:
@@ -87,11 +120,12 @@ class DistillObjective(nn.Module):
     def forward(
         self, phase: str, latents: Tensor, teacher: TeacherPass, truth: Tensor | None, progress: float
     ) -> tuple[Tensor, dict[str, float]]:
-        if phase == "align":
-            return self.align(teacher)
-        if phase == "transfer":
-            return self.transfer(latents, teacher, progress)
-        return self.refine(latents, teacher, truth)
+        with checkpointed_stages(self.student, self.checkpointing and torch.is_grad_enabled()):
+            if phase == "align":
+                return self.align(teacher)
+            if phase == "transfer":
+                return self.transfer(latents, teacher, progress)
+            return self.refine(latents, teacher, truth)
 
     @staticmethod
     def _select(x: Tensor, keep: Tensor | None) -> Tensor:
@@ -110,20 +144,13 @@ class DistillObjective(nn.Module):
             extra = () if one_shot is None else (one_shot(b, h, w),)
             loss = None
             for i, (t_in, t_out) in enumerate(chunks):
-                y, state = self._run(block, self._select(t_in, self.keep_in[name]), state, i == 0, *extra)
+                y, state = block(self._select(t_in, self.keep_in[name]), state, i == 0, *extra)
                 term = feature_loss(y, self._select(t_out, self.keep_out[name]))
                 loss = term if loss is None else loss + term
             loss = loss / len(chunks)
             parts[f"align/{name}"] = float(loss.detach().mean())
             total = loss if total is None else total + loss
         return total.mean(), parts
-
-    def _run(self, block: nn.Module, x: Tensor, state: tuple, first: bool, *extra: object) -> tuple[Tensor, tuple]:
-        if self.checkpointing and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(block, x, state, first, *extra, use_reentrant=False)
-        return block(x, state, first, *extra)
 
     def transfer(self, latents: Tensor, teacher: TeacherPass, progress: float) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config.transfer

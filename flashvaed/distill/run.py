@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import check_output
 from ..devices import rank_device, resolve_device
 from ..errors import InputError
 from ..models.checkpoint import load_student_for, load_teacher
@@ -31,15 +32,23 @@ def distill(
 ) -> dict[str, Any]:
     """Distil ``student`` towards ``teacher`` on ``data``; ``out`` becomes the trained student
     directory (EMA weights) with its checkpoint, logs and report. Returns the report."""
+    if isinstance(eval_clips, bool) or not isinstance(eval_clips, int) or eval_clips < 1:
+        raise InputError(f"{{eval_clips}} must be at least 1, got {eval_clips!r}", "eval_clips")
     cfg = DistillConfig.load(config)
     if steps_per_phase is not None:
         if steps_per_phase < 0:
             raise InputError(f"{{steps_per_phase}} must be >= 0, got {steps_per_phase}", "steps_per_phase")
         cfg = cfg.with_steps_per_phase(steps_per_phase)
     spec = ClipSpec(cfg.clip_frames, cfg.clip_size, cfg.frame_stride, cfg.synthetic_clips)
-    run = Path(out)
-    if run.exists() and not (run / CHECKPOINT).exists() and any(run.iterdir()) and not resume:
-        raise InputError(f"{run} exists and is not a distillation run; choose a new {{out}}", "out")
+    run = check_output(
+        out,
+        directory=True,
+        replaceable=lambda p: resume or (p / CHECKPOINT).exists(),
+        what="a distillation run",
+        inputs=[teacher, student, config, cache_latents, *data],
+    )
+    if cache_latents is not None and Path(cache_latents).exists() and not Path(cache_latents).is_dir():
+        raise InputError(f"{{cache_latents}} {cache_latents} is not a directory", "cache_latents")
     dev = rank_device(resolve_device(device))
     teacher_model = load_teacher(teacher)
     student_model = load_student_for(student, teacher_model)

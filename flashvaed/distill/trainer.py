@@ -121,7 +121,7 @@ class Distiller:
         if not student.config.teacher_channels:
             raise InputError("this student has no teacher channel map (make it with `flashvaed prune`)")
         self.objective = DistillObjective(student, student.config.teacher_channels, config)
-        self.objective.checkpointing = config.gradient_checkpointing and device.type == "cuda"
+        self.objective.checkpointing = config.gradient_checkpointing  # every phase, any device (it saves memory)
         self.model: torch.nn.Module = self.objective
         if self.topology.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(

@@ -79,11 +79,6 @@ class ContractDecoder(Decoder):
     """A decoder driven by an export's contract: its facts, shape ranges and state shapes."""
 
     def __init__(self, contract: Contract) -> None:
-        unknown = set(contract.step_inputs) - {"timestep", "noise"}
-        if unknown:
-            raise InputError(
-                f"this export declares step inputs this version cannot drive ({', '.join(sorted(unknown))})"
-            )
         self.contract = contract
         self.latent_channels = contract.latent_channels
         self.temporal_factor = contract.temporal_factor

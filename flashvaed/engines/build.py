@@ -15,8 +15,8 @@ import onnxruntime as ort
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, Contract, read_manifest
-from .ort_backend import check_providers, default_providers, session_options
+from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, OURS, Contract, is_ours, read_manifest
+from .ort_backend import check_providers, default_providers, load_session, session_options
 
 BACKENDS = ("onnxruntime", "tensorrt")
 # Saved optimised models stay portable at the extended level; hardware-specific layout
@@ -37,6 +37,10 @@ def build_engine(
     """Build ``out_dir`` from the export in ``export_dir``; returns the engine's contract."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (use {' or '.join(BACKENDS)})")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise InputError(f"{{threads}} must be 0 (all cores) or a positive count, got {threads!r}", "threads")
+    if not 0 < workspace_gib <= 1024:
+        raise InputError(f"{{workspace_gib}} must be a size in GiB in (0, 1024], got {workspace_gib}", "workspace_gib")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     contract = read_manifest(export_dir)
     if contract.format != EXPORT_FORMAT:
@@ -45,7 +49,7 @@ def build_engine(
         from .tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # fail before any output exists
-    with atomic_output(out_dir, directory=True) as tmp:
+    with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp:
         if backend == "onnxruntime":
             contract.backend = _build_onnxruntime(export_dir, contract, tmp, providers, threads)
         else:
@@ -69,7 +73,14 @@ def _build_onnxruntime(
         options = session_options({"graph_optimization_level": SAVE_LEVEL, "intra_op_num_threads": threads})
         files[graph] = f"{graph}.optimized.onnx"
         options.optimized_model_filepath = str(out / files[graph])
-        ort.InferenceSession(str(export_dir / name), options, providers=providers)  # writes the file
+        session = load_session(export_dir, name, options, providers)  # writes the optimised file
+        started = session.get_providers()
+        failed = [p for p in providers if p not in started]
+        if failed:  # ONNX Runtime falls back to the CPU silently, e.g. CUDA listed but no GPU here
+            raise InputError(
+                f"ONNX Runtime could not start {', '.join(failed)} here (no GPU or its libraries are missing); "
+                f"it ran with {', '.join(started)}"
+            )
     contract.files = files
     return {
         "name": "onnxruntime",

@@ -14,7 +14,10 @@ Three entry points:
   interpreter, ``TRITON_INTERPRET=1``);
 * ``torch.ops.flashvaed.streaming_causal_conv3d``, a custom op: the Triton kernel on CUDA, plain
   torch (cat + conv3d + slice) everywhere else, with a fake implementation for tracing;
-* ``compile_for_tensorrt`` (used by ``tensorrt_plugin``) compiles the same kernel to PTX.
+* ``compile_for_tensorrt`` (used by ``tensorrt_plugin``) compiles the same kernel to PTX, for the
+  packed weights of plugin nodes (output channels innermost, read coalesced).
+
+Needs triton >= 3.4 (``TRITON_MIN_VERSION``); an older one is refused at import, in one line.
 
 Dense (groups 1) and depthwise (groups = channels) convs; stride 1, "same" spatial padding, odd
 spatial kernels; fp32 accumulation for fp32, fp16 and bf16 tensors. fp32 products are exact
@@ -26,25 +29,50 @@ from __future__ import annotations  # also keeps the kernel's tl.constexpr annot
 
 import functools
 import os
+import re
 import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import FlashVAEDError
 from ..models.blocks import streaming_conv3d
+
+# The first Triton with both APIs this module uses: ``triton.knobs`` (``knobs.runtime.interpret``)
+# appeared in 3.4.0; ``ASTSource(constexprs=...)`` in 3.3 (checked in the 3.3.1 and 3.4.0 wheels).
+TRITON_MIN_VERSION = (3, 4)
+TRITON_REQUIREMENT = "triton>=3.4"
+
+
+def check_triton_version(version: str) -> None:
+    """Refuse a Triton older than ``TRITON_MIN_VERSION`` in one line, instead of an AttributeError later."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or tuple(int(v) for v in match.groups()) < TRITON_MIN_VERSION:
+        raise FlashVAEDError(
+            f"the fused streaming conv kernel needs {TRITON_REQUIREMENT} (triton.knobs), "
+            f"found triton {version}: pip install '{TRITON_REQUIREMENT}'"
+        )
+
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # the CPU op and the fake op work without triton
     triton = None
     tl = None
+else:
+    check_triton_version(getattr(triton, "__version__", "unknown"))
+    import triton.language as tl
 
 __all__ = [
+    "AOT_SCALARS",
+    "TRITON_MIN_VERSION",
+    "aot_scalar_args",
+    "check_triton_version",
     "compile_for_tensorrt",
     "launch_config",
     "reference_streaming_conv3d",
+    "require_triton",
     "streaming_causal_conv3d",
     "streaming_causal_conv3d_op",
     "triton_available",
@@ -177,9 +205,14 @@ def _jit(interpret: bool) -> Any:
     return triton.JITFunction(_streaming_conv3d_kernel)
 
 
-def _kernel() -> Any:
+def require_triton() -> None:
+    """Refuse in one line where triton is missing (an old one is refused at import)."""
     if triton is None:
-        raise RuntimeError("the fused streaming conv kernel needs triton (pip install triton)")
+        raise FlashVAEDError(f"the fused streaming conv kernel needs triton: pip install '{TRITON_REQUIREMENT}'")
+
+
+def _kernel() -> Any:
+    require_triton()
     return _jit(_interpreting())
 
 
@@ -378,6 +411,20 @@ def _op_fake(
 # ---------------------------------------------------------------------------------------------
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The scalar arguments of the ahead-of-time kernel, in PTX order (between the input and output
+# pointers). SW_O is not among them: the AOT weight is packed, output channels innermost, and
+# SW_O = 1 is compiled in, which lets Triton lay each tap's weight tile out with a warp's threads
+# along output channels (coalesced); with SW_O a runtime value it puts them along input channels.
+AOT_SCALARS = ("T", "H", "W", "C_IN", "C_OUT", "SW_I", "SW_T")
+
+
+def aot_scalar_args(t: Any, h: Any, w: Any, c_in: int, c_out: int, depthwise: bool) -> tuple[Any, ...]:
+    """Values of ``AOT_SCALARS`` for a packed weight: (kt, kh, kw, C_in/groups, C_out) memory.
+
+    T, H and W may be symbolic (TensorRT shape expressions); the weight strides are numbers.
+    """
+    c_in_per_group = 1 if depthwise else c_in
+    return (t, h, w, c_in, c_out, c_out, c_in_per_group * c_out)
 
 
 def compile_for_tensorrt(
@@ -391,14 +438,14 @@ def compile_for_tensorrt(
 ) -> tuple[str, str, dict[str, int]]:
     """Compile the kernel for the current CUDA device: ``(kernel name, PTX, launch config)``.
 
-    The PTX takes (x, history, weight, bias, T, H, W, C_IN, C_OUT, SW_O, SW_I, SW_T, y,
-    new_history), the SW_* being the weight's element strides along output channels, input
-    channels and flattened taps (standard layout: kt*kh*kw*C_in/groups, kt*kh*kw, 1); ``hw_hint``
-    (H * W, or an upper bound) only picks the spatial block. The config holds the block sizes,
-    ``num_warps`` and ``shared`` (dynamic shared memory bytes).
+    The PTX takes (x, history, weight, bias, *AOT_SCALARS, y, new_history) (values from
+    ``aot_scalar_args``), the weight packed as (kt, kh, kw, C_in/groups, C_out), the layout of
+    plugin nodes' weights (``flashvaed.export.plugin_nodes``); ``hw_hint`` (H * W, or an upper
+    bound) only picks the spatial block. The config holds the block sizes, ``num_warps`` and
+    ``shared`` (dynamic shared memory bytes). Nothing is assumed about pointer alignment: TensorRT
+    documents none for plugin tensors, so loads stay scalar (but coalesced).
     """
-    if triton is None:
-        raise RuntimeError("compiling the fused streaming conv kernel needs triton (pip install triton)")
+    require_triton()
     kt, kh, kw = kernel_size
     cfg = launch_config(c_in, c_out, hw_hint, depthwise)
     ty = _TRITON_TYPES[dtype]
@@ -407,11 +454,12 @@ def compile_for_tensorrt(
         "hist_ptr": f"*{ty}",
         "w_ptr": f"*{ty}",
         "bias_ptr": f"*{_TRITON_TYPES[bias_dtype or dtype]}",
-        **dict.fromkeys(("T", "H", "W", "C_IN", "C_OUT", "SW_O", "SW_I", "SW_T"), "i32"),
+        **dict.fromkeys(AOT_SCALARS, "i32"),
         "y_ptr": f"*{ty}",
         "new_hist_ptr": f"*{ty}",
     }
     constexprs = {
+        "SW_O": 1,
         "KT": kt,
         "KH": kh,
         "KW": kw,
@@ -424,6 +472,7 @@ def compile_for_tensorrt(
     }
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     fn = _jit(False)
+    signature = {name: signature[name] for name in fn.arg_names}  # in the kernel's argument order
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=_target(), options={"num_warps": cfg["num_warps"]})
     if getattr(compiled.metadata, "global_scratch_size", 0):

@@ -3,6 +3,8 @@
 One pair of sessions serves every stream (``run_with_iobinding`` is safe from many threads);
 each stream owns its IO bindings and two sets of state buffers, allocated once when it starts
 and swapped after every step: step n reads set A and writes set B, step n+1 the other way.
+Where the sessions run on CUDA first, the buffers are device OrtValues (``state_device``), so the
+state never crosses PCIe between steps; on the CPU they are numpy arrays.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..export.contract import Contract
+from ..export.contract import Contract, check_external_data
 from ..models.streaming import clocked
+from ..safeload import member_file
 from .base import ContractDecoder, Stream
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -52,6 +55,66 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
     return options
 
 
+def load_session(folder: Path, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session for the graph ``folder/name``, whose external data must stay inside ``folder``."""
+    path = member_file(folder, name, InputError, "graph")
+    check_external_data(path)
+    ort.set_default_logger_severity(4)  # failures become our one-line errors, not ORT's log lines
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ONNX Runtime's own exception types are not importable by a stable name
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot load graph {path}: {first[:300]}") from None
+
+
+def state_device(providers: list[str], provider_options: dict[str, dict[str, Any]]) -> tuple[str, int]:
+    """Where a stream keeps its state, from its session's providers (in order) and their options:
+    ``("cuda", device_id)`` when CUDA runs first, else ``("cpu", 0)``.
+
+    State bound as CPU OrtValues to a CUDA session is copied to the device and back on every step;
+    device OrtValues bound as outputs and rebound as the next step's inputs stay where they are.
+    """
+    if providers and providers[0] == "CUDAExecutionProvider":
+        return "cuda", int(provider_options.get("CUDAExecutionProvider", {}).get("device_id", 0))
+    return "cpu", 0
+
+
+class HostState:
+    """Both state sets as numpy arrays, bound as zero-copy CPU OrtValues."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: type) -> None:
+        self.arrays = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self.arrays]
+
+    def read(self, index: int) -> list[Tensor]:
+        return [torch.from_numpy(a) for a in self.arrays[index]]
+
+    def write(self, index: int, tensors: list[Tensor]) -> None:
+        for a, t in zip(self.arrays[index], tensors, strict=True):
+            a[...] = t.numpy()
+
+
+class DeviceState:
+    """Both state sets as OrtValues on ``device`` (copied to the host only to save a state)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: type, device: str, device_id: int) -> None:
+        self.dtype = dtype
+        self.values = [
+            [ort.OrtValue.ortvalue_from_numpy(np.zeros(s, dtype), device, device_id) for s in shapes] for _ in range(2)
+        ]
+
+    def read(self, index: int) -> list[Tensor]:
+        return [torch.from_numpy(v.numpy()) for v in self.values[index]]
+
+    def write(self, index: int, tensors: list[Tensor]) -> None:
+        for v, t in zip(self.values[index], tensors, strict=True):
+            v.update_inplace(np.ascontiguousarray(t.numpy(), dtype=self.dtype))
+
+
+def make_state(shapes: list[tuple[int, ...]], dtype: type, device: tuple[str, int]) -> HostState | DeviceState:
+    return HostState(shapes, dtype) if device[0] == "cpu" else DeviceState(shapes, dtype, *device)
+
+
 class OrtStream(Stream):
     source: OnnxRuntimeDecoder
 
@@ -63,8 +126,9 @@ class OrtStream(Stream):
         d = self.source
         dtype = NUMPY_DTYPES[d.contract.state_dtype]
         shapes = d.state_shapes(batch, height, width)
-        self.buffers = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
-        values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in bufs] for bufs in self.buffers]
+        session = d.sessions["first"]
+        self.state = make_state(shapes, dtype, state_device(session.get_providers(), session.get_provider_options()))
+        values = self.state.values
         self.current = 0  # the set holding the state the next step reads
         # per-stream inputs (a timestep, noise maps) are bound once, to every graph
         self.inputs = {
@@ -108,11 +172,10 @@ class OrtStream(Stream):
         return torch.from_numpy(frames)
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
-        return [t.name for t in self.source.contract.state], [torch.from_numpy(a) for a in self.buffers[self.current]]
+        return [t.name for t in self.source.contract.state], self.state.read(self.current)
 
     def _set_state(self, tensors: list[Tensor]) -> None:
-        for a, t in zip(self.buffers[self.current], tensors, strict=True):
-            a[...] = t.numpy()
+        self.state.write(self.current, tensors)
 
 
 def latents_array(latents: Tensor) -> np.ndarray:
@@ -136,10 +199,12 @@ class OnnxRuntimeDecoder(ContractDecoder):
         backend = contract.backend or {}
         self.providers = check_providers(providers or backend.get("providers") or default_providers())
         options = session_options(settings or backend.get("session_options"))
-        self.sessions = {
-            g: ort.InferenceSession(str(self.path / f), options, providers=self.providers)
-            for g, f in contract.files.items()
-        }
+        self.sessions = {g: load_session(self.path, f, options, self.providers) for g, f in contract.files.items()}
+        for g, session in self.sessions.items():
+            inputs = {i.name: i.shape for i in session.get_inputs()}
+            problem = contract.io_problem(g, inputs, {o.name: o.shape for o in session.get_outputs()})
+            if problem:
+                raise InputError(f"{self.path}: {problem}; its manifest does not describe its graphs")
 
     def stream(self, **options: Any) -> OrtStream:
         self.check_options(options)

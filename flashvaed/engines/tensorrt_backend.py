@@ -3,13 +3,16 @@
 Kept thin on purpose: TensorRT cannot be installed on the machines this project is developed
 and tested on, so everything here is a direct use of the documented TensorRT 10 / polygraphy
 APIs, and everything around it (the ONNX it parses, op coverage, the plugin kernel, the
-contract) is tested elsewhere. Tests for this module run only where ``tensorrt`` imports and a
-GPU is present.
+contract) is tested elsewhere. The decisions are small pure functions tested with fake TensorRT
+objects (``network_creation_flags``, ``parse_network``, ``with_activation_resize``,
+``DeviceMemory``, ``enqueue``); the rest runs only where ``tensorrt`` imports and a GPU is present.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from ..models.streaming import clocked
 from .base import ContractDecoder, Stream
 
 INSTALL_HINT = "pip install flashvaed[tensorrt]"
+AOT_PLUGINS_SINCE = (10, 9)  # TensorRT's ahead-of-time Python plugins and the PREFER_*_PYTHON_PLUGINS flags
 
 
 def require_tensorrt() -> Any:
@@ -44,32 +48,147 @@ def _profile_shapes(contract: Contract, graph: str) -> dict[str, tuple[tuple[int
     return {ts[0]["name"]: tuple(tuple(t["shape"]) for t in ts) for ts in zip(*levels, strict=True)}
 
 
-def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:
-    """Parse both graphs (plugins registered), build strongly typed plans, write them into ``out_dir``."""
-    trt = require_tensorrt()
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+def _version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
-    if contract.plugins == "flashvaed":
+
+def network_creation_flags(trt: Any, prefer_aot: bool = True) -> int:
+    """Flags for ``builder.create_network``: STRONGLY_TYPED, and on TensorRT >= 10.9 the preference
+    for the AOT (or JIT) implementation of Python plugins.
+
+    From TensorRT 10.9 our plugins have both implementations (``tensorrt_plugin``), and the ONNX
+    parser creates such a plugin only in a network that states a preference; polygraphy's
+    ``network_from_onnx_path`` (0.53.6) sets none, so ``parse_network`` creates the network.
+    TensorRT 11 keeps STRONGLY_TYPED as an ignored flag (networks are always strongly typed).
+    """
+    kinds = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    strongly_typed = getattr(kinds, "STRONGLY_TYPED", None)
+    if strongly_typed is not None:
+        flags |= 1 << int(strongly_typed)
+    preference = getattr(kinds, "PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS", None)
+    if preference is not None and _version(trt.__version__) >= AOT_PLUGINS_SINCE:
+        flags |= 1 << int(preference)
+    return flags
+
+
+def parse_network(trt: Any, path: Path, logger: Any) -> tuple[Any, Any, Any]:
+    """(builder, network, parser) for the ONNX graph ``path``, the network made with
+    ``network_creation_flags``; a graph TensorRT cannot parse is refused in one line."""
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_creation_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):  # from the file: external data is found beside it
+        errors = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)]
+        first = errors[0].splitlines()[0] if errors and errors[0] else "no error reported"
+        more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+        raise InputError(f"TensorRT cannot parse {path}: {first}{more}")
+    return builder, network, parser
+
+
+def with_activation_resize(trt: Any, create_config: Callable[..., Any]) -> Callable[..., Any]:
+    """``create_config`` (a polygraphy ``CreateConfig``) plus TensorRT's RUNTIME_ACTIVATION_RESIZE_10_10
+    preview feature where it exists (>= 10.10), set on top of the default preview features.
+
+    With it, ``update_device_memory_size_for_shapes`` sizes a context's activation memory for the
+    shapes it runs (``DeviceMemory``), not for the profile's maximum: "reduce runtime memory
+    requirement when the actual input tensor shapes are smaller than the maximum" (its doc).
+    """
+    feature = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+
+    def create(builder: Any, network: Any) -> Any:
+        config = create_config(builder, network)
+        if feature is not None:
+            config.set_preview_feature(feature, True)
+        return config
+
+    return create
+
+
+def check_plugin_layout(path: Path) -> None:
+    """Refuse a graph whose plugin nodes carry Conv-layout weights (exported before weights were
+    packed): today's plugins read packed ones, and would build a wrong engine without a word."""
+    import onnx
+
+    from ..export.plugin_nodes import DOMAIN_VERSION, plugin_domain_version
+
+    version = plugin_domain_version(onnx.load(str(path), load_external_data=False))
+    if version is not None and version != DOMAIN_VERSION:
+        raise InputError(
+            f"{path} has plugin nodes of layout version {version} (this flashvaed builds version "
+            f"{DOMAIN_VERSION}): export the model again"
+        )
+
+
+def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:
+    """Parse every graph (plugins registered), build strongly typed plans, write them into ``out_dir``."""
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network
+
+    if contract.plugins != "none":
+        from .kernel import require_triton
         from .tensorrt_plugin import register_plugins
 
+        require_triton()  # the AOT plugins compile the kernel while the engine is built
         register_plugins()
+        for name in contract.files.values():
+            check_plugin_layout(export_dir / name)
+    logger = trt.Logger(trt.Logger.WARNING)
     files = {}
     for graph, name in contract.files.items():
         profile = Profile()
         for input_name, (lo, opt, hi) in _profile_shapes(contract, graph).items():
             profile.add(input_name, min=lo, opt=opt, max=hi)
-        network = network_from_onnx_path(str(export_dir / name), strongly_typed=True)
+        network = parse_network(trt, export_dir / name, logger)
         config = CreateConfig(
             profiles=[profile],
             load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
         )
+        config = with_activation_resize(trt, config)
         plan = engine_bytes_from_network(
             network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None
         )
         files[graph] = f"{graph}.plan"
         (out_dir / files[graph]).write_bytes(plan)
     return {"name": "tensorrt", "tensorrt_version": trt.__version__, "plan_files": files}
+
+
+class DeviceMemory:
+    """One device allocation shared by a stream's execution contexts, sized for the shapes they run.
+
+    The contexts are created USER_MANAGED (TensorRT >= 10.0) instead of each holding the memory
+    of its engine's largest profile: they run one at a time, in order on one CUDA stream, so one
+    buffer serves them all. ``bind`` asks the context what the shapes just set need (TensorRT >=
+    10.1: ``update_device_memory_size_for_shapes``; less than the profile's maximum for engines
+    built with ``with_activation_resize``) and grows the buffer when that is more.
+    """
+
+    def __init__(self, allocate: Callable[[int], Tensor]) -> None:
+        self.allocate = allocate
+        self.buffer: Tensor | None = None
+
+    def bind(self, context: Any) -> int:
+        """Give ``context`` the buffer (after its input shapes are set); returns the bytes it needs."""
+        size = int(context.update_device_memory_size_for_shapes())
+        if self.buffer is None or size > self.buffer.numel():
+            # earlier steps are done with the old buffer in stream order (``enqueue``); torch's
+            # blocks are 512-byte aligned, TensorRT asks for 256
+            self.buffer = self.allocate(max(size, 1))
+        context.set_device_memory(self.buffer.data_ptr(), size)
+        return size
+
+
+def enqueue(context: Any, stream: Any, caller: Any) -> bool:
+    """Run ``context`` on ``stream`` after everything already queued on ``caller`` (torch's current
+    stream: the latents' copy, the clock, a loaded state), and hold ``caller``'s later work (reading
+    frames and state, freeing inputs) until it is done."""
+    stream.wait_stream(caller)
+    ok = context.execute_async_v3(stream.cuda_stream)
+    caller.wait_stream(stream)
+    return bool(ok)
 
 
 class TensorRTStream(Stream):
@@ -85,8 +204,10 @@ class TensorRTStream(Stream):
         shapes = d.state_shapes(batch, height, width)
         self.buffers = [[torch.zeros(s, dtype=dtype, device="cuda") for s in shapes] for _ in range(2)]
         self.current = 0
-        self.contexts = {g: e.create_execution_context() for g, e in d.engines.items()}
-        self.cuda_stream = torch.cuda.Stream()
+        user_managed = d.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = {g: e.create_execution_context(user_managed) for g, e in d.engines.items()}
+        self.memory = DeviceMemory(lambda size: torch.empty(size, dtype=torch.uint8, device="cuda"))
+        self.cuda_stream = torch.cuda.Stream()  # not the legacy default stream, which TensorRT syncs
         # per-stream inputs (a timestep, noise maps), and the clock's scalars, live on the device
         inputs = d.stream_inputs(batch, height, width, self.options)
         self.inputs = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
@@ -101,30 +222,26 @@ class TensorRTStream(Stream):
         x = latents.to("cuda", torch.float32).contiguous()
         n = d.step_frames(first, k)
         frames = torch.empty((b, 3, n, h * s, w * s), device="cuda")
-        context.set_input_shape("latents", tuple(x.shape))
-        context.set_tensor_address("latents", x.data_ptr())
-        context.set_tensor_address("frames", frames.data_ptr())
-        extra = dict(self.inputs)
+        inputs = {"latents": x, **self.inputs}
         if clocked(d) and not first:
             self.clock["position"].fill_(self.position)
-            extra["position"] = self.clock["position"]
+            inputs["position"] = self.clock["position"]
             if graph == "last":
                 self.clock["end"].fill_(self.end)
-                extra["end"] = self.clock["end"]
-        for name, value in extra.items():
-            context.set_input_shape(name, tuple(value.shape))
-            context.set_tensor_address(name, value.data_ptr())
+                inputs["end"] = self.clock["end"]
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
-        for i, t in enumerate(d.contract.state):
-            if not first:
-                context.set_input_shape(t.input, tuple(src[i].shape))
-                context.set_tensor_address(t.input, src[i].data_ptr())
-            context.set_tensor_address(t.output, dst[i].data_ptr())
-        if not context.execute_async_v3(self.cuda_stream.cuda_stream):
+        if not first:
+            inputs.update({t.input: src[i] for i, t in enumerate(d.contract.state)})
+        outputs = {"frames": frames, **{t.output: dst[i] for i, t in enumerate(d.contract.state)}}
+        for name, value in inputs.items():
+            context.set_input_shape(name, tuple(value.shape))
+        self.memory.bind(context)  # after every input shape: it sizes the memory for them
+        for name, value in {**inputs, **outputs}.items():
+            context.set_tensor_address(name, value.data_ptr())
+        if not enqueue(context, self.cuda_stream, torch.cuda.current_stream()):
             raise InputError(f"TensorRT failed to run the {graph} graph")
-        self.cuda_stream.synchronize()
         self.current = 1 - self.current
-        return frames.cpu()
+        return frames.cpu()  # on torch's stream, which waits for TensorRT's
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
         return [t.name for t in self.source.contract.state], [b.cpu() for b in self.buffers[self.current]]
@@ -139,11 +256,12 @@ class TensorRTDecoder(ContractDecoder):
 
     def __init__(self, path: str | os.PathLike, contract: Contract) -> None:
         trt = require_tensorrt()
-        if contract.plugins == "flashvaed":
+        if contract.plugins != "none":
             from .tensorrt_plugin import register_plugins
 
-            register_plugins()  # AOT plugins run without it; JIT ones need their Python code
+            register_plugins()  # AOT plugins run without it; JIT ones need their Python code (and triton)
         super().__init__(contract)
+        self.trt = trt
         self.path = Path(path)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         plans = (contract.backend or {}).get("plan_files", {})

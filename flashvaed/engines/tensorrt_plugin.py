@@ -14,8 +14,16 @@ Each plugin has two implementations:
   the fallback where AOT plugins do not exist, and it needs ``register_plugins()`` again in the
   process that deserializes the engine.
 
+Registering imports neither triton nor the kernel module: only compiling (``aot_impl``, at
+engine build) and running a JIT plugin need them, so loading an AOT engine needs no triton.
+
 With both defined, TensorRT asks the network for a preference: create it with
-``network_creation_flags()`` (``PREFER_AOT_PYTHON_PLUGINS``), or the parser refuses the node.
+``tensorrt_backend.network_creation_flags(trt)`` (``PREFER_AOT_PYTHON_PLUGINS``), or the parser
+refuses the node.
+
+The weight input is packed, (kt, kh, kw, C_in/groups, C_out) (``plugin_nodes.WEIGHT_PERM``),
+which the AOT kernel reads coalesced; the JIT callback views it back as (C_out, C_in/groups, kt,
+kh, kw) without a copy.
 
 No ``from __future__ import annotations`` here: TensorRT validates the decorated functions'
 annotations as live types.
@@ -27,12 +35,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from ..export.plugin_nodes import CONV_WEIGHT_PERM
 
 __all__ = [
     "DENSE_PLUGIN",
     "DEPTHWISE_PLUGIN",
     "aot_supported",
-    "network_creation_flags",
     "register_plugins",
     "tensorrt_available",
 ]
@@ -42,7 +50,6 @@ DENSE_PLUGIN = f"{NAMESPACE}::StreamingCausalConv3d"
 DEPTHWISE_PLUGIN = f"{NAMESPACE}::StreamingDepthwiseConv3d"
 
 _registered = False
-_aot_registered = False
 
 
 def tensorrt_available() -> bool:
@@ -63,26 +70,13 @@ def aot_supported() -> bool:
     return hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
 
 
-def network_creation_flags(prefer_aot: bool = True) -> int:
-    """Network creation flags that pick the plugins' AOT (or JIT) implementation; 0 if there is no choice.
-
-    Combine with STRONGLY_TYPED etc.: ``builder.create_network(flags | network_creation_flags())``.
-    """
-    register_plugins()
-    if not _aot_registered:
-        return 0
-    import tensorrt as trt
-
-    flag = "PREFER_AOT_PYTHON_PLUGINS" if prefer_aot else "PREFER_JIT_PYTHON_PLUGINS"
-    return 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
-
-
 def register_plugins() -> None:
     """Register both plugins with TensorRT's plugin registry; a no-op once done.
 
-    Raises ``InputError`` when TensorRT (or triton, which compiles the kernel) is missing.
+    Raises ``InputError`` when TensorRT is missing. Imports no triton (see the module's docstring):
+    building an engine checks for it (``tensorrt_backend.build``), a JIT plugin needs it to run.
     """
-    global _registered, _aot_registered
+    global _registered
     if _registered:
         return
     try:
@@ -92,10 +86,6 @@ def register_plugins() -> None:
         raise InputError(
             "the TensorRT plugins need TensorRT >= 10.7 with its Python plugin API (pip install flashvaed[tensorrt])"
         ) from exc
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        raise InputError("the TensorRT plugins compile their kernel with triton (pip install triton)") from exc
 
     with_aot = aot_supported()
     for plugin_id, depthwise in ((DENSE_PLUGIN, False), (DEPTHWISE_PLUGIN, True)):
@@ -103,7 +93,7 @@ def register_plugins() -> None:
         if hasattr(trtp.op, namespace) and hasattr(getattr(trtp.op, namespace), name):
             continue  # registered earlier in this process (e.g. by a reloaded copy of this module)
         _define_plugin(trt, trtp, plugin_id, depthwise, with_aot)
-    _registered, _aot_registered = True, with_aot
+    _registered = True
 
 
 def _spatial_padding(pads: np.ndarray, plugin_id: str) -> tuple[int, int]:
@@ -115,10 +105,11 @@ def _spatial_padding(pads: np.ndarray, plugin_id: str) -> tuple[int, int]:
 
 
 def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -> None:
-    """Define register / impl (/ aot_impl) for one plugin id; trt, trtp are the imported modules."""
-    import torch
+    """Define register / impl (/ aot_impl) for one plugin id; trt, trtp are the imported modules.
 
-    from .kernel import _check, _launch, compile_for_tensorrt
+    The kernel module (and with it triton) is imported inside the implementations, when they run.
+    """
+    import torch
 
     torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
 
@@ -139,7 +130,8 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         check_attrs(pads, group)
         s = x.shape_expr
-        y = trtp.from_shape_expr((s[0], weight.shape_expr[0], s[2], s[3], s[4]), dtype=x.dtype)
+        c_out = weight.shape_expr[4]  # packed weight: (kt, kh, kw, C_in/groups, C_out)
+        y = trtp.from_shape_expr((s[0], c_out, s[2], s[3], s[4]), dtype=x.dtype)
         return y, history.like()
 
     @trtp.impl(plugin_id)
@@ -153,9 +145,12 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         outputs: tuple[trtp.Tensor, trtp.Tensor],
         stream: int,
     ) -> None:
+        from .kernel import _check, _launch
+
         padding = check_attrs(pads, group)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             xt, ht, wt, bt, yt, nt = (_as_torch(t, torch_dtypes) for t in (x, history, weight, bias, *outputs))
+            wt = wt.permute(*CONV_WEIGHT_PERM)  # a (C_out, C_in/groups, kt, kh, kw) view, output channels innermost
             _check(xt, ht, wt, bt, padding, group)
             _launch(xt, ht, wt, bt, yt, nt, depthwise)
 
@@ -177,12 +172,14 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         # (the register order when parsing ONNX): undo a (group, pads) order from keyword calls.
         if isinstance(pads, (int, np.integer)):
             pads, group = group, pads
+        from .kernel import aot_scalar_args, compile_for_tensorrt  # imports triton: building needs it
+
         check_attrs(pads, group)
         ws = weight.shape_expr
         if not all(not d.is_fake and d.is_constant for d in ws):
             raise ValueError(f"{plugin_id}: the weight must be a constant (an initializer) of static shape")
-        c_out, _, kt, kh, kw = (d.constant_value() for d in ws)
-        c_in = c_out if depthwise else ws[1].constant_value()
+        kt, kh, kw, c_in_per_group, c_out = (d.constant_value() for d in ws)  # packed layout
+        c_in = c_out if depthwise else c_in_per_group
         xs = x.shape_expr
         h, w = xs[3], xs[4]
         hw_hint = h.constant_value() * w.constant_value() if h.is_constant and w.is_constant else 1 << 20
@@ -195,11 +192,7 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         launch.grid_z = xs[0] * xs[2]
         launch.block_x = cfg["num_warps"] * 32
         launch.shared_mem = cfg["shared"]
-        # the kernel's scalar arguments, between the input and the output pointers: T, H, W, C_IN,
-        # C_OUT and the strides of the (standard layout) weight along C_out, C_in and taps
-        taps = kt * kh * kw
-        strides = (taps, taps, 1) if depthwise else (c_in * taps, taps, 1)
-        scalars = (xs[2], h, w, c_in, c_out, *strides)
+        scalars = aot_scalar_args(xs[2], h, w, c_in, c_out, depthwise)  # between the input and output pointers
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
         return name, ptx, launch, extra_args
 

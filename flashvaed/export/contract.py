@@ -8,8 +8,11 @@ back as the ``state/...`` input of the same name. docs/onnx-contract.md describe
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,14 +20,17 @@ from typing import Any
 
 from ..errors import InputError
 from ..models.streaming import ShapeRange, StateSpec
+from ..safeload import member_file, read_text
 
 __all__ = [
     "ENGINE_FORMAT",
     "EXPORT_FORMAT",
+    "PLUGIN_MODES",
     "Contract",
     "ShapeRange",
     "StateTensor",
     "is_manifest_dir",
+    "is_ours",
     "read_manifest",
 ]
 
@@ -33,7 +39,25 @@ ENGINE_FORMAT = "flashvaed-engine"
 CONTRACT_VERSION = 1
 METADATA_KEY = "flashvaed.contract"
 GRAPHS = ("first", "steady", "last")
+SHAPES = ("batch", "chunk", "height", "width")
+STEP_INPUTS = {"timestep", "noise"}
+STATE_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+LIMITS = {"channels": 1 << 16, "frames": 1 << 10, "factor": 1 << 8, "shape": 1 << 16}  # far past any real model
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Which streaming causal convs are plugin nodes: all, only depthwise ones, or none (plain ops).
+# "flashvaed" is the spelling of "all" from before there was a choice: manifests keep loading.
+PLUGIN_MODES = ("all", "depthwise", "none")
+PLUGIN_ALIASES = {"flashvaed": "all"}
+
+
+def plugin_mode(value: str) -> str:
+    """The ``plugins`` value ``value`` names (aliases resolved); ValueError if it names none."""
+    mode = PLUGIN_ALIASES.get(value, value)
+    if mode not in PLUGIN_MODES:
+        raise ValueError(f"plugins {value!r} (use {', '.join(PLUGIN_MODES)})")
+    return mode
+
+
 CHUNK_RULE = (
     "Run graph 'first' once on latent frame 0 (one latent frame -> one frame + the initial state). "
     "Then run graph 'steady' on the following latent frames in chunks of k (k within shapes.chunk): "
@@ -92,7 +116,7 @@ class Contract:
 
     model: dict[str, Any]
     precision: str
-    plugins: str
+    plugins: str  # one of PLUGIN_MODES
     opset: int
     shapes: dict[str, ShapeRange]
     state: list[StateTensor]
@@ -186,6 +210,28 @@ class Contract:
             inputs.append({"name": f"noise/{i}", "shape": [scaled(h, scale), scaled(w, scale)], "dtype": "float32"})
         return {"inputs": inputs, "outputs": [frames, *state("output")]}
 
+    def io_problem(self, graph: str, inputs: dict[str, list], outputs: dict[str, list]) -> str | None:
+        """How a loaded graph's inputs and outputs (name -> shape, sizes or symbols) contradict
+        this contract, if they do: a manifest that lies about its graphs is refused at load."""
+        want = self.io(graph)
+        for kind, have in (("input", inputs), ("output", outputs)):
+            specs = want[kind + "s"]
+            extra = set(have) - {t["name"] for t in specs}
+            if extra:
+                return f"graph {graph} has {kind} {sorted(extra)[0]!r}, which the contract lacks"
+            for spec in specs:
+                shape = have.get(spec["name"])
+                if shape is None:
+                    return f"graph {graph} lacks the {kind} {spec['name']!r}"
+                fixed = [
+                    (a, b)
+                    for a, b in zip(shape, spec["shape"], strict=False)
+                    if isinstance(a, int) and isinstance(b, int)
+                ]
+                if len(shape) != len(spec["shape"]) or any(a != b for a, b in fixed):
+                    return f"graph {graph} {kind} {spec['name']!r} is {list(shape)}, the contract says {spec['shape']}"
+        return None
+
     # serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -219,13 +265,14 @@ class Contract:
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Contract:
         if d.get("format") not in (EXPORT_FORMAT, ENGINE_FORMAT):
             raise InputError(f"{where} is not a flashvaed export or engine manifest")
-        if int(d.get("version", 0)) > CONTRACT_VERSION:
-            raise InputError(f"{where} was written by a newer flashvaed (contract version {d['version']})")
         try:
+            version = int(d.get("version", 0))
+            if version > CONTRACT_VERSION:
+                raise InputError(f"{where} was written by a newer flashvaed (contract version {d['version']})")
             contract = cls(
-                model=d["model"],
+                model=dict(d["model"]),
                 precision=d["precision"],
-                plugins=d["plugins"],
+                plugins=plugin_mode(d["plugins"]),
                 opset=int(d["opset"]),
                 shapes={k: ShapeRange.from_dict(v) for k, v in d["shapes"].items()},
                 state=[
@@ -238,34 +285,112 @@ class Contract:
             )
             if set(contract.files) != set(contract.graphs):
                 raise KeyError(f"graphs (expected {', '.join(contract.graphs)})")
-            return contract
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            problem = contract.problem()
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
             raise InputError(f"{where} is malformed: missing or bad field {e}") from None
+        if problem:
+            raise InputError(f"{where} is malformed: {problem}")
+        return contract
+
+    def problem(self) -> str | None:
+        """What makes this contract impossible to run, if anything: a tampered manifest is refused
+        here, before a graph is loaded or a state buffer allocated."""
+        positive = {name: getattr(self, name) for name in ("latent_channels", "temporal_factor", "spatial_factor")}
+        for name, value in positive.items():
+            if not 1 <= value <= LIMITS["factor" if name != "latent_channels" else "channels"]:
+                return f"model.{name} {value} is out of range"
+        if not (0 <= self.latency <= LIMITS["frames"] and 0 <= self.output_offset <= LIMITS["frames"]):
+            return "model.latency or model.output_offset is out of range"
+        if any(not 0 < s <= LIMITS["factor"] for s in self.noise_scales):
+            return "model.noise_scales must be positive fractions"
+        unknown = set(self.step_inputs) - STEP_INPUTS
+        if unknown:
+            return f"it declares step inputs this version cannot drive ({', '.join(sorted(map(str, unknown)))})"
+        if self.precision not in PRECISIONS:
+            return f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+        if not isinstance(self.plugins, str) or not 1 <= self.opset <= 1000:
+            return "plugins or opset is malformed"
+        if set(self.shapes) != set(SHAPES):
+            return f"shapes must give {', '.join(SHAPES)}"
+        for name, r in self.shapes.items():
+            if not 1 <= r.min <= r.opt <= r.max <= LIMITS["shape"]:
+                return f"shapes.{name} must satisfy 1 <= min <= opt <= max <= {LIMITS['shape']}, got {r.to_dict()}"
+        for t in self.state:
+            if not (
+                isinstance(t.name, str)
+                and STATE_NAME.fullmatch(t.name)
+                and 1 <= t.channels <= LIMITS["channels"]
+                and 0 <= t.frames <= LIMITS["frames"]
+                and 0 < t.scale <= LIMITS["factor"]
+            ):
+                return f"state tensor {t.name!r} has an impossible name, channel count, frame count or scale"
+        for graph, name in self.files.items():
+            if not isinstance(name, str):
+                return f"graphs.{graph}.file is not a file name"
+        if self.backend is not None and not isinstance(self.backend, dict):
+            return "backend is not a mapping"
+        return None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
 def read_manifest(path: str | os.PathLike) -> Contract:
-    """The contract of an export or engine directory; anything else is refused in one line."""
+    """The contract of an export or engine directory; anything else is refused in one line.
+
+    Graph files must lie inside the directory: no absolute paths, no ``..``, no symbolic links
+    leading out of it.
+    """
     path = Path(path)
     manifest = path / "manifest.json"
     if not path.is_dir():
         raise InputError(f"{path} is not a directory (expected an export or engine directory)")
-    if not manifest.is_file():
+    if not manifest.exists():
         raise InputError(f"{path} is not an export or engine directory (no manifest.json)")
     try:
-        data = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_text(manifest, InputError, "manifest"))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise InputError(f"{manifest} is unreadable: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{manifest} is not a flashvaed export or engine manifest")
     contract = Contract.from_dict(data, str(manifest))
     for graph, name in contract.files.items():
-        if not (path / name).is_file():
-            raise InputError(f"{path} lacks its {graph} graph {name}")
+        member_file(path, name, InputError, f"its {graph} graph")
     return contract
 
 
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse an ONNX graph whose external data lies outside its folder (``../``, absolute, links)."""
+    path = Path(path)
+    with open(path, "rb") as f, contextlib.suppress(ValueError):  # ValueError: an empty file
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(b"location") < 0:  # every external tensor names its location: none here
+                return
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's decode errors have no stable public type
+        raise InputError(f"cannot read graph {path}: {str(e).splitlines()[0][:200] if str(e) else e}") from None
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            member_file(path.parent, location, InputError, f"the external data of {path.name}")
+
+
 def is_manifest_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` claims to be an export or engine directory (``read_manifest`` judges it)."""
     return (Path(path) / "manifest.json").is_file()
+
+
+OURS = "an export or engine directory"
+
+
+def is_ours(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an export or engine directory we wrote, which a new one may replace."""
+    try:
+        data = json.loads(read_text(Path(path) / "manifest.json", InputError, "manifest"))
+    except (InputError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") in (EXPORT_FORMAT, ENGINE_FORMAT)

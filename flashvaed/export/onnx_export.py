@@ -6,8 +6,9 @@ clock: ``steady`` also takes the stream ``position``, and a third graph ``last``
 ``end`` (see ``flashvaed.models.streaming``); per-stream inputs (a timestep, noise maps) enter
 every graph. Latents enter in diffusion space (the
 de-normalisation is inside the graph) as float32, frames leave as float32 in [-1, 1]; the state
-is kept in the export precision. Graphs are traced by torch's TorchScript exporter, with every
-streaming causal conv written as one plugin node carrying a standard-op function body.
+is kept in the export precision. Graphs are traced by torch's TorchScript exporter, with the
+streaming causal convs ``plugins`` names (all, depthwise ones, none) written as one plugin node
+each, carrying a standard-op function body.
 """
 
 from __future__ import annotations
@@ -27,12 +28,21 @@ from ..atomic import atomic_output
 from ..errors import InputError
 from ..models.streaming import StateSpec, clocked, model_fingerprint
 from ..models.vae import LatentDecoder
-from .contract import METADATA_KEY, PRECISIONS, Contract, ShapeRange, StateTensor
+from .contract import (
+    METADATA_KEY,
+    OURS,
+    PLUGIN_MODES,
+    PRECISIONS,
+    Contract,
+    ShapeRange,
+    StateTensor,
+    is_ours,
+    plugin_mode,
+)
 from .op_coverage import unsupported_by_tensorrt
 from .plugin_nodes import attach_function_bodies, plugin_nodes
 
 DEFAULT_OPSET = 18
-PLUGIN_CHOICES = ("flashvaed", "none")
 
 
 @dataclass
@@ -44,7 +54,7 @@ class ExportOptions:
     width: str = "64:256:1280"
     batch: str = "1:1:4"
     precision: str = "fp32"
-    plugins: str = "flashvaed"
+    plugins: str = "all"  # PLUGIN_MODES ("flashvaed" = "all"); the default until GPU runs have measured "depthwise"
     opset: int = DEFAULT_OPSET
 
 
@@ -135,8 +145,11 @@ class SteadyGraph(nn.Module):
 def _check_options(options: ExportOptions, model: LatentDecoder) -> dict[str, ShapeRange]:
     if options.precision not in PRECISIONS:
         raise InputError(f"unknown precision {options.precision!r} (use {', '.join(PRECISIONS)})")
-    if options.plugins not in PLUGIN_CHOICES:
-        raise InputError(f"unknown {{plugins}} {options.plugins!r} (use {' or '.join(PLUGIN_CHOICES)})", "plugins")
+    try:
+        plugin_mode(options.plugins)
+    except ValueError:
+        choices = ", ".join(PLUGIN_MODES)
+        raise InputError(f"unknown {{plugins}} {options.plugins!r} (use {choices})", "plugins") from None
     if options.opset < 18:
         raise InputError(f"opset must be at least 18, got {options.opset}")
     f = model.spatial_factor
@@ -204,7 +217,7 @@ def export(
     contract = Contract(
         model=model_facts(model, source),
         precision=options.precision,
-        plugins=options.plugins,
+        plugins=plugin_mode(options.plugins),
         opset=options.opset,
         shapes=shapes,
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
@@ -220,11 +233,11 @@ def export(
     first = FirstGraph(model, dtype)
     out_dir = Path(out_dir)
     unsupported: set[str] = set()
-    with atomic_output(out_dir, directory=True) as tmp, warnings.catch_warnings():
+    with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
         for graph in contract.graphs:
             path = tmp / contract.files[graph]
-            with plugin_nodes(model) if options.plugins == "flashvaed" else nullcontext():
+            with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins):
                 if graph == "first":
                     _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), options.opset)
                 else:

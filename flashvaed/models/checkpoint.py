@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_output
 from ..errors import CheckpointError, InputError
-from ..safeload import load_weights_only
+from ..safeload import check_file, load_weights_only, read_text
 from . import families
 from .families import LAYOUTS
 from .student import STUDENT_FORMAT, FlashStudent, StudentConfig
@@ -33,6 +33,7 @@ from .vae import LatentDecoder, TeacherVAE
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 STUDENT_WEIGHTS = "model.safetensors"
+STUDENT_DIR = "a student directory"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,6 +41,7 @@ STUDENT_WEIGHTS = "model.safetensors"
 # ---------------------------------------------------------------------------------------------
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A flat name -> tensor mapping from a .safetensors or a weights-only torch file."""
+    check_file(path, CheckpointError, "checkpoint")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -72,9 +74,9 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+        data = json.loads(read_text(path, CheckpointError, "config.json"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data
@@ -142,6 +144,14 @@ def match_keys(model: nn.Module, tensors: Mapping[str, Tensor], layout: str) -> 
     return renamed, report
 
 
+def check_finite(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """A model with NaN or Inf weights decodes NaN frames: refuse it at load, not after a decode."""
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        more = f" and {len(broken) - 1} more tensors" if len(broken) > 1 else ""
+        raise CheckpointError(f"{path} holds NaN or Inf weights ({broken[0]}{more})")
+
+
 def build_checked(
     build: Callable[[], LatentDecoder], tensors: Mapping[str, Tensor], layout: str, problem: Callable[[str], str]
 ) -> LatentDecoder:
@@ -163,12 +173,15 @@ def load_vae(path: str | os.PathLike) -> TeacherVAE:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
+    if not path.is_dir():
+        check_file(path, CheckpointError, "model")
     tensors, config = read_checkpoint(path)
     match = families.detect(tensors, config, str(path))
     family = match.family
     cfg = family.infer_config(tensors, match.layout, config)
     skip = family.config_tensor_keys(match.layout, tensors.keys())
     tensors = {k: v for k, v in tensors.items() if k not in skip}
+    check_finite(tensors, path)
     model = build_checked(
         lambda: family.teacher_type(cfg),
         tensors,
@@ -238,6 +251,7 @@ def load_student(path: str | os.PathLike) -> FlashStudent:
     if not (path / STUDENT_WEIGHTS).is_file():
         raise CheckpointError(f"{path} has no {STUDENT_WEIGHTS}")
     tensors = read_tensors(path / STUDENT_WEIGHTS)
+    check_finite(tensors, path / STUDENT_WEIGHTS)
     try:
         model = build_checked(
             lambda: FlashStudent(config),
@@ -256,9 +270,7 @@ def save_student(model: FlashStudent, out_dir: str | os.PathLike, extra: dict[st
     An existing directory is replaced only if it is itself a student directory.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (is_student_dir(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise CheckpointError(f"{out_dir} exists and is not a student directory; choose a new output")
-    with atomic_output(out_dir, directory=True) as tmp:
+    with atomic_output(out_dir, directory=True, replaceable=is_student_dir, what=STUDENT_DIR) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / STUDENT_WEIGHTS))
         for name, content in (extra or {}).items():

@@ -17,6 +17,8 @@ from typing import Any
 
 from .blocks import OPS
 
+MAX_WIDTH = 1 << 16  # far past any released VAE: an untrusted config asking for more is refused
+
 
 @dataclass(frozen=True)
 class StageLayout:
@@ -42,8 +44,8 @@ class StageLayout:
         if self.op not in OPS:
             raise ValueError(f"unknown operator {self.op!r} (expected one of {', '.join(OPS)})")
         widths = [self.in_width, self.width, *self.hidden] + ([self.resample_width] if self.resample_width else [])
-        if any(isinstance(w, bool) or int(w) != w or w < 1 for w in widths):
-            raise ValueError(f"every width must be a positive integer, got {widths}")
+        if any(isinstance(w, bool) or int(w) != w or not 1 <= w <= MAX_WIDTH for w in widths):
+            raise ValueError(f"every width must be an integer in [1, {MAX_WIDTH}], got {widths}")
 
     @property
     def out_width(self) -> int:

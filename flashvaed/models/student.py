@@ -10,7 +10,6 @@ through the same streaming step, built by the teacher's family.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from ..safeload import load_config
 from . import families
 from .blocks import OPS
 from .layout import DecoderLayout, StageLayout, channel_spaces
@@ -107,17 +107,11 @@ class StudentSpec:
             path = Path(str(resources.files("flashvaed").joinpath("presets", f"{text}.yaml")))
         else:
             path = Path(text)
-            if not path.is_file():
+            if not path.exists():
                 raise InputError(
                     f"unknown preset or missing config file {text!r} (presets: {', '.join(preset_names())})"
                 )
-        try:
-            data = (
-                yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-            )
-        except (yaml.YAMLError, json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise InputError(f"malformed student config {path}: {first}") from None
+        data = load_config(path, InputError, "student config")
         return cls.from_dict(data, source=path.name)
 
     def to_dict(self) -> dict[str, Any]:
