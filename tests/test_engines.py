@@ -232,3 +232,34 @@ def test_a_tensorrt_engine_directory_lists_its_plans(built, tmp_path, monkeypatc
     assert contract.files == {"first": "first.plan", "steady": "steady.plan"}
     assert contract.backend["plan_files"] == contract.files
     assert not list((tmp_path / "trt").glob("*.onnx"))
+
+
+def test_tensorrt_plans_are_checked_against_their_manifest(built):
+    """A TensorRT engine's named tensors (faked: TensorRT cannot run here) must be the ones its
+    contract describes; a manifest that lies about a state's channels is caught at load."""
+    from types import SimpleNamespace
+
+    from flashvaed.engines.tensorrt_backend import engine_io
+    from flashvaed.export.contract import read_manifest
+
+    d, _ = built
+    contract = read_manifest(d / "export")
+    trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"))
+
+    def fake_engine(graph, channels_of_first_state=None):
+        io = contract.io(graph)
+        tensors = [(t, "in") for t in io["inputs"]] + [(t, "out") for t in io["outputs"]]
+        shapes = {t["name"]: [v if isinstance(v, int) else -1 for v in t["shape"]] for t, _ in tensors}
+        if channels_of_first_state is not None:
+            shapes[contract.state[0].input][1] = channels_of_first_state
+        modes = {t["name"]: mode for t, mode in tensors}
+        return SimpleNamespace(
+            num_io_tensors=len(tensors),
+            get_tensor_name=lambda i: tensors[i][0]["name"],
+            get_tensor_shape=shapes.__getitem__,
+            get_tensor_mode=modes.__getitem__,
+        )
+
+    assert contract.io_problem("steady", *engine_io(trt, fake_engine("steady"))) is None
+    problem = contract.io_problem("steady", *engine_io(trt, fake_engine("steady", 7)))
+    assert problem is not None and contract.state[0].input in problem

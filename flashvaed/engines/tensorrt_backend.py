@@ -22,6 +22,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..export.contract import Contract
 from ..models.streaming import clocked
+from ..safeload import member_file
 from .base import ContractDecoder, Stream
 
 INSTALL_HINT = "pip install flashvaed[tensorrt]"
@@ -251,6 +252,17 @@ class TensorRTStream(Stream):
             buf.copy_(t)
 
 
+def engine_io(trt: Any, engine: Any) -> tuple[dict[str, list], dict[str, list]]:
+    """A deserialised engine's inputs and outputs, name -> shape (dynamic sizes as "?"), for
+    ``Contract.io_problem`` (TensorRT 10's named-tensor API)."""
+    found: tuple[dict[str, list], dict[str, list]] = ({}, {})
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = [d if d >= 0 else "?" for d in engine.get_tensor_shape(name)]
+        found[0 if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else 1][name] = shape
+    return found
+
+
 class TensorRTDecoder(ContractDecoder):
     backend = "tensorrt"
 
@@ -264,12 +276,16 @@ class TensorRTDecoder(ContractDecoder):
         self.trt = trt
         self.path = Path(path)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        plans = (contract.backend or {}).get("plan_files", {})
-        self.engines = {g: runtime.deserialize_cuda_engine((self.path / f).read_bytes()) for g, f in plans.items()}
+        plans = {g: member_file(self.path, f, InputError, f"its {g} plan") for g, f in contract.files.items()}
+        self.engines = {g: runtime.deserialize_cuda_engine(p.read_bytes()) for g, p in plans.items()}
         if set(self.engines) != set(contract.graphs) or not all(self.engines.values()):
             raise InputError(
                 f"{path} does not hold loadable TensorRT plans for its graphs ({', '.join(contract.graphs)})"
             )
+        for g, engine in self.engines.items():
+            problem = contract.io_problem(g, *engine_io(trt, engine))
+            if problem:
+                raise InputError(f"{self.path}: {problem}; its manifest does not describe its plans")
 
     def stream(self, **options: Any) -> TensorRTStream:
         self.check_options(options)
