@@ -43,12 +43,12 @@ def read_tensor(path: str | os.PathLike, key: str) -> Tensor:
     suffix = path.suffix.lower()
     if suffix not in TENSOR_SUFFIXES:
         raise InputError(f"unknown extension {path.suffix!r} for {path} (expected {', '.join(TENSOR_SUFFIXES)})")
-    check_file(path, InputError)
     if suffix == ".pt" or suffix == ".pth":
         obj: object = load_weights_only(path, InputError)
     elif suffix == ".npy":
         obj = torch.from_numpy(load_npy(path, InputError))
     else:
+        check_file(path, InputError)
         try:
             obj = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:

@@ -41,8 +41,8 @@ STUDENT_DIR = "a student directory"
 # ---------------------------------------------------------------------------------------------
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A flat name -> tensor mapping from a .safetensors or a weights-only torch file."""
-    check_file(path, CheckpointError, "checkpoint")
     if path.suffix == ".safetensors":
+        check_file(path, CheckpointError, "checkpoint")  # torch files: load_weights_only checks
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -173,8 +173,6 @@ def load_vae(path: str | os.PathLike) -> TeacherVAE:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
-    if not path.is_dir():
-        check_file(path, CheckpointError, "model")
     tensors, config = read_checkpoint(path)
     match = families.detect(tensors, config, str(path))
     family = match.family

@@ -196,17 +196,23 @@ def conditioning_inputs(
     default_timestep: float | None = None,
     timestep: float | Sequence[float] | Tensor | None = None,
     seed: int = 0,
+    generator: torch.Generator | None = None,
     **unknown: Any,
 ) -> dict[str, Any]:
     """The per-stream inputs of a conditioned decoder (LTX-Video), for torch models and engines alike.
 
     ``timestep``: (B,) float32, one value for all samples or one each (``default_timestep`` if
     none). ``noise``: one (h*s, w*s) map per entry of ``noise_scales``, drawn once per stream from a
-    CPU generator seeded with ``seed``, in order (upstream's draw order after ``torch.manual_seed``).
+    CPU generator seeded with ``seed``, in order (upstream's draw order after ``torch.manual_seed``),
+    or from ``generator`` (advancing it: the diffusers drop-in draws from the global generator).
     ``batch=None`` checks the options only.
     """
     if unknown:
-        raise InputError(f"this decoder takes the options timestep and seed, not {', '.join(sorted(unknown))}")
+        raise InputError(
+            f"this decoder takes the options timestep, seed and generator, not {', '.join(sorted(unknown))}"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputError(f"{{generator}} must be a torch.Generator, got {type(generator).__name__}", "generator")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InputError(f"{{seed}} must be a non-negative integer, got {seed!r}", "seed")
     inputs: dict[str, Any] = {}
@@ -219,9 +225,9 @@ def conditioning_inputs(
         inputs["timestep"] = t.to(device).clone()
     elif timestep is not None:
         raise InputError("this decoder is not timestep-conditioned: {timestep} does not apply", "timestep")
-    if noise_scales:
-        g = torch.Generator().manual_seed(seed)
-        maps = [torch.randn(int(height * s), int(width * s), generator=g) for s in noise_scales]
+    if noise_scales and batch is not None:
+        g = generator if generator is not None else torch.Generator().manual_seed(seed)
+        maps = [torch.randn(int(height * s), int(width * s), generator=g, device=g.device) for s in noise_scales]
         inputs["noise"] = tuple(m.to(device=device, dtype=dtype) for m in maps)
     return inputs
 

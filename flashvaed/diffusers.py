@@ -1,0 +1,291 @@
+"""``FlashVAE``: any flashvaed model or engine as the ``vae`` of a diffusers pipeline.
+
+    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    pipe.vae = FlashVAE.from_pretrained("flash-wan21-engine/", teacher="Wan2.1_VAE.pth")
+
+The pipelines (``WanPipeline``, ``WanImageToVideoPipeline``, ``LTXPipeline``,
+``LTXImageToVideoPipeline``) read a handful of facts from their VAE — config fields, compression
+ratios, latent statistics, ``device``/``dtype`` — and call ``decode(latents[, timestep])`` with
+*de-normalised* latents, and ``encode(image)`` for image-to-video. ``FlashVAE`` answers exactly
+those, in the family's own terms, and refuses a pipeline of another family in one line.
+
+Decoding streams chunk by chunk underneath (``Decoder.iter_decode``): memory stays flat in the
+clip length, so ``enable_tiling``/``enable_slicing`` are accepted and change nothing. LTX-Video
+0.9.1's noise injection is drawn from the global torch generator of the decoding device in the
+order diffusers' ``AutoencoderKLLTXVideo`` draws it, so with the same ``torch.manual_seed`` the
+drop-in over the teacher reproduces diffusers' frames.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import engines
+from .devices import resolve_device, resolve_dtype
+from .errors import FlashVAEDError
+from .models import families
+from .models.checkpoint import load_teacher
+from .models.vae import TeacherVAE
+
+__all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
+
+# What each family's pipelines read from their VAE, beyond device/dtype/decode/encode.
+WAN_CONFIG = ("scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std", "z_dim")
+LTX_CONFIG = ("scaling_factor", "timestep_conditioning", "latent_channels")
+LTX_ATTRIBUTES = ("temporal_compression_ratio",)
+PIPELINES = {"wan": "Wan pipelines (WanPipeline, WanImageToVideoPipeline)", "ltx": "LTX-Video pipelines"}
+
+
+class FamilyMismatchError(FlashVAEDError):
+    """A pipeline of one family given a FlashVAE over a model of another."""
+
+
+class EncoderMissingError(FlashVAEDError):
+    """``encode`` on a FlashVAE whose model has no encoder and no teacher was given."""
+
+
+def _pipeline_kind(family: str) -> str:
+    return "ltx" if family.startswith("ltx") else "wan"
+
+
+class FlashVAEConfig(dict):
+    """The config fields a family's pipelines read, with attribute access like diffusers' FrozenDict;
+    a field only another family's pipelines read raises ``FamilyMismatchError``."""
+
+    def __init__(self, family: str, fields: dict[str, Any]) -> None:
+        super().__init__(fields)
+        self._family = family
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self:
+            return self[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        theirs = "ltx" if name in LTX_CONFIG else "wan" if name in WAN_CONFIG else None
+        if theirs is not None and theirs != _pipeline_kind(self._family):
+            raise FamilyMismatchError(
+                f"this FlashVAE holds a {families.get(self._family).title}; {PIPELINES[theirs]} need a VAE of their "
+                f"family (they asked for config.{name})"
+            )
+        raise AttributeError(f"FlashVAE config has no field {name!r}")
+
+
+class FlashVAE(nn.Module):
+    """A diffusers-compatible VAE over a flashvaed teacher, student, export or engine.
+
+    ``enable_tiling()``/``enable_slicing()`` are accepted for compatibility and do nothing:
+    decoding already streams chunk by chunk, so memory does not grow with the clip.
+    """
+
+    def __init__(
+        self,
+        decoder: engines.Decoder,
+        family: str,
+        latents_mean: Tensor,
+        latents_std: Tensor,
+        teacher: TeacherVAE | None = None,
+        chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.family = family
+        self.kind = _pipeline_kind(family)
+        self.teacher = teacher  # a registered submodule: moved by .to(), found by offload hooks
+        self.chunk = chunk
+        z = decoder.latent_channels
+        self.register_buffer("_mean", latents_mean.float().reshape(1, z, 1, 1, 1), persistent=False)
+        self.register_buffer("_std", latents_std.float().reshape(1, z, 1, 1, 1), persistent=False)
+        t, s = decoder.temporal_factor, decoder.spatial_factor
+        if self.kind == "wan":
+            fields = {
+                "scale_factor_temporal": t,
+                "scale_factor_spatial": s,
+                "latents_mean": self._mean.flatten().tolist(),
+                "latents_std": self._std.flatten().tolist(),
+                "z_dim": z,
+            }
+        else:
+            fields = {"scaling_factor": 1.0, "timestep_conditioning": "timestep" in decoder.step_inputs}
+            fields["latent_channels"] = z
+        self.config = FlashVAEConfig(family, fields)
+        self.spatial_compression_ratio = s
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        teacher: str | os.PathLike | TeacherVAE | None = None,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "float32",
+        providers: list[str] | None = None,
+        chunk: int | None = None,
+    ) -> FlashVAE:
+        """MODEL: a teacher checkpoint (any layout), a student, export or engine directory.
+
+        ``teacher`` supplies ``encode`` (image-to-video pipelines) where MODEL has no encoder.
+        ``device``/``dtype`` apply to torch models; engines take ``providers`` and run float32 I/O.
+        """
+        dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+        decoder = engines.load(model, device=dev, dtype=dt, providers=providers)
+        if isinstance(decoder, engines.TorchDecoder):
+            family = decoder.model.family
+            mean, std = decoder.model.latents_mean, decoder.model.latents_std
+            if teacher is None and isinstance(decoder.model, TeacherVAE):
+                teacher = decoder.model
+        else:
+            contract = decoder.contract  # type: ignore[attr-defined]
+            family = contract.model["family"]
+            mean = torch.tensor(contract.model["latents_mean"])
+            std = torch.tensor(contract.model["latents_std"])
+        if teacher is not None and not isinstance(teacher, TeacherVAE):
+            teacher = load_teacher(teacher).to(dev, dt)
+        if teacher is not None and teacher.family != family:
+            raise FamilyMismatchError(f"the teacher is a {teacher.family} VAE, the model is {family}")
+        vae = cls(decoder, family, mean, std, teacher, chunk)
+        if isinstance(decoder, engines.TorchDecoder):
+            vae._device, vae._dtype = dev, dt
+        return vae
+
+    # --- what pipelines read -----------------------------------------------------------------
+    _device: torch.device = torch.device("cpu")
+    _dtype: torch.dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def temporal_compression_ratio(self) -> int:
+        if self.kind != "ltx":
+            raise FamilyMismatchError(
+                f"this FlashVAE holds a {families.get(self.family).title}; {PIPELINES['ltx']} need an LTX-Video VAE"
+            )
+        return self.decoder.temporal_factor
+
+    @property
+    def latents_mean(self) -> Tensor:
+        """LTX pipelines read the statistics as (C,) tensors (Wan pipelines read ``config``)."""
+        return self._mean.flatten()
+
+    @property
+    def latents_std(self) -> Tensor:
+        return self._std.flatten()
+
+    def to(self, *args: Any, **kwargs: Any) -> FlashVAE:
+        """Moves a torch model and the teacher; engines keep running where they were built to."""
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+        super().to(*args, **kwargs)
+        if isinstance(self.decoder, engines.TorchDecoder):
+            self.decoder.model.to(device=device, dtype=dtype)
+            if device is not None:
+                self._device = torch.device(device)
+            if dtype is not None:
+                self._dtype = dtype
+        return self
+
+    # accepted for compatibility: streaming already bounds the memory of a decode
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        """A no-op: FlashVAE streams chunk by chunk, so memory is flat without tiling."""
+
+    def disable_tiling(self) -> None:
+        """A no-op (see ``enable_tiling``)."""
+
+    def enable_slicing(self) -> None:
+        """A no-op: batch elements already share one streaming pass of bounded memory."""
+
+    def disable_slicing(self) -> None:
+        """A no-op (see ``enable_slicing``)."""
+
+    def _offload_hook(self) -> None:
+        """What diffusers' ``apply_forward_hook`` does: let model CPU offload move us first."""
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
+
+    # --- decode / encode ---------------------------------------------------------------------
+    def decode(self, z: Tensor, temb: Tensor | None = None, return_dict: bool = True) -> Any:
+        """Frames (B, 3, F, H, W) in [-1, 1] from de-normalised latents (what pipelines pass)."""
+        self._offload_hook()
+        latents = (z.float().to(self._mean.device) - self._mean) / self._std
+        options: dict[str, Any] = {}
+        if temb is not None:
+            if "timestep" not in self.decoder.step_inputs:
+                raise FamilyMismatchError("a timestep was given, but this FlashVAE's model is not timestep-conditioned")
+            options["timestep"] = torch.as_tensor(temb, dtype=torch.float32).flatten().cpu()
+        generator = None
+        if _noise_scales(self.decoder):  # draw the injected noise where diffusers' VAE would: the global generator
+            generator = torch.Generator(device=self._device)
+            generator.set_state(_global_rng_state(self._device))
+            options["generator"] = generator
+        frames = self.decoder.decode(latents.cpu() if not self._on_torch else latents, self.chunk, **options)
+        if generator is not None:
+            _set_global_rng_state(self._device, generator.get_state())
+        frames = frames.to(self._device, self._dtype)
+        if not return_dict:
+            return (frames,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=frames)
+
+    @property
+    def _on_torch(self) -> bool:
+        return isinstance(self.decoder, engines.TorchDecoder)
+
+    def encode(self, x: Tensor, return_dict: bool = True) -> Any:
+        """The teacher's posterior of frames in [-1, 1], de-normalised as diffusers' VAE returns it."""
+        self._offload_hook()
+        if self.teacher is None:
+            raise EncoderMissingError(
+                "this FlashVAE's model has no encoder; pass teacher=<the teacher checkpoint> to "
+                "FlashVAE.from_pretrained for image-to-video pipelines"
+            )
+        p = next(self.teacher.parameters())
+        with torch.no_grad():
+            mean = self.teacher.encode(x.to(p.device, p.dtype)) * self.teacher.latents_std + self.teacher.latents_mean
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        # the posterior's mean with a negligible spread: mode() is exact, sample() draws as diffusers does
+        parameters = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1).to(self._dtype)
+        posterior = DiagonalGaussianDistribution(parameters)
+        if not return_dict:
+            return (posterior,)
+        return AutoencoderKLOutput(latent_dist=posterior)
+
+    def forward(self, z: Tensor, temb: Tensor | None = None) -> Tensor:
+        return self.decode(z, temb, return_dict=False)[0]
+
+
+def _noise_scales(decoder: engines.Decoder) -> tuple:
+    """The noise maps a decoder injects (LTX-Video 0.9.1), for torch models and engines alike."""
+    holder = decoder.model if isinstance(decoder, engines.TorchDecoder) else decoder.contract  # type: ignore[attr-defined]
+    return tuple(holder.noise_scales)
+
+
+def _global_rng_state(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_global_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
