@@ -248,22 +248,20 @@ class FlashVAE(nn.Module):
         return isinstance(self.decoder, engines.TorchDecoder)
 
     def encode(self, x: Tensor, return_dict: bool = True) -> Any:
-        """The teacher's posterior of frames in [-1, 1], de-normalised as diffusers' VAE returns it."""
+        """The teacher's posterior of frames in [-1, 1] (mean and log-variance, in the VAE's own latent
+        space), as diffusers' VAE returns it: ``sample(generator)`` draws as diffusers' does."""
         self._offload_hook()
         if self.teacher is None:
             raise EncoderMissingError(
                 "this FlashVAE's model has no encoder; pass teacher=<the teacher checkpoint> to "
                 "FlashVAE.from_pretrained for image-to-video pipelines"
             )
-        p = next(self.teacher.parameters())
         with torch.no_grad():
-            mean = self.teacher.encode(x.to(p.device, p.dtype)) * self.teacher.latents_std + self.teacher.latents_mean
+            mean, logvar = self.teacher.posterior(x)
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        # the posterior's mean with a negligible spread: mode() is exact, sample() draws as diffusers does
-        parameters = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1).to(self._dtype)
-        posterior = DiagonalGaussianDistribution(parameters)
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1).to(self._dtype))
         if not return_dict:
             return (posterior,)
         return AutoencoderKLOutput(latent_dist=posterior)

@@ -150,6 +150,17 @@ class TeacherVAE(LatentDecoder):
             mu = self.quant_conv(out)[:, : self.latent_channels]
             yield (mu - self.latents_mean) / self.latents_std
 
+    def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's (mean, log-variance) in the VAE's own latent space (not normalised), as
+        diffusers' encoders give it; a shared log-variance channel is expanded to every channel."""
+        check_video(video, self.spatial_factor, self.temporal_factor)
+        p = next(self.parameters())
+        video = video.to(device=p.device, dtype=p.dtype)
+        h = torch.cat([self.quant_conv(out) for out in self.encoder.iter_encode(video)], dim=2)
+        z = self.latent_channels
+        mean, logvar = h[:, :z], h[:, z:]
+        return mean, logvar.expand_as(mean) if logvar.shape[1] == 1 else logvar
+
     def encode(self, video: Tensor) -> Tensor:
         """Normalised latents (B, z, n+1, H/s, W/s) of a video (B, 3, tn+1, H, W) in [-1, 1]."""
         return torch.cat(list(self.iter_encode(video)), dim=2)

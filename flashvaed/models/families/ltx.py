@@ -1154,10 +1154,10 @@ class LTXEncoder(nn.Module):
         x = self.conv_in.full(patchify(video, self.patch_size))
         for block in self.blocks:
             x = block.full(x)
-        return self.conv_out.full(F.silu(pixel_norm(x)))[:, : self.latent_channels]
+        return self.conv_out.full(F.silu(pixel_norm(x)))  # the mean, then the shared log-variance
 
     def iter_encode(self, video: Tensor):  # type: ignore[no-untyped-def]
-        """The posterior mean of the whole clip, at once (the encoder is not streamed)."""
+        """The posterior (mean, log-variance channels) of the whole clip, at once (not streamed)."""
         yield self(video)
 
 
