@@ -33,11 +33,15 @@ from .models.vae import TeacherVAE
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
 
-# What each family's pipelines read from their VAE, beyond device/dtype/decode/encode.
-WAN_CONFIG = ("scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std", "z_dim")
-LTX_CONFIG = ("scaling_factor", "timestep_conditioning", "latent_channels")
-LTX_ATTRIBUTES = ("temporal_compression_ratio",)
-PIPELINES = {"wan": "Wan pipelines (WanPipeline, WanImageToVideoPipeline)", "ltx": "LTX-Video pipelines"}
+# What the pipelines of each diffusers VAE class read, beyond device/dtype/decode/encode.
+CONFIG_FIELDS = {
+    "AutoencoderKLWan": ("scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std", "z_dim"),
+    "AutoencoderKLLTXVideo": ("scaling_factor", "timestep_conditioning", "latent_channels"),
+}
+PIPELINES = {
+    "AutoencoderKLWan": "Wan pipelines (WanPipeline, WanImageToVideoPipeline)",
+    "AutoencoderKLLTXVideo": "LTX-Video pipelines (LTXPipeline, LTXImageToVideoPipeline)",
+}
 
 
 class FamilyMismatchError(FlashVAEDError):
@@ -48,8 +52,11 @@ class EncoderMissingError(FlashVAEDError):
     """``encode`` on a FlashVAE whose model has no encoder and no teacher was given."""
 
 
-def _pipeline_kind(family: str) -> str:
-    return "ltx" if family.startswith("ltx") else "wan"
+def _mismatch(family: str, theirs: str, asked: str) -> FamilyMismatchError:
+    return FamilyMismatchError(
+        f"this FlashVAE holds a {families.get(family).title}; {PIPELINES[theirs]} need a VAE of their family "
+        f"(they asked for {asked})"
+    )
 
 
 class FlashVAEConfig(dict):
@@ -65,12 +72,9 @@ class FlashVAEConfig(dict):
             return self[name]
         if name.startswith("_"):
             raise AttributeError(name)
-        theirs = "ltx" if name in LTX_CONFIG else "wan" if name in WAN_CONFIG else None
-        if theirs is not None and theirs != _pipeline_kind(self._family):
-            raise FamilyMismatchError(
-                f"this FlashVAE holds a {families.get(self._family).title}; {PIPELINES[theirs]} need a VAE of their "
-                f"family (they asked for config.{name})"
-            )
+        theirs = next((kind for kind, names in CONFIG_FIELDS.items() if name in names), None)
+        if theirs is not None and theirs != families.get(self._family).diffusers_vae:
+            raise _mismatch(self._family, theirs, f"config.{name}")
         raise AttributeError(f"FlashVAE config has no field {name!r}")
 
 
@@ -93,14 +97,14 @@ class FlashVAE(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.family = family
-        self.kind = _pipeline_kind(family)
+        self.kind = families.get(family).diffusers_vae  # the diffusers VAE it stands in for
         self.teacher = teacher  # a registered submodule: moved by .to(), found by offload hooks
         self.chunk = chunk
         z = decoder.latent_channels
         self.register_buffer("_mean", latents_mean.float().reshape(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("_std", latents_std.float().reshape(1, z, 1, 1, 1), persistent=False)
         t, s = decoder.temporal_factor, decoder.spatial_factor
-        if self.kind == "wan":
+        if self.kind == "AutoencoderKLWan":
             fields = {
                 "scale_factor_temporal": t,
                 "scale_factor_spatial": s,
@@ -108,9 +112,11 @@ class FlashVAE(nn.Module):
                 "latents_std": self._std.flatten().tolist(),
                 "z_dim": z,
             }
-        else:
+        elif self.kind == "AutoencoderKLLTXVideo":
             fields = {"scaling_factor": 1.0, "timestep_conditioning": "timestep" in decoder.step_inputs}
             fields["latent_channels"] = z
+        else:
+            raise FamilyMismatchError(f"no diffusers pipeline FlashVAE knows takes a {families.get(family).title}")
         self.config = FlashVAEConfig(family, fields)
         self.spatial_compression_ratio = s
 
@@ -167,10 +173,8 @@ class FlashVAE(nn.Module):
 
     @property
     def temporal_compression_ratio(self) -> int:
-        if self.kind != "ltx":
-            raise FamilyMismatchError(
-                f"this FlashVAE holds a {families.get(self.family).title}; {PIPELINES['ltx']} need an LTX-Video VAE"
-            )
+        if self.kind != "AutoencoderKLLTXVideo":  # only LTX's VAE has it: Wan pipelines never ask
+            raise _mismatch(self.family, "AutoencoderKLLTXVideo", "temporal_compression_ratio")
         return self.decoder.temporal_factor
 
     @property

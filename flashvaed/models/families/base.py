@@ -36,6 +36,7 @@ class Family:
 
     name: ClassVar[str]  # "wan2.1"
     title: ClassVar[str]  # "Wan2.1 VAE", for messages
+    diffusers_vae: ClassVar[str]  # the diffusers class of its VAE ("AutoencoderKLWan"): which pipelines take it
     config_type: ClassVar[type]  # the configuration dataclass (to_dict / from_dict)
     teacher_type: ClassVar[type]  # the TeacherVAE subclass
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels

@@ -1549,6 +1549,7 @@ def diffusers_config(config: LTXConfig) -> dict[str, Any]:
 class LTXFamily(Family):
     name: ClassVar[str] = "ltx"
     title: ClassVar[str] = "LTX-Video VAE"
+    diffusers_vae: ClassVar[str] = "AutoencoderKLLTXVideo"
     config_type: ClassVar[type] = LTXConfig
     teacher_type: ClassVar[type] = LTXVAE
     default_resolution: ClassVar[tuple[int, int]] = (512, 768)

@@ -391,6 +391,7 @@ LAYOUT_KEYS = {  # our name of a parameter every Wan checkpoint has -> its name 
 class WanFamily(Family):
     name: ClassVar[str] = "wan2.1"
     title: ClassVar[str] = "Wan2.1 VAE"
+    diffusers_vae: ClassVar[str] = "AutoencoderKLWan"
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified
@@ -485,7 +486,7 @@ class WanFamily(Family):
 
     def diffusers_config(self, config: WanConfig) -> dict[str, Any]:
         return {
-            "_class_name": "AutoencoderKLWan",
+            "_class_name": self.diffusers_vae,
             "base_dim": config.base_dim,
             "decoder_base_dim": config.decoder_base_dim,
             "z_dim": config.z_dim,
