@@ -30,6 +30,7 @@ from .models import StudentSpec, load_model, load_teacher, save_student
 from .models.checkpoint import is_student_dir
 from .models.streaming import chunk_bounds, iter_decode
 from .progress import track
+from .safeload import json_format
 from .synthetic import synthetic_clip
 
 EMBEDDED_TEACHER = "wan21-tiny.safetensors"
@@ -61,13 +62,12 @@ DEMO_NAMES = {  # what demos write; folders of these alone are earlier demo outp
 
 def is_demo_dir(path: Path) -> bool:
     """Whether ``path`` holds an earlier demo's output (which a new demo replaces)."""
+    if json_format(path / DEMO_REPORT) == DEMO_FORMAT:
+        return True
     try:
-        report = json.loads((path / DEMO_REPORT).read_text()) if (path / DEMO_REPORT).is_file() else None
-        if isinstance(report, dict) and report.get("format") == DEMO_FORMAT:
-            return True
         entries = list(path.iterdir())  # an older demo's, without a report: its names, its students
         return all(p.name in DEMO_NAMES and (p.is_file() or is_student_dir(p)) for p in entries)
-    except (OSError, ValueError):
+    except OSError:
         return False
 
 

@@ -116,6 +116,16 @@ def read_text(path: str | os.PathLike, error: type[FlashVAEDError], what: str = 
         raise error(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def json_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` field of a small JSON file (our manifests, configs, reports), or None if it is
+    missing, unreadable or not ours to read: which outputs a new one may replace is decided on it."""
+    try:
+        data = json.loads(read_text(path, FlashVAEDError))
+    except (FlashVAEDError, json.JSONDecodeError, RecursionError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors and aliases: no config needs them, and they can expand exponentially."""
 

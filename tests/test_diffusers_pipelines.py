@@ -64,6 +64,24 @@ def ltx_transformer() -> LTXVideoTransformer3DModel:
     ).eval()
 
 
+def wan_pipeline(cls, vae, channels_in: int = 16, channels_out: int = 16, shift: float = 7.0, **extra):
+    """``cls`` (WanPipeline, WanImageToVideoPipeline) with no text encoder and a tiny transformer."""
+    return cls(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=wan_transformer(channels_in, channels_out),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        **extra,
+    )
+
+
+def ltx_pipeline(cls, vae):
+    """``cls`` (LTXPipeline, LTXImageToVideoPipeline) with no text encoder and a tiny transformer."""
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    return cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=ltx_transformer())
+
+
 def wan_frames(pipe, size: int, **extra) -> torch.Tensor:
     out = pipe(
         prompt_embeds=EMBEDS,
@@ -120,13 +138,7 @@ def wan21(diffusers_vae_8, diffusers_dir_8, tmp_path_factory):
 
 
 def test_wan21_pipeline_frames_equal_diffusers_vae(wan21):
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=wan21["vae"],
-        transformer=wan_transformer(16, 16),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
+    pipe = wan_pipeline(WanPipeline, wan21["vae"])
     expected = wan_frames(pipe, 32)
     for source in ("teacher", "engine"):
         pipe.vae = FlashVAE.from_pretrained(wan21[source], device="cpu")
@@ -141,13 +153,7 @@ def test_wan21_pipeline_frames_equal_diffusers_vae(wan21):
 def test_wan21_image_to_video_encodes_with_the_teacher(wan21):
     """Wan2.1 I2V (no CLIP: the transformer takes no image embedding) over a student engine, the
     teacher encoding the image; over the teacher itself it equals diffusers' VAE."""
-    pipe = WanImageToVideoPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=wan21["vae"],
-        transformer=wan_transformer(36, 16),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
+    pipe = wan_pipeline(WanImageToVideoPipeline, wan21["vae"], 36, 16)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     expected = wan_frames(pipe, 32, image=image)
     pipe.vae = FlashVAE.from_pretrained(wan21["teacher"], device="cpu")
@@ -160,26 +166,13 @@ def test_wan21_image_to_video_encodes_with_the_teacher(wan21):
 
 
 def test_an_engine_too_small_for_the_pipeline_names_both_sizes(wan21):
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=FlashVAE.from_pretrained(wan21["small_engine"]),
-        transformer=wan_transformer(16, 16),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
+    pipe = wan_pipeline(WanPipeline, FlashVAE.from_pretrained(wan21["small_engine"]))
     with pytest.raises(InputError, match=r"built for height 2 latent \(16\.\.16 px\), got 4 latent \(32 px\)"):
         wan_frames(pipe, 32)
 
 
 def test_wan22_pipeline_frames_equal_diffusers_vae(wan22_diffusers_8, wan22_dir_8, tmp_path):
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=wan22_diffusers_8,
-        transformer=wan_transformer(48, 48),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        expand_timesteps=True,
-    )
+    pipe = wan_pipeline(WanPipeline, wan22_diffusers_8, 48, 48, shift=5.0, expand_timesteps=True)
     expected = wan_frames(pipe, 32)
     for source in (wan22_dir_8, engine_of(wan22_dir_8, tmp_path / "engine", "32:32:64")):
         pipe.vae = FlashVAE.from_pretrained(source, device="cpu")
@@ -192,13 +185,7 @@ def test_ltx_pipeline_frames_equal_diffusers_vae(generation, tmp_path):
     with the same seed the drop-in reproduces diffusers' VAE, with another it does not."""
     vae = perturbed_ltx_vae(generation)
     vae.save_pretrained(tmp_path / "vae")
-    pipe = LTXPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        transformer=ltx_transformer(),
-    )
+    pipe = ltx_pipeline(LTXPipeline, vae)
     expected = ltx_frames(pipe)
     sources = [tmp_path / "vae"]
     if generation == "0.9.1":
@@ -215,13 +202,7 @@ def test_ltx_image_to_video_frames_equal_diffusers_vae(tmp_path):
     the teacher's mean and log-variance, drawn as diffusers' VAE draws them."""
     vae = perturbed_ltx_vae("0.9.1")
     vae.save_pretrained(tmp_path / "vae")
-    pipe = LTXImageToVideoPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        transformer=ltx_transformer(),
-    )
+    pipe = ltx_pipeline(LTXImageToVideoPipeline, vae)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     expected = ltx_frames(pipe, image=image)
     pipe.vae = FlashVAE.from_pretrained(tmp_path / "vae", device="cpu")
@@ -231,21 +212,9 @@ def test_ltx_image_to_video_frames_equal_diffusers_vae(tmp_path):
 def test_a_model_of_another_family_is_refused_in_one_line(wan21, tmp_path):
     perturbed_ltx_vae("0.9.0").save_pretrained(tmp_path / "ltx")
     with pytest.raises(FamilyMismatchError, match="holds a .*LTX.*Wan pipelines"):
-        WanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=FlashVAE.from_pretrained(tmp_path / "ltx"),
-            transformer=wan_transformer(16, 16),
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-        )
+        wan_pipeline(WanPipeline, FlashVAE.from_pretrained(tmp_path / "ltx"))
     with pytest.raises(FamilyMismatchError, match="LTX-Video pipelines"):
-        LTXPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=FlashVAE.from_pretrained(wan21["teacher"]),
-            text_encoder=None,
-            tokenizer=None,
-            transformer=ltx_transformer(),
-        )
+        ltx_pipeline(LTXPipeline, FlashVAE.from_pretrained(wan21["teacher"]))
 
 
 def test_flashvae_moves_and_reports_like_a_diffusers_vae(wan21):

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..models.streaming import ShapeRange, StateSpec
-from ..safeload import member_file, read_text
+from ..safeload import json_format, member_file, read_text
 
 __all__ = [
     "ENGINE_FORMAT",
@@ -389,8 +389,4 @@ OURS = "an export or engine directory"
 
 def is_ours(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an export or engine directory we wrote, which a new one may replace."""
-    try:
-        data = json.loads(read_text(Path(path) / "manifest.json", InputError, "manifest"))
-    except (InputError, json.JSONDecodeError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("format") in (EXPORT_FORMAT, ENGINE_FORMAT)
+    return json_format(Path(path) / "manifest.json") in (EXPORT_FORMAT, ENGINE_FORMAT)

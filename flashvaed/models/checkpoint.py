@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_output
 from ..errors import CheckpointError, InputError
-from ..safeload import check_file, load_weights_only, read_text
+from ..safeload import check_file, json_format, load_weights_only, read_text
 from . import families
 from .families import LAYOUTS
 from .student import STUDENT_FORMAT, FlashStudent, StudentConfig
@@ -226,13 +226,7 @@ def _write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | No
 # student directories: config.json + model.safetensors (+ prune_report.json, ...)
 # ---------------------------------------------------------------------------------------------
 def is_student_dir(path: Path) -> bool:
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
-    try:
-        return json.loads(config.read_text()).get("format") == STUDENT_FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
+    return path.is_dir() and json_format(path / "config.json") == STUDENT_FORMAT
 
 
 def load_student(path: str | os.PathLike) -> FlashStudent:
