@@ -557,31 +557,37 @@ def validate(
 
 @command
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's videos, latents, student.")] = Path(
+    family: Annotated[
+        str, typer.Option(help="The family whose embedded teacher runs the chain: wan2.1, wan2.2 or ltx.")
+    ] = "wan2.1",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")] = Path(
         "demo-output"
     ),
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="A teacher instead of the embedded one.")] = None,
-    frames: Annotated[int, typer.Option(help="Frames of the generated clip (4n+1).")] = 17,
-    height: Annotated[int, typer.Option(help="Clip height (multiple of the teacher's spatial factor).")] = 64,
-    width: Annotated[int, typer.Option(help="Clip width (multiple of the teacher's spatial factor).")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the generated clip.")] = 0,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Your own teacher instead of the embedded one.")
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option(help="Frames of the generated clip (tn+1; default 4 latent frames' worth).")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Clip height (default: 128, or a 4-latent grid).")] = None,
+    width: Annotated[int | None, typer.Option(help="Clip width (default: 128, or a 4-latent grid).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated clip (and of LTX's decode noise).")] = 0,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
-    student: Annotated[bool, typer.Option(help="Also prune and distil a student and compare it.")] = True,
-    distill_steps: Annotated[int, typer.Option(help="Distillation steps per phase for the student.")] = 15,
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps per phase.")] = 30,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """The flow on a clip it makes itself: teacher encode + streaming decode, then prune, distil and
-    compare a student; writes videos side by side and one summary line per model."""
+    """The whole toolkit on a clip it makes itself: teacher -> prune -> distil -> export -> ONNX
+    Runtime engine -> validate -> decode; writes videos, a contact sheet and a report (docs/demo.md)."""
     r = api.demo(
         out,
+        family=family,
         model=model,
         frames=frames,
         height=height,
         width=width,
         seed=seed,
         chunk=chunk,
-        student=student,
         distill_steps=distill_steps,
         device=device,
         progress=not quiet,

@@ -1,11 +1,19 @@
-"""`flashvaed demo`: the whole flow on a clip it makes itself, with the embedded teacher.
+"""`flashvaed demo`: the whole toolkit on a clip it makes itself, for every family.
 
-1. Encode a procedural clip with the teacher and decode it through the streaming step (checked
-   against one-shot decoding).
-2. Prune a student from the teacher (flash-wan2.1's operators; up2/up3 at 1/2 width, since the
-   embedded teacher is 8 channels wide at full resolution) and distil it briefly on synthetic
-   clips; decode the same latents with it.
-3. Write the videos side by side and report quality and speed on one line each.
+The chain a user runs on a real VAE, on the family's small embedded teacher (``flashvaed/data``,
+see docs/demo.md) and a procedural clip, nothing downloaded:
+
+1. teacher: encode the clip, decode the latents streaming (checked against one-shot decoding);
+2. prune: the family's flash preset, with the width floors small teachers need;
+3. distill: a short three-phase distillation on synthetic clips;
+4. export: streaming ONNX graphs;
+5. build-engine: an ONNX Runtime engine;
+6. validate: the engine against the torch student chunk by chunk, and the student against the teacher;
+7. decode: the clip's latents through the engine, the production path;
+8. write: videos, a contact sheet, ``report.json`` and ``report.md``.
+
+The whole folder is written aside and swapped in at the end: an interrupted demo leaves the
+previous one as it was.
 """
 
 from __future__ import annotations
@@ -13,36 +21,29 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from rich.console import Console
+from torch import Tensor
 
 from .atomic import atomic_output, check_output
 from .devices import resolve_device
 from .errors import InputError
 from .io import write_tensor, write_video
-from .metrics import psnr
-from .models import StudentSpec, load_model, load_teacher, save_student
+from .metrics import psnr, ssim
+from .models import families, load_model, load_teacher
 from .models.checkpoint import is_student_dir
-from .models.streaming import chunk_bounds, iter_decode
-from .progress import track
+from .models.streaming import iter_decode
+from .models.student import preset_names
 from .safeload import json_format
 from .synthetic import synthetic_clip
-
-EMBEDDED_TEACHER = "wan21-tiny.safetensors"
-DEMO_STUDENT = {
-    "name": "flash-demo",
-    "description": "flash-wan2.1's operators; up2/up3 at 1/2 width for an 8-channel-wide teacher",
-    "stages": {
-        **{k: {"op": "dwsep3d"} for k in ("middle", "up0", "up1")},
-        **{k: {"op": "spatial2d", "width": 0.5} for k in ("up2", "up3")},
-    },
-}
-
 
 DEMO_FORMAT = "flashvaed-demo"
 DEMO_DIR = "a demo output"
@@ -51,13 +52,20 @@ DEMO_NAMES = {  # what demos write; folders of these alone are earlier demo outp
     "latents.safetensors",
     "input.mp4",
     "reconstruction.mp4",
+    "teacher.mp4",
     "student.mp4",
     "comparison.mp4",
+    "contact_sheet.png",
     "student-pruned",
     "student",
+    "engine",
+    "export",
     "distill.yaml",
+    "report.md",
     DEMO_REPORT,
 }
+STAGES = ("teacher", "prune", "distill", "export", "build_engine", "validate", "decode", "write")
+CLIP_SEED = 1_000_003  # the demo clip's seeds start here: far from the seeds distillation draws its clips from
 
 
 def is_demo_dir(path: Path) -> bool:
@@ -71,152 +79,383 @@ def is_demo_dir(path: Path) -> bool:
         return False
 
 
-def embedded_teacher_path() -> Path:
-    """The small Wan2.1-architecture VAE shipped with the package (see docs/demo.md)."""
-    return Path(str(resources.files("flashvaed") / "data" / EMBEDDED_TEACHER))
+def embedded_teacher_path(family: str = "wan2.1") -> Path:
+    """The small VAE of ``family``'s architecture shipped with the package (see docs/demo.md)."""
+    name = families.get(family).embedded_teacher
+    if name is None:
+        raise InputError(f"no embedded teacher ships for {family}; pass a teacher checkpoint as {{model}}", "model")
+    return Path(str(resources.files("flashvaed") / "data" / name))
+
+
+def demo_families() -> list[str]:
+    """Families with an embedded teacher: those ``demo --family`` takes."""
+    return [name for name in families.names() if families.get(name).embedded_teacher]
+
+
+@dataclass
+class DemoGeometry:
+    """The clip the demo decodes and the clips its student learns on, from the teacher's factors."""
+
+    frames: int
+    height: int
+    width: int
+    train_frames: int
+    train_size: int
+
+    @classmethod
+    def for_model(cls, temporal: int, spatial: int) -> DemoGeometry:
+        size = max(128, 4 * spatial)  # at least a 4x4 latent grid
+        return cls(1 + 4 * temporal, size, size, 1 + 2 * temporal, max(64, 4 * spatial))
+
+
+@dataclass
+class Stages:
+    """Runs the demo's stages in order: a line each on stderr (when shown) and their wall times."""
+
+    show: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    @contextmanager
+    def run(self, name: str, what: str) -> Iterator[None]:
+        index = STAGES.index(name) + 1
+        if self.show:
+            self.console.print(f"[bold][{index}/{len(STAGES)}][/bold] {what}", highlight=False)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        if self.show:
+            self.console.print(f"      [green]done[/green] in {self.seconds[name]:.1f} s", highlight=False)
 
 
 @dataclass
 class DemoResult:
     out_dir: Path
-    video_shape: tuple[int, ...]
-    latents_shape: tuple[int, ...]
-    psnr_db: float
-    streaming_max_diff: float
-    decode_fps: float
-    model: str
-    params: int
-    student_params: int | None = None
-    student_psnr_vs_teacher_db: float | None = None
-    student_psnr_vs_teacher_before_db: float | None = None
-    student_psnr_vs_input_db: float | None = None
-    student_decode_fps: float | None = None
+    report: dict[str, Any]
+
+    def table(self) -> str:
+        """The report's numbers as a Markdown table (report.md and the printed summary)."""
+        return summary_table(self.report)
 
     def summary(self) -> str:
-        _, _, f, h, w = self.video_shape
-        lines = [
-            f"demo: {f} frames {h}x{w} -> latents {tuple(self.latents_shape)} -> decoded by {self.model} "
-            f"({self.params / 1e6:.2f} M params): PSNR {self.psnr_db:.2f} dB vs the input, streaming == "
-            f"one-shot (max |diff| {self.streaming_max_diff:.1e}), {self.decode_fps:.1f} frames/s; "
-            f"wrote {self.out_dir / 'comparison.mp4'}"
-        ]
-        if self.student_params is not None:
-            lines.append(
-                f"student: {self.student_params / 1e6:.3f} M params, PSNR vs teacher "
-                f"{self.student_psnr_vs_teacher_before_db:.2f} dB after pruning -> "
-                f"{self.student_psnr_vs_teacher_db:.2f} dB after distillation ({self.student_psnr_vs_input_db:.2f} dB "
-                f"vs the input), {self.student_decode_fps:.1f} frames/s "
-                f"({self.student_decode_fps / self.decode_fps:.1f}x the teacher); student in {self.out_dir / 'student'}"
-            )
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        return d
+        r = self.report
+        return (
+            f"{self.table()}\n\nvalidate {'PASSED' if r['validate']['passed'] else 'FAILED'}; "
+            f"total {r['total_seconds']:.0f} s; wrote {self.out_dir} "
+            "(comparison.mp4, contact_sheet.png, report.md)"
+        )
 
 
-def _timed_decode(
-    model: Any, latents: torch.Tensor, chunk: int, progress: bool, label: str
-) -> tuple[torch.Tensor, float]:
-    bounds = chunk_bounds(latents.shape[2], chunk)
-    start = time.perf_counter()
-    pieces = list(track(iter_decode(model, latents, chunk), len(bounds), label, progress))
-    return torch.cat(pieces, dim=2).cpu(), time.perf_counter() - start
+def summary_table(r: dict[str, Any]) -> str:
+    t, s, e, sp = r["teacher"], r["student"], r["engine"], r["speed"]
+
+    def db(key: str) -> list[str]:
+        return [f"{m[key]:.2f} dB" if key in m else "-" for m in (t, s, e)]
+
+    def ratio(key: str) -> list[str]:
+        return [f"{m[key]:.4f}" if key in m else "-" for m in (t, s, e)]
+
+    fps = [f"{sp[k]:.1f} frames/s" for k in ("teacher_fps", "student_fps", "engine_fps")]
+    rows = [
+        ("", "teacher", "student (torch)", "student (ONNX Runtime)"),
+        ("decoder parameters", f"{t['params'] / 1e6:.3f} M", f"{s['params'] / 1e6:.3f} M", "same"),
+        ("MACs / frame", f"{t['macs_per_frame'] / 1e6:.1f} M", f"{s['macs_per_frame'] / 1e6:.1f} M", "same"),
+        ("PSNR vs input", *db("psnr_vs_input")),
+        ("SSIM vs input", *ratio("ssim_vs_input")),
+        ("PSNR vs teacher", *db("psnr_vs_teacher")),
+        ("SSIM vs teacher", *ratio("ssim_vs_teacher")),
+        ("decode speed", *fps),
+    ]
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    lines.append(
+        f"\nStudent PSNR vs teacher: {s['psnr_vs_teacher_pruned']:.2f} dB after pruning, "
+        f"{s['psnr_vs_teacher']:.2f} dB after distillation; MACs ratio {r['macs_ratio']:.1f}x."
+    )
+    return "\n".join(lines)
+
+
+def _decode(decoder: Any, z: Tensor, chunk: int, options: dict[str, Any]) -> tuple[Tensor, float]:
+    """Frames of ``decoder`` streaming ``z`` and its speed in frames/s (the better of two runs,
+    since the first pays one-off costs: allocation, graph warm-up)."""
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            frames = torch.cat([p.float().cpu() for p in iter_decode(decoder, z, chunk, **options)], dim=2)
+        best = min(best, time.perf_counter() - start)
+    return frames, frames.shape[0] * frames.shape[2] / max(best, 1e-9)
+
+
+def _quality(frames: Tensor, reference: Tensor) -> tuple[float, float]:
+    return psnr(frames, reference), ssim(frames, reference)
 
 
 def demo(
     out_dir: str | os.PathLike = "demo-output",
     *,
+    family: str = "wan2.1",
     model: str | os.PathLike | None = None,
-    frames: int = 17,
-    height: int = 64,
-    width: int = 64,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
     seed: int = 0,
     chunk: int = 1,
-    student: bool = True,
-    distill_steps: int = 15,
+    distill_steps: int = 30,
     device: str = "auto",
     fps: int = 8,
     progress: bool = False,
 ) -> DemoResult:
-    """Encode a generated clip with the teacher, decode it streaming; prune and distil a student;
-    write videos; report."""
+    """Run the whole chain on a generated clip with ``family``'s embedded teacher (or ``model``)
+    and write what it produced into ``out_dir``; see the module docstring."""
+    from . import api, engines
     from .distill.run import distill
-    from .prune.calibration import calibration_latents
-    from .prune.pipeline import prune_teacher
+    from .models.summary import summarize
 
     out_dir = check_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR, inputs=[model])
-    if seed < 0:
-        raise InputError(f"{{seed}} must be >= 0, got {seed}", "seed")
-    if distill_steps < 0:
-        raise InputError(f"{{distill_steps}} must be >= 0, got {distill_steps}", "distill_steps")
+    if family not in demo_families() and model is None:
+        raise InputError(f"{{family}} must be one of {', '.join(demo_families())}, got {family!r}", "family")
+    for name, value, low in (("seed", seed, 0), ("distill_steps", distill_steps, 1), ("chunk", chunk, 1)):
+        if value < low:
+            raise InputError(f"{{{name}}} must be >= {low}, got {value}", name)
     dev = resolve_device(device)
-    model_path = Path(model) if model is not None else embedded_teacher_path()
-    teacher = load_teacher(model_path).to(dev)
-    tf, sf = teacher.temporal_factor, teacher.spatial_factor
-    if frames < 1 or (frames - 1) % tf:
-        raise InputError(f"{{frames}} must be {tf}n+1 (e.g. {4 * tf + 1}), got {frames}", "frames")
-    if height <= 0 or width <= 0 or height % sf or width % sf:
-        raise InputError(
-            f"{{height}} and {{width}} must be positive multiples of {sf}, got {height}x{width}", "height", "width"
-        )
-    clip = synthetic_clip(frames, height, width, seed=seed)
-    with torch.inference_mode():
-        latents = teacher.encode(clip)
-        streamed, seconds = _timed_decode(teacher, latents, chunk, progress, "decoding (teacher)")
-        one_shot = teacher.decode(latents).cpu()
+    stages = Stages(progress)
+    total_start = time.perf_counter()
+    with stages.run("teacher", "teacher: encode the generated clip, decode it streaming"):
+        model_path = Path(model) if model is not None else embedded_teacher_path(family)
+        teacher = load_teacher(model_path).to(dev)
+        family = teacher.family
+        tf, sf = teacher.temporal_factor, teacher.spatial_factor
+        geometry = DemoGeometry.for_model(tf, sf)
+        frames = geometry.frames if frames is None else frames
+        height = geometry.height if height is None else height
+        width = geometry.width if width is None else width
+        if frames < 1 + tf or (frames - 1) % tf:
+            raise InputError(f"{{frames}} must be {tf}n+1 with n >= 1 (e.g. {4 * tf + 1}), got {frames}", "frames")
+        if height < 2 * sf or width < 2 * sf or height % sf or width % sf:
+            raise InputError(
+                f"{{height}} and {{width}} must be multiples of {sf} of at least {2 * sf}, got {height}x{width}",
+                "height",
+                "width",
+            )
+        train_frames, train_size = min(geometry.train_frames, frames), min(geometry.train_size, height, width)
+        clip = synthetic_clip(frames, height, width, seed=CLIP_SEED + seed)
+        with torch.inference_mode():
+            latents = teacher.encode(clip).cpu()
+        z, options = api.decode_conditions(teacher, latents, None, None, seed)  # LTX: the pipeline's decode noise
+        teacher_frames, teacher_fps = _decode(teacher, z, chunk, options)
+        with torch.inference_mode():
+            one_shot = teacher.decode(z, **options).cpu()
+        streaming_diff = (teacher_frames - one_shot).abs().max().item()
+
+    preset = f"flash-{family}"
+    if preset not in preset_names(family):
+        raise InputError(f"no {preset} preset ships for {family} teachers (presets: {', '.join(preset_names())})")
     with atomic_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR) as tmp:
-        write_tensor(latents, tmp / "latents.safetensors", "latents")
-        write_video(clip, tmp / "input.mp4", fps=fps)
-        write_video(streamed, tmp / "reconstruction.mp4", fps=fps)
-        result = DemoResult(
-            out_dir=out_dir,
-            video_shape=tuple(clip.shape),
-            latents_shape=tuple(latents.shape),
-            psnr_db=psnr(streamed, clip),
-            streaming_max_diff=(streamed - one_shot).abs().max().item(),
-            decode_fps=streamed.shape[2] / max(seconds, 1e-9),
-            model="the embedded Wan2.1 teacher" if model is None else f"teacher {model_path.name}",
-            params=sum(p.numel() for p in teacher.parameters()),
-        )
-        panels = [clip, streamed]
-        if student:
-            size = min(height, width)
-            calib = calibration_latents("synthetic", teacher, clips=4, frames=9, size=size, seed=seed + 100)
-            pruned = prune_teacher(teacher, StudentSpec.from_dict(DEMO_STUDENT), calib, progress=progress).student
-            save_student(pruned, tmp / "student-pruned")
+        with stages.run("prune", f"prune: {preset} from the teacher (independence-aware channel selection)"):
+            prune_report = api.prune(
+                model_path,
+                tmp / "student-pruned",
+                preset=preset,
+                calib_clips=4,
+                calib_frames=train_frames,
+                calib_size=train_size,
+                height=height,
+                width=width,
+                device=str(dev),
+                progress=progress,
+            )
+        with stages.run("distill", f"distill: three phases of {distill_steps} steps on synthetic clips"):
             config = {
                 "batch_size": 2,
-                "clip_frames": 9,
-                "clip_size": size,
-                "synthetic_clips": 32,
-                "checkpoint_every": 1000,
+                "clip_frames": train_frames,
+                "clip_size": train_size,
+                "synthetic_clips": 64,
+                "checkpoint_every": 10_000,
                 "optimizer": {"lr": 2e-3},
             }
             (tmp / "distill.yaml").write_text(yaml.safe_dump(config))
-            run = tmp / "student"
-            distill(
+            distill_report = distill(
                 model_path,
                 tmp / "student-pruned",
                 ["synthetic"],
-                run,
+                tmp / "student",
                 config=tmp / "distill.yaml",
                 steps_per_phase=distill_steps,
                 device=str(dev),
                 progress=progress,
             )
-            trained = load_model(run).to(dev)
-            with torch.inference_mode():
-                before = pruned.to(dev).decode(latents, chunk).cpu()
-                ours, s_seconds = _timed_decode(trained, latents, chunk, progress, "decoding (student)")
-            result.student_params = sum(p.numel() for p in trained.parameters())
-            result.student_psnr_vs_teacher_before_db = psnr(before, streamed)
-            result.student_psnr_vs_teacher_db = psnr(ours, streamed)
-            result.student_psnr_vs_input_db = psnr(ours, clip)
-            result.student_decode_fps = ours.shape[2] / max(s_seconds, 1e-9)
-            write_video(ours, tmp / "student.mp4", fps=fps)
-            panels.append(ours)
-        write_video(torch.cat(panels, dim=-1), tmp / "comparison.mp4", fps=fps)
-        (tmp / DEMO_REPORT).write_text(json.dumps({"format": DEMO_FORMAT, **result.to_dict()}, indent=2))
-    return result
+        with stages.run("export", "export: streaming ONNX graphs (first + steady chunk)"):
+            t = z.shape[2]
+            api.export(
+                tmp / "student",
+                tmp / "export",
+                chunk=f"1:{chunk}:{max(chunk, t - 1)}",
+                height=f"{height}:{height}:{height}",
+                width=f"{width}:{width}:{width}",
+                batch="1:1:1",
+            )
+        with stages.run("build_engine", "build-engine: ONNX Runtime"):
+            api.build_engine(tmp / "export", tmp / "engine")
+        write_tensor(latents, tmp / "latents.safetensors", "latents")
+        with stages.run("validate", "validate: engine vs torch student every chunk; student vs teacher"):
+            validation = api.validate(
+                tmp / "engine", tmp / "student", tmp / "latents.safetensors", teacher=model_path, chunk=chunk
+            )
+        with stages.run("decode", "decode: teacher, pruned and distilled student, and the engine"):
+            pruned = load_model(tmp / "student-pruned").to(dev)
+            student = load_model(tmp / "student").to(dev)
+            engine = engines.load(tmp / "engine")
+            pruned_frames, _ = _decode(pruned, z, chunk, options)
+            student_frames, student_fps = _decode(student, z, chunk, options)
+            engine_frames, engine_fps = _decode(engine, z, chunk, options)
+        with stages.run("write", "write: videos, contact sheet, report"):
+            write_video(clip, tmp / "input.mp4", fps=fps)
+            write_video(teacher_frames, tmp / "teacher.mp4", fps=fps)
+            write_video(engine_frames, tmp / "student.mp4", fps=fps)
+            panels = {"input": clip, "teacher": teacher_frames, "student (engine)": engine_frames}
+            write_video(labelled_side_by_side(panels), tmp / "comparison.mp4", fps=fps)
+            contact_sheet(clip, teacher_frames, engine_frames).save(tmp / "contact_sheet.png")
+            t_cost = summarize(teacher, height, width, chunk=chunk)
+            s_cost = summarize(student, height, width, chunk=chunk)
+            report = {
+                "format": DEMO_FORMAT,
+                "family": family,
+                "clip": {"frames": frames, "height": height, "width": width, "seed": CLIP_SEED + seed},
+                "latents": list(latents.shape),
+                "teacher": {
+                    "model": str(model_path) if model is not None else f"embedded {family} teacher",
+                    "params": t_cost.params_decoder,
+                    "macs_per_frame": t_cost.macs_per_frame,
+                    "streaming_max_diff": streaming_diff,
+                    **_named("vs_input", teacher_frames, clip),
+                },
+                "student": {
+                    "preset": preset,
+                    "params": s_cost.params_decoder,
+                    "macs_per_frame": s_cost.macs_per_frame,
+                    "widths": prune_report.get("layout"),
+                    "width_notes": prune_report.get("notes", []),
+                    "distill_steps_per_phase": distill_steps,
+                    "distill_eval": distill_report.get("eval"),
+                    "psnr_vs_teacher_pruned": psnr(pruned_frames, teacher_frames),
+                    **_named("vs_teacher", student_frames, teacher_frames),
+                    **_named("vs_input", student_frames, clip),
+                },
+                "engine": {
+                    "backend": "onnxruntime",
+                    "max_abs_vs_student": (engine_frames - student_frames).abs().max().item(),
+                    **_named("vs_teacher", engine_frames, teacher_frames),
+                    **_named("vs_input", engine_frames, clip),
+                },
+                "speed": {
+                    "teacher_fps": teacher_fps,
+                    "student_fps": student_fps,
+                    "engine_fps": engine_fps,
+                    "device": str(dev),
+                    "threads": torch.get_num_threads(),
+                },
+                "macs_ratio": t_cost.macs_per_frame / max(s_cost.macs_per_frame, 1.0),
+                "validate": {
+                    "passed": validation.passed,
+                    "chunks": len(validation.chunks),
+                    "worst_max_abs": max(
+                        (o["max_abs"] for c in validation.chunks for o in c["outputs"].values()), default=0.0
+                    ),
+                    "tolerances": validation.tolerances,
+                    "teacher": validation.teacher,
+                },
+            }
+        report["stage_seconds"] = stages.seconds
+        report["total_seconds"] = time.perf_counter() - total_start
+        (tmp / DEMO_REPORT).write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(report_markdown(report))
+    return DemoResult(out_dir, report)
+
+
+def _named(suffix: str, frames: Tensor, reference: Tensor) -> dict[str, float]:
+    p, s = _quality(frames, reference)
+    return {f"psnr_{suffix}": p, f"ssim_{suffix}": s}
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    clip = r["clip"]
+    times = " | ".join(f"{k.replace('_', '-')} {v:.1f} s" for k, v in r["stage_seconds"].items())
+    notes = "".join(f"\n- {n}" for n in r["student"]["width_notes"]) or "\n- none"
+    return (
+        f"# flashvaed demo: {r['family']}\n\n"
+        f"A {clip['frames']}-frame {clip['height']}x{clip['width']} procedural clip, encoded by the "
+        f"{r['teacher']['model']} to latents {tuple(r['latents'])}, decoded by the teacher, by the "
+        f"{r['student']['preset']} student distilled for {r['student']['distill_steps_per_phase']} steps per phase, "
+        f"and by that student's ONNX Runtime engine.\n\n"
+        f"{summary_table(r)}\n\n"
+        f"Validate (engine vs torch student, {r['validate']['chunks']} chunks): "
+        f"{'PASSED' if r['validate']['passed'] else 'FAILED'}, "
+        f"worst max abs error {r['validate']['worst_max_abs']:.1e}. "
+        f"Teacher streaming vs one-shot: max |diff| {r['teacher']['streaming_max_diff']:.1e}.\n\n"
+        f"Width floors and roundings of the preset on this teacher:{notes}\n\n"
+        f"Stage wall times: {times}; total {r['total_seconds']:.0f} s.\n\n"
+        "Files: input.mp4, teacher.mp4, student.mp4 (the engine's frames), comparison.mp4, "
+        "contact_sheet.png, latents.safetensors, student/, engine/, report.json.\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+# ---------------------------------------------------------------------------------------------
+def _to_image(frame: Tensor) -> Any:
+    """A (3, H, W) frame in [-1, 1] as a PIL image."""
+    from PIL import Image
+
+    array = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def _label(text: str, width: int, height: int = 16) -> Any:
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, height), (24, 24, 24))
+    ImageDraw.Draw(strip).text((4, 2), text, fill=(235, 235, 235))
+    return strip
+
+
+def labelled_side_by_side(panels: dict[str, Tensor]) -> Tensor:
+    """Clips (1, 3, F, H, W) side by side, each under a label strip: (1, 3, F, 16 + H, n W)."""
+    import numpy as np
+
+    columns = []
+    for name, clip in panels.items():
+        w = clip.shape[-1]
+        strip = torch.from_numpy(np.array(_label(name, w))).permute(2, 0, 1).float() / 127.5 - 1
+        strip = strip[:, None].expand(3, clip.shape[2], -1, w)[None]
+        columns.append(torch.cat([strip, clip[:1].clamp(-1, 1)], dim=-2))
+    return torch.cat(columns, dim=-1)
+
+
+def error_map(frame: Tensor, reference: Tensor, full_scale: float = 0.5) -> Tensor:
+    """|frame - reference| per pixel (mean over colours) as a heat map frame in [-1, 1]: black is
+    exact, yellow is an error of ``full_scale`` (a quarter of the [-1, 1] range) or more."""
+    e = ((frame - reference).abs().mean(0) / full_scale).clamp(0, 1)
+    rgb = torch.stack([(3 * e).clamp(0, 1), (3 * e - 1).clamp(0, 1), (3 * e - 2).clamp(0, 1) * 0.6])
+    return rgb * 2 - 1
+
+
+def contact_sheet(clip: Tensor, teacher: Tensor, student: Tensor, rows: int = 4, tile: int = 128) -> Any:
+    """A PIL image: ``rows`` frames spread over the clip, each row input | teacher | student |
+    error map of the student against the teacher, tiles scaled to ``tile`` pixels high."""
+    from PIL import Image
+
+    n = clip.shape[2]
+    picks = sorted({round(i * (n - 1) / max(rows - 1, 1)) for i in range(rows)})
+    h, w = clip.shape[-2:]
+    scale = max(1, tile // h)
+    th, tw = h * scale, w * scale
+    titles = ["input", "teacher", "student (engine)", "|student - teacher|"]
+    sheet = Image.new("RGB", (4 * tw, 16 + len(picks) * th), (24, 24, 24))
+    for c, title in enumerate(titles):
+        sheet.paste(_label(title, tw), (c * tw, 0))
+    for r, f in enumerate(picks):
+        tiles = [clip[0, :, f], teacher[0, :, f], student[0, :, f], error_map(student[0, :, f], teacher[0, :, f])]
+        for c, frame in enumerate(tiles):
+            sheet.paste(_to_image(frame).resize((tw, th), Image.NEAREST), (c * tw, 16 + r * th))
+    return sheet

@@ -1,25 +1,39 @@
-"""Train the small Wan2.1-architecture VAE shipped as ``flashvaed/data/wan21-tiny.safetensors``.
+"""Train the small VAEs shipped in ``flashvaed/data/`` as the demo's teachers, for every family.
 
-No VAE weights can be downloaded where flashvaed is built and tested, so the demo's teacher is
-trained here, from scratch, on procedural clips (``flashvaed.synthetic``): a real VAE of the
-Wan2.1 architecture at base width 8 (encoder and decoder).
+No VAE weights can be downloaded where flashvaed is built and tested, so the demo's teachers are
+trained here, from scratch, on procedural clips (``flashvaed.synthetic``): real VAEs of each
+family's architecture at small widths (``TINY`` below):
+
+- ``wan2.1``: Wan2.1 at base width 8 (16 latent channels, 4x8x8): ``wan21-tiny.safetensors``;
+- ``wan2.2``: Wan2.2 TI2V at base width 8, decoder 8 (48 channels, 4x16x16): ``wan22-tiny.safetensors``;
+- ``ltx``: LTX-Video 0.9.0's decoder pattern (depth-to-space upsamplers, width-halving res_x_y
+  blocks; non-causal, no timestep conditioning) at decoder base 8 and 0.9.5's encoder pattern at
+  base 4, one residual block per stage (128 channels, 8x32x32): ``ltx-tiny.safetensors``. 0.9.1+'s
+  residual upsamplers add a depth-to-space copy of their input, a sub-pixel checkerboard of its
+  channels; trained from random weights here, such a decoder sat at the mean frame for as long
+  as we ran it.
 
 Deep, narrow, norm-heavy decoders trained end to end from random weights sit for thousands of
 steps predicting the mean frame. A linear code gets them moving at once, so training has three
 phases:
-  A. the decoder learns to invert a PCA code: the first latent frame is the top 16 principal
-     components of the first frame's 8x8 patches, every later one those of 4-frame x 8x8 patches
-     (the Wan2.1 latent grid), scaled to unit variance (diffusion latents are ~N(0, 1));
+  A. the decoder (its residual blocks starting as the identity, LTX's depth-to-space upsamplers
+     as nearest-neighbour upsampling: ICNR) learns to invert a PCA code: the first latent frame holds the top principal
+     components of the first frame's s x s patches, every later one those of t-frame x s x s
+     patches (the family's latent grid, t x s x s its compression), scaled to unit variance
+     (diffusion latents are ~N(0, 1));
   B. the encoder learns to produce that code;
-  C. both are fine-tuned end to end on reconstruction, KL-regularised towards the Wan2.1 latent
-     statistics (a real VAE posterior, normalised latents ~N(0, 1)).
-Reproduce (seeded, CPU, about an hour on 2 cores) the shipped file with two runs: phase C first
-on 5-frame clips, then continued on 13-frame clips, which the decoder's and encoder's later
-chunks (with non-zero history) need:
-    python scripts/train_embedded_teacher.py --joint-frames 5 -o /tmp/stage1.safetensors
-    python scripts/train_embedded_teacher.py --init /tmp/stage1.safetensors --steps 0 0 1500
-(a single run with the defaults, 13-frame clips from the start of phase C, is the intended
-recipe for the next retraining).
+  C. both are fine-tuned end to end on reconstruction, KL-regularised towards the family's
+     latent statistics (a real VAE posterior; normalised latents ~N(0, 1)), on longer clips
+     (several steady chunks, so both learn to use their history).
+Weights are stored in half precision (``--half``, the default for the new families) to keep the
+package small; the model runs in float32.
+
+Reproduce (seeded, CPU):
+    python scripts/train_embedded_teacher.py --family wan2.2
+    python scripts/train_embedded_teacher.py --family ltx
+The shipped Wan2.1 file came from an earlier version of this script in two runs:
+    python scripts/train_embedded_teacher.py --joint-frames 5 -o /tmp/stage1.safetensors --full
+    python scripts/train_embedded_teacher.py --init /tmp/stage1.safetensors --steps 0 0 1500 --full
 """
 
 from __future__ import annotations
@@ -27,80 +41,107 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flashvaed.metrics import psnr
-from flashvaed.models import WanConfig, WanVAE, load_model, save_teacher, zero_state
+from flashvaed.models import WanConfig, WanVAE, load_model, save_teacher
+from flashvaed.models.families.ltx import LTXVAE, Block, LTXConfig
+from flashvaed.models.families.wan22 import Wan22Config, Wan22VAE
 from flashvaed.synthetic import synthetic_clip
 
-FRAMES, SIZE = 5, 64  # phases A/B: 2 latent frames (the first-chunk path and one steady chunk)
+DATA = Path(__file__).resolve().parents[1] / "flashvaed" / "data"
+LTX_TINY_ENCODER = (
+    Block("res_x", 1), Block("compress_space_res", multiplier=2), Block("res_x", 1),
+    Block("compress_time_res", multiplier=2), Block("res_x", 1), Block("compress_all_res", multiplier=2),
+    Block("res_x", 1), Block("compress_all_res", multiplier=1),
+)  # fmt: skip
+LTX_TINY_DECODER = (
+    Block("res_x", 1), Block("compress_all"), Block("res_x_y", multiplier=2), Block("res_x", 1),
+    Block("compress_all"), Block("res_x_y", multiplier=2), Block("res_x", 1), Block("compress_all"),
+    Block("res_x", 1),
+)  # fmt: skip
 
 
-def clips(seed: int, batch: int, frames: int = FRAMES) -> Tensor:
-    return torch.cat([synthetic_clip(frames, SIZE, SIZE, seed=seed * batch + i) for i in range(batch)])
+@dataclass(frozen=True)
+class Recipe:
+    """One family's embedded teacher: how to build it, where it goes, the clips it learns on."""
+
+    build: Any
+    file: str
+    size: int  # clip height and width: a latent grid of at least 4x4
+    steps: tuple[int, int, int]
+    joint_latent_frames: int  # phase C clips: 1 + t * (this - 1) frames
 
 
-def patches(video: Tensor) -> tuple[Tensor, Tensor]:
-    """8x8 patches of frame 0 (B*64, 192) and 4-frame x 8x8 patches of frames 1..4 (B*64, 768)."""
-    first = F.unfold(video[:, :, 0], 8, stride=8).transpose(1, 2).reshape(-1, 192)
-    rest = video[:, :, 1:5].transpose(1, 2).reshape(video.shape[0], 12, SIZE, SIZE)  # frames into channels
-    return first, F.unfold(rest, 8, stride=8).transpose(1, 2).reshape(-1, 768)
+TINY = {
+    "wan2.1": Recipe(lambda: WanVAE(WanConfig(base_dim=8)), "wan21-tiny.safetensors", 64, (3000, 1500, 2000), 4),
+    "wan2.2": Recipe(
+        lambda: Wan22VAE(Wan22Config(base_dim=8, decoder_base_dim=8)),
+        "wan22-tiny.safetensors",
+        64,
+        (2500, 800, 1500),
+        4,
+    ),
+    "ltx": Recipe(
+        lambda: LTXVAE(
+            LTXConfig(
+                encoder_base=4,
+                decoder_base=8,
+                encoder_blocks=LTX_TINY_ENCODER,
+                decoder_blocks=LTX_TINY_DECODER,
+            )
+        ),
+        "ltx-tiny.safetensors",
+        128,
+        (3000, 1000, 1500),
+        3,
+    ),
+}
 
 
 class PCACode:
-    """A linear 16-component code of the latent grid, fitted on synthetic clips."""
+    """A linear code on the family's latent grid (one component per latent channel), fitted on clips."""
 
-    def __init__(self, samples: Tensor, components: int = 16) -> None:
-        first, rest = patches(samples)
+    def __init__(self, samples: Tensor, t: int, s: int, components: int) -> None:
+        self.t, self.s = t, s
+        first, rest = self.patches(samples)
         self.bases = [self._fit(first, components), self._fit(rest, components)]
+
+    def patches(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """s x s patches of frame 0 (B*n, 3s^2) and t-frame x s x s patches of frames 1..t (B*n, 3ts^2)."""
+        b, c, _, h, w = video.shape
+        t, s = self.t, self.s
+        first = F.unfold(video[:, :, 0], s, stride=s).transpose(1, 2).reshape(-1, c * s * s)
+        rest = video[:, :, 1 : 1 + t].transpose(1, 2).reshape(b, t * c, h, w)  # frames into channels
+        return first, F.unfold(rest, s, stride=s).transpose(1, 2).reshape(-1, t * c * s * s)
 
     @staticmethod
     def _fit(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         mean = x.mean(0)
-        _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
-        return mean, vh[:k], s[:k] / math.sqrt(x.shape[0])  # mean, directions, std per component
+        _, sv, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        return mean, vh[:k], sv[:k] / math.sqrt(x.shape[0])  # mean, directions, std per component
 
     def encode(self, video: Tensor) -> Tensor:
-        """Normalised latents (B, 16, 2, 8, 8) of clips (B, 3, 5, 64, 64)."""
-        b, g = video.shape[0], SIZE // 8
+        """Normalised latents (B, z, 2, H/s, W/s) of clips (B, 3, 1 + t, H, W)."""
+        b, gh, gw = video.shape[0], video.shape[-2] // self.s, video.shape[-1] // self.s
         codes = []
-        for x, (mean, directions, std) in zip(patches(video), self.bases, strict=True):
+        for x, (mean, directions, std) in zip(self.patches(video), self.bases, strict=True):
             z = (x - mean) @ directions.T / std
-            codes.append(z.reshape(b, g, g, -1).permute(0, 3, 1, 2))
+            codes.append(z.reshape(b, gh, gw, -1).permute(0, 3, 1, 2))
         return torch.stack(codes, dim=2)
-
-
-def posterior(model: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
-    """Differentiable (mu, logvar) of the encoder over chunks 1, 4, 4, ..."""
-    b, _, t, h, w = video.shape
-    state = zero_state(model.encoder.state_specs(), b, h, w)
-    outs = []
-    for start, stop in [(0, 1)] + [(s, s + 4) for s in range(1, t, 4)]:
-        out, state = model.encoder(video[:, :, start:stop], state, first=start == 0)
-        outs.append(out)
-    mu, logvar = model.quant_conv(torch.cat(outs, dim=2)).chunk(2, dim=1)
-    return mu, logvar.clamp(-30.0, 20.0)
-
-
-def reconstruct(model: WanVAE, latents: Tensor) -> Tensor:
-    """Differentiable streaming decode: the first frame, then the rest in one step."""
-    state = zero_state(model.decoder_state_specs(), latents.shape[0], *latents.shape[-2:])
-    frames, state = model.decode_step(latents[:, :, :1], state, first=True, clamp=False)
-    rest, _ = model.decode_step(latents[:, :, 1:], state, clamp=False)
-    return torch.cat([frames, rest], dim=2)
 
 
 def recon_loss(recon: Tensor, video: Tensor) -> Tensor:
     return F.l1_loss(recon, video) + F.mse_loss(recon, video)
 
 
-def run_phase(
-    name: str, steps: int, params: list, lr: float, step_fn, model: WanVAE, held_out: Tensor, log_every: int
-) -> None:
+def run_phase(name: str, steps: int, params: list, lr: float, step_fn, evaluate, log_every: int) -> None:
     if steps == 0:
         return
     opt = torch.optim.Adam(params, lr=lr)
@@ -115,82 +156,92 @@ def run_phase(
         sched.step()
         if step % log_every == 0 or step == steps - 1:
             with torch.no_grad():
-                rec = model.decode(model.encode(held_out))
+                what, db = evaluate()
             print(
-                f"{name} step {step:5d} loss {loss.item():.4f}  held-out (17x128x128) PSNR "
-                f"{psnr(rec, held_out):.2f} dB  {time.time() - start:.0f}s",
+                f"{name} step {step:5d} loss {loss.item():.4f}  {what} {db:.2f} dB  {time.time() - start:.0f}s",
                 flush=True,
             )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, nargs=3, default=(3000, 1500, 2000), help="phases A, B, C")
+    parser.add_argument("--family", choices=sorted(TINY), default="wan2.1")
+    parser.add_argument("--steps", type=int, nargs=3, help="phases A, B, C (default: the family's recipe)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--kl", type=float, default=1e-6)
-    parser.add_argument(
-        "--joint-frames",
-        type=int,
-        default=13,
-        help="clip length in phase C (several "
-        "steady chunks, so that both the encoder and decoder learn to use their history)",
-    )
+    parser.add_argument("--joint-frames", type=int, help="clip length in phase C (default: the family's recipe)")
     parser.add_argument("--init", type=Path, help="start from these weights (e.g. with --steps 0 0 N)")
-    parser.add_argument("--log-every", type=int, default=250)
-    parser.add_argument("-o", "--out", type=Path, default=Path("flashvaed/data/wan21-tiny.safetensors"))
+    parser.add_argument("--full", action="store_true", help="store float32 weights (default: half precision)")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("-o", "--out", type=Path, help="default: flashvaed/data/<the family's file>")
     args = parser.parse_args()
+    recipe = TINY[args.family]
 
     torch.manual_seed(0)
-    model = WanVAE(WanConfig(base_dim=8))
-    with torch.no_grad():  # start nearly deterministic: the posterior's noise grows as KL asks
-        model.quant_conv.bias[model.latent_channels :].fill_(-8.0)
-    if args.init is not None:
-        model = load_model(args.init).train()
-    code = PCACode(clips(999_999, 64))
-    held_out = torch.cat([synthetic_clip(17, 128, 128, seed=i) for i in range(2)])
-    a, b, c = args.steps
+    model = recipe.build() if args.init is None else load_model(args.init)
+    model.train()
+    t, s, z = model.temporal_factor, model.spatial_factor, model.latent_channels
+    size, frames = recipe.size, 1 + t
+    joint_frames = args.joint_frames or 1 + t * (recipe.joint_latent_frames - 1)
+    if args.init is None:
+        with torch.no_grad():
+            bias = getattr(model.quant_conv, "bias", None)
+            if bias is not None:  # start nearly deterministic: the posterior's noise grows as KL asks
+                bias[z:].fill_(-8.0)
+            for name, p in model.named_parameters():
+                if name.startswith("decoder.") and name.endswith("conv2.weight"):
+                    p.zero_()  # every decoder residual block starts as the identity
+                if name.startswith("decoder.") and ".resample.conv." in name and model.family == "ltx":
+                    rows = p.view(p.shape[0] // 8, 8, *p.shape[1:])  # depth-to-space rows c*8 + (t, y, x)
+                    rows.copy_(rows[:, :1].expand_as(rows).clone())  # ICNR: upsample as nearest neighbour
+
+    def clips(seed: int, batch: int, n: int = frames) -> Tensor:
+        return torch.cat([synthetic_clip(n, size, size, seed=seed * batch + i) for i in range(batch)])
+
+    samples = max(64, 2 * 3 * t * s * s // (size // s) ** 2)  # patches >= twice their dimension
+    code = PCACode(clips(999_999, min(samples, 256)), t, s, z)
+    held_out = torch.cat([synthetic_clip(1 + 4 * t, 2 * size, 2 * size, seed=i) for i in range(2)])
+    held_out_short = held_out[:, :, : 1 + t]
+
+    def code_psnr() -> tuple[str, float]:  # phase A: the decoder inverting the code
+        return "held-out PSNR from the code", psnr(model.decode(code.encode(held_out_short)), held_out_short)
+
+    def vae_psnr() -> tuple[str, float]:
+        return f"held-out {tuple(held_out.shape[2:])} PSNR", psnr(model.decode(model.encode(held_out)), held_out)
+
+    a, b, c = args.steps or recipe.steps
+    mean, std = model.latents_mean, model.latents_std
 
     def decoder_step(step: int) -> Tensor:
         video = clips(step, args.batch)
-        return recon_loss(reconstruct(model, code.encode(video)), video)
+        return recon_loss(model.decode_clip(code.encode(video), clamp=False), video)
 
     def encoder_step(step: int) -> Tensor:
         video = clips(a + step, args.batch)
-        mu, _ = posterior(model, video)
-        return F.mse_loss((mu - model.latents_mean) / model.latents_std, code.encode(video))
+        mu, _ = model.posterior(video)
+        return F.mse_loss((mu - mean) / std, code.encode(video))
 
     def joint_step(step: int) -> Tensor:
-        video = clips(a + b + step, args.batch, args.joint_frames)
-        mu, logvar = posterior(model, video)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        recon = reconstruct(model, (z - model.latents_mean) / model.latents_std)
-        var_ratio = torch.exp(logvar) / model.latents_std**2  # KL to N(latents_mean, latents_std^2)
-        kl = 0.5 * (var_ratio + ((mu - model.latents_mean) / model.latents_std) ** 2 - 1 - torch.log(var_ratio))
+        video = clips(a + b + step, args.batch, joint_frames)
+        mu, logvar = model.posterior(video)
+        logvar = logvar.clamp(-30.0, 20.0)
+        noisy = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        recon = model.decode_clip((noisy - mean) / std, clamp=False)
+        var_ratio = torch.exp(logvar) / std**2  # KL to N(latents_mean, latents_std^2)
+        kl = 0.5 * (var_ratio + ((mu - mean) / std) ** 2 - 1 - torch.log(var_ratio))
         return recon_loss(recon, video) + args.kl * kl.mean()
 
-    run_phase(
-        "A decoder",
-        a,
-        list(model.decoder.parameters()) + list(model.post_quant_conv.parameters()),
-        1e-3,
-        decoder_step,
-        model,
-        held_out,
-        args.log_every,
-    )
-    run_phase(
-        "B encoder",
-        b,
-        list(model.encoder.parameters()) + list(model.quant_conv.parameters()),
-        1e-3,
-        encoder_step,
-        model,
-        held_out,
-        args.log_every,
-    )
-    run_phase("C joint", c, list(model.parameters()), 3e-4, joint_step, model, held_out, args.log_every)
-    save_teacher(model.eval(), args.out)
-    print(f"wrote {args.out}")
+    decoder_params = [p for n, p in model.named_parameters() if not n.startswith(("encoder.", "quant_conv."))]
+    encoder_params = [p for n, p in model.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
+    run_phase("A decoder", a, decoder_params, 1e-3, decoder_step, code_psnr, args.log_every)
+    run_phase("B encoder", b, encoder_params, 1e-3, encoder_step, vae_psnr, args.log_every)
+    run_phase("C joint", c, list(model.parameters()), 3e-4, joint_step, vae_psnr, args.log_every)
+    model.eval()
+    if not args.full:
+        model.half()
+    out = args.out or DATA / recipe.file
+    save_teacher(model, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

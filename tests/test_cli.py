@@ -136,42 +136,6 @@ def test_info_counts(teacher_8, files):
     assert r.exit_code == 0 and "state per stream" in r.output and "up.3" in r.output
 
 
-def test_demo_with_a_given_teacher(files, tmp_path):
-    d, _ = files
-    r = invoke(
-        "demo",
-        "-o",
-        tmp_path / "demo",
-        "-m",
-        d / "teacher.pth",
-        "--frames",
-        "5",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--no-student",
-        "-q",
-    )
-    assert r.exit_code == 0, r.output
-    assert r.output.startswith("demo: 5 frames 32x32") and "streaming == one-shot" in r.output
-    for name in ("input.mp4", "reconstruction.mp4", "comparison.mp4", "latents.safetensors"):
-        assert (tmp_path / "demo" / name).is_file()
-
-
-def test_demo_with_the_embedded_teacher_and_a_student(tmp_path):
-    """The embedded teacher really reconstructs; the demo's student is pruned, distilled and compared."""
-    from flashvaed.api import demo
-
-    r = demo(tmp_path / "demo", frames=9, height=64, width=64, distill_steps=2, device="cpu")
-    assert r.psnr_db > 25  # a trained VAE, not random weights
-    assert r.streaming_max_diff < 1e-4
-    assert r.student_params < r.params and r.student_psnr_vs_teacher_db > 10
-    assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
-    assert (tmp_path / "demo" / "student.mp4").is_file()
-    assert "student:" in r.summary()
-
-
 # ---------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, no output left behind
 # ---------------------------------------------------------------------------------------------

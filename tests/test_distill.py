@@ -104,18 +104,6 @@ def test_each_phase_lowers_its_own_loss(pair, tmp_path, phase):
     assert np.mean(values[-3:]) < 0.95 * np.mean(values[:3]), values
 
 
-def test_short_run_brings_the_student_closer_to_the_teacher(pair, tmp_path):
-    cfg = quick_config(**{p: {"steps": 8} for p in ("align", "transfer", "refine")})
-    run, report = run_library(pair, tmp_path, cfg)
-    before = report["psnr_vs_teacher_before_db"]
-    after = report["phases"][-1]["psnr_vs_teacher_db"]
-    assert after > before + 0.2, report
-    student = load_model(run)  # the run directory is a student directory (EMA weights)
-    assert student.kind == "student"
-    z = torch.randn(1, 16, 2, 4, 4)
-    assert student.decode(z).shape == (1, 3, 5, 32, 32)
-
-
 def distill_args(d: Path) -> list[str]:
     """`flashvaed distill` on the module's teacher and student with synthetic data, quietly, on CPU."""
     return [
@@ -409,3 +397,50 @@ def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
         devices.rank_device(cuda, {"WORLD_SIZE": "3", "LOCAL_RANK": "2"})
     with pytest.raises(InputError, match="every rank takes cuda:LOCAL_RANK"):
         devices.rank_device(torch.device("cuda", 0), {"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+
+
+@pytest.mark.parametrize("family", ["wan2.1", "wan2.2", "ltx"])
+def test_flash_preset_on_a_small_random_teacher_is_not_degenerate_and_distils(family, tmp_path):
+    """The embedded teachers' architectures (8 channels wide at full resolution) with random
+    weights: the family's flash preset keeps every stage at 4+ channels (a floor, noted), and a
+    short distillation (tens of steps per phase) lifts held-out PSNR against the teacher over
+    the pruned start, measured here on clips no phase drew."""
+    from flashvaed.demo import embedded_teacher_path
+    from flashvaed.metrics import psnr
+    from flashvaed.models import families, load_teacher
+    from flashvaed.synthetic import synthetic_clip
+
+    config = load_teacher(embedded_teacher_path(family)).config
+    torch.manual_seed(3)
+    teacher = families.get(family).teacher_type(config).eval()
+    tf, sf = teacher.temporal_factor, teacher.spatial_factor
+    frames, size = 1 + tf, max(32, 2 * sf)
+    spec = StudentSpec.load(f"flash-{family}")
+    calib = calibration_latents("synthetic", teacher, clips=2, frames=frames, size=size)
+    result = prune_teacher(teacher, spec, calib)
+    t_layout = families.get(family).teacher_layout(config)
+    for ours, theirs in zip((result.student.config.layout.middle, *result.student.config.layout.up),
+                            (t_layout.middle, *t_layout.up), strict=True):  # fmt: skip
+        assert ours.width >= min(4, theirs.width), (ours, theirs)
+        assert all(h >= min(4, t) for h, t in zip(ours.hidden, theirs.hidden, strict=True))
+    assert any("raised to the floor of 4" in note for note in result.notes), result.notes
+    cfg = quick_config(
+        batch_size=2, clip_frames=frames, clip_size=size, synthetic_clips=16, log_every=10, checkpoint_every=100,
+        **{p: {"steps": 8} for p in ("align", "transfer", "refine")},
+    )  # fmt: skip
+    config_ = DistillConfig.from_dict(cfg)
+    spec_ = ClipSpec(config_.clip_frames, config_.clip_size, config_.frame_stride, config_.synthetic_clips)
+    dataset = ClipDataset(["synthetic"], teacher, spec_, seed=config_.seed)
+    student = result.student
+    pruned = {k: v.clone() for k, v in student.state_dict().items()}
+    Distiller(teacher, student, dataset, config_, tmp_path / "run", device=torch.device("cpu"), eval_clips=1).run()
+    trained = load_model(tmp_path / "run")  # the run directory is a student directory (EMA weights)
+    assert trained.kind == "student"
+    held_out = torch.cat([synthetic_clip(frames, size, size, seed=777_000 + i) for i in range(2)])
+    with torch.no_grad():
+        z = teacher.encode(held_out)
+        reference = teacher.decode(z)
+        student.load_state_dict(pruned)
+        before = psnr(student.decode(z), reference)
+        after = psnr(trained.decode(z), reference)
+    assert after > before + 1.0, (before, after)

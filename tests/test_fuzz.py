@@ -270,7 +270,7 @@ def demo_over_a_foreign_folder(d):
     (d / "home").mkdir()
     (d / "home" / "student").mkdir()
     (d / "home" / "student" / "thesis.tex").write_text("years of work")
-    return ["demo", "-o", d / "home", "--no-student", "-q"], "not a demo output", d / "home"
+    return ["demo", "-o", d / "home", "-q"], "not a demo output", d / "home"
 
 
 @case
@@ -566,6 +566,16 @@ def prune_negative_calibration(d):
 @case
 def demo_frames_not_4n_plus_1(d):
     return ["demo", "-o", d / "demo", "--frames", "6", "-q"], "--frames", d / "demo"
+
+
+@case
+def demo_of_an_unknown_family(d):
+    return ["demo", "-o", d / "demo", "--family", "sd3", "-q"], "--family", d / "demo"
+
+
+@case
+def demo_without_room_for_a_latent_grid(d):
+    return ["demo", "-o", d / "demo", "--family", "ltx", "--height", "32", "-q"], "--height", d / "demo"
 
 
 @case

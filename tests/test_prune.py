@@ -161,10 +161,12 @@ def test_report_contents(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "fewer MACs" in r.output and "PSNR vs teacher" in r.output
+    assert "up3: width 8 x 1/8 = 1, raised to the floor of 4" in r.output  # the floor, said
     report = json.loads((tmp_path / "s" / "prune_report.json").read_text())
     assert report["criterion"] == "independence" and report["student"] == "flash-wan2.1"
     up2 = next(g for g in report["groups"] if g["name"] == "up.2.stream")
-    assert up2["kept"] == 2 and up2["total"] == 16 and len(up2["scores"]) == 16
+    assert up2["kept"] == 8 and up2["total"] == 16 and len(up2["scores"]) == 16  # 16 x 1/8, floored at 8
+    assert "up2: width 16 x 1/8 = 2, raised to the floor of 8" in report["notes"]
     assert up2["error_after"] <= up2["error_before"]
     assert {s["name"] for s in report["stages"]} == {"conv_in", "middle", "up.0", "up.1", "up.2", "up.3", "head"}
     assert all(s["student_macs"] <= s["teacher_macs"] for s in report["stages"])
@@ -174,7 +176,18 @@ def test_report_contents(tmp_path):
     z = torch.randn(1, 16, 3, 2, 2)
     torch.save({"latents": z}, tmp_path / "z.pt")
     r = runner.invoke(
-        app, ["decode", str(tmp_path / "z.pt"), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "f.pt"), "-q"]
+        app,
+        [
+            "decode",
+            str(tmp_path / "z.pt"),
+            "-m",
+            str(tmp_path / "s"),
+            "-o",
+            str(tmp_path / "f.pt"),
+            "--chunk",
+            "1",
+            "-q",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert torch.equal(torch.load(tmp_path / "f.pt", weights_only=True)["frames"], student.decode(z, 1))
@@ -182,7 +195,7 @@ def test_report_contents(tmp_path):
     info = json.loads(r.output)
     assert info["kind"] == "student" and info["teacher"]["params_decoder"] > info["params_decoder"]
     r = runner.invoke(app, ["prune", "-t", str(tmp_path / "t.pth"), "--preset", "lite-wan2.1", "--explain"])
-    assert r.exit_code == 0 and "up.1.input  [input]  4 / 16" in r.output
+    assert r.exit_code == 0 and "up.1.input  [input]  8 / 16" in r.output  # 1/4, floored at 1/2 here
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +206,7 @@ def cli_files(tmp_path_factory):
     torch.save({"latents": torch.randn(1, 8, 2, 2, 2)}, d / "bad_channels.pt")
     (d / "empty").mkdir()
     (d / "bad.yaml").write_text("stages: {up2: {op: warp}}")
-    (d / "tiny.yaml").write_text("stages: {up3: {op: causal3d, width: 0.01}}")
+    (d / "tiny.yaml").write_text("stages: {up3: {op: causal3d, width: 0.01}}\nmin_width: 0")
     (d / "ltx.yaml").write_text("family: ltx-video\nstages: {up3: {op: causal3d}}")
     (d / "taken").mkdir()
     (d / "taken" / "notes.txt").write_text("keep me")

@@ -39,9 +39,12 @@ def test_flash_preset_matches_the_paper_at_full_width():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_fit_any_teacher_width(preset, base):
     student, notes = build_student(StudentSpec.load(preset), WanConfig(base_dim=base))
-    assert all(st.width >= 1 and min(st.hidden) >= 1 for st in student.config.layout.up)
-    if base == 2 and preset == "flash-wan2.1":
-        assert any("raised to 1 channel" in n for n in notes)  # said when rounding
+    teacher = teacher_layout(WanConfig(base_dim=base))
+    for st, t in zip(student.config.layout.up, teacher.up, strict=True):  # the floor: 4, or the teacher's own
+        assert st.width >= min(4, t.width) and min(st.hidden) >= min(4, min(t.hidden))
+    if preset == "flash-wan2.1":
+        assert any("raised to the floor of 4" in n for n in notes)  # said when it binds
+        assert any("raised to the floor of 2" in n for n in notes) == (base == 2)  # up3 is 2 wide there
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -85,7 +88,7 @@ def test_config_round_trips(tmp_path):
         "name: mine\nstages:\n  up2: {op: spatial2d, width: 6}\n  up3: {op: spatial2d, width: 0.25}\n"
     )
     mine, _ = build_student(StudentSpec.load(tmp_path / "cfg.yaml"), WanConfig(base_dim=8))
-    assert [st.width for st in mine.config.layout.up] == [32, 32, 6, 2]
+    assert [st.width for st in mine.config.layout.up] == [32, 32, 6, 4]  # counts are kept; ratios floored
 
 
 @pytest.mark.parametrize(
@@ -96,7 +99,9 @@ def test_config_round_trips(tmp_path):
         ("stages: {up5: {op: causal3d}}", "unknown stage"),
         ("stages: {up2: {op: causal3d, widht: 0.5}}", "unknown keys"),
         ("name: x", "'stages'"),
-        ("stages: {up3: {op: causal3d, width: 0.01}}", "rounds to 0"),
+        ("stages: {up3: {op: causal3d, width: 0.01}}\nmin_width: 0", "rounds to 0"),
+        ("stages: {up3: {op: causal3d}}\nmin_width: -1", "min_width must be"),
+        ("stages: {up3: {op: causal3d}}\nmultiple_of: four", "multiple_of must be"),
         ("stages: {up3: {op: causal3d, width: 0}}", "between 1 and"),
         ("stages: {up3: {op: causal3d, width: 1.5}}", "(0, 1]"),
         ("stages: {up0: {op: causal3d, width: 0.5}}", "share one residual stream"),

@@ -28,7 +28,9 @@ from .layout import DecoderLayout, StageLayout, channel_spaces
 from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
-SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "causal"}
+SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "min_width", "multiple_of", "causal"}
+MIN_WIDTH = 4  # below this a stage degenerates: an RMS norm over one channel is a sign function
+MULTIPLE_OF = 4  # ratio-derived widths round to multiples of this (vector loads, tensor-core tiles)
 STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut"}
 STAGE_NAME = re.compile(r"middle|head|up\d+")
 
@@ -58,7 +60,9 @@ class StudentSpec:
     family: str | None = None  # the teacher family it fits; None: any
     description: str = ""
     stages: dict[str, StageSpec] = field(default_factory=dict)
-    at_least_one_channel: bool = False
+    at_least_one_channel: bool = False  # superseded by min_width; kept for configs that set it
+    min_width: int = MIN_WIDTH  # floor of ratio-derived widths (never above the teacher's own width)
+    multiple_of: int = MULTIPLE_OF  # ratio-derived widths above the floor round to multiples of this
     causal: bool = False  # no temporal conv reads a future frame (zero latency, for non-causal teachers)
 
     @classmethod
@@ -90,12 +94,19 @@ class StudentSpec:
                 raise InputError(f"{source}: the head only takes 'op' (its width follows the last up stage)")
             stages[name] = spec
         family = d.get("family")
+        bounds = {}
+        for key, default in (("min_width", MIN_WIDTH), ("multiple_of", MULTIPLE_OF)):
+            value = d.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4096:
+                raise InputError(f"{source}: {key} must be a channel count between 0 and 4096, got {value!r}")
+            bounds[key] = max(value, 1) if key == "multiple_of" else value
         return cls(
             name=str(d.get("name", source)),
             family=None if family is None else str(family),
             description=str(d.get("description", "")),
             stages=stages,
             at_least_one_channel=bool(d.get("at_least_one_channel", False)),
+            **bounds,
             causal=bool(d.get("causal", False)),
         )
 
@@ -124,6 +135,8 @@ class StudentSpec:
             "description": self.description,
             "stages": stages,
             "at_least_one_channel": self.at_least_one_channel,
+            "min_width": self.min_width,
+            "multiple_of": self.multiple_of,
             **({"causal": True} if self.causal else {}),
         }
 
@@ -154,6 +167,11 @@ class StudentSpec:
                 )
         notes: list[str] = []
 
+        # the floor scales with the teacher's width: min_width at its narrowest stage, twice that where
+        # the teacher is twice as wide, so floors never merge widths the teacher keeps apart (a
+        # width-changing block stays one)
+        narrowest = min(w for st in teacher.stages.values() for w in (st.in_width, st.width, *st.hidden) if w > 0)
+
         def width(key: str, what: str, value: float | int | str, full: int) -> int:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise InputError(f"{key}: {what} must be a ratio (0.25, '1/4') or a channel count, got {value!r}")
@@ -169,11 +187,18 @@ class StudentSpec:
                 raise InputError(f"{key}: {what} ratio {value} must be in (0, 1]")
             exact = ratio * full
             n = round(exact)
-            if n < 1:
-                if not self.at_least_one_channel:
+            floor = min(-(-self.min_width * full // narrowest), full)
+            if n < max(floor, 1):
+                if floor < 1 and not self.at_least_one_channel:
                     raise InputError(f"{key}: {what} {full} x {value} = {float(exact):.3g} rounds to 0 channels")
-                notes.append(f"{key}: {what} {full} x {value} = {float(exact):.3g}, raised to 1 channel")
-                return 1
+                floor = max(floor, 1)
+                notes.append(f"{key}: {what} {full} x {value} = {float(exact):.3g}, raised to the floor of {floor}")
+                return floor
+            m = self.multiple_of
+            if n % m and full >= m:
+                candidates = [w for w in (n // m * m, -(-n // m) * m) if max(floor, 1) <= w <= full]
+                if candidates:
+                    n = min(candidates, key=lambda w: (abs(w - exact), -w))
             if n != exact:
                 notes.append(f"{key}: {what} {full} x {value} = {float(exact):.3g}, rounded to {n}")
             return n

@@ -41,6 +41,9 @@ class Family:
     teacher_type: ClassVar[type]  # the TeacherVAE subclass
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
     ops: ClassVar[tuple[str, ...]] = ("causal3d", "dwsep3d", "spatial2d")  # operator kinds its decoders build
+    # the small trained teacher in flashvaed/data that `flashvaed demo --family NAME` runs on (docs/demo.md);
+    # the demo's student is the family's ``flash-NAME`` preset
+    embedded_teacher: ClassVar[str | None] = None
 
     # recognising checkpoints ------------------------------------------------------------------
     def layouts_present(self, keys: Collection[str]) -> dict[str, str]:

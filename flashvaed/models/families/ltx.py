@@ -1550,6 +1550,7 @@ class LTXFamily(Family):
     name: ClassVar[str] = "ltx"
     title: ClassVar[str] = "LTX-Video VAE"
     diffusers_vae: ClassVar[str] = "AutoencoderKLLTXVideo"
+    embedded_teacher: ClassVar[str | None] = "ltx-tiny.safetensors"
     config_type: ClassVar[type] = LTXConfig
     teacher_type: ClassVar[type] = LTXVAE
     default_resolution: ClassVar[tuple[int, int]] = (512, 768)

@@ -392,6 +392,7 @@ class WanFamily(Family):
     name: ClassVar[str] = "wan2.1"
     title: ClassVar[str] = "Wan2.1 VAE"
     diffusers_vae: ClassVar[str] = "AutoencoderKLWan"
+    embedded_teacher: ClassVar[str | None] = "wan21-tiny.safetensors"
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified

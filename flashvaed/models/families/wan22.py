@@ -314,6 +314,7 @@ class Wan22Family(WanFamily):
     config_type: ClassVar[type] = Wan22Config
     teacher_type: ClassVar[type] = Wan22VAE
     default_resolution: ClassVar[tuple[int, int]] = (704, 1280)
+    embedded_teacher: ClassVar[str | None] = "wan22-tiny.safetensors"
     residual: ClassVar[bool] = True
     original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.upsamples\..*"
     diffusers_marker: ClassVar[str] = r"decoder\.up_blocks\.\d+\.upsampler\..*"
