@@ -187,10 +187,6 @@ def _decode(decoder: Any, z: Tensor, chunk: int, options: dict[str, Any]) -> tup
     return frames, frames.shape[0] * frames.shape[2] / max(best, 1e-9)
 
 
-def _quality(frames: Tensor, reference: Tensor) -> tuple[float, float]:
-    return psnr(frames, reference), ssim(frames, reference)
-
-
 def demo(
     out_dir: str | os.PathLike = "demo-output",
     *,
@@ -374,8 +370,8 @@ def demo(
 
 
 def _named(suffix: str, frames: Tensor, reference: Tensor) -> dict[str, float]:
-    p, s = _quality(frames, reference)
-    return {f"psnr_{suffix}": p, f"ssim_{suffix}": s}
+    """PSNR and SSIM of ``frames`` against ``reference``, keyed as the report names them."""
+    return {f"psnr_{suffix}": psnr(frames, reference), f"ssim_{suffix}": ssim(frames, reference)}
 
 
 def report_markdown(r: dict[str, Any]) -> str:

@@ -25,15 +25,14 @@ phases:
   C. both are fine-tuned end to end on reconstruction, KL-regularised towards the family's
      latent statistics (a real VAE posterior; normalised latents ~N(0, 1)), on longer clips
      (several steady chunks, so both learn to use their history).
-Weights are stored in half precision (``--half``, the default for the new families) to keep the
-package small; the model runs in float32.
+Weights are stored in half precision to keep the package small (``--full`` keeps float32); the
+model runs in float32.
 
-Reproduce (seeded, CPU):
-    python scripts/train_embedded_teacher.py --family wan2.2
-    python scripts/train_embedded_teacher.py --family ltx
-The shipped Wan2.1 file came from an earlier version of this script in two runs:
-    python scripts/train_embedded_teacher.py --joint-frames 5 -o /tmp/stage1.safetensors --full
-    python scripts/train_embedded_teacher.py --init /tmp/stage1.safetensors --steps 0 0 1500 --full
+Reproduce (seeded, CPU; the shipped files were trained with OMP_NUM_THREADS=1, Wan2.2 in about
+35 minutes and LTX in about 27, each on one core of a busy 2-core machine):
+    OMP_NUM_THREADS=1 python scripts/train_embedded_teacher.py --family wan2.2
+    OMP_NUM_THREADS=1 python scripts/train_embedded_teacher.py --family ltx
+The shipped Wan2.1 file came from this script's first version, in two runs (docs/demo.md).
 """
 
 from __future__ import annotations
