@@ -175,14 +175,19 @@ def summary_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _frames(decoder: Any, z: Tensor, chunk: int, options: dict[str, Any]) -> Tensor:
+    """Frames of ``decoder`` streaming ``z`` in chunks of ``chunk`` latent frames."""
+    with torch.inference_mode():
+        return torch.cat([p.float().cpu() for p in iter_decode(decoder, z, chunk, **options)], dim=2)
+
+
 def _decode(decoder: Any, z: Tensor, chunk: int, options: dict[str, Any]) -> tuple[Tensor, float]:
-    """Frames of ``decoder`` streaming ``z`` and its speed in frames/s (the better of two runs,
-    since the first pays one-off costs: allocation, graph warm-up)."""
+    """``_frames`` and their speed in frames/s (the better of two runs, since the first pays
+    one-off costs: allocation, graph warm-up)."""
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
-        with torch.inference_mode():
-            frames = torch.cat([p.float().cpu() for p in iter_decode(decoder, z, chunk, **options)], dim=2)
+        frames = _frames(decoder, z, chunk, options)
         best = min(best, time.perf_counter() - start)
     return frames, frames.shape[0] * frames.shape[2] / max(best, 1e-9)
 
@@ -206,7 +211,6 @@ def demo(
     and write what it produced into ``out_dir``; see the module docstring."""
     from . import api, engines
     from .distill.run import distill
-    from .models.summary import summarize
 
     out_dir = check_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR, inputs=[model])
     if family not in demo_families() and model is None:
@@ -302,7 +306,7 @@ def demo(
             pruned = load_model(tmp / "student-pruned").to(dev)
             student = load_model(tmp / "student").to(dev)
             engine = engines.load(tmp / "engine")
-            pruned_frames, _ = _decode(pruned, z, chunk, options)
+            pruned_frames = _frames(pruned, z, chunk, options)
             student_frames, student_fps = _decode(student, z, chunk, options)
             engine_frames, engine_fps = _decode(engine, z, chunk, options)
         with stages.run("write", "write: videos, contact sheet, report"):
@@ -312,8 +316,7 @@ def demo(
             panels = {"input": clip, "teacher": teacher_frames, "student (engine)": engine_frames}
             write_video(labelled_side_by_side(panels), tmp / "comparison.mp4", fps=fps)
             contact_sheet(clip, teacher_frames, engine_frames).save(tmp / "contact_sheet.png")
-            t_cost = summarize(teacher, height, width, chunk=chunk)
-            s_cost = summarize(student, height, width, chunk=chunk)
+            cost = prune_report["totals"]  # decoder parameters and MACs per frame at the clip's size
             report = {
                 "format": DEMO_FORMAT,
                 "family": family,
@@ -321,15 +324,15 @@ def demo(
                 "latents": list(latents.shape),
                 "teacher": {
                     "model": str(model_path) if model is not None else f"embedded {family} teacher",
-                    "params": t_cost.params_decoder,
-                    "macs_per_frame": t_cost.macs_per_frame,
+                    "params": cost["teacher_params"],
+                    "macs_per_frame": cost["teacher_macs_per_frame"],
                     "streaming_max_diff": streaming_diff,
                     **_named("vs_input", teacher_frames, clip),
                 },
                 "student": {
                     "preset": preset,
-                    "params": s_cost.params_decoder,
-                    "macs_per_frame": s_cost.macs_per_frame,
+                    "params": cost["student_params"],
+                    "macs_per_frame": cost["student_macs_per_frame"],
                     "widths": prune_report.get("layout"),
                     "width_notes": prune_report.get("notes", []),
                     "distill_steps_per_phase": distill_steps,
@@ -351,7 +354,7 @@ def demo(
                     "device": str(dev),
                     "threads": torch.get_num_threads(),
                 },
-                "macs_ratio": t_cost.macs_per_frame / max(s_cost.macs_per_frame, 1.0),
+                "macs_ratio": cost["macs_ratio"],
                 "validate": {
                     "passed": validation.passed,
                     "chunks": len(validation.chunks),
