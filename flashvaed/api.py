@@ -29,7 +29,8 @@ from .io import PNG_DIR, VideoOptions, frame_sink, is_png_dir, output_kind, read
 from .models import DecoderSummary, StudentSpec, families, load_model, save_student, summarize
 from .models.checkpoint import STUDENT_DIR, is_student_dir, load_teacher
 from .models.streaming import check_latents, chunk_bounds, mix_decode_noise
-from .models.vae import LatentDecoder
+from .models.student import FlashStudent
+from .models.vae import LatentDecoder, TeacherVAE
 from .progress import track
 from .safeload import check_budget
 
@@ -38,12 +39,14 @@ if TYPE_CHECKING:
     from .export.onnx_export import ExportResult
 
 __all__ = [
+    "ConvertResult",
     "DecodeResult",
     "DemoResult",
     "EncodeResult",
     "Evaluation",
     "PrunePlan",
     "build_engine",
+    "convert",
     "decode",
     "demo",
     "distill",
@@ -80,7 +83,7 @@ def info(
     default_h, default_w = family.default_resolution
     height, width = height or default_h, width or default_w
     summary = summarize(loaded, height, width, chunk=chunk, dtype=resolve_dtype(dtype))
-    if not loaded.has_encoder:
+    if isinstance(loaded, FlashStudent):
         with torch.device("meta"):
             teacher = family.teacher_type(loaded.config.teacher)
         summary.teacher = summarize(teacher, height, width, chunk=chunk, dtype=resolve_dtype(dtype))
@@ -227,6 +230,31 @@ def encode(
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class ConvertResult:
+    output: Path
+    name: str
+    family: str
+    params: int  # decoder parameters
+    encoder: bool  # the directory carries an encoder (encode works with it alone)
+
+
+def convert(model: str | os.PathLike, out: str | os.PathLike) -> ConvertResult:
+    """Write any student (a released file such as ``Flash_VAED_Wan.pth``, or a student directory) as
+    a flashvaed student directory (config.json + model.safetensors) that decodes identically: to
+    version it, distil it further, share it."""
+    check_output(out, directory=True, replaceable=is_student_dir, what=STUDENT_DIR, inputs=[model])
+    student = load_model(model)
+    if not isinstance(student, FlashStudent):
+        raise InputError(f"{model} is a teacher: convert writes students (make one with `flashvaed prune`)")
+    save_student(student, out)
+    params = sum(p.numel() for p in student.decoder.parameters()) + sum(
+        p.numel() for p in student.post_quant_conv.parameters()
+    )
+    return ConvertResult(Path(out), student.config.name, student.family, params, student.has_encoder)
+
+
+# ---------------------------------------------------------------------------------------------
 def _spec(preset: str | None, config: str | os.PathLike | None) -> StudentSpec:
     if (preset is None) == (config is None):
         raise InputError("give exactly one of {preset} or {config}", "preset", "config")
@@ -246,7 +274,7 @@ def explain(
     teacher: str | os.PathLike, *, preset: str | None = None, config: str | os.PathLike | None = None
 ) -> PrunePlan:
     """The resolved student layout and the channel groups with their kept/total widths."""
-    from .models.student import FlashStudent, StudentConfig
+    from .models.student import StudentConfig
     from .prune.groups import channel_graph, channel_groups
     from .prune.pipeline import pruned_layout
 
@@ -387,7 +415,7 @@ def validate(
     z = read_tensor(latents, "latents")
     check_latents(decoder, z)
     ref = load_model(reference)
-    teacher_model: LatentDecoder | None = ref if ref.has_encoder else None
+    teacher_model: LatentDecoder | None = ref if isinstance(ref, TeacherVAE) else None
     if teacher is not None:
         teacher_model = load_model(teacher)
     report = engines_validate(

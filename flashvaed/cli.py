@@ -46,9 +46,10 @@ def flag(param: str) -> str:
 app = typer.Typer(
     name="flashvaed",
     help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path to a VAE of any "
-    "supported family (Wan2.1, Wan2.2): an original release file (Wan2.1_VAE.pth, Wan2.2_VAE.pth), a "
-    "diffusers AutoencoderKLWan directory, a .safetensors file, a student directory, or (for decode and "
-    "info) an export or engine directory.",
+    "supported family (Wan2.1, Wan2.2, LTX-Video): an original release file (Wan2.1_VAE.pth, "
+    "Wan2.2_VAE.pth, ltx-video-*.safetensors), a diffusers directory, a .safetensors file, a student "
+    "directory, a released Flash-VAED student (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth), or (for decode "
+    "and info) an export or engine directory.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -300,6 +301,26 @@ def encode(
     )
     r = api.encode(video, model, out, options=options, device=device, dtype=dtype, progress=not quiet)
     typer.echo(f"encoded video {r.video_shape} -> latents {r.latents_shape} in {r.seconds:.2f} s -> {r.output}")
+
+
+@command
+def convert(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A student: a released file (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth) or a student directory."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The student directory to write (replaced only if ours).")],
+) -> None:
+    """Write a student (a released Flash-VAED file included) as a flashvaed student directory.
+
+    The directory (config.json + model.safetensors) decodes identically; version it, distil it
+    further (`flashvaed distill -s DIR`), export it, share it.
+    """
+    r = api.convert(model, out)
+    carries = ", with its teacher's encoder" if r.encoder else ""
+    typer.echo(f"{r.name} ({r.family} student, {r.params / 1e6:.2f} M decoder parameters{carries}) -> {r.output}")
 
 
 @command

@@ -143,7 +143,7 @@ class FlashVAE(nn.Module):
         if isinstance(decoder, engines.TorchDecoder):
             family = decoder.model.family
             mean, std = decoder.model.latents_mean, decoder.model.latents_std
-            if teacher is None and isinstance(decoder.model, TeacherVAE):
+            if teacher is None and decoder.model.has_encoder:  # a teacher, or a student carrying its encoder
                 teacher = decoder.model
         else:
             contract = decoder.contract  # type: ignore[attr-defined]

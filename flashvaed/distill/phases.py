@@ -115,6 +115,13 @@ class DistillObjective(nn.Module):
         self.keep_out = {n: torch.tensor(teacher_channels[n]) if n in teacher_channels else None for n in names}
         self.keep_in = {n: self.keep_out[prev] for prev, n in itertools.pairwise(names)}
         self.keep_in[names[0]] = None
+        # stages whose channels match no known teacher channels (a released student's narrowed ones):
+        # their outputs are not compared, and the stage after them cannot be teacher-forced
+        unknown = {n for n in names if n in teacher_channels and not teacher_channels[n]}
+        self.compared = [n for n in names if n not in unknown]
+        self.forced = [
+            n for prev, n in zip([None, *names[:-1]], names, strict=True) if n not in unknown and prev not in unknown
+        ]
         self.checkpointing = False
 
     def forward(
@@ -136,6 +143,8 @@ class DistillObjective(nn.Module):
         parts = {}
         one_shot = getattr(self.student.decoder, "one_shot_context", None)  # decoders with latency
         for name, scale, block in self.student.decoder.stages():
+            if name not in self.forced:
+                continue
             chunks = teacher.stages[name]
             b, _, _, h, w = chunks[0][0].shape
             h, w = int(h / scale), int(w / scale)  # back to the latent grid
@@ -158,11 +167,13 @@ class DistillObjective(nn.Module):
             frames = streaming_decode(self.student, latents, self.config.chunk, clamp=False)
         features = None
         for name, calls in record.items():
+            if name not in self.compared:
+                continue
             s_out = torch.cat([out for _, out in calls], dim=2)
             t_out = torch.cat([out for _, out in teacher.stages[name]], dim=2)
             term = feature_loss(s_out, self._select(t_out, self.keep_out[name]))
             features = term if features is None else features + term
-        features = features / len(record)
+        features = features / len(self.compared)
         outputs = output_loss(frames, teacher.frames, cfg.ssim_weight)
         wf, wo = _lerp(cfg.feature_weight, progress), _lerp(cfg.output_weight, progress)
         loss = wf * features + wo * outputs

@@ -27,7 +27,7 @@ from ..errors import CheckpointError, InputError
 from ..safeload import check_file, json_format, load_weights_only, read_text
 from . import families
 from .families import LAYOUTS
-from .student import STUDENT_FORMAT, FlashStudent, StudentConfig
+from .student import STUDENT_FORMAT, STUDENT_VERSION, FlashStudent, StudentConfig
 from .vae import LatentDecoder, TeacherVAE
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -169,13 +169,16 @@ def build_checked(
 
 
 def load_vae(path: str | os.PathLike) -> TeacherVAE:
-    """A teacher VAE of any family from its original file, a diffusers directory or a .safetensors file."""
+    """A teacher VAE of any family from its original file, a diffusers directory or a .safetensors file
+    (or a student released in its authors' layout, e.g. ``Flash_VAED_Wan.pth``: a ``FlashStudent``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     tensors, config = read_checkpoint(path)
     match = families.detect(tensors, config, str(path))
     family = match.family
+    if match.student:
+        return _load_released_student(match, tensors, config, path)  # type: ignore[return-value]
     cfg = family.infer_config(tensors, match.layout, config)
     skip = family.config_tensor_keys(match.layout, tensors.keys())
     tensors = {k: v for k, v in tensors.items() if k not in skip}
@@ -187,6 +190,20 @@ def load_vae(path: str | os.PathLike) -> TeacherVAE:
         lambda summary: f"{path} does not fit a {family.title} ({family.describe(cfg)}): {summary}",
     )
     return model  # type: ignore[return-value]
+
+
+def _load_released_student(
+    match: families.Match, tensors: dict[str, Tensor], config: dict[str, Any], path: Path
+) -> FlashStudent:
+    """A student released in its authors' layout (``flashvaed.models.released``), as our student."""
+    student_config, ours = match.family.read_student(tensors, match.layout, config, str(path))
+    check_finite(ours, path)
+    return build_checked(  # type: ignore[return-value]
+        lambda: FlashStudent(student_config),
+        ours,
+        "flashvaed",
+        lambda summary: f"{path} does not fit the student its shapes describe: {summary}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def load_student(path: str | os.PathLike) -> FlashStudent:
     data = read_json(path / "config.json")
     if data.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{path} is not a flashvaed student directory")
-    if not isinstance(data.get("version", 1), int) or data.get("version", 1) > 1:
+    if not isinstance(data.get("version", 1), int) or data.get("version", 1) > STUDENT_VERSION:
         raise CheckpointError(f"{path} was written by a newer flashvaed (student format {data['version']})")
     try:
         config = StudentConfig.from_dict(data)

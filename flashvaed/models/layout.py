@@ -28,7 +28,9 @@ class StageLayout:
     between the two convs of each residual block; ``resample_width`` is the upsample conv's
     output (the next stage's ``in_width``), ``None`` when the stage does not upsample;
     ``temporal`` says whether the upsampler doubles time (``time_conv``); ``shortcut`` gives
-    every block a 1x1x1 shortcut (otherwise only blocks whose widths change have one).
+    every block a 1x1x1 shortcut (otherwise only blocks whose widths change have one); ``causal``
+    makes the stage's own convs read no future frame in a decoder that otherwise does (a family
+    whose convs are all causal ignores it).
     """
 
     op: str
@@ -38,6 +40,7 @@ class StageLayout:
     resample_width: int | None = None
     temporal: bool = False
     shortcut: bool = False
+    causal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))

@@ -28,10 +28,11 @@ from .layout import DecoderLayout, StageLayout, channel_spaces
 from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
+STUDENT_VERSION = 2  # 2: LTX stages honour `shortcut` and `causal`
 SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "min_width", "multiple_of", "causal"}
 MIN_WIDTH = 4  # below this a stage degenerates: an RMS norm over one channel is a sign function
 MULTIPLE_OF = 4  # ratio-derived widths round to multiples of this (vector loads, tensor-core tiles)
-STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut"}
+STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut", "causal"}
 STAGE_NAME = re.compile(r"middle|head|up\d+")
 
 
@@ -50,6 +51,7 @@ class StageSpec:
     width: float | int | str = 1.0
     hidden: float | int | str | None = None
     shortcut: str | None = None  # "auto" | "always"; None: always for spatial2d, auto otherwise
+    causal: bool | None = None  # the stage's convs read no future frame (dwsep3d in a non-causal decoder)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class StudentSpec:
                 raise InputError(f"{source}: stage {key!r} has unknown op {spec.op!r} (one of {', '.join(OPS)})")
             if spec.shortcut not in (None, "auto", "always"):
                 raise InputError(f"{source}: stage {key!r}: shortcut must be 'auto' or 'always'")
+            if spec.causal not in (None, True, False):
+                raise InputError(f"{source}: stage {key!r}: causal must be true or false")
+            if spec.causal and spec.op == "conv3d":
+                raise InputError(f"{source}: stage {key!r} is causal but asks for conv3d, which reads a future frame")
+            if name == "head" and spec.causal is not None:
+                raise InputError(f"{source}: the head only takes 'op' (causal3d for a causal head)")
             if name == "head" and (value.keys() - {"op"}):
                 raise InputError(f"{source}: the head only takes 'op' (its width follows the last up stage)")
             stages[name] = spec
@@ -235,7 +243,9 @@ class StudentSpec:
             shortcut = s.shortcut == "always" or (s.shortcut is None and s.op == "spatial2d")
             in_width = size[spaces[f"{name}.in_width"]] if name != "middle" else size[spaces["middle.width"]]
             resample = size[spaces[f"{name}.resample_width"]] if t.resample_width is not None else None
-            return StageLayout(s.op, in_width, size[spaces[f"{name}.width"]], hidden, resample, t.temporal, shortcut)
+            stream = size[spaces[f"{name}.width"]]
+            causal = bool(s.causal) and s.op != "spatial2d"  # a per-frame conv reads no other frame anyway
+            return StageLayout(s.op, in_width, stream, hidden, resample, t.temporal, shortcut, causal)
 
         middle = stage("middle", teacher.middle, "middle")
         ups = tuple(stage(f"up{i}", t, f"up.{i}") for i, t in enumerate(teacher.up))
@@ -264,31 +274,36 @@ class StudentConfig:
     family: str  # the teacher's family: ``teacher`` is read through it
     spec: dict[str, Any] = field(default_factory=dict)
     # per decoder stage, the teacher channels of its output that the student kept (from pruning);
-    # distillation compares stage outputs at these channels
+    # distillation compares stage outputs at these channels. A stage left out keeps every channel;
+    # an empty list: no correspondence is known (a released student's narrowed stages), not compared
     teacher_channels: dict[str, list[int]] = field(default_factory=dict, compare=False)
+    encoder: bool = False  # it carries its teacher's encoder (the released LTX student does)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": STUDENT_FORMAT,
-            "version": 1,
+            "version": STUDENT_VERSION,
             "name": self.name,
             "family": self.family,
             "layout": self.layout.to_dict(),
             "teacher": self.teacher.to_dict(),
             "spec": self.spec,
             "teacher_channels": self.teacher_channels,
+            **({"encoder": True} if self.encoder else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
         family = str(d["family"])
+        layout = families.get(family).upgrade_student_layout(d["layout"], d.get("version", 1))
         return cls(
             name=d["name"],
-            layout=DecoderLayout.from_dict(d["layout"]),
+            layout=DecoderLayout.from_dict(layout),
             teacher=families.get(family).config_from_dict(d["teacher"]),
             family=family,
             spec=d.get("spec", {}),
             teacher_channels=d.get("teacher_channels", {}),
+            encoder=d.get("encoder", False) is True,
         )
 
 
@@ -298,7 +313,7 @@ class FlashStudent(LatentDecoder):
     kind = "student"
 
     def __init__(self, config: StudentConfig) -> None:
-        super().__init__(families.get(config.family), config.teacher, config.layout)
+        super().__init__(families.get(config.family), config.teacher, config.layout, encoder=config.encoder)
         self.config = config
 
 

@@ -32,7 +32,7 @@ class LatentDecoder(nn.Module):
     has_encoder = False
     chunk_range = ANY_CHUNK
 
-    def __init__(self, family: Any, config: Any, layout: DecoderLayout) -> None:
+    def __init__(self, family: Any, config: Any, layout: DecoderLayout, encoder: bool = False) -> None:
         super().__init__()
         self.family = family.name
         z = layout.z_dim
@@ -55,6 +55,10 @@ class LatentDecoder(nn.Module):
             raise ValueError(f"latent statistics must have {z} entries, got {stats.shape[1]}")
         self.register_buffer("latents_mean", stats[0].view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", stats[1].view(1, z, 1, 1, 1), persistent=False)
+        if encoder:  # teachers, and released students that ship their teacher's encoder (LTX)
+            self.has_encoder = True
+            self.encoder = family.build_encoder(config)
+            self.quant_conv = family.build_quant_conv(config)
 
     def decoder_state_specs(self) -> list[StateSpec]:
         return self.decoder.state_specs()
@@ -106,6 +110,35 @@ class LatentDecoder(nn.Module):
         p = next(self.parameters())
         return make(batch, height, width, dtype=p.dtype, device=p.device, **options)
 
+    def iter_encode(self, video: Tensor) -> Iterator[Tensor]:
+        """Normalised latents (the posterior mean) of a video (B, 3, 4n+1, H, W) in [-1, 1]
+        (models with an encoder: ``has_encoder``).
+
+        Frames go through the encoder in the chunks the family's reference uses (1, 4, 4, ...
+        for causal ones); each chunk's latent frames are yielded as soon as they are ready.
+        """
+        check_video(video, self.spatial_factor, self.temporal_factor)
+        p = next(self.parameters())
+        video = video.to(device=p.device, dtype=p.dtype)
+        for out in self.encoder.iter_encode(video):
+            mu = self.quant_conv(out)[:, : self.latent_channels]
+            yield (mu - self.latents_mean) / self.latents_std
+
+    def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's (mean, log-variance) in the VAE's own latent space (not normalised), as
+        diffusers' encoders give it; a shared log-variance channel is expanded to every channel."""
+        check_video(video, self.spatial_factor, self.temporal_factor)
+        p = next(self.parameters())
+        video = video.to(device=p.device, dtype=p.dtype)
+        h = torch.cat([self.quant_conv(out) for out in self.encoder.iter_encode(video)], dim=2)
+        z = self.latent_channels
+        mean, logvar = h[:, :z], h[:, z:]
+        return mean, logvar.expand_as(mean) if logvar.shape[1] == 1 else logvar
+
+    def encode(self, video: Tensor) -> Tensor:
+        """Normalised latents (B, z, n+1, H/s, W/s) of a video (B, 3, tn+1, H, W) in [-1, 1]."""
+        return torch.cat(list(self.iter_encode(video)), dim=2)
+
     # what a stream asks of its source (``flashvaed.models.streaming.StreamSource``) -------------
     def stream(
         self, *, inference: bool = True, clamp: bool = True, source: Any = None, **options: Any
@@ -132,38 +165,8 @@ class TeacherVAE(LatentDecoder):
 
     def __init__(self, config: Any) -> None:
         family = self.family_def
-        super().__init__(family, config, family.teacher_layout(config))
+        super().__init__(family, config, family.teacher_layout(config), encoder=True)
         self.config = config
-        self.encoder = family.build_encoder(config)
-        self.quant_conv = family.build_quant_conv(config)
-
-    def iter_encode(self, video: Tensor) -> Iterator[Tensor]:
-        """Normalised latents (the posterior mean) of a video (B, 3, 4n+1, H, W) in [-1, 1].
-
-        Frames go through the encoder in the chunks the family's reference uses (1, 4, 4, ...
-        for causal ones); each chunk's latent frames are yielded as soon as they are ready.
-        """
-        check_video(video, self.spatial_factor, self.temporal_factor)
-        p = next(self.parameters())
-        video = video.to(device=p.device, dtype=p.dtype)
-        for out in self.encoder.iter_encode(video):
-            mu = self.quant_conv(out)[:, : self.latent_channels]
-            yield (mu - self.latents_mean) / self.latents_std
-
-    def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
-        """The posterior's (mean, log-variance) in the VAE's own latent space (not normalised), as
-        diffusers' encoders give it; a shared log-variance channel is expanded to every channel."""
-        check_video(video, self.spatial_factor, self.temporal_factor)
-        p = next(self.parameters())
-        video = video.to(device=p.device, dtype=p.dtype)
-        h = torch.cat([self.quant_conv(out) for out in self.encoder.iter_encode(video)], dim=2)
-        z = self.latent_channels
-        mean, logvar = h[:, :z], h[:, z:]
-        return mean, logvar.expand_as(mean) if logvar.shape[1] == 1 else logvar
-
-    def encode(self, video: Tensor) -> Tensor:
-        """Normalised latents (B, z, n+1, H/s, W/s) of a video (B, 3, tn+1, H, W) in [-1, 1]."""
-        return torch.cat(list(self.iter_encode(video)), dim=2)
 
 
 def check_video(video: Tensor, spatial_factor: int = 8, temporal_factor: int = 4) -> None:

@@ -29,6 +29,7 @@ class Match:
     family: Family
     layout: str
     evidence: str
+    student: bool = False  # the checkpoint holds a released student, read by ``Family.read_student``
 
 
 class Family:
@@ -71,6 +72,11 @@ class Family:
         """Safetensors metadata of a single-file checkpoint written in ``layout`` (ours: our own)."""
         return None
 
+    def read_student(self, tensors: Mapping[str, Tensor], layout: str, config: Mapping, where: str) -> tuple[Any, dict]:
+        """A released student's ``StudentConfig`` (its layout derived from the file's shapes) and its
+        parameters under our names, for a ``Match`` with ``student=True`` (``flashvaed.models.released``)."""
+        raise CheckpointError(f"{self.title} checkpoints in the {layout} layout hold no student")
+
     def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
         """Our parameter name -> its name in ``layout``, for every entry of ``model.state_dict()``."""
         raise NotImplementedError
@@ -89,6 +95,11 @@ class Family:
 
     def teacher_layout(self, config: Any) -> DecoderLayout:
         raise NotImplementedError
+
+    def upgrade_student_layout(self, layout: dict[str, Any], version: int) -> dict[str, Any]:
+        """A student directory's layout written by an older flashvaed (format ``version``), as this
+        version reads it: the same model."""
+        return layout
 
     def build_decoder(self, config: Any, layout: DecoderLayout) -> nn.Module:
         """The decoder for ``layout`` (the teacher's or a student's) of a teacher with ``config``."""

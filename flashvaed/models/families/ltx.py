@@ -46,7 +46,7 @@ from ..coupling import D2S_ROWS, ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout
 from ..streaming import State, StateSpec, conditioning_inputs
 from ..vae import TeacherVAE
-from .base import Family, Match, register
+from .base import Family, Match, any_key, register
 from .wan21 import config_int, our_metadata
 from .wan22 import patchify, unpatchify
 
@@ -596,7 +596,8 @@ class StepContext:
 class ResBlock(nn.Module):
     """LTX's residual block: pixel norm, [scale/shift], SiLU, conv, [noise], pixel norm, [scale/shift],
     SiLU, conv, [noise]; the skip is delayed as much as the convs lag, and goes through LayerNorm
-    and a 1x1 conv when the width changes."""
+    and a 1x1 conv when the width changes (or always, with ``shortcut``: the released students'
+    last stages)."""
 
     def __init__(
         self,
@@ -610,6 +611,7 @@ class ResBlock(nn.Module):
         student: bool = False,
         embedding_width: int | None = None,
         causal: bool = False,
+        shortcut: bool = False,
     ) -> None:
         super().__init__()
         self.out_channels = out_channels
@@ -618,7 +620,7 @@ class ResBlock(nn.Module):
         self.conv2 = make_conv(op, out_channels, out_channels, padding_mode, causal)
         self.norm3: nn.LayerNorm | None = None
         self.shortcut: nn.Conv3d | None = None
-        if in_channels != out_channels:
+        if in_channels != out_channels or shortcut:  # a forced shortcut: LayerNorm + 1x1 even at equal widths
             self.norm3 = nn.LayerNorm(in_channels, eps=1e-6)
             self.shortcut = nn.Conv3d(in_channels, out_channels, 1)
         self.noise1 = nn.Parameter(torch.zeros(out_channels, 1, 1)) if noise else None
@@ -793,7 +795,7 @@ class Stage(nn.Module):
         student: bool = False,
     ) -> None:
         super().__init__()
-        causal = conv_op == "causal3d"
+        causal = conv_op == "causal3d" or st.causal  # the stage's own convs; its upsampler follows the decoder
         self.groups = [n for _, n, _ in structure.groups]
         noise = [flag for _, n, flag in structure.groups for _ in range(n)]
         if any(h != st.width for h in st.hidden):
@@ -810,6 +812,7 @@ class Stage(nn.Module):
                     student=student,
                     embedding_width=teacher_width,
                     causal=causal,
+                    shortcut=st.shortcut,
                 )
                 for flag in noise
             ]
@@ -1576,7 +1579,21 @@ class LTXFamily(Family):
                 matches.append(Match(self, "diffusers", evidence))
         if "decoder.head.conv.weight" in keys and our_metadata(config)[0] == self.name:
             matches.append(Match(self, "flashvaed", "flashvaed.family metadata: ltx"))
+        from .ltx_release import MARKER
+
+        official = any_key(keys, MARKER)
+        if official and "decoder.conv_in.conv.weight" in keys:  # the Flash-VAED release's student
+            matches.append(Match(self, "official", official, student=True))
         return matches
+
+    def read_student(
+        self, tensors: Mapping[str, Tensor], layout: str, config: Mapping, where: str
+    ) -> tuple[Any, dict[str, Tensor]]:
+        if layout != "official":
+            return super().read_student(tensors, layout, config, where)
+        from .ltx_release import read_student
+
+        return read_student(self, tensors, where)
 
     def config_tensor_keys(self, layout: str, keys: Collection[str]) -> set[str]:
         """Checkpoint tensors that hold configuration (statistics), read by ``infer_config``."""
@@ -1675,6 +1692,14 @@ class LTXFamily(Family):
 
     def teacher_layout(self, config: LTXConfig) -> DecoderLayout:
         return teacher_layout(config)
+
+    def upgrade_student_layout(self, layout: dict[str, Any], version: int) -> dict[str, Any]:
+        """Before format 2 LTX decoders ignored ``shortcut`` (a spatial2d stage had it set but built none)."""
+        if version >= 2:
+            return layout
+        stages = {k: {**layout[k], "shortcut": False} for k in ("middle",) if isinstance(layout.get(k), dict)}
+        up = [{**st, "shortcut": False} if isinstance(st, dict) else st for st in layout.get("up", [])]
+        return {**layout, **stages, "up": up}
 
     def build_decoder(self, config: LTXConfig, layout: DecoderLayout) -> nn.Module:
         return LTXDecoder(config, layout)

@@ -15,10 +15,11 @@ import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
@@ -381,6 +382,168 @@ def conv_shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
     return shape
 
 
+# ---------------------------------------------------------------------------------------------
+# the Flash-VAED release's student (``Flash_VAED_Wan.pth``, its ``models/wan/model_hybrid_aggressive.py``)
+# ---------------------------------------------------------------------------------------------
+# Its blocks are named as in the original Wan2.1 file (``decoder.upsamples.N.residual.2``), but its
+# depthwise-separable convs are ``depthwise_conv`` (with a bias) + ``pointwise_conv``, its
+# width-changing 3D block's shortcut is a 1x1x1 depthwise + pointwise pair, and its per-frame 2D
+# stages hold Conv2d kernels and (C, 1, 1) gains. The encoder is absent; ``conv1`` (the encoder's
+# quant conv) may be present and is unused.
+OFFICIAL_MARKER = r"decoder\.(middle|upsamples)\.\d+\.residual\.[26]\.depthwise_conv\.weight"
+
+
+def _official_op(tensors: Mapping[str, Tensor], block: str, where: str) -> str:
+    """The operator kind of a residual block of the release, from its first conv's tensors."""
+    if f"{block}.residual.2.depthwise_conv.weight" in tensors:
+        return "dwsep3d"
+    key = f"{block}.residual.2.weight"
+    if key not in tensors:
+        raise CheckpointError(f"{where} lacks the decoder tensor {key}")
+    dims = tensors[key].dim()
+    if dims not in (4, 5):
+        raise CheckpointError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, not a conv kernel")
+    return "spatial2d" if dims == 4 else "causal3d"
+
+
+def _official_widths(tensors: Mapping[str, Tensor], block: str, op: str, where: str) -> tuple[int, int, int]:
+    """(input, hidden, output) widths of a residual block of the release."""
+
+    def conv(i: int) -> tuple[int, int]:  # (out, in) of residual.i
+        if op == "dwsep3d":
+            dw = _shape(tensors, f"{block}.residual.{i}.depthwise_conv.weight", 5, where)
+            pw = _shape(tensors, f"{block}.residual.{i}.pointwise_conv.weight", 5, where)
+            return pw[0], dw[0]
+        w = _shape(tensors, f"{block}.residual.{i}.weight", 4 if op == "spatial2d" else 5, where)
+        return w[0], w[1]
+
+    hidden, inp = conv(2)
+    out, _ = conv(6)
+    return inp, hidden, out
+
+
+def _shape(tensors: Mapping[str, Tensor], key: str, dims: int, where: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise CheckpointError(f"{where} lacks the decoder tensor {key}")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != dims:
+        raise CheckpointError(f"{where}: {key} has shape {shape}, expected {dims} dimensions")
+    return shape
+
+
+def official_layout(family: WanFamily, tensors: Mapping[str, Tensor], where: str) -> tuple[WanConfig, DecoderLayout]:
+    """The teacher configuration and the student layout a release-layout file describes."""
+    conv_in = _shape(tensors, "decoder.conv1.weight", 5, where)
+    z_dim, top = conv_in[1], conv_in[0]
+    mult = WanConfig().dim_mult
+    if top % mult[-1]:
+        raise CheckpointError(f"{where}: decoder.conv1 has {top} output channels, not a multiple of {mult[-1]}")
+    indices = {int(k.split(".")[2]) for k in tensors if re.match(r"decoder\.upsamples\.\d+\.", k)}
+    count = max(indices) + 1 if indices else 0
+    nrb = (count + 1) // len(mult) - 2  # per stage nrb + 1 blocks and an upsampler, none after the last
+    if count != len(mult) * (nrb + 2) - 1 or not 1 <= nrb <= 8 or indices != set(range(count)):
+        raise CheckpointError(f"{where}: decoder.upsamples holds {count} blocks, not the Wan2.1 decoder's pattern")
+    try:
+        teacher = WanConfig(base_dim=top // mult[-1], z_dim=z_dim, num_res_blocks=nrb)
+    except ValueError:
+        raise CheckpointError(
+            f"{where}: a Wan2.1 student with {z_dim} latent channels (the release's statistics are for 16)"
+        ) from None
+    t = teacher_layout(teacher)
+
+    def stage(blocks: list[str], reference: StageLayout, resample: str | None) -> StageLayout:
+        ops = {_official_op(tensors, b, where) for b in blocks}
+        if len(ops) != 1:
+            raise CheckpointError(f"{where}: the blocks of {blocks[0]}.. mix operators ({', '.join(sorted(ops))})")
+        op = ops.pop()
+        widths = [_official_widths(tensors, b, op, where) for b in blocks]
+        shortcuts = [any(k.startswith(f"{b}.shortcut.") for k in tensors) for b in blocks]
+        equal = [s for s, (i, _, o) in zip(shortcuts, widths, strict=True) if i == o]
+        if op == "spatial2d" or (equal and all(equal)):
+            forced = True
+        elif any(equal):
+            raise CheckpointError(f"{where}: some of the blocks of {blocks[0]}.. have a shortcut at equal widths")
+        else:
+            forced = False
+        out = None
+        if resample is not None:
+            out = _shape(tensors, f"{resample}.resample.1.weight", 4, where)[0]
+        stage_width = widths[-1][2]
+        return StageLayout(
+            op, widths[0][0], stage_width, tuple(h for _, h, _ in widths), out, reference.temporal, forced
+        )
+
+    try:
+        middle = stage(["decoder.middle.0", "decoder.middle.2"], t.middle, None)
+        ups = []
+        for i, ref in enumerate(t.up):
+            first = i * (nrb + 2)
+            blocks = [f"decoder.upsamples.{first + j}" for j in range(nrb + 1)]
+            resample = f"decoder.upsamples.{first + nrb + 1}" if ref.resample_width is not None else None
+            ups.append(stage(blocks, ref, resample))
+        qkv = _shape(tensors, "decoder.middle.1.to_qkv.weight", 4, where)[0]
+        head_op = "dwsep3d" if "decoder.head.2.depthwise_conv.weight" in tensors else "causal3d"
+        layout = DecoderLayout(z_dim, middle, tuple(ups), t.qk_dim, qkv - 2 * t.qk_dim, head_op, family=family.name)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its shapes contradict each other ({e})") from None
+    return teacher, layout
+
+
+def official_sources(model: nn.Module, layout: DecoderLayout, nrb: int, tensors: Mapping[str, Tensor]) -> dict:
+    """For every parameter of the student ``model`` (built on the meta device), the file tensors it
+    is made from (``released.Source``)."""
+    from ..released import Source, fold_depthwise_bias, fold_depthwise_scale
+
+    rules = common_rules("original") + stage_rules("original", nrb)
+    ops = {"middle": layout.middle.op, **{f"up.{i}": st.op for i, st in enumerate(layout.up)}}
+    sources = {}
+    state = model.state_dict()
+    for key, value in state.items():
+        shape = tuple(value.shape)
+        theirs = rename(key, rules).replace(".depthwise.", ".depthwise_conv.")
+        theirs = theirs.replace(".pointwise.", ".pointwise_conv.")
+        stage = re.match(r"decoder\.(middle|up\.\d+)\.", key)
+        op = ops[stage[1]] if stage else None
+        if key.endswith(".pointwise.bias"):  # the release's depthwise bias, moved past the pointwise conv
+            weight = theirs.removesuffix("bias") + "weight"
+            dw_bias = theirs.replace("pointwise_conv.bias", "depthwise_conv.bias")
+            channels = state[key.removesuffix("pointwise.bias") + "depthwise.weight"].shape[0]
+            pw_shape = tuple(state[key.removesuffix("bias") + "weight"].shape)
+            sources[key] = Source((theirs, weight, dw_bias), (shape, pw_shape, (channels,)), fold_depthwise_bias)
+        elif ".shortcut." in key and op == "dwsep3d":  # 1x1x1 depthwise + pointwise, folded into one conv
+            base = theirs.rsplit(".", 1)[0]
+            out_c, in_c = state[f"{key.rsplit('.', 1)[0]}.weight"].shape[:2]
+            dw = (f"{base}.depthwise_conv.weight", (in_c, 1, 1, 1, 1))
+            pw = (f"{base}.pointwise_conv.weight", (out_c, in_c, 1, 1, 1))
+            if key.endswith("weight"):
+                sources[key] = Source((pw[0], dw[0]), (pw[1], dw[1]), fold_depthwise_scale)
+            else:
+                keys = (f"{base}.pointwise_conv.bias", pw[0], f"{base}.depthwise_conv.bias")
+                sources[key] = Source(keys, ((out_c,), pw[1], (in_c,)), fold_depthwise_bias)
+        elif op == "spatial2d" and (key.endswith(".gamma") or ".shortcut.weight" in key):
+            sources[key] = Source.same(theirs, shape[:-1] if key.endswith(".gamma") or shape[-3] == 1 else shape)
+        else:
+            sources[key] = Source.same(theirs, shape)
+    return sources
+
+
+def read_official_student(family: WanFamily, tensors: Mapping[str, Tensor], where: str) -> tuple[Any, dict]:
+    from ..released import comparable_stages, convert
+    from ..student import FlashStudent, StudentConfig
+
+    teacher, layout = official_layout(family, tensors, where)
+    spec = {"name": "official-wan2.1", "family": family.name, "source": "Flash-VAED release (official layout)"}
+    config = StudentConfig("official-wan2.1", layout, teacher, family=family.name, spec=spec)
+    config = replace(config, teacher_channels=comparable_stages(family, teacher, layout))
+    with torch.device("meta"):
+        shadow = FlashStudent(config)
+    targets = {k: tuple(v.shape) for k, v in shadow.state_dict().items()}
+    sources = official_sources(shadow, layout, teacher.num_res_blocks, tensors)
+    z2 = 2 * teacher.z_dim
+    optional = {"conv1.weight": (z2, z2, 1, 1, 1), "conv1.bias": (z2,)}
+    return config, convert(tensors, sources, targets, where, optional=optional)
+
+
 LAYOUT_KEYS = {  # our name of a parameter every Wan checkpoint has -> its name per layout
     "original": ("decoder.conv1.weight", "encoder.conv1.weight", "decoder.head.2.weight"),
     "diffusers": ("decoder.conv_in.weight", "encoder.conv_in.weight", "decoder.conv_out.weight"),
@@ -396,6 +559,7 @@ class WanFamily(Family):
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified
+    official_layout: ClassVar[bool] = True  # the Flash-VAED release has a student of this family
     # keys that tell this family's layouts apart from the other Wan family's
     original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.(residual|resample|time_conv|shortcut)\..*"
     diffusers_marker: ClassVar[str] = r"decoder\.up_blocks\.\d+\.upsamplers\..*"
@@ -403,11 +567,19 @@ class WanFamily(Family):
     def layouts_present(self, keys: Collection[str]) -> dict[str, str]:
         markers = {"original": "decoder.conv1.weight", "diffusers": "decoder.norm_out.gamma"}
         markers["flashvaed"] = "decoder.head.conv.weight"
-        return {layout: key for layout, key in markers.items() if key in keys}
+        present = {layout: key for layout, key in markers.items() if key in keys}
+        official = any_key(keys, OFFICIAL_MARKER) if self.official_layout else None
+        if official and "original" in present:  # the release's student names its blocks as the original does
+            del present["original"]
+            present["official"] = official
+        return present
 
     def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
         matches = []
-        if "decoder.conv1.weight" in keys:
+        official = any_key(keys, OFFICIAL_MARKER) if self.official_layout else None
+        if "decoder.conv1.weight" in keys and official:
+            matches.append(Match(self, "official", official, student=True))
+        elif "decoder.conv1.weight" in keys:
             evidence = any_key(keys, self.original_marker)
             if evidence:
                 matches.append(Match(self, "original", evidence))
@@ -474,6 +646,13 @@ class WanFamily(Family):
         raise CheckpointError(
             f"latent statistics for z_dim={z_dim} are unknown ({self.title} has {released.z_dim} latent channels)"
         )
+
+    def read_student(
+        self, tensors: Mapping[str, Tensor], layout: str, config: Mapping, where: str
+    ) -> tuple[Any, dict[str, Tensor]]:
+        if layout != "official":
+            return super().read_student(tensors, layout, config, where)
+        return read_official_student(self, tensors, where)
 
     def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
         keys = model.state_dict()

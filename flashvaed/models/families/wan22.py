@@ -316,6 +316,7 @@ class Wan22Family(WanFamily):
     default_resolution: ClassVar[tuple[int, int]] = (704, 1280)
     embedded_teacher: ClassVar[str | None] = "wan22-tiny.safetensors"
     residual: ClassVar[bool] = True
+    official_layout: ClassVar[bool] = False
     original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.upsamples\..*"
     diffusers_marker: ClassVar[str] = r"decoder\.up_blocks\.\d+\.upsampler\..*"
 
