@@ -29,7 +29,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import FlashVAEDError
 from .models import families
 from .models.checkpoint import load_teacher
-from .models.vae import TeacherVAE
+from .models.vae import LatentDecoder
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
 
@@ -91,7 +91,7 @@ class FlashVAE(nn.Module):
         family: str,
         latents_mean: Tensor,
         latents_std: Tensor,
-        teacher: TeacherVAE | None = None,
+        teacher: LatentDecoder | None = None,
         chunk: int | None = None,
     ) -> None:
         super().__init__()
@@ -125,7 +125,7 @@ class FlashVAE(nn.Module):
     def from_pretrained(
         cls,
         model: str | os.PathLike,
-        teacher: str | os.PathLike | TeacherVAE | None = None,
+        teacher: str | os.PathLike | LatentDecoder | None = None,
         *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "float32",
@@ -150,7 +150,7 @@ class FlashVAE(nn.Module):
             family = contract.model["family"]
             mean = torch.tensor(contract.model["latents_mean"])
             std = torch.tensor(contract.model["latents_std"])
-        if teacher is not None and not isinstance(teacher, TeacherVAE):
+        if teacher is not None and not isinstance(teacher, nn.Module):  # a path
             teacher = load_teacher(teacher).to(dev, dt)
         if teacher is not None and teacher.family != family:
             raise FamilyMismatchError(f"the teacher is a {teacher.family} VAE, the model is {family}")

@@ -11,7 +11,7 @@ from flashvaed.models.families.wan21 import teacher_layout
 from flashvaed.models.student import build_student, preset_names
 from flashvaed.models.summary import summarize
 
-PRESETS = ["flash-wan2.1", "flash-wan2.1-quarter", "lite-wan2.1"]
+PRESETS = ["flash-wan2.1", "flash-wan2.1-quarter", "lite-wan2.1", "official-wan2.1"]
 
 
 def test_presets_ship():

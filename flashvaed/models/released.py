@@ -43,6 +43,16 @@ class Source:
         return cls((), (), lambda: torch.tensor(value))
 
 
+def tensor_shape(tensors: Mapping[str, Tensor], key: str, dims: int, where: str) -> tuple[int, ...]:
+    """The shape of a tensor the layout needs, refused in one line if absent or of another rank."""
+    if key not in tensors:
+        raise CheckpointError(f"{where} lacks the tensor {key}")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != dims:
+        raise CheckpointError(f"{where}: {key} has shape {shape}, expected {dims} dimensions")
+    return shape
+
+
 def fold_depthwise_bias(pointwise_bias: Tensor, pointwise_weight: Tensor, depthwise_bias: Tensor) -> Tensor:
     """A depthwise conv's bias, moved past the pointwise conv that follows it: exact, since
     nothing non-linear stands between them and the bias reaches every position of its channel."""

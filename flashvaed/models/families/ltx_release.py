@@ -27,21 +27,19 @@ from torch import Tensor
 
 from ...errors import CheckpointError
 from ..layout import DecoderLayout, StageLayout
-from ..released import Source, comparable_stages, convert, fold_depthwise_bias, fold_depthwise_scale
+from ..released import (
+    Source,
+    comparable_stages,
+    convert,
+    fold_depthwise_bias,
+    fold_depthwise_scale,
+    tensor_shape,
+)
 from .ltx import LTXConfig, config_from_diffusers, decoder_names, decoder_structure, encoder_names, rename_key
 from .ltx import teacher_layout as ltx_teacher_layout
 
 MARKER = r"decoder\.(mid_block|up_blocks\.\d+)\.resnets\.\d+\.conv1\.depthwise\.weight"
 EXTRA_STATISTICS = ("mean_of_means", "std_of_means")
-
-
-def _shape(tensors: Mapping[str, Tensor], key: str, dims: int, where: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise CheckpointError(f"{where} lacks the tensor {key}")
-    shape = tuple(tensors[key].shape)
-    if len(shape) != dims:
-        raise CheckpointError(f"{where}: {key} has shape {shape}, expected {dims} dimensions")
-    return shape
 
 
 def _count(keys: set[str], prefix: str) -> int:
@@ -57,7 +55,7 @@ def teacher_config(tensors: Mapping[str, Tensor], where: str) -> LTXConfig:
     keys = set(tensors)
     if any(".time_embedder." in k or "scale_shift_table" in k or "per_channel_scale" in k for k in keys):
         raise CheckpointError(f"{where}: only 0.9.0-style released LTX students (no timestep conditioning) are read")
-    conv_in = _shape(tensors, "encoder.conv_in.conv.weight", 5, where)
+    conv_in = tensor_shape(tensors, "encoder.conv_in.conv.weight", 5, where)
     patch = math.isqrt(conv_in[1] // 3)
     if 3 * patch * patch != conv_in[1]:
         raise CheckpointError(f"{where}: encoder.conv_in reads {conv_in[1]} channels, not 3 x patch^2")
@@ -67,11 +65,11 @@ def teacher_config(tensors: Mapping[str, Tensor], where: str) -> LTXConfig:
     widths, layers, spatio = [], [], []
     for i in range(downs):
         p = f"encoder.down_blocks.{i}"
-        widths.append(_shape(tensors, f"{p}.resnets.0.conv1.conv.weight", 5, where)[0])
+        widths.append(tensor_shape(tensors, f"{p}.resnets.0.conv1.conv.weight", 5, where)[0])
         layers.append(_count(keys, f"{p}.resnets"))
         spatio.append(f"{p}.downsamplers.0.conv.weight" in keys)
     layers.append(_count(keys, "encoder.mid_block.resnets"))
-    latent = _shape(tensors, "encoder.conv_out.conv.weight", 5, where)[0] - 1
+    latent = tensor_shape(tensors, "encoder.conv_out.conv.weight", 5, where)[0] - 1
     ups = _count(keys, "decoder.up_blocks")
     if ups != downs:
         raise CheckpointError(f"{where}: the decoder has {ups} up blocks, the encoder {downs} down blocks")
@@ -117,10 +115,10 @@ def _block_op(tensors: Mapping[str, Tensor], prefix: str, where: str) -> str:
 
 def _block_width(tensors: Mapping[str, Tensor], prefix: str, op: str, where: str) -> int:
     if op == "dwsep3d":
-        return _shape(tensors, f"{prefix}.conv2.pointwise.weight", 5, where)[0]
+        return tensor_shape(tensors, f"{prefix}.conv2.pointwise.weight", 5, where)[0]
     if op == "spatial2d":
-        return _shape(tensors, f"{prefix}.conv2.weight", 4, where)[0]
-    return _shape(tensors, f"{prefix}.conv2.conv.weight", 5, where)[0]
+        return tensor_shape(tensors, f"{prefix}.conv2.weight", 4, where)[0]
+    return tensor_shape(tensors, f"{prefix}.conv2.conv.weight", 5, where)[0]
 
 
 def student_layout(config: LTXConfig, tensors: Mapping[str, Tensor], where: str) -> DecoderLayout:
@@ -143,7 +141,7 @@ def student_layout(config: LTXConfig, tensors: Mapping[str, Tensor], where: str)
             raise CheckpointError(f"{where}: only some blocks of stage {ours} have a shortcut")
         out = None
         if structure.upsample is not None:
-            conv = _shape(tensors, f"decoder.{names[f'{ours}.resample.conv']}.conv.conv.weight", 5, where)
+            conv = tensor_shape(tensors, f"decoder.{names[f'{ours}.resample.conv']}.conv.conv.weight", 5, where)
             out = conv[0] // 8
         in_width = stages[-1].out_width if stages else width
         stages.append(
@@ -151,7 +149,7 @@ def student_layout(config: LTXConfig, tensors: Mapping[str, Tensor], where: str)
                 op, in_width, width, (width,) * len(blocks), out, reference.temporal, all(forced), op == "dwsep3d"
             )
         )
-    head = _shape(tensors, "decoder.conv_out.conv.weight", 5, where)[0]
+    head = tensor_shape(tensors, "decoder.conv_out.conv.weight", 5, where)[0]
     try:
         return DecoderLayout(
             config.latent_channels, stages[0], tuple(stages[1:]), 0, 0, "conv3d", head, family="ltx"

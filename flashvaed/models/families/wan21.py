@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ...errors import CheckpointError
 from ..blocks import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Stage, Upsample
 from ..layout import DecoderLayout, StageLayout, channel_spaces
+from ..released import tensor_shape
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
 from ..vae import TeacherVAE
 from .base import Family, Match, any_key, register
@@ -411,10 +412,10 @@ def _official_widths(tensors: Mapping[str, Tensor], block: str, op: str, where: 
 
     def conv(i: int) -> tuple[int, int]:  # (out, in) of residual.i
         if op == "dwsep3d":
-            dw = _shape(tensors, f"{block}.residual.{i}.depthwise_conv.weight", 5, where)
-            pw = _shape(tensors, f"{block}.residual.{i}.pointwise_conv.weight", 5, where)
+            dw = tensor_shape(tensors, f"{block}.residual.{i}.depthwise_conv.weight", 5, where)
+            pw = tensor_shape(tensors, f"{block}.residual.{i}.pointwise_conv.weight", 5, where)
             return pw[0], dw[0]
-        w = _shape(tensors, f"{block}.residual.{i}.weight", 4 if op == "spatial2d" else 5, where)
+        w = tensor_shape(tensors, f"{block}.residual.{i}.weight", 4 if op == "spatial2d" else 5, where)
         return w[0], w[1]
 
     hidden, inp = conv(2)
@@ -422,18 +423,9 @@ def _official_widths(tensors: Mapping[str, Tensor], block: str, op: str, where: 
     return inp, hidden, out
 
 
-def _shape(tensors: Mapping[str, Tensor], key: str, dims: int, where: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise CheckpointError(f"{where} lacks the decoder tensor {key}")
-    shape = tuple(tensors[key].shape)
-    if len(shape) != dims:
-        raise CheckpointError(f"{where}: {key} has shape {shape}, expected {dims} dimensions")
-    return shape
-
-
 def official_layout(family: WanFamily, tensors: Mapping[str, Tensor], where: str) -> tuple[WanConfig, DecoderLayout]:
     """The teacher configuration and the student layout a release-layout file describes."""
-    conv_in = _shape(tensors, "decoder.conv1.weight", 5, where)
+    conv_in = tensor_shape(tensors, "decoder.conv1.weight", 5, where)
     z_dim, top = conv_in[1], conv_in[0]
     mult = WanConfig().dim_mult
     if top % mult[-1]:
@@ -467,7 +459,7 @@ def official_layout(family: WanFamily, tensors: Mapping[str, Tensor], where: str
             forced = False
         out = None
         if resample is not None:
-            out = _shape(tensors, f"{resample}.resample.1.weight", 4, where)[0]
+            out = tensor_shape(tensors, f"{resample}.resample.1.weight", 4, where)[0]
         stage_width = widths[-1][2]
         return StageLayout(
             op, widths[0][0], stage_width, tuple(h for _, h, _ in widths), out, reference.temporal, forced
@@ -481,7 +473,7 @@ def official_layout(family: WanFamily, tensors: Mapping[str, Tensor], where: str
             blocks = [f"decoder.upsamples.{first + j}" for j in range(nrb + 1)]
             resample = f"decoder.upsamples.{first + nrb + 1}" if ref.resample_width is not None else None
             ups.append(stage(blocks, ref, resample))
-        qkv = _shape(tensors, "decoder.middle.1.to_qkv.weight", 4, where)[0]
+        qkv = tensor_shape(tensors, "decoder.middle.1.to_qkv.weight", 4, where)[0]
         head_op = "dwsep3d" if "decoder.head.2.depthwise_conv.weight" in tensors else "causal3d"
         layout = DecoderLayout(z_dim, middle, tuple(ups), t.qk_dim, qkv - 2 * t.qk_dim, head_op, family=family.name)
     except ValueError as e:
