@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -525,8 +525,8 @@ def read_official_student(family: WanFamily, tensors: Mapping[str, Tensor], wher
 
     teacher, layout = official_layout(family, tensors, where)
     spec = {"name": "official-wan2.1", "family": family.name, "source": "Flash-VAED release (official layout)"}
-    config = StudentConfig("official-wan2.1", layout, teacher, family=family.name, spec=spec)
-    config = replace(config, teacher_channels=comparable_stages(family, teacher, layout))
+    channels = comparable_stages(family, teacher, layout)
+    config = StudentConfig("official-wan2.1", layout, teacher, family=family.name, spec=spec, teacher_channels=channels)
     with torch.device("meta"):
         shadow = FlashStudent(config)
     targets = {k: tuple(v.shape) for k, v in shadow.state_dict().items()}
