@@ -25,14 +25,26 @@ from .distill.evaluate import Evaluation, evaluate
 from .distill.run import distill
 from .errors import InputError
 from .export.contract import OURS, Contract, is_manifest_dir, is_ours, read_manifest
-from .io import PNG_DIR, VideoOptions, frame_sink, is_png_dir, output_kind, read_tensor, read_video, write_tensor
+from .io import (
+    PNG_DIR,
+    VideoOptions,
+    check_fps,
+    frame_sink,
+    is_png_dir,
+    output_kind,
+    read_tensor,
+    read_video,
+    write_tensor,
+)
 from .models import DecoderSummary, StudentSpec, families, load_model, save_student, summarize
 from .models.checkpoint import STUDENT_DIR, is_student_dir, load_teacher
+from .models.memory import clip_bytes, encode_bytes
 from .models.streaming import check_latents, chunk_bounds, mix_decode_noise
 from .models.student import FlashStudent
 from .models.vae import LatentDecoder, TeacherVAE
 from .progress import track
-from .safeload import check_budget
+from .safeload import check_budget, check_work
+from .synthetic import synthetic_clip_bytes
 
 if TYPE_CHECKING:
     from .engines.validate import Validation
@@ -135,8 +147,7 @@ def decode(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if chunk is not None and chunk < 1:
         raise InputError(f"{{chunk}} must be at least 1, got {chunk}", "chunk")
-    if fps < 1:
-        raise InputError(f"{{fps}} must be at least 1, got {fps}", "fps")
+    check_fps(fps)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
         raise InputError(f"{{seed}} must be a non-negative integer, got {seed!r}", "seed")
     z = read_tensor(latents, "latents")
@@ -150,6 +161,7 @@ def decode(
         check_budget(
             b * 3 * decoder.temporal_factor * t * h * sf * w * sf * 4, f"decoding {latents} to {out}", InputError
         )
+    decoder.check_memory(tuple(z.shape), chunk)
     z, options = decode_conditions(decoder, z, decode_timestep, decode_noise_scale, seed)
     pieces = decoder.iter_decode(z, chunk, **options)  # checks chunk range, size, options before any output
     n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk())) + (1 if decoder.latency else 0)
@@ -165,6 +177,9 @@ def decode(
     return DecodeResult(Path(out), (b, c, frames, h, w), seconds)
 
 
+MAX_CONDITION = 1000.0  # timesteps and noise scales live in [0, 1]; past float32's range they would be Inf
+
+
 def decode_conditions(
     decoder: Any, latents: torch.Tensor, timestep: float | None, noise_scale: float | None, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -178,8 +193,8 @@ def decode_conditions(
     timestep = decoder.default_timestep if timestep is None else timestep
     noise_scale = (decoder.default_noise_scale or 0.0) if noise_scale is None else noise_scale
     for value, name in ((timestep, "decode_timestep"), (noise_scale, "decode_noise_scale")):
-        if not math.isfinite(value) or value < 0:
-            raise InputError(f"{{{name}}} must be a finite number >= 0, got {value}", name)
+        if not math.isfinite(value) or not 0 <= value <= MAX_CONDITION:
+            raise InputError(f"{{{name}}} must be a number in [0, {MAX_CONDITION:g}], got {value}", name)
     options: dict[str, Any] = {"timestep": float(timestep)}
     if "noise" in inputs:
         options["seed"] = seed
@@ -218,6 +233,11 @@ def encode(
         raise InputError(f"{model} is a student: it has no encoder; encode with its teacher (same latents)")
     options = replace(options or VideoOptions(), multiple=vae.spatial_factor, temporal_factor=vae.temporal_factor)
     frames = read_video(video, options)
+    need = encode_bytes(vae, *frames.shape[:1], *frames.shape[2:], dtype=dt)
+    check_work(
+        need, f"encoding {tuple(frames.shape)} frames", "lower {height}/{width} or {max_frames}", "height", "width",
+        "max_frames", device=dev,
+    )  # fmt: skip
     vae = vae.to(device=dev, dtype=dt)
     start = time.perf_counter()
     chunks = 1 + (frames.shape[2] - 1) // vae.temporal_factor
@@ -342,6 +362,18 @@ def prune(
     family = families.get(model.family)
     spec.resolve(family.teacher_layout(model.config), family=model.family)  # refuse a bad fit before any work
     check_output(out, directory=True, replaceable=is_student_dir, what=STUDENT_DIR, inputs=[teacher, calib, config])
+    if str(calib) == "synthetic":
+        z_bytes = model.latent_channels * (1 + (calib_frames - 1) // tf) * (calib_size // sf) ** 2 * 4 + 1024
+        check_work(
+            calib_clips * z_bytes
+            + max(
+                clip_bytes([model], calib_frames, calib_size, calib_size, chunk),
+                synthetic_clip_bytes(calib_frames, calib_size, calib_size),
+            ),
+            f"calibrating on {calib_clips} clips of {calib_frames} frames at {calib_size}x{calib_size}",
+            "lower {calib_clips}, {calib_frames} or {calib_size}", "calib_clips", "calib_frames", "calib_size",
+            device=model.latents_mean.device,
+        )  # fmt: skip
     latents = calibration_latents(
         calib, model, clips=calib_clips, frames=calib_frames, size=calib_size, progress=progress
     )
@@ -363,9 +395,11 @@ def export(
     batch: str = "1:1:4",
     precision: str = "fp32",
     plugins: str = "all",
-    opset: int = 18,
+    opset: int | None = None,
 ) -> ExportResult:
-    """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``."""
+    """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``.
+
+    ``opset=None`` writes the lowest opset that supports ``precision`` (18; 22 for bf16)."""
     from .export.onnx_export import ExportOptions
     from .export.onnx_export import export as onnx_export
 

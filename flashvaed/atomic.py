@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 import secrets
@@ -26,10 +27,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import DiskFullError, InputError
 
 TEMP = "tmp"  # .NAME.PID-TOKEN.tmp[SUFFIX]: a write in progress
 ASIDE = "old"  # .NAME.PID-TOKEN.old: the previous output, moved aside during a swap
+PARTIAL = ".flashvaed-partial"  # inside a temporary directory until it is swapped in
 
 
 def temp_sibling(final: Path, kind: str) -> Path:
@@ -48,8 +50,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(final: Path) -> list[Path]:
-    """Remove leftovers of killed runs that wrote ``final``: our naming, a pid no longer alive."""
+def _ours_to_remove(entry: Path, kind: str, replaceable: Callable[[Path], bool] | None) -> bool:
+    """Whether a stale directory named like ours really is: a write in progress carries
+    ``PARTIAL``; an old output moved aside passes the same test as the output it was."""
+    try:
+        if not any(entry.iterdir()):
+            return True
+        if kind == TEMP:
+            return (entry / PARTIAL).is_file()
+        return replaceable is not None and replaceable(entry)
+    except OSError:
+        return False
+
+
+def clean_stale(final: Path, replaceable: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove leftovers of killed runs that wrote ``final``: our naming, a pid no longer alive, and
+    for directories our marker. A folder someone planted under such a name is left alone."""
     pattern = re.compile(rf"^\.{re.escape(final.name)}\.(\d+)-[0-9a-f]{{8}}\.({TEMP}|{ASIDE})")
     removed = []
     with contextlib.suppress(OSError):
@@ -57,10 +73,13 @@ def clean_stale(final: Path) -> list[Path]:
             m = pattern.match(entry.name)
             if not m or int(m[1]) == os.getpid() or _pid_alive(int(m[1])):
                 continue
-            if m[2] == ASIDE and not final.exists() and entry.is_dir():
-                os.rename(entry, final)  # a swap interrupted halfway: the old output comes back
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink():
+                if not _ours_to_remove(entry, m[2], replaceable):
+                    continue
+                if m[2] == ASIDE and not final.exists() and not final.is_symlink():
+                    os.rename(entry, final)  # a swap interrupted halfway: the old output comes back
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
@@ -173,6 +192,43 @@ def swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed")
+_REFUSED = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system"}
+
+
+def _mount_point(path: Path) -> Path:
+    path = _nearest_existing(path.absolute())
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(_nearest_existing(path.absolute()))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _write_error(e: BaseException, final: Path, tmp: Path | None = None) -> InputError | DiskFullError | None:
+    """What a failure while writing ``final`` tells the user, when the system (not flashvaed) is
+    at fault: a full disk (libraries word it in their own ways: torch says "file write failed"),
+    or a place no one may write. None for anything else (a bug, or an error already ours)."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or any(s in text for s in _FULL[:3])
+    if not full and _FULL[3] in text and tmp is not None:
+        free = _free_bytes(tmp)
+        full = free is not None and free < 1 << 20
+    if full:
+        return DiskFullError(f"no space left on {_mount_point(final)} while writing {final}")
+    if isinstance(e, OSError) and code in _REFUSED | {errno.ENOENT: ""}:
+        reason = _REFUSED.get(code) or e.strerror or "cannot create files there"
+        return InputError(f"cannot write {final}: {reason}")
+    return None
+
+
 @contextmanager
 def atomic_output(
     final: str | os.PathLike,
@@ -186,21 +242,34 @@ def atomic_output(
     left as it was. An existing ``final`` directory is replaced only if empty or ``replaceable``.
     """
     final = Path(final)
-    clean_stale(final)
+    clean_stale(final, replaceable)
     check_output(final, directory=directory, replaceable=replaceable, what=what)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final, TEMP)
-    if directory:
-        tmp.mkdir()
-    else:
-        tmp.touch(exist_ok=False)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp.mkdir()
+            (tmp / PARTIAL).touch()
+        else:
+            tmp.touch(exist_ok=False)
+    except OSError as e:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, final) from None
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod((0o777 if directory else 0o666) & ~umask)
         check_output(final, directory=directory, replaceable=replaceable, what=what)  # it may have changed
+        if directory:
+            (tmp / PARTIAL).unlink()
         swap_in(tmp, final)
+    except Exception as e:
+        failure = _write_error(e, final, tmp)
+        if failure is None:
+            raise
+        raise failure from None  # the temporary is removed below, before the message is shown
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,8 @@ class _LazyModule:
 
 
 api: Any = _LazyModule()
-FLAGS = {"out": "-o", "workspace_gib": "--workspace"}  # parameters whose flag is not --NAME
+# parameters whose flag is not --NAME ("timestep": the stream option behind --decode-timestep)
+FLAGS = {"out": "-o", "workspace_gib": "--workspace", "timestep": "--decode-timestep"}
 
 
 def flag(param: str) -> str:
@@ -75,7 +76,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlashVAEDError as e:
-            raise fail(e.render(flag), 2) from None
+            raise fail(e.render(flag), e.exit_code) from None
         except KeyboardInterrupt as e:
             raise fail("interrupted", 143 if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:  # output piped into e.g. `head`: main() ends quietly
@@ -496,7 +497,13 @@ def export(
             "'depthwise' (dense ones plain ops) or 'none' (plain ops); 'flashvaed' means 'all'."
         ),
     ] = "all",
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 18).")] = 18,
+    opset: Annotated[
+        int | None,
+        typer.Option(
+            help="ONNX opset, 18 up to what torch and onnx here can write (default: the lowest that "
+            "supports --precision: 18, 22 for bf16)."
+        ),
+    ] = None,
 ) -> None:
     """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
     r = api.export(
@@ -514,7 +521,7 @@ def export(
         typer.echo(f"warning: TensorRT's ONNX parser cannot take {problem}", err=True)
     c = r.contract
     typer.echo(
-        f"exported {c.model['family']} {c.model['kind']} ({c.precision}, plugins {c.plugins}, "
+        f"exported {c.model['family']} {c.model['kind']} ({c.precision}, opset {c.opset}, plugins {c.plugins}, "
         f"{len(c.state)} state tensors; chunk {c.shapes['chunk'].describe()}, "
         f"latent {c.shapes['height'].describe()} x {c.shapes['width'].describe()}) -> {r.out_dir}"
     )

@@ -36,47 +36,27 @@ from torch import Tensor
 from .atomic import atomic_output, check_output
 from .devices import resolve_device
 from .errors import InputError
-from .io import write_tensor, write_video
+from .io import check_fps, write_tensor, write_video
 from .metrics import psnr, ssim
 from .models import families, load_model, load_teacher
-from .models.checkpoint import is_student_dir
+from .models.memory import clip_bytes
 from .models.streaming import iter_decode
 from .models.student import preset_names
-from .safeload import json_format
-from .synthetic import synthetic_clip
+from .safeload import check_work, json_format
+from .synthetic import synthetic_clip, synthetic_clip_bytes
 
 DEMO_FORMAT = "flashvaed-demo"
 DEMO_DIR = "a demo output"
 DEMO_REPORT = "report.json"
-DEMO_NAMES = {  # what demos write; folders of these alone are earlier demo outputs
-    "latents.safetensors",
-    "input.mp4",
-    "reconstruction.mp4",
-    "teacher.mp4",
-    "student.mp4",
-    "comparison.mp4",
-    "contact_sheet.png",
-    "student-pruned",
-    "student",
-    "engine",
-    "export",
-    "distill.yaml",
-    "report.md",
-    DEMO_REPORT,
-}
 STAGES = ("teacher", "prune", "distill", "export", "build_engine", "validate", "decode", "write")
+DEMO_COPIES = 10  # the clip as frames the demo holds at once: input, decodes, comparison panels
 CLIP_SEED = 1_000_003  # the demo clip's seeds start here: far from the seeds distillation draws its clips from
 
 
 def is_demo_dir(path: Path) -> bool:
-    """Whether ``path`` holds an earlier demo's output (which a new demo replaces)."""
-    if json_format(path / DEMO_REPORT) == DEMO_FORMAT:
-        return True
-    try:
-        entries = list(path.iterdir())  # an older demo's, without a report: its names, its students
-        return all(p.name in DEMO_NAMES and (p.is_file() or is_student_dir(p)) for p in entries)
-    except OSError:
-        return False
+    """Whether ``path`` holds an earlier demo's output (which a new demo replaces): its report
+    says so. Never judged by file names: a folder of someone's input.mp4 and report.md survives."""
+    return json_format(path / DEMO_REPORT) == DEMO_FORMAT
 
 
 def embedded_teacher_path(family: str = "wan2.1") -> Path:
@@ -218,6 +198,7 @@ def demo(
     for name, value, low in (("seed", seed, 0), ("distill_steps", distill_steps, 1), ("chunk", chunk, 1)):
         if value < low:
             raise InputError(f"{{{name}}} must be >= {low}, got {value}", name)
+    check_fps(fps)
     dev = resolve_device(device)
     stages = Stages(progress)
     total_start = time.perf_counter()
@@ -238,6 +219,12 @@ def demo(
                 "height",
                 "width",
             )
+        kept = DEMO_COPIES * 3 * frames * height * width * 4
+        check_work(
+            kept + max(clip_bytes([teacher], frames, height, width, None), synthetic_clip_bytes(frames, height, width)),
+            f"the demo on {frames} frames at {height}x{width}", "lower {frames}, {height} or {width}",
+            "frames", "height", "width", device=dev,
+        )  # fmt: skip
         train_frames, train_size = min(geometry.train_frames, frames), min(geometry.train_size, height, width)
         clip = synthetic_clip(frames, height, width, seed=CLIP_SEED + seed)
         with torch.inference_mode():

@@ -19,6 +19,7 @@ drop-in over the teacher reproduces diffusers' frames.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +27,12 @@ from torch import Tensor, nn
 
 from . import engines
 from .devices import resolve_device, resolve_dtype
-from .errors import FlashVAEDError
+from .errors import FlashVAEDError, InputError
 from .models import families
 from .models.checkpoint import load_teacher
+from .models.streaming import check_latents
 from .models.vae import LatentDecoder
+from .safeload import check_stored
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
 
@@ -226,7 +229,7 @@ class FlashVAE(nn.Module):
     def decode(self, z: Tensor, temb: Tensor | None = None, return_dict: bool = True) -> Any:
         """Frames (B, 3, F, H, W) in [-1, 1] from de-normalised latents (what pipelines pass)."""
         self._offload_hook()
-        latents = (z.float().to(self._mean.device) - self._mean) / self._std
+        latents = (self._checked(z).float().to(self._mean.device) - self._mean) / self._std
         options: dict[str, Any] = {}
         if temb is not None:
             if "timestep" not in self.decoder.step_inputs:
@@ -246,6 +249,23 @@ class FlashVAE(nn.Module):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         return DecoderOutput(sample=frames)
+
+    def _checked(self, z: Any) -> Tensor:
+        """The latents a pipeline passed, refused as the CLI refuses them (same words), but as the
+        ``TypeError``/``ValueError`` Python callers expect, before any cast could hide a problem."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"latents must be a torch tensor, got {type(z).__name__}")
+        try:
+            if z.device.type == "meta":
+                raise InputError("latents are on the meta device: they hold no values to decode")
+            if not z.is_floating_point():
+                raise InputError(f"latents must be floating point, got {z.dtype}")
+            check_stored([z], Path("latents"), InputError)
+            check_latents(self.decoder, z)
+            self.decoder.check_memory(tuple(z.shape), self.chunk)
+        except InputError as e:
+            raise ValueError(str(e)) from None
+        return z
 
     @property
     def _on_torch(self) -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 class FlashVAEDError(Exception):
     """Bad input a user can fix: the message names the problem in one line."""
 
+    exit_code = 2
+
     def __init__(self, message: str, *params: str) -> None:
         super().__init__(message)
         self.template = message
@@ -38,3 +40,10 @@ class CheckpointError(FlashVAEDError):
 
 class InputError(FlashVAEDError):
     """Latents, videos or options that do not fit the model or the command."""
+
+
+class DiskFullError(FlashVAEDError):
+    """The disk filled up while an output was written (its temporaries are already removed).
+    Not bad input, and not our bug: the command line gives it its own exit code."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h)

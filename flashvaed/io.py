@@ -7,8 +7,8 @@ not at all (``atomic_output``). Frames are float tensors in [-1, 1], (B, 3, F, H
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .atomic import atomic_output
 from .errors import InputError
-from .safeload import check_budget, check_file, load_npy, load_weights_only
+from .safeload import check_budget, check_file, gib, json_format, load_npy, load_weights_only, memory_bytes
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
@@ -167,6 +167,7 @@ class _PngSink(FrameSink):
         self.dir = tmp
         self.batch_index = batch_index
         self.count = 0
+        (tmp / PNG_MARKER).write_text(json.dumps({"format": PNG_FORMAT}))
 
     def write(self, frames: Tensor) -> None:
         for array in to_uint8(frames[self.batch_index]):
@@ -175,15 +176,22 @@ class _PngSink(FrameSink):
 
 
 PNG_DIR = "a folder of decoded frames"
-PNG_NAME = re.compile(r"frame_\d{5,}\.png")
+PNG_FORMAT = "flashvaed-frames"
+PNG_MARKER = ".flashvaed.json"  # beside the frames: a later decode may replace only folders carrying it
 
 
 def is_png_dir(path: Path) -> bool:
-    """Whether ``path`` holds only frames we write (a PNG output may replace it)."""
-    try:
-        return path.is_dir() and all(PNG_NAME.fullmatch(p.name) and p.is_file() for p in path.iterdir())
-    except OSError:
-        return False
+    """Whether ``path`` is frames flashvaed wrote (by its marker, never by its file names: a folder
+    of someone's own ``frame_00000.png`` must survive)."""
+    return path.is_dir() and json_format(path / PNG_MARKER) == PNG_FORMAT
+
+
+MAX_FPS = 1000  # frame rates of written videos: far past any real video, well inside the container's
+
+
+def check_fps(fps: int) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= MAX_FPS:
+        raise InputError(f"{{fps}} must be a whole number of frames per second in [1, {MAX_FPS}], got {fps!r}", "fps")
 
 
 @contextmanager
@@ -191,6 +199,7 @@ def frame_sink(out: str | os.PathLike, fps: int = 16, batch_index: int = 0) -> I
     """Open a sink for ``out`` by its extension: raw tensor file, .mp4, or a PNG directory."""
     out = Path(out)
     kind = output_kind(out)
+    check_fps(fps)
     if kind == "png":
         with atomic_output(out, directory=True, replaceable=is_png_dir, what=PNG_DIR) as tmp:
             yield _PngSink(tmp, batch_index)
@@ -309,7 +318,16 @@ def fit_frames(video: Tensor, options: VideoOptions) -> Tensor:
         th = options.height or max(m, round(h * options.width / w / m) * m)
         tw = options.width or max(m, round(w * options.height / h / m) * m)
         scale = max(th / h, tw / w)
-        video = _resize(video, max(th, round(h * scale)), max(tw, round(w * scale)))
+        rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+        need = video.shape[0] * 3 * video.shape[2] * rh * rw * VIDEO_COPY_BYTES
+        if need > memory_bytes() // 2:
+            raise InputError(
+                f"fitting the video to {th}x{tw} ({{height}} x {{width}}; {rh}x{rw} before cropping) would need "
+                f"{gib(need)} of memory, more than half of the {gib(memory_bytes())} here; choose a smaller size",
+                "height",
+                "width",
+            )
+        video = _resize(video, rh, rw)
         return _center_crop(video, th, tw)
     if h < m or w < m:
         raise InputError(f"video is {h}x{w}, smaller than the minimum {m}x{m}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import FlashVAEDError
+from .errors import FlashVAEDError, InputError
 
 MAX_CONFIG_BYTES = 4 << 20  # configs, presets and manifests are a few KB; 4 MiB is plenty
 
@@ -58,6 +58,56 @@ def memory_bytes() -> int:
         if value.isdigit():
             limits.append(int(value))
     return min(limits) if limits else 64 << 30
+
+
+WORK_SHARE = 0.8  # of the memory available now: what the work may use by default
+
+
+def _available_bytes() -> int | None:
+    """Memory this process could still take: MemAvailable, within the cgroup's remaining room."""
+    room = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit():
+            room.append(max(int(limit) - int(used), 0))
+    except OSError:
+        pass
+    return min(room) if room else None
+
+
+def work_budget(device: torch.device | str | None = None) -> int:
+    """The memory one computation may use: ``FLASHVAED_MEMORY_LIMIT`` (bytes) where set, otherwise
+    a share of what is free now on ``device`` (the GPU's free memory for CUDA)."""
+    override = os.environ.get("FLASHVAED_MEMORY_LIMIT")
+    if override:
+        return memory_bytes()
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(WORK_SHARE * free)
+    available = _available_bytes()
+    return int(WORK_SHARE * (available if available is not None else memory_bytes()))
+
+
+def check_work(
+    nbytes: float, what: str, hint: str, *params: str, device: torch.device | str | None = None
+) -> None:
+    """Refuse a computation whose peak memory, measured before it runs, exceeds ``work_budget``;
+    ``hint`` says which option to change (``{param}`` placeholders, as in ``InputError``)."""
+    budget = work_budget(device)
+    if nbytes > budget:
+        raise InputError(
+            f"{what} would need {gib(nbytes)} of memory at its peak, more than the {gib(budget)} it may use "
+            f"here (FLASHVAED_MEMORY_LIMIT sets that); {hint}",
+            *params,
+        )
 
 
 def check_budget(nbytes: float, what: str, error: type[FlashVAEDError]) -> None:
@@ -205,16 +255,16 @@ def load_weights_only(path: Path, error: type[FlashVAEDError]) -> object:
         _check_zip(path, size, error)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # whatever the unpickler raises, the file is not one we read
+        # Which exception a malformed file provokes depends on the torch version (IndexError,
+        # UnpicklingError, RuntimeError, EOFError, ...): only a request for code is told apart.
         wanted = re.search(r"GLOBAL ([\w.]+)", str(e))  # "GLOBAL posix.system whose module ... is blocked"
-        if wanted:
+        if isinstance(e, pickle.UnpicklingError) and wanted:
             raise error(
                 f"refusing {path}: it needs pickled code to load ({wanted[1]}); only plain tensors are accepted"
             ) from None
-        raise error(f"cannot read {path}: corrupt or not a torch file") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise error(f"cannot read {path}: corrupt or not a torch file ({first_line[:200]})") from None
+        detail = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise error(f"cannot read {path}: not a checkpoint or tensor file saved by torch ({detail})") from None
     check_stored(tensors_in(obj), path, error)
     return obj
 

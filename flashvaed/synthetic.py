@@ -27,6 +27,14 @@ def _texture(gen: torch.Generator, height: int, width: int) -> Tensor:
     return torch.tanh(image * 0.8)
 
 
+GENERATION_COPIES = 6  # peak memory of drawing a clip, in clips' worth (grids, masks, blends; measured)
+
+
+def synthetic_clip_bytes(frames: int, height: int, width: int) -> int:
+    """Peak memory of ``synthetic_clip``: checked before drawing long or large clips."""
+    return GENERATION_COPIES * 3 * frames * height * width * 4
+
+
 def synthetic_clip(frames: int = 17, height: int = 64, width: int = 64, seed: int = 0, shapes: int = 3) -> Tensor:
     """One clip (1, 3, frames, height, width) in [-1, 1]."""
     gen = torch.Generator().manual_seed(seed)

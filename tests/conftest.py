@@ -298,3 +298,11 @@ def diffusers_to_ltx_original(state: dict, generation: str) -> dict:
             rest = "last_scale_shift_table"
         out[f"vae.{side}.{rest}"] = value.clone()
     return out
+
+
+@pytest.fixture(scope="session")
+def hostile_world(tmp_path_factory):
+    """The world the hostile-input suites tamper with (tests/hostile.py), built once per session."""
+    from hostile import build_world
+
+    return build_world(tmp_path_factory.mktemp("hostile-world"))

@@ -4,7 +4,11 @@ nothing at the output path (an output that existed before is left exactly as it 
 Cases that would cost unbounded memory run in their own process under an address-space limit
 (a check that was skipped shows up as an allocation failure: exit 1, not 2); cases that could
 hang (FIFOs) run under a timeout. The fixtures are the embedded teacher, a student pruned from it,
-its export and ONNX Runtime engine: built once for the module.
+its export and ONNX Runtime engine: built once for the session (tests/hostile.py).
+
+Siblings: test_fuzz_config.py (configurations and manifests that lie), test_fuzz_export.py (export
+options, every precision x plugin mode), test_fuzz_ltx.py (degenerate but legal teachers and the
+round trip of every layout: what must work, not be refused).
 """
 
 from __future__ import annotations
@@ -27,33 +31,25 @@ import av
 import numpy as np
 import pytest
 import torch
+from hostile import assert_refused, snapshot, tamper_manifest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from flashvaed import api
-from flashvaed.atomic import atomic_output, clean_stale, swap_in
+from flashvaed.atomic import PARTIAL, atomic_output, clean_stale, swap_in
 from flashvaed.cli import app
 from flashvaed.demo import embedded_teacher_path
-from flashvaed.models import load_vae, save_teacher
+from flashvaed.models import load_model, load_vae, save_teacher
+from flashvaed.safeload import json_format
 
 runner = CliRunner()
 CLI = [sys.executable, "-m", "flashvaed.cli"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """teacher.safetensors, z.pt, student/, export/, engine/: the things hostile cases tamper with."""
-    d = tmp_path_factory.mktemp("world")
-    shutil.copy(embedded_teacher_path(), d / "teacher.safetensors")
-    torch.manual_seed(0)
-    torch.save({"latents": torch.randn(1, 16, 3, 4, 4)}, d / "z.pt")
-    api.prune(
-        d / "teacher.safetensors", d / "student", preset="flash-wan2.1", calib_clips=1, calib_frames=5, calib_size=32
-    )
-    api.export(d / "student", d / "export", chunk="1:1:2", height="32:32:64", width="32:32:64", batch="1")
-    api.build_engine(d / "export", d / "engine")
-    return d
+def world(hostile_world) -> Path:
+    """teacher.safetensors, z.pt, student/, export/, engine/, ...: tests/hostile.py."""
+    return hostile_world
 
 
 @pytest.fixture
@@ -61,34 +57,6 @@ def d(world, tmp_path) -> Path:
     """A private copy of the world for one case to tamper with."""
     shutil.copytree(world, tmp_path / "w", symlinks=True)
     return tmp_path / "w"
-
-
-def tamper_manifest(d: Path, change: Callable[[dict], object], which: str = "engine") -> None:
-    path = d / which / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
-def snapshot(path: Path) -> dict[str, bytes] | None:
-    """The bytes of every file under ``path`` (None if it does not exist)."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def assert_refused(output: str, code: int, needle: str, out: Path | None, before: dict | None) -> None:
-    lines = output.strip().splitlines()
-    assert code == 2, output
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert "Traceback" not in output and "internal error" not in output, output
-    assert needle in lines[0], (needle, lines[0])
-    if out is not None:
-        assert snapshot(out) == before, f"{out} changed"
-        leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-        assert not leftovers, leftovers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +242,21 @@ def demo_over_a_foreign_folder(d):
 
 
 @case
+def demo_over_files_named_like_a_demo(d):
+    (d / "mine").mkdir()
+    shutil.copy(d / "z.pt", d / "mine" / "input.mp4")  # names a demo writes, but not a demo's
+    (d / "mine" / "report.md").write_text("notes")
+    return ["demo", "-o", d / "mine", "-q"], "not a demo output", d / "mine"
+
+
+@case
+def pngs_over_someones_frames(d):
+    (d / "frames").mkdir()
+    (d / "frames" / "frame_00000.png").write_bytes(b"an ffmpeg export, named like ours")
+    return decode_to(d, "z.pt", "frames"), "not a folder of decoded frames", d / "frames"
+
+
+@case
 def decode_over_its_own_latents(d):
     return decode_to(d, "z.pt", "z.pt"), "would overwrite the input", d / "z.pt"
 
@@ -328,6 +311,39 @@ def output_is_a_fifo(d):
 def text_file_named_pth(d):
     (d / "t.pth").write_text("hello, not a checkpoint")
     return ["info", d / "t.pth"], "cannot read", None
+
+
+MALFORMED_PICKLES = {
+    "text": b"this is a text file, not a checkpoint\n",
+    "empty_stack": b"\x80\x02.",  # STOP with nothing on the stack
+    "truncated_dict": b"\x80\x02}q\x00(X\x01\x00\x00\x00aq",
+    "pop_mark": b"\x80\x021.",  # POP_MARK without a mark
+    "legacy_magic": pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"\x80\x02K\x03.",  # torch's old magic, cut
+    "zip_without_pickle": b"",  # filled below: a zip holding no data.pkl
+    "garbage": bytes(range(256)) * 4,
+}
+
+
+def _malformed_pickle(d: Path, kind: str) -> Path:
+    path = d / f"{kind}.pth"
+    if kind == "zip_without_pickle":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/version", "3\n")
+    else:
+        path.write_bytes(MALFORMED_PICKLES[kind])
+    return path
+
+
+for _kind in MALFORMED_PICKLES:
+
+    def _as_model(d, kind=_kind):
+        return decode_to(d, "z.pt", "y.pt", _malformed_pickle(d, kind).name), "not a checkpoint", d / "y.pt"
+
+    def _as_latents(d, kind=_kind):
+        return decode_to(d, _malformed_pickle(d, kind).name, "y.pt"), "not a checkpoint", d / "y.pt"
+
+    CASES[f"malformed_pickle_{_kind}_as_model"] = _as_model
+    CASES[f"malformed_pickle_{_kind}_as_latents"] = _as_latents
 
 
 @case
@@ -594,6 +610,70 @@ def decode_negative_batch_index(d):
     return [*decode_to(d, "z.pt"), "--batch-index", "-1"], "--batch-index", d / "o.pt"
 
 
+# --- outputs flashvaed could not read back, opsets, numbers past every limit --------------------
+def export_argv(d: Path, *options) -> list:
+    return ["export", d / "student", "-o", d / "e2", "--chunk", "1", "--height", "32", "--width", "32", *options]
+
+
+@case
+def export_height_a_manifest_cannot_hold(d):
+    return [*export_argv(d), "--height", "8:8:10000000"], "--height", d / "e2"
+
+
+@case
+def export_batch_a_manifest_cannot_hold(d):
+    return [*export_argv(d), "--batch", "1:1:100000000000"], "--batch", d / "e2"
+
+
+@case
+def export_chunk_past_int64(d):
+    return [*export_argv(d), "--chunk", "99999999999999999999"], "--chunk", d / "e2"
+
+
+@case
+def export_opset_the_installed_onnx_cannot_write(d):
+    return [*export_argv(d), "--opset", "99"], "--opset", d / "e2"
+
+
+@case
+def export_bf16_at_an_opset_without_bf16(d):
+    return [*export_argv(d), "--precision", "bf16", "--opset", "18"], "--opset 22", d / "e2"
+
+
+@case
+def info_four_gigapixel_frames(d):
+    return ["info", d / "teacher.safetensors", "--height", "65536", "--width", "65536"], "gigapixels", None
+
+
+@case
+def info_chunk_past_int64(d):
+    return ["info", d / "teacher.safetensors", "--chunk", "99999999999999999999"], "--chunk", None
+
+
+@case
+def decode_fps_past_any_video(d):
+    return [*decode_to(d, "z.pt", "o.mp4"), "--fps", "100000000000000"], "--fps", d / "o.mp4"
+
+
+@case
+def decode_timestep_for_an_unconditioned_model(d):
+    return [*decode_to(d, "z.pt", "o.mp4"), "--decode-timestep", "1e308"], "--decode-timestep", d / "o.mp4"
+
+
+@case
+def output_on_a_pseudo_filesystem(d):
+    return decode_to(d, "z.pt", "/proc/o.mp4"), "cannot write /proc/o.mp4", None
+
+
+@case
+def output_where_writing_is_refused(d):
+    (d / "locked").mkdir()
+    (d / "locked").chmod(0o500)
+    if os.access(d / "locked", os.W_OK):  # root: permissions do not bind; /sys refuses even root
+        return decode_to(d, "z.pt", "/sys/o.pt"), "cannot write /sys/o.pt", None
+    return decode_to(d, "z.pt", "locked/o.pt"), "cannot write", None
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input_is_refused_in_one_line(d, name):
     argv, needle, out = CASES[name](d)
@@ -670,6 +750,92 @@ def video_larger_than_memory(d):
     return argv, "would need", d / "o.pt", {"FLASHVAED_MEMORY_LIMIT": str(256 << 20)}
 
 
+# --- memory for the work itself, not only the files -------------------------------------------
+def attention_at_latent_resolution(d):
+    torch.save({"latents": torch.zeros(1, 16, 1, 256, 256)}, d / "wide.pt")  # 4 MiB; Wan's attention: 40 GiB
+    return decode_to(d, "wide.pt"), "would need", d / "o.pt"
+
+
+def chunk_too_large_for_memory(d):
+    torch.save({"latents": torch.zeros(1, 16, 33, 64, 64)}, d / "long.pt")
+    argv = [*decode_to(d, "long.pt", "o.mp4"), "--chunk", "32"]
+    return argv, "lower --chunk to", d / "o.mp4", {"FLASHVAED_MEMORY_LIMIT": str(3 << 30)}
+
+
+def write_clip(path: Path, frames: int, size: int) -> Path:
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        black = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), format="rgb24")
+        for _ in range(frames):
+            for packet in stream.encode(black):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return path
+
+
+def encode_to_a_huge_height(d):
+    write_clip(d / "v.mp4", 5, 32)
+    argv = ["encode", d / "v.mp4", "-m", d / "teacher.safetensors", "-o", d / "o.pt", "-q", "--height", "80000"]
+    return argv, "--height", d / "o.pt"
+
+
+def encode_one_4k_frame(d):
+    write_clip(d / "v.mp4", 1, 4096)
+    argv = ["encode", d / "v.mp4", "-m", d / "teacher.safetensors", "-o", d / "o.pt", "-q"]
+    return argv, "lower --height/--width", d / "o.pt"
+
+
+def prune_args(d: Path, *extra) -> list:
+    return ["prune", "-t", d / "teacher.safetensors", "-o", d / "s2", "--preset", "flash-wan2.1", "-q", *extra]
+
+
+def prune_a_hundred_million_clips(d):
+    return prune_args(d, "--calib-clips", "100000000"), "--calib-clips", d / "s2"
+
+
+def prune_huge_calibration_size(d):
+    return prune_args(d, "--calib-size", "8192"), "--calib-size", d / "s2"
+
+
+def prune_huge_calibration_length(d):
+    return prune_args(d, "--calib-frames", "400001"), "--calib-frames", d / "s2"
+
+
+def evaluate_args(d: Path, *extra) -> list:
+    return ["evaluate", "-m", d / "student", "-t", d / "teacher.safetensors", "-d", "synthetic", "-q", *extra]
+
+
+def evaluate_huge_size(d):
+    return evaluate_args(d, "--size", "8192"), "--size", None
+
+
+def evaluate_huge_length(d):
+    return evaluate_args(d, "--frames", "400001"), "--frames", None
+
+
+def demo_huge_height(d):
+    return ["demo", "-o", d / "demo", "-q", "--height", "16384", "--width", "16384"], "--height", d / "demo"
+
+
+def demo_huge_length(d):
+    return ["demo", "-o", d / "demo", "-q", "--frames", "400001"], "--frames", d / "demo"
+
+
+def export_traced_at_a_huge_size(d):
+    argv = ["export", d / "student", "-o", d / "e2", "--chunk", "1", "--height", "32768", "--width", "32768"]
+    return argv, "tracing the export", d / "e2"
+
+
+def ltx_diffusers_config_with_65536_layers(d):
+    save_teacher(load_vae(embedded_teacher_path("ltx")), d / "ltx", "diffusers")
+    config = json.loads((d / "ltx" / "config.json").read_text())
+    config["decoder_layers_per_block"] = [65536] * len(config["decoder_layers_per_block"])
+    (d / "ltx" / "config.json").write_text(json.dumps(config))
+    return ["info", d / "ltx"], "decoder_layers_per_block must hold integers in [0, 64]", None
+
+
 BOUNDED = {
     f.__name__: f
     for f in (
@@ -678,17 +844,72 @@ BOUNDED = {
         compressed_torch_file,
         npy_header_larger_than_its_data,
         video_larger_than_memory,
+        attention_at_latent_resolution,
+        chunk_too_large_for_memory,
+        encode_to_a_huge_height,
+        encode_one_4k_frame,
+        prune_a_hundred_million_clips,
+        prune_huge_calibration_size,
+        prune_huge_calibration_length,
+        evaluate_huge_size,
+        evaluate_huge_length,
+        demo_huge_height,
+        demo_huge_length,
+        ltx_diffusers_config_with_65536_layers,
+        export_traced_at_a_huge_size,
     )
 }
 
 
-@pytest.mark.parametrize("name", list(BOUNDED))
-def test_unbounded_cost_is_refused_before_allocation(d, name):
-    argv, needle, out, *env = BOUNDED[name](d)
+RUN_JOBS = """
+import json, os, sys, time
+from typer.testing import CliRunner
+from flashvaed.cli import app
+results, base = {}, dict(os.environ)
+for job in json.load(open(sys.argv[1])):
+    os.environ.clear()
+    os.environ.update({**base, **job["env"]})
     start = time.monotonic()
-    r = run_limited(argv, env=env[0] if env else None)
-    assert_refused(r.stderr + r.stdout, r.returncode, needle, out, None)
-    assert time.monotonic() - start < 60
+    r = CliRunner().invoke(app, job["argv"])
+    results[job["name"]] = {"code": r.exit_code, "output": r.output, "seconds": time.monotonic() - start}
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def bounded(world, tmp_path_factory) -> dict[str, tuple[dict, str, Path | None]]:
+    """Every BOUNDED case, run in one process under the address-space limit (one torch import, not
+    one per case): name -> (its result, the needle, the output path)."""
+    root = tmp_path_factory.mktemp("bounded")
+    jobs, expected = [], {}
+    for name, make in BOUNDED.items():
+        d = shutil.copytree(world, root / name, symlinks=True)
+        argv, needle, out, *env = make(d)
+        jobs.append({"name": name, "argv": [str(a) for a in argv], "env": env[0] if env else {}})
+        expected[name] = (needle, out)
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    r = run_limited_script(RUN_JOBS, root / "jobs.json", root / "results.json", timeout=60 * len(jobs))
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((root / "results.json").read_text())
+    return {name: (results[name], *expected[name]) for name in BOUNDED}
+
+
+def run_limited_script(script: str, *args: Path, timeout: float) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
+
+    env = {**os.environ, "FLASHVAED_MEMORY_LIMIT": str(LIMIT)}
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, preexec_fn=limit, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BOUNDED))
+def test_unbounded_cost_is_refused_before_allocation(bounded, name):
+    result, needle, out = bounded[name]
+    assert_refused(result["output"], result["code"], needle, out, None)
+    assert result["seconds"] < 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,8 +921,8 @@ def fifo_model(d):
 
 
 def fifo_latents(d):
-    os.mkfifo(d / "f.pt")
-    return decode_to(d, "f.pt")
+    os.mkfifo(d / "fifo.pt")
+    return decode_to(d, "fifo.pt")
 
 
 def fifo_config(d):
@@ -731,6 +952,8 @@ def test_special_files_are_refused_unopened(d, name):
     [
         (["decode", "z.pt"], "Missing option '--model'"),
         (["decode", "z.pt", "-m", "t", "-o", "o.pt", "--chunk", "two"], "--chunk"),
+        (["info", "t.safetensors", "--height", "1e30"], "--height"),
+        (["decode", "z.pt", "-m", "t", "-o", "o.mp4", "--fps", "1e14"], "--fps"),
         (["no-such-command"], "No such command"),
     ],
 )
@@ -805,14 +1028,39 @@ def test_interrupted_swap_is_undone_by_the_next_run(tmp_path):
     final = tmp_path / "out"
     aside = tmp_path / ".out.999999999-0123abcd.old"
     aside.mkdir()
-    (aside / "frame_00000.png").write_text("old")
+    (aside / "manifest.json").write_text('{"format": "ours"}')
     stale = tmp_path / ".out.999999999-89abcdef.tmp"
     stale.mkdir()
+    (stale / "half.onnx").write_text("partial")
+    (stale / PARTIAL).touch()
     alive = tmp_path / f".out.{os.getppid()}-00000000.tmp"  # a live writer's: left alone
     alive.mkdir()
-    clean_stale(final)
-    assert (final / "frame_00000.png").read_text() == "old"
+    clean_stale(final, replaceable=lambda p: json_format(p / "manifest.json") == "ours")
+    assert json_format(final / "manifest.json") == "ours"
     assert not aside.exists() and not stale.exists() and alive.exists()
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_planted_folders_named_like_temporaries_are_left_alone(tmp_path, target_exists):
+    """Cleanup judges a stale folder by our marker, not by its name: a planted ``.NAME.PID-HEX.old``
+    never lands on the target, a planted ``.tmp`` is never deleted."""
+    final = tmp_path / "out"
+    if target_exists:
+        final.mkdir()
+        (final / "manifest.json").write_text('{"format": "ours"}')
+    planted = {}
+    for kind in ("old", "tmp"):
+        planted[kind] = tmp_path / f".out.999999999-0123abc{kind[0]}.{kind}"
+        planted[kind].mkdir()
+        (planted[kind] / "thesis.tex").write_text("years of work")
+    before = snapshot(tmp_path)
+    with atomic_output(final, directory=True, replaceable=lambda p: json_format(p / "manifest.json") == "ours") as tmp:
+        (tmp / "manifest.json").write_text('{"format": "ours"}')
+    after = snapshot(tmp_path)
+    for kind, folder in planted.items():
+        assert (folder / "thesis.tex").read_text() == "years of work", kind
+    assert {k: v for k, v in after.items() if "thesis" in k} == {k: v for k, v in before.items() if "thesis" in k}
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"]
 
 
 def test_swap_in_replaces_a_file_atomically(tmp_path):
@@ -853,3 +1101,132 @@ def test_a_raw_output_larger_than_memory_is_refused_before_decoding(d, monkeypat
     monkeypatch.setenv("FLASHVAED_MEMORY_LIMIT", str(16 << 20))
     r = runner.invoke(app, [str(a) for a in decode_to(d, "long.pt")])
     assert_refused(r.output, r.exit_code, "would need 37.5 MiB", d / "o.pt", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk: one line naming the device and the output, its own exit code, nothing left over
+# ---------------------------------------------------------------------------------------------
+DISK_FULL = 74  # docs/cli.md, "Exit codes"
+
+
+def run_on_a_full_disk(d: Path, argv: list, out: str, kib: int = 16) -> tuple[subprocess.CompletedProcess, str]:
+    """Run the CLI with its output on a fresh ``kib``-KiB tmpfs (a private mount namespace)."""
+    mount = d / "small"
+    mount.mkdir()
+    script = (
+        f'mount -t tmpfs -o size={kib}k none "{mount}" || exit 99\n'
+        '"$@"; code=$?\n'
+        f'echo "LEFT:$(ls -A "{mount}" | tr "\\n" " ")"\n'
+        "exit $code\n"
+    )
+    args = [str(a) for a in argv] + ["-o", str(mount / out)]
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", *CLI, *args], capture_output=True, text=True, timeout=180
+    )
+    if r.returncode == 99 or "unshare:" in r.stderr:
+        pytest.skip(f"no private tmpfs mounts here: {r.stderr.strip()[:200]}")
+    left = r.stdout.rpartition("LEFT:")[2].strip()
+    return r, left
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private tmpfs")
+@pytest.mark.parametrize(
+    "out, command",
+    [
+        ("frames.safetensors", "decode"),
+        ("clip.mp4", "decode"),
+        ("frames", "decode"),
+        ("export", "export"),
+    ],
+)
+def test_a_full_disk_is_one_line_and_leaves_nothing(d, out, command):
+    torch.save({"latents": torch.randn(1, 16, 3, 16, 16)}, d / "wide.pt")
+    if command == "decode":
+        argv = ["decode", d / "wide.pt", "-m", d / "teacher.safetensors", "-q"]
+    else:
+        argv = ["export", d / "student", "--chunk", "1", "--height", "32", "--width", "32"]
+    r, left = run_on_a_full_disk(d, argv, out)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == DISK_FULL, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on "), r.stderr
+    assert f"while writing {d / 'small' / out}" in lines[0], lines[0]
+    assert left == "", f"left behind: {left}"
+
+
+def test_a_full_disk_in_any_writer_is_reported_the_same(d, monkeypatch):
+    """However a library words ENOSPC (torch: "file write failed"), it reads the same."""
+    from PIL import Image
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    r = runner.invoke(app, [str(a) for a in decode_to(d, "z.pt", "frames")])
+    assert r.exit_code == DISK_FULL, r.output
+    assert r.output.strip().startswith("error: no space left on ") and len(r.output.strip().splitlines()) == 1
+    assert not (d / "frames").exists() and not [p for p in d.iterdir() if p.name.startswith(".frames.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the drop-in refuses what the CLI refuses, in the same words, as Python's own exceptions
+# ---------------------------------------------------------------------------------------------
+DROP_IN_LATENTS = {  # name: (latents, exception, words), each also written to a file for the CLI where it can be
+    "rank": (lambda: torch.zeros(1, 16, 4, 4), ValueError, "latents must have 5 dimensions"),
+    "channels": (lambda: torch.zeros(1, 3, 2, 4, 4), ValueError, "channels but the model reads 16"),
+    "integers": (lambda: torch.zeros(1, 16, 2, 4, 4, dtype=torch.int64), ValueError, "must be floating point"),
+    "complex": (lambda: torch.zeros(1, 16, 2, 4, 4, dtype=torch.complex64), ValueError, "must be floating point"),
+    "nan": (lambda: torch.full((1, 16, 2, 4, 4), float("nan")), ValueError, "NaN or Inf"),
+    "inf": (lambda: torch.full((1, 16, 2, 4, 4), float("inf")), ValueError, "NaN or Inf"),
+    "meta": (lambda: torch.zeros(1, 16, 2, 4, 4, device="meta"), ValueError, "meta device"),
+    "stride_zero": (lambda: torch.zeros(1).expand(1, 16, 2000, 800, 800), ValueError, "would expand"),
+    "over_budget": (lambda: torch.zeros(1, 16, 1, 256, 256), ValueError, "would need"),
+    "not_a_tensor": (lambda: [[0.0] * 4] * 4, TypeError, "must be a torch tensor"),
+    "numpy": (lambda: np.zeros((1, 16, 2, 4, 4), np.float32), TypeError, "must be a torch tensor"),
+}
+CLI_CAN_SAY = ("rank", "channels", "integers", "nan", "inf")
+
+
+@pytest.fixture(scope="module")
+def drop_in(world):
+    from flashvaed.diffusers import FlashVAE
+
+    return FlashVAE.from_pretrained(world / "teacher.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("name", list(DROP_IN_LATENTS))
+def test_flashvae_decode_refuses_like_the_cli(drop_in, d, monkeypatch, name):
+    make, exception, words = DROP_IN_LATENTS[name]
+    monkeypatch.setenv("FLASHVAED_MEMORY_LIMIT", str(LIMIT))
+    with pytest.raises(exception, match=words) as caught:
+        drop_in.decode(make(), return_dict=False)
+    assert type(caught.value) is exception  # a plain ValueError/TypeError, no foreign torch error
+    if name in CLI_CAN_SAY:
+        torch.save({"latents": make()}, d / "bad.pt")
+        r = runner.invoke(app, [str(a) for a in decode_to(d, "bad.pt")])
+        assert r.exit_code == 2 and r.output.strip() == f"error: {caught.value}", (r.output, caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# what used to fail and must work (the full matrices: test_fuzz_ltx.py, test_fuzz_export.py)
+# ---------------------------------------------------------------------------------------------
+def test_flash_ltx_prunes_a_090_teacher_at_the_width_floor(tmp_path):
+    """Stages floored to the teacher's own widths still make a student (norm gains and all)."""
+    from test_fuzz_ltx import floor_teacher
+
+    save_teacher(floor_teacher("ltx-0.9.0"), tmp_path / "ltx.safetensors")
+    argv = ["prune", "-t", tmp_path / "ltx.safetensors", "-o", tmp_path / "s", "--preset", "flash-ltx", "-q"]
+    r = runner.invoke(app, [str(a) for a in [*argv, "--calib-clips", "1", "--calib-size", "64"]])
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "s").kind == "student"
+
+
+@pytest.mark.parametrize("family", ["wan2.1", "wan2.2", "ltx"])
+def test_embedded_teachers_round_trip_through_the_diffusers_layout(tmp_path, family):
+    """The embedded LTX teacher's encoder ends in a transition: its config must keep every block."""
+    teacher = load_vae(embedded_teacher_path(family))
+    save_teacher(teacher, tmp_path / "dd", "diffusers")
+    back = load_vae(tmp_path / "dd")
+    assert back.config == teacher.config
+    torch.manual_seed(0)
+    z = torch.randn(1, teacher.latent_channels, 2, 4, 4)
+    torch.testing.assert_close(back.decode(z), teacher.decode(z), rtol=0, atol=0)

@@ -63,14 +63,18 @@ def test_synthetic_clips_move_and_are_reproducible():
     assert motion > 0.01  # real motion between frames
 
 
-def test_png_output_never_replaces_a_directory_with_other_files(tmp_path):
+def test_png_output_replaces_only_folders_it_marked(tmp_path):
     from flashvaed.io import write_video
 
-    (tmp_path / "frames").mkdir()
-    (tmp_path / "frames" / "frame_00000.png").write_bytes(b"")
+    write_video(torch.zeros(1, 3, 3, 8, 8), tmp_path / "frames")
     write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "frames")  # an earlier run's frames: replaced
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_00000.png", "frame_00001.png"]
-    (tmp_path / "frames" / "notes.txt").write_text("mine")
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == [".flashvaed.json", "frame_00000.png", "frame_00001.png"]
+    (tmp_path / "frames" / "notes.txt").write_text("x")  # still ours, like an export: the marker says so
+    write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "frames")
+    assert not (tmp_path / "frames" / "notes.txt").exists()
+    (tmp_path / "theirs").mkdir()  # someone's own frames, named like ours but without the marker
+    (tmp_path / "theirs" / "frame_00000.png").write_bytes(b"precious")
     with pytest.raises(InputError, match="not a folder of decoded frames"):
-        write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "frames")
-    assert (tmp_path / "frames" / "notes.txt").read_text() == "mine"
+        write_video(torch.zeros(1, 3, 2, 8, 8), tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "frame_00000.png").read_bytes() == b"precious"

@@ -205,7 +205,8 @@ def test_decode_takes_upstreams_decode_options(work, tmp_path):
     [
         (["-m", "ltx090", "--decode-timestep", 0.1], "this model is not timestep-conditioned: --decode-timestep"),
         (["-m", "ltx090", "--decode-noise-scale", 0.1], "this model is not timestep-conditioned: --decode-noise-scale"),
-        (["-m", "ltx.safetensors", "--decode-noise-scale", -0.5], "--decode-noise-scale must be a finite number"),
+        (["-m", "ltx.safetensors", "--decode-noise-scale", -0.5], "--decode-noise-scale must be a number in [0, "),
+        (["-m", "ltx.safetensors", "--decode-timestep", 1e308], "--decode-timestep must be a number in [0, 1000]"),
         (["-m", "ltx.safetensors", "--decode-noise-scale", 2], "--decode-noise-scale must be in [0, 1]"),
         (["-m", "ltx.safetensors", "--seed", -1], "--seed must be a non-negative integer"),
     ],

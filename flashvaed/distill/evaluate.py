@@ -19,7 +19,9 @@ from ..devices import resolve_device
 from ..errors import InputError
 from ..metrics import flicker, psnr, ssim
 from ..models.checkpoint import load_student_for, load_teacher
+from ..models.memory import clip_bytes
 from ..progress import track
+from ..safeload import check_work
 from .data import ClipDataset, ClipSpec
 from .phases import streaming_decode
 
@@ -78,6 +80,12 @@ def evaluate(
     if not data:
         raise InputError("no {data} given (videos, latents, folders of them, or 'synthetic')", "data")
     dataset = ClipDataset(list(data), teacher_model, ClipSpec(frames, size), seed=seed)
+    kept = 3 * clips * 3 * frames * size * size * 4  # truth, teacher and student frames of every clip
+    check_work(
+        kept + clip_bytes([teacher_model, student_model], frames, size, size, chunk),
+        f"evaluating {clips} clips of {frames} frames at {size}x{size}", "lower {clips}, {frames} or {size}",
+        "clips", "frames", "size", device=dev,
+    )  # fmt: skip
     outs: dict[str, list[Tensor]] = {"student": [], "teacher": [], "truth": []}
     seconds = {"student": 0.0, "teacher": 0.0}
     with torch.inference_mode():

@@ -14,13 +14,28 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..export.contract import ENGINE_FORMAT, is_manifest_dir, read_manifest
+from ..export.contract import ENGINE_FORMAT, Contract, is_manifest_dir, read_manifest
 from ..models import load_model
 from ..models.vae import LatentDecoder
 from .base import Decoder, Stream, StreamState
 from .torch_backend import TorchDecoder
 
-__all__ = ["Decoder", "Stream", "StreamState", "TorchDecoder", "load"]
+__all__ = ["Decoder", "Stream", "StreamState", "TorchDecoder", "check_backend", "load"]
+
+
+def check_backend(contract: Contract, where: str) -> None:
+    """Refuse an engine manifest whose ``backend`` section its backend would choke on, for every
+    reader of the manifest (``read_manifest`` calls this: ``info`` runs nothing, yet must not show a lie)."""
+    if contract.format != ENGINE_FORMAT:
+        return
+    backend = contract.backend or {}
+    name = backend.get("name", "onnxruntime")
+    if name == "onnxruntime":
+        from .ort_backend import check_backend as check_onnxruntime
+
+        check_onnxruntime(backend, where)
+    elif name != "tensorrt":
+        raise InputError(f"{where}: backend.name {name!r} is not a backend this version runs (onnxruntime, tensorrt)")
 
 
 def load(

@@ -60,6 +60,9 @@ class Decoder:
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
+    def check_memory(self, shape: tuple[int, ...], chunk: int | None = None) -> None:
+        """Refuse latents whose decode would not fit in memory (engines: their build ranges bound it)."""
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "fingerprint": self.fingerprint}
 

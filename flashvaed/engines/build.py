@@ -16,7 +16,14 @@ import onnxruntime as ort
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, OURS, Contract, is_ours, read_manifest
-from .ort_backend import check_providers, default_providers, load_session, session_options
+from .ort_backend import (
+    MAX_THREADS,
+    check_precision,
+    check_providers,
+    default_providers,
+    load_session,
+    session_options,
+)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 # Saved optimised models stay portable at the extended level; hardware-specific layout
@@ -37,14 +44,17 @@ def build_engine(
     """Build ``out_dir`` from the export in ``export_dir``; returns the engine's contract."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (use {' or '.join(BACKENDS)})")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise InputError(f"{{threads}} must be 0 (all cores) or a positive count, got {threads!r}", "threads")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        limit = f"0 (all cores) or a count up to {MAX_THREADS}"
+        raise InputError(f"{{threads}} must be {limit}, got {threads!r}", "threads")
     if not 0 < workspace_gib <= 1024:
         raise InputError(f"{{workspace_gib}} must be a size in GiB in (0, 1024], got {workspace_gib}", "workspace_gib")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     contract = read_manifest(export_dir)
     if contract.format != EXPORT_FORMAT:
         raise InputError(f"{export_dir} is already an engine; build engines from an export directory")
+    if backend == "onnxruntime":
+        check_precision(contract)  # an engine its decoder would refuse to load is not written
     if backend == "tensorrt":
         from .tensorrt_backend import require_tensorrt
 

@@ -19,12 +19,25 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..export.contract import Contract, check_external_data
+from ..export.contract import PRECISIONS, Contract, check_external_data
 from ..models.streaming import clocked
 from ..safeload import member_file
 from .base import ContractDecoder, Stream
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Intra-op threads a session may ask for: ONNX Runtime starts them all at once (100000 of them take
+# minutes and 16 GiB), and it counts them in an int32. The limit of --threads and of engine manifests.
+MAX_THREADS = 1024
+
+
+def check_precision(contract: Contract) -> None:
+    """Refuse an export whose state ONNX Runtime streams cannot hold (numpy has no bfloat16)."""
+    if contract.state_dtype not in NUMPY_DTYPES:
+        takes = " or ".join(p for p, dtype in PRECISIONS.items() if dtype in NUMPY_DTYPES)
+        raise InputError(
+            f"ONNX Runtime streams take {takes} state; this export is {contract.precision} "
+            "(build a tensorrt engine from it, or export it as one of those)"
+        )
 
 
 def default_providers() -> list[str]:
@@ -46,13 +59,41 @@ def check_providers(providers: list[str]) -> list[str]:
 
 
 def session_options(settings: dict | None = None) -> ort.SessionOptions:
+    """ONNX Runtime session options from ``settings`` (an engine manifest's ``session_options``):
+    an optimisation level or thread count ONNX Runtime would choke on is refused in one line."""
     settings = settings or {}
-    options = ort.SessionOptions()
+    if not isinstance(settings, dict):
+        raise InputError(f"session options must be a mapping, got {type(settings).__name__}")
     level = settings.get("graph_optimization_level", "ORT_ENABLE_ALL")
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
+    levels = ort.GraphOptimizationLevel.__members__
+    if not isinstance(level, str) or level not in levels:
+        raise InputError(f"session option graph_optimization_level {level!r} is not one of {', '.join(levels)}")
+    threads = settings.get("intra_op_num_threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise InputError(f"session option intra_op_num_threads must be in 0..{MAX_THREADS}, got {threads!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return options
+
+
+def check_backend(backend: dict, where: str) -> None:
+    """Refuse an engine manifest's ``backend`` section ONNX Runtime would choke on, when the manifest
+    is read (``info`` starts no session). Providers must be names ONNX Runtime knows; whether this
+    machine has them is asked when a session starts (``check_providers``)."""
+    providers = backend.get("providers")
+    if providers is not None:
+        if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+            raise InputError(f"{where}: backend.providers must be a list of provider names, got {providers!r}"[:300])
+        known = ort.get_all_providers()
+        unknown = [p for p in providers if p not in known]
+        if unknown:
+            raise InputError(f"{where}: backend.providers names {unknown[0]!r}, which ONNX Runtime does not know"[:300])
+    try:
+        session_options(backend.get("session_options"))
+    except InputError as e:
+        raise InputError(f"{where}: in backend.session_options, {e}"[:300]) from None
 
 
 def load_session(folder: Path, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -194,8 +235,7 @@ class OnnxRuntimeDecoder(ContractDecoder):
     ) -> None:
         super().__init__(contract)
         self.path = Path(path)
-        if contract.precision not in ("fp32", "fp16"):
-            raise InputError(f"ONNX Runtime streams take fp32 or fp16 state; this export is {contract.precision}")
+        check_precision(contract)
         backend = contract.backend or {}
         self.providers = check_providers(providers or backend.get("providers") or default_providers())
         options = session_options(settings or backend.get("session_options"))

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..models.blocks import streaming_convs
+from ..models.memory import check_decode
 from ..models.streaming import ANY_CHUNK, StreamingDecoder, model_fingerprint
 from ..models.vae import LatentDecoder
 from .base import Decoder
@@ -58,6 +59,9 @@ class TorchDecoder(Decoder):
 
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         return self.model.state_shapes(batch, height, width)
+
+    def check_memory(self, shape: tuple[int, ...], chunk: int | None = None) -> None:
+        check_decode(self.model, shape, chunk or self.default_chunk(), self.dtype, self.device)
 
     def describe(self) -> dict:
         return {**super().describe(), "kernel": self.kernel, "device": str(self.device), "dtype": str(self.dtype)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..models import families
+from ..models.families.base import checked_statistics
 from ..models.streaming import ShapeRange, StateSpec
 from ..safeload import json_format, member_file, read_text
 
@@ -58,6 +61,12 @@ def plugin_mode(value: str) -> str:
     return mode
 
 
+def shape_in_limits(r: ShapeRange) -> bool:
+    """Whether a contract may declare the range ``r`` (latent units): the rule manifests are read
+    by, which the exporter applies to its options too, so that it never writes what it would refuse."""
+    return 1 <= r.min <= r.opt <= r.max <= LIMITS["shape"]
+
+
 CHUNK_RULE = (
     "Run graph 'first' once on latent frame 0 (one latent frame -> one frame + the initial state). "
     "Then run graph 'steady' on the following latent frames in chunks of k (k within shapes.chunk): "
@@ -76,6 +85,17 @@ CLOCK_RULE = (
     "frames 0 .. temporal_factor*(T-1). 'timestep' (float32, one per sample) and 'noise/i' (float32 maps of "
     "the latent grid scaled by model.noise_scales[i]) are per-stream inputs, the same for every chunk."
 )
+
+
+BOUNDS = ("min", "opt", "max")  # of each shape range
+FIELD_TYPES = {"model": dict, "precision": str, "plugins": str, "state": list, "graphs": dict}
+
+
+def whole(value: Any, name: str) -> int:
+    """A manifest's integer field: ``int()`` would read 16.5 as 16 and "7" as 7, accepting a lie."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}"[:200])
+    return value
 
 
 def scaled(dim: str | int, scale: Fraction) -> str | int:
@@ -266,17 +286,23 @@ class Contract:
         if d.get("format") not in (EXPORT_FORMAT, ENGINE_FORMAT):
             raise InputError(f"{where} is not a flashvaed export or engine manifest")
         try:
-            version = int(d.get("version", 0))
+            version = whole(d.get("version", 0), "version")
             if version > CONTRACT_VERSION:
                 raise InputError(f"{where} was written by a newer flashvaed (contract version {d['version']})")
+            for name, kind in FIELD_TYPES.items():  # a list where a mapping belongs, a number for a name
+                if not isinstance(d[name], kind):
+                    raise ValueError(f"{name} must be a {kind.__name__}, got {d[name]!r}"[:200])
+            shapes = d["shapes"]
             contract = cls(
                 model=dict(d["model"]),
                 precision=d["precision"],
                 plugins=plugin_mode(d["plugins"]),
-                opset=int(d["opset"]),
-                shapes={k: ShapeRange.from_dict(v) for k, v in d["shapes"].items()},
+                opset=whole(d["opset"], "opset"),
+                shapes={k: ShapeRange(*(whole(v[b], f"shapes.{k}.{b}") for b in BOUNDS)) for k, v in shapes.items()},
                 state=[
-                    StateTensor(s["name"], int(s["channels"]), int(s["frames"]), Fraction(s["scale"]))
+                    StateTensor(
+                        s["name"], whole(s["channels"], "channels"), whole(s["frames"], "frames"), Fraction(s["scale"])
+                    )
                     for s in d["state"]
                 ],
                 files={g: spec["file"] for g, spec in d["graphs"].items() if g in GRAPHS},
@@ -295,6 +321,9 @@ class Contract:
     def problem(self) -> str | None:
         """What makes this contract impossible to run, if anything: a tampered manifest is refused
         here, before a graph is loaded or a state buffer allocated."""
+        problem = self.model_problem()
+        if problem:
+            return problem
         positive = {name: getattr(self, name) for name in ("latent_channels", "temporal_factor", "spatial_factor")}
         for name, value in positive.items():
             if not 1 <= value <= LIMITS["factor" if name != "latent_channels" else "channels"]:
@@ -313,7 +342,7 @@ class Contract:
         if set(self.shapes) != set(SHAPES):
             return f"shapes must give {', '.join(SHAPES)}"
         for name, r in self.shapes.items():
-            if not 1 <= r.min <= r.opt <= r.max <= LIMITS["shape"]:
+            if not shape_in_limits(r):
                 return f"shapes.{name} must satisfy 1 <= min <= opt <= max <= {LIMITS['shape']}, got {r.to_dict()}"
         for t in self.state:
             if not (
@@ -329,6 +358,40 @@ class Contract:
                 return f"graphs.{graph}.file is not a file name"
         if self.backend is not None and not isinstance(self.backend, dict):
             return "backend is not a mapping"
+        name = (self.backend or {}).get("name", "" if self.format == EXPORT_FORMAT else None)
+        if not isinstance(name, str):  # an engine says which backend runs it
+            return f"backend.name must name the backend that runs this engine, got {name!r}"[:200]
+        return None
+
+    def model_problem(self) -> str | None:
+        """What in ``model`` has the wrong type or cannot be: the facts that runtimes, ``info`` and
+        the diffusers adapter read (family, latent statistics, ...) are judged here, where they are read."""
+        m = self.model
+        for name in ("latent_channels", "temporal_factor", "spatial_factor", "latency", "output_offset"):
+            value = m.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"model.{name} must be an integer, got {value!r}"[:200]
+        family = m.get("family")
+        if not isinstance(family, str) or family not in families.names():
+            known = ", ".join(families.names())
+            return f"model.family {family!r} is not a model family this version knows ({known})"[:200]
+        if m.get("kind") not in ("teacher", "student"):
+            return f"model.kind must be teacher or student, got {m.get('kind')!r}"[:200]
+        if not isinstance(m.get("fingerprint"), str):
+            return f"model.fingerprint must be a string, got {m.get('fingerprint')!r}"[:200]
+        if not isinstance(m.get("source", 0), (str, type(None))):
+            return f"model.source must be the path it was exported from (or null), got {m.get('source', 0)!r}"[:200]
+        for name in ("default_timestep", "default_noise_scale"):
+            value = m.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                return f"model.{name} must be a number or null, got {value!r}"[:200]
+        if 1 <= m["latent_channels"] <= LIMITS["channels"]:  # else refused by ``problem``
+            try:  # frames are de-normalised by them (the diffusers adapter encodes with them too)
+                checked_statistics(m.get("latents_mean"), m.get("latents_std"), m["latent_channels"])
+            except ValueError as e:
+                return f"model.{e}"[:300]
         return None
 
     def to_json(self) -> str:
@@ -354,6 +417,9 @@ def read_manifest(path: str | os.PathLike) -> Contract:
     if not isinstance(data, dict):
         raise InputError(f"{manifest} is not a flashvaed export or engine manifest")
     contract = Contract.from_dict(data, str(manifest))
+    from ..engines import check_backend  # engines build on this module: imported when first needed
+
+    check_backend(contract, str(manifest))
     for graph, name in contract.files.items():
         member_file(path, name, InputError, f"its {graph} graph")
     return contract

@@ -14,6 +14,7 @@ each, carrying a standard-op function body.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from contextlib import nullcontext
@@ -26,9 +27,12 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_output
 from ..errors import InputError
+from ..models.memory import decode_step_bytes
 from ..models.streaming import StateSpec, clocked, model_fingerprint
 from ..models.vae import LatentDecoder
+from ..safeload import check_work
 from .contract import (
+    LIMITS,
     METADATA_KEY,
     OURS,
     PLUGIN_MODES,
@@ -38,11 +42,14 @@ from .contract import (
     StateTensor,
     is_ours,
     plugin_mode,
+    shape_in_limits,
 )
 from .op_coverage import unsupported_by_tensorrt
 from .plugin_nodes import attach_function_bodies, plugin_nodes
 
-DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the lowest opset the traced graphs and the plugin function bodies are written for
+# The lowest opset whose operators take each precision: ONNX adds bfloat16 to Conv in opset 22.
+PRECISION_OPSETS = {"fp32": MIN_OPSET, "fp16": MIN_OPSET, "bf16": 22}
 
 
 @dataclass
@@ -55,7 +62,7 @@ class ExportOptions:
     batch: str = "1:1:4"
     precision: str = "fp32"
     plugins: str = "all"  # PLUGIN_MODES ("flashvaed" = "all"); the default until GPU runs have measured "depthwise"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: the lowest that supports the precision (PRECISION_OPSETS)
 
 
 @dataclass
@@ -142,23 +149,73 @@ class SteadyGraph(nn.Module):
         return (frames.float(), *state)
 
 
-def _check_options(options: ExportOptions, model: LatentDecoder) -> dict[str, ShapeRange]:
+def max_opset() -> int:
+    """The highest opset both torch's TorchScript exporter and the installed onnx can write (torch
+    fails above its own maximum, onnx's checker above its)."""
+    try:
+        from torch.onnx import _constants  # torch states its exporter's range nowhere public
+
+        exporter = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        exporter = 20  # what the TorchScript exporter has supported since torch 2.1
+    return min(onnx.defs.onnx_opset_version(), exporter)
+
+
+def _opset(options: ExportOptions) -> int:
+    """The opset to write: the user's, if this precision and the installed exporter allow it; else
+    the lowest that supports the precision."""
+    need, top, opset = PRECISION_OPSETS[options.precision], max_opset(), options.opset
+    here = f"the most torch {torch.__version__} and onnx {onnx.__version__} here can write"
+    if opset is None:
+        if need > top:
+            raise InputError(f"{{precision}} {options.precision} needs ONNX opset {need}; {top} is {here}", "precision")
+        return need
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InputError(f"{{opset}} must be a whole number, got {opset!r}", "opset")
+    if not MIN_OPSET <= opset <= top:
+        raise InputError(f"{{opset}} must be within {MIN_OPSET}..{top} ({top} is {here}), got {opset}", "opset")
+    if opset < need:
+        raise InputError(
+            f"{{precision}} {options.precision} needs {{opset}} {need} or higher (ONNX takes {options.precision} "
+            f"convolutions from opset {need}): give {{opset}} {need}, or leave {{opset}} out to get it",
+            "precision",
+            "opset",
+        )
+    return opset
+
+
+def _shape(text: str, name: str, what: str = "", multiple: int = 1, unit: str = "") -> ShapeRange:
+    """The range ``text`` of the option ``name`` (its errors name it), within what a manifest may
+    declare: the limits manifests are read by, in the option's unit (pixels: ``multiple`` per latent)."""
+    try:
+        r = ShapeRange.parse(text, f"{{{name}}}{what}", multiple=multiple)
+    except InputError as e:
+        raise InputError(str(e), name) from None
+    if not shape_in_limits(r):
+        top = LIMITS["shape"] * multiple
+        most = f"at most {top}{unit}"
+        raise InputError(f"{{{name}}} {r.max * multiple}{unit} is more than an export may declare ({most})", name)
+    return r
+
+
+def _check_options(options: ExportOptions, model: LatentDecoder) -> tuple[dict[str, ShapeRange], int]:
+    """The shape ranges and the opset of an export, or the option at fault named, before any work."""
     if options.precision not in PRECISIONS:
-        raise InputError(f"unknown precision {options.precision!r} (use {', '.join(PRECISIONS)})")
+        raise InputError(f"unknown {{precision}} {options.precision!r} (use {', '.join(PRECISIONS)})", "precision")
     try:
         plugin_mode(options.plugins)
     except ValueError:
         choices = ", ".join(PLUGIN_MODES)
         raise InputError(f"unknown {{plugins}} {options.plugins!r} (use {choices})", "plugins") from None
-    if options.opset < 18:
-        raise InputError(f"opset must be at least 18, got {options.opset}")
+    opset = _opset(options)
     f = model.spatial_factor
-    return {
-        "batch": ShapeRange.parse(options.batch, "batch"),
-        "chunk": ShapeRange.parse(options.chunk, "chunk (latent frames per steady chunk)"),
-        "height": ShapeRange.parse(options.height, "height (pixels)", multiple=f),
-        "width": ShapeRange.parse(options.width, "width (pixels)", multiple=f),
+    shapes = {
+        "batch": _shape(options.batch, "batch"),
+        "chunk": _shape(options.chunk, "chunk", " (latent frames per steady chunk)"),
+        "height": _shape(options.height, "height", " (pixels)", multiple=f, unit=" px"),
+        "width": _shape(options.width, "width", " (pixels)", multiple=f, unit=" px"),
     }
+    return shapes, opset
 
 
 def _example(r: ShapeRange) -> int:
@@ -208,7 +265,7 @@ def export(
 ) -> ExportResult:
     """Write ``first.onnx``, ``steady.onnx`` and ``manifest.json`` into ``out_dir`` (atomically)."""
     options = options or ExportOptions()
-    shapes = _check_options(options, model)
+    shapes, opset = _check_options(options, model)
     dtype = getattr(torch, PRECISIONS[options.precision])
     p = next(model.parameters())
     if p.dtype != dtype or p.device.type != "cpu":  # convert a copy: the caller's model stays as it was
@@ -218,13 +275,19 @@ def export(
         model=model_facts(model, source),
         precision=options.precision,
         plugins=plugin_mode(options.plugins),
-        opset=options.opset,
+        opset=opset,
         shapes=shapes,
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
         files={"first": "first.onnx", "steady": "steady.onnx", **({"last": "last.onnx"} if model.latency else {})},
     )
+    Contract.from_dict(json.loads(contract.to_json()), "the manifest of this export")  # what we would not read back
     b, h, w = (_example(shapes[k]) for k in ("batch", "height", "width"))
     k = _example(shapes["chunk"])
+    check_work(  # the graphs are traced by running the model once at these sizes
+        decode_step_bytes(model, b, k, h, w, dtype),
+        f"tracing the export at batch {b}, chunk {k}, {h * model.spatial_factor}x{w * model.spatial_factor} pixels",
+        "lower the opt values of {chunk}, {height}, {width} or {batch}", "chunk", "height", "width", "batch",
+    )  # fmt: skip
     latents = torch.randn(b, model.latent_channels, 1 + k, h, w)
     extra: tuple[Tensor, ...] = ()
     if "timestep" in model.step_inputs:
@@ -239,7 +302,7 @@ def export(
             path = tmp / contract.files[graph]
             with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins):
                 if graph == "first":
-                    _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), options.opset)
+                    _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), opset)
                 else:
                     state = first(latents[:, :, :1], *extra)[1:]
                     clock: tuple[Tensor, ...] = ()
@@ -247,7 +310,7 @@ def export(
                         clock = (torch.tensor(3),) + ((torch.tensor(4),) if graph == "last" else ())
                     steady = SteadyGraph(model, dtype, last=graph == "last")
                     args = (latents[:, :, 1:], *state, *clock, *extra)
-                    _trace(steady, args, path, contract.io(graph), options.opset)
+                    _trace(steady, args, path, contract.io(graph), opset)
             unsupported.update(_finish(path, graph, contract))
         (tmp / "manifest.json").write_text(contract.to_json())
     return ExportResult(out_dir, contract, sorted(unsupported))

@@ -175,11 +175,17 @@ def load_vae(path: str | os.PathLike) -> TeacherVAE:
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     tensors, config = read_checkpoint(path)
-    match = families.detect(tensors, config, str(path))
+    try:
+        match = families.detect(tensors, config, str(path))
+    except CheckpointError as e:  # families read fields (metadata while detecting); the file is named here
+        raise naming(path, e) from None
     family = match.family
     if match.student:
         return _load_released_student(match, tensors, config, path)  # type: ignore[return-value]
-    cfg = family.infer_config(tensors, match.layout, config)
+    try:
+        cfg = family.infer_config(tensors, match.layout, config)
+    except CheckpointError as e:
+        raise naming(path, e) from None
     skip = family.config_tensor_keys(match.layout, tensors.keys())
     tensors = {k: v for k, v in tensors.items() if k not in skip}
     check_finite(tensors, path)
@@ -198,12 +204,20 @@ def _load_released_student(
     """A student released in its authors' layout (``flashvaed.models.released``), as our student."""
     student_config, ours = match.family.read_student(tensors, match.layout, config, str(path))
     check_finite(ours, path)
-    return build_checked(  # type: ignore[return-value]
-        lambda: FlashStudent(student_config),
-        ours,
-        "flashvaed",
-        lambda summary: f"{path} does not fit the student its shapes describe: {summary}",
-    )
+    try:
+        return build_checked(  # type: ignore[return-value]
+            lambda: FlashStudent(student_config),
+            ours,
+            "flashvaed",
+            lambda summary: f"{path} does not fit the student its shapes describe: {summary}",
+        )
+    except (TypeError, ValueError) as e:  # a configuration the model refuses to be built from
+        raise CheckpointError(f"{path}: its shapes describe no student this version builds ({e})") from None
+
+
+def naming(path: str | os.PathLike, e: CheckpointError) -> CheckpointError:
+    """``e`` saying which file it is about: family readers name fields, not the file they came from."""
+    return e if str(path) in str(e) else CheckpointError(f"{path}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,19 +230,52 @@ def save_teacher(model: TeacherVAE, path: str | os.PathLike, layout: str = "flas
     family = families.get(model.family)
     path = Path(path)
     names = layout_names(model, layout)
+    if len(set(names.values())) != len(names):
+        raise AssertionError(f"{family.title} parameters share names in the {layout} layout")
     tensors = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(family.config_tensors(model.config, layout))
     if layout == "diffusers" and path.suffix != ".safetensors":
+        config = family.diffusers_config(model.config)
+        _check_readable(model, tensors, config, layout, path)
         path.mkdir(parents=True, exist_ok=True)
         _write(path / DIFFUSERS_WEIGHTS, tensors)
         with atomic_output(path / "config.json") as tmp:
-            tmp.write_text(json.dumps(family.diffusers_config(model.config), indent=2))
+            tmp.write_text(json.dumps(config, indent=2))
         return path
     metadata = family.file_metadata(model.config, layout)
     if layout == "flashvaed":
         metadata = {"flashvaed.family": family.name, "flashvaed.config": json.dumps(model.config.to_dict())}
+    _check_readable(model, tensors, (metadata or {}) if path.suffix == ".safetensors" else {}, layout, path)
     _write(path, tensors, metadata)
     return path
+
+
+def _check_readable(model: TeacherVAE, tensors: dict[str, Tensor], described: dict, layout: str, path: Path) -> None:
+    """Refuse to write what would not load back as ``model``: a file that cannot say its family's
+    architecture (a .pth where the family needs metadata), or a config the loader reads otherwise."""
+    family = families.get(model.family)
+    where = f"cannot write this {family.title} to {path.name} in the {layout} layout"
+    hint = "a diffusers directory's config.json or a .safetensors file's metadata says what a file's shapes cannot"
+    try:
+        match = families.detect(tensors, described, str(path))
+        if (match.family.name, match.layout, match.student) != (family.name, layout, False):
+            raise CheckpointError(f"it would read back as a {match.family.title} in the {match.layout} layout")
+        back = family.infer_config(tensors, layout, described)
+    except CheckpointError as e:
+        raise InputError(f"{where}: {e} ({hint})") from None
+    if _stored(back.to_dict()) != _stored(model.config.to_dict()):
+        raise InputError(f"{where}: it would read back as another architecture, {family.describe(back)} ({hint})")
+
+
+def _stored(value: Any) -> Any:
+    """``value`` with its floats as float32 tensors keep them (latent statistics are stored so)."""
+    if isinstance(value, float):
+        return float(torch.tensor(value, dtype=torch.float32))
+    if isinstance(value, Mapping):
+        return {k: _stored(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stored(v) for v in value]
+    return value
 
 
 def _write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -251,12 +298,17 @@ def load_student(path: str | os.PathLike) -> FlashStudent:
     data = read_json(path / "config.json")
     if data.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{path} is not a flashvaed student directory")
-    if not isinstance(data.get("version", 1), int) or data.get("version", 1) > STUDENT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer flashvaed (student format {data['version']})")
+    version = data.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}/config.json is malformed: version must be a format number, got {version!r:.60}")
+    if version > STUDENT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer flashvaed (student format {version})")
     try:
         config = StudentConfig.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}/config.json is malformed: {e}") from None
+    except CheckpointError as e:  # a field a family reader refused (an unknown family, a bad block)
+        raise naming(path / "config.json", e) from None
     if not (path / STUDENT_WEIGHTS).is_file():
         raise CheckpointError(f"{path} has no {STUDENT_WEIGHTS}")
     tensors = read_tensors(path / STUDENT_WEIGHTS)

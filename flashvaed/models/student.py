@@ -294,16 +294,34 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
-        family = str(d["family"])
+        """A student's config.json, its fields type-checked (ValueError naming the field): later
+        stages (distillation, ``info``) use them as they are."""
+        family, name, spec = d["family"], d["name"], d.get("spec", {})
+        channels, encoder = d.get("teacher_channels", {}), d.get("encoder", False)
+        for field_name, value, kind in (
+            ("family", family, str),
+            ("name", name, str),
+            ("layout", d["layout"], dict),
+            ("spec", spec, dict),
+            ("teacher_channels", channels, dict),
+            ("encoder", encoder, bool),
+        ):
+            if not isinstance(value, kind):
+                raise ValueError(f"{field_name} must be a {kind.__name__}, got {value!r}"[:200])
+        for stage, kept in channels.items():
+            if not isinstance(kept, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 16 for c in kept
+            ):
+                raise ValueError(f"teacher_channels[{stage!r}] must be a list of channel indices"[:200])
         layout = families.get(family).upgrade_student_layout(d["layout"], d.get("version", 1))
         return cls(
-            name=d["name"],
+            name=name,
             layout=DecoderLayout.from_dict(layout),
             teacher=families.get(family).config_from_dict(d["teacher"]),
             family=family,
-            spec=d.get("spec", {}),
-            teacher_channels=d.get("teacher_channels", {}),
-            encoder=d.get("encoder", False) is True,
+            spec=spec,
+            teacher_channels=channels,
+            encoder=encoder,
         )
 
 

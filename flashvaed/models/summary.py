@@ -15,6 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import InputError
 from .streaming import clocked, state_nbytes, zero_state
 
+MAX_FRAME_PIXELS = 1 << 30  # 32768 x 32768: far past any video; MACs beyond overflow int64 counters
+MAX_CHUNK = 1 << 10  # latent frames per chunk, as exports allow
+
 
 @dataclass
 class StageCost:
@@ -75,9 +78,18 @@ def summarize(
     """Cost of decoding (height x width pixels) with ``model``, in chunks of ``chunk`` latents."""
     sf = model.spatial_factor
     if height <= 0 or width <= 0 or height % sf or width % sf:
-        raise InputError(f"height and width must be positive multiples of {sf}, got {height}x{width}")
-    if chunk < 1:
-        raise InputError(f"chunk must be at least 1, got {chunk}")
+        raise InputError(
+            f"{{height}} and {{width}} must be positive multiples of {sf}, got {height}x{width}", "height", "width"
+        )
+    if height * width > MAX_FRAME_PIXELS:
+        raise InputError(
+            f"{{height}} x {{width}} {height}x{width} is {height * width / 1e9:.1f} gigapixels a frame; sizes up to "
+            f"{MAX_FRAME_PIXELS / 1e9:.1f} gigapixels (32768x32768) are reported",
+            "height",
+            "width",
+        )
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise InputError(f"{{chunk}} must be between 1 and {MAX_CHUNK} latent frames, got {chunk}", "chunk")
     h, w = height // sf, width // sf
     specs = model.decoder_state_specs()
     with torch.device("meta"):

@@ -37,7 +37,7 @@ class LatentDecoder(nn.Module):
         self.family = family.name
         z = layout.z_dim
         self.post_quant_conv = family.build_post_quant_conv(config)
-        self.decoder = family.build_decoder(config, layout)
+        self.decoder = family.build_decoder(config, layout, student=self.kind == "student")
         self.latent_channels = z
         self.temporal_factor = self.decoder.temporal_factor
         self.spatial_factor = self.decoder.spatial_factor
@@ -51,8 +51,8 @@ class LatentDecoder(nn.Module):
         self.default_timestep: float | None = getattr(self.decoder, "default_timestep", None)
         self.default_noise_scale: float | None = getattr(self.decoder, "default_noise_scale", None)
         stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
-        if stats.shape != (2, z):
-            raise ValueError(f"latent statistics must have {z} entries, got {stats.shape[1]}")
+        if stats.shape != (2, z):  # a student whose layout and teacher disagree (readers name the file)
+            raise ValueError(f"latents_mean and latents_std have {stats.shape[1]} entries; layout z_dim is {z}")
         self.register_buffer("latents_mean", stats[0].view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", stats[1].view(1, z, 1, 1, 1), persistent=False)
         if encoder:  # teachers, and released students that ship their teacher's encoder (LTX)

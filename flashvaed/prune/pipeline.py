@@ -31,6 +31,8 @@ from .select import Compensation, Selection, compensation, fold_into_consumer, i
 from .substitute import Substitution, fit_substitutions
 
 CRITERIA = ("independence", "l1")
+IDENTICAL_PSNR = 100.0  # dB, reported for frames equal to the teacher's
+NEW_NORMS = (nn.LayerNorm, nn.GroupNorm)  # learned norms a student may have where its teacher has none
 
 
 @dataclass
@@ -254,11 +256,17 @@ def student_state_dict(student: FlashStudent, pruned: FlashStudent, subs: list[S
         del state[f"{sub.conv}.weight"], state[f"{sub.conv}.bias"]
         state.update({f"{sub.conv}.{k}": v for k, v in sub.params.items()})
     for key, value in student.state_dict().items():
-        if key not in state and ".shortcut." in key:  # a new 1x1 shortcut stands for an identity
+        if key in state:
+            continue
+        if ".shortcut." in key:  # a new 1x1 shortcut stands for an identity
             if key.endswith("weight"):
                 state[key] = torch.eye(value.shape[0], value.shape[1])[..., None, None, None]
             else:
                 state[key] = torch.zeros_like(value)
+        elif isinstance(student.get_submodule(key.rpartition(".")[0]), NEW_NORMS):
+            # the norm a family puts in front of a forced shortcut (LTX's LayerNorm): the pruned
+            # teacher has none to take it from, so it starts as built (unit gain, zero bias)
+            state[key] = value.detach().clone()
     return state
 
 
@@ -380,7 +388,9 @@ def build_report(
         "layout": student.config.layout.to_dict(),
         "notes": sorted(set(notes)),
         "calibration": {"clips": len(latents), "latent_shapes": [list(z.shape) for z in latents]},
-        "fidelity_vs_teacher_psnr_db": {"pruned": scores["pruned"], "student": scores["student"]},
+        # identical frames (a student at its teacher's widths) score inf, which JSON cannot hold: 100 dB,
+        # the cap metrics.psnr_per_sample puts on identical samples
+        "fidelity_vs_teacher_psnr_db": {k: min(scores[k], IDENTICAL_PSNR) for k in ("pruned", "student")},
         "totals": {
             "resolution": list(size),
             "teacher_params": t_sum.params_decoder,

@@ -9,17 +9,56 @@ through this interface, never a family's name.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
 from ..layout import DecoderLayout
 
 LAYOUTS = ("flashvaed", "original", "diffusers")
+
+
+# configuration dataclasses: what every family's ``__post_init__`` checks, wherever its values came
+# from (a config.json, safetensors metadata, a student's config.json). A ValueError names the field;
+# the reader that built the configuration adds the file.
+def check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    """Refuse a configuration field that is not an integer in [lo, hi] (booleans are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}"[:200])
+
+
+def check_sequence(name: str, value: Any, max_len: int) -> tuple:
+    """A list field as a tuple: a string or a mapping is not a list, even though it iterates."""
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= max_len:
+        raise ValueError(f"{name} must be a list of 1 to {max_len} entries, got {value!r}"[:200])
+    return tuple(value)
+
+
+def checked_statistics(mean: Any, std: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(latents_mean, latents_std)`` as tuples of floats: one finite number per latent channel,
+    and a positive std. Encoding divides by the std and decoding multiplies by it, so a zero writes
+    Inf latents and a negative one flips a channel: refused, naming the field and entry. Models hold
+    them as float32, so the bounds are float32's (a std of 1e-50 would be stored as zero)."""
+    f32 = torch.finfo(torch.float32)
+    checked = []
+    for name, values in (("latents_mean", mean), ("latents_std", std)):
+        if not isinstance(values, (list, tuple)):
+            raise ValueError(f"{name} must be a list of {channels} numbers, got {type(values).__name__}")
+        if len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} entries; the model has {channels} latent channels")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not abs(v) <= f32.max:
+                raise ValueError(f"{name}[{i}] is {v!r}, not a finite float32 number"[:200])
+            if name == "latents_std" and not v >= f32.tiny:
+                raise ValueError(f"{name}[{i}] is {v!r}; a standard deviation must be positive (>= {f32.tiny:.2g})")
+        checked.append(tuple(float(v) for v in values))
+    return checked[0], checked[1]
 
 
 @dataclass(frozen=True)
@@ -91,6 +130,9 @@ class Family:
 
     # building ---------------------------------------------------------------------------------
     def config_from_dict(self, d: Mapping[str, Any]) -> Any:
+        """A teacher's configuration as a student's config.json holds it (ValueError if malformed)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"the teacher configuration must be a mapping, got {type(d).__name__}")
         return self.config_type.from_dict(dict(d))
 
     def teacher_layout(self, config: Any) -> DecoderLayout:
@@ -101,8 +143,12 @@ class Family:
         version reads it: the same model."""
         return layout
 
-    def build_decoder(self, config: Any, layout: DecoderLayout) -> nn.Module:
-        """The decoder for ``layout`` (the teacher's or a student's) of a teacher with ``config``."""
+    def build_decoder(self, config: Any, layout: DecoderLayout, student: bool = False) -> nn.Module:
+        """The decoder for ``layout`` (the teacher's or a student's) of a teacher with ``config``.
+
+        ``student``: the decoder of a student (or pruned teacher), which may carry parameters a
+        teacher's lacks (e.g. gains on parameter-free norms, for pruning to rescale). That is the
+        model's kind, never read from the layout: a student can have its teacher's widths."""
         raise NotImplementedError
 
     def build_encoder(self, config: Any) -> nn.Module:
@@ -135,6 +181,12 @@ def get(name: str) -> Family:
 
 def detect(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> Match:
     """The one family and layout a checkpoint is in; anything else is refused in one line."""
+    named = config.get("flashvaed.family")  # the metadata flashvaed writes (``checkpoint.save_teacher``)
+    if named is not None and (not isinstance(named, str) or named not in FAMILIES):
+        raise CheckpointError(
+            f"{where}: its flashvaed.family metadata names an unknown model family {named!r} "
+            f"(known: {', '.join(FAMILIES)})"[:300]
+        )
     keys = set(tensors)
     for family in FAMILIES.values():
         present = family.layouts_present(keys)

@@ -46,13 +46,14 @@ from ..coupling import D2S_ROWS, ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout
 from ..streaming import State, StateSpec, conditioning_inputs
 from ..vae import TeacherVAE
-from .base import Family, Match, any_key, register
+from .base import Family, Match, any_key, check_int, checked_statistics, register
 from .wan21 import config_int, our_metadata
 from .wan22 import patchify, unpatchify
 
 DEFAULT_TIMESTEP = 0.05  # the released pipelines' decode_timestep
 DEFAULT_NOISE_SCALE = 0.025  # ... and decode_noise_scale
 MAX_WIDTH = 16384  # no released VAE comes near; an untrusted config asking for more is refused
+MAX_LAYERS = 64  # res blocks per block, in either layout's config
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -65,6 +66,12 @@ ENCODER_STRIDES = {
     "compress_all_res": (2, 2),
     "compress_space_res": (1, 2),
     "compress_time_res": (2, 1),
+}
+# diffusers' downsample_type of each 0.9.5 encoder downsampler
+DIFFUSERS_DOWNSAMPLE = {
+    "compress_space_res": "spatial",
+    "compress_time_res": "temporal",
+    "compress_all_res": "spatiotemporal",
 }
 
 
@@ -108,7 +115,7 @@ class Block:
         if set(params) - known:
             raise CheckpointError(f"{side} block {kind} has unsupported parameters {sorted(set(params) - known)}"[:200])
         default_multiplier = 1 if (kind == "compress_all") else 2
-        layers = config_int(params, "num_layers", 1, 1, 64)
+        layers = config_int(params, "num_layers", 1, 1, MAX_LAYERS)
         multiplier = config_int(params, "multiplier", default_multiplier, 1, 8)
         residual, noise = params.get("residual", False), params.get("inject_noise", False)
         if not isinstance(residual, bool) or not isinstance(noise, bool):
@@ -167,14 +174,24 @@ class LTXConfig:
     latents_std: tuple[float, ...] = field(default=(1.0,) * 128)
 
     def __post_init__(self) -> None:
-        for name in ("latents_mean", "latents_std"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        object.__setattr__(self, "encoder_blocks", tuple(self.encoder_blocks))
-        object.__setattr__(self, "decoder_blocks", tuple(self.decoder_blocks))
-        if len(self.latents_mean) != self.latent_channels or len(self.latents_std) != self.latent_channels:
-            raise ValueError(f"latent statistics must have {self.latent_channels} entries")
+        """Every field checked (ValueError naming it): configurations come from untrusted files."""
+        check_int("latent_channels", self.latent_channels, 1, 4096)
+        check_int("patch_size", self.patch_size, 1, 16)
+        check_int("encoder_base", self.encoder_base, 1, MAX_WIDTH)
+        check_int("decoder_base", self.decoder_base, 1, MAX_WIDTH)
+        for name in ("encoder_blocks", "decoder_blocks"):
+            blocks = getattr(self, name)
+            if not isinstance(blocks, (list, tuple)) or not all(isinstance(b, Block) for b in blocks):
+                raise ValueError(f"{name} must be a list of blocks, got {blocks!r}"[:200])
+            object.__setattr__(self, name, tuple(blocks))
+        for name in ("timestep_conditioning", "causal_decoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}"[:200])
+        mean, std = checked_statistics(self.latents_mean, self.latents_std, self.latent_channels)
+        object.__setattr__(self, "latents_mean", mean)
+        object.__setattr__(self, "latents_std", std)
         if self.spatial_padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"unknown spatial_padding_mode {self.spatial_padding_mode!r}")
+            raise ValueError(f"unknown spatial_padding_mode {self.spatial_padding_mode!r}"[:200])
         width = self.encoder_base
         for b in self.encoder_blocks:
             width *= b.multiplier if b.kind != "res_x" else 1
@@ -264,8 +281,11 @@ class LTXConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LTXConfig:
         d = dict(d)
-        d["encoder_blocks"] = tuple(Block.from_item(b, "encoder") for b in d.get("encoder_blocks", ()))
-        d["decoder_blocks"] = tuple(Block.from_item(b, "decoder") for b in d.get("decoder_blocks", ()))
+        for side in ("encoder", "decoder"):
+            items = d.get(f"{side}_blocks", ())
+            if not isinstance(items, (list, tuple)) or len(items) > 64:
+                raise ValueError(f"{side}_blocks must be a list of up to 64 [name, parameters] blocks"[:200])
+            d[f"{side}_blocks"] = tuple(Block.from_item(b, side) for b in items)
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -939,9 +959,14 @@ class Head(nn.Module):
 
 
 class LTXDecoder(nn.Module):
-    """conv_in, stages (middle, up.0, ...), head, unpatchify; a pure step on a clock."""
+    """conv_in, stages (middle, up.0, ...), head, unpatchify; a pure step on a clock.
 
-    def __init__(self, config: LTXConfig, layout: DecoderLayout) -> None:
+    A ``student`` decoder (students and pruned teachers) has norm gains and embedding gathers for
+    pruning to set, whatever its widths: at its teacher's widths (a small teacher, whose width
+    floors keep every stage) as well.
+    """
+
+    def __init__(self, config: LTXConfig, layout: DecoderLayout, student: bool = False) -> None:
         super().__init__()
         self.layout = layout
         structure = decoder_structure(config)
@@ -954,7 +979,6 @@ class LTXDecoder(nn.Module):
         if causal and "conv3d" in [st.op for st in stages] + [layout.head_op]:
             raise ValueError("a causal LTX decoder has no conv3d (a conv reading a future frame) stage")
         teacher = teacher_layout(config)
-        student = layout != teacher  # students (and pruned teachers) gain norm gains and embedding gathers
         teacher_stages = [teacher.middle, *teacher.up]
         self.conv_in = make_conv(conv_op, layout.z_dim, layout.middle.width, pad)
         built = [
@@ -1237,6 +1261,21 @@ def decoder_names(config: LTXConfig, layout: str) -> dict[str, str]:
     return names
 
 
+def diffusers_encoder_groups(blocks: Sequence[Block]) -> tuple[list[list[int]], int | None]:
+    """diffusers' encoder structure over our block list: down blocks (indices of a res_x and the
+    transitions after it) and the mid block (the index of the final res_x; ``None`` when the list
+    ends with a transition: then that last group is a down block too, and the mid block is empty)."""
+    groups: list[list[int]] = []
+    for k, b in enumerate(blocks):
+        if b.kind == "res_x" or not groups:
+            groups.append([k])
+        else:
+            groups[-1].append(k)
+    if groups and len(groups[-1]) == 1 and blocks[groups[-1][0]].kind == "res_x":
+        return groups[:-1], groups[-1][0]
+    return groups, None
+
+
 def encoder_names(config: LTXConfig, layout: str) -> dict[str, str]:
     """Our encoder block prefix -> its prefix in ``layout``."""
     if layout == "original":
@@ -1244,19 +1283,14 @@ def encoder_names(config: LTXConfig, layout: str) -> dict[str, str]:
         for k, b in enumerate(config.encoder_blocks):
             names[f"blocks.{k}"] = f"down_blocks.{k}.res_blocks" if b.kind == "res_x" else f"down_blocks.{k}"
         return names
-    names, down = {}, -1
     blocks = config.encoder_blocks
-    last_res = max(k for k, b in enumerate(blocks) if b.kind == "res_x")  # diffusers' mid block
-    for k, b in enumerate(blocks):
-        if b.kind == "res_x" and k == last_res:
-            names[f"blocks.{k}"] = "mid_block.resnets"
-        elif b.kind == "res_x":
-            down += 1
-            names[f"blocks.{k}"] = f"down_blocks.{down}.resnets"
-        elif b.kind == "res_x_y":
-            names[f"blocks.{k}"] = f"down_blocks.{down}.conv_out"
-        else:
-            names[f"blocks.{k}"] = f"down_blocks.{down}.downsamplers.0"
+    downs, mid = diffusers_encoder_groups(blocks)
+    names = {} if mid is None else {f"blocks.{mid}": "mid_block.resnets"}
+    for down, group in enumerate(downs):
+        for k in group:
+            kind = blocks[k].kind
+            part = {"res_x": "resnets", "res_x_y": "conv_out"}.get(kind, "downsamplers.0")
+            names[f"blocks.{k}"] = f"down_blocks.{down}.{part}"
     return names
 
 
@@ -1324,7 +1358,7 @@ def original_config(metadata: Mapping) -> dict:
         return {}
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested past Python's stack
         raise CheckpointError("the checkpoint's 'config' metadata is not valid JSON") from None
     vae = data.get("vae", data) if isinstance(data, dict) else None
     if not isinstance(vae, dict):
@@ -1339,14 +1373,20 @@ def _bool(config: Mapping, key: str, default: bool) -> bool:
     return value
 
 
-def _int_list(config: Mapping, key: str, default: Sequence[Any], kind: type = int, max_len: int = 8) -> list[Any]:
+def _int_list(
+    config: Mapping, key: str, default: Sequence[Any], kind: type = int, max_len: int = 8, hi: int = 1 << 16
+) -> list[Any]:
+    """A list field of an untrusted config; integers in [0, ``hi``] (block counts share the
+    original layout's cap of 64 per block, so both layouts accept the same models)."""
     value = config.get(key, default)
     if not isinstance(value, (list, tuple)) or not 0 < len(value) <= max_len:
         raise CheckpointError(f"config field {key} must be a list of 1 to {max_len} entries, got {value!r}"[:200])
     for v in value:
         ok = isinstance(v, bool) if kind is bool else (isinstance(v, kind) and not isinstance(v, bool))
-        if not ok or (kind is int and not 0 <= v <= 1 << 16):
+        if not ok:
             raise CheckpointError(f"config field {key} must hold {kind.__name__} values, got {value!r}"[:200])
+        if kind is int and not 0 <= v <= hi:
+            raise CheckpointError(f"config field {key} must hold integers in [0, {hi}], got {value!r}"[:200])
     return list(value)
 
 
@@ -1389,7 +1429,7 @@ def config_from_original(vae: Mapping) -> dict[str, Any]:
 def config_from_diffusers(c: Mapping) -> dict[str, Any]:
     """Our configuration fields from an ``AutoencoderKLLTXVideo`` config.json."""
     boc = _int_list(c, "block_out_channels", (128, 256, 512, 512))
-    layers = _int_list(c, "layers_per_block", (4, 3, 3, 3, 4), max_len=9)
+    layers = _int_list(c, "layers_per_block", (4, 3, 3, 3, 4), max_len=9, hi=MAX_LAYERS)
     spatio = _int_list(c, "spatio_temporal_scaling", (True, True, True, False), bool)
     types = c.get("down_block_types", ["LTXVideoDownBlock3D"] * len(boc))
     down_type = _int_list(c, "downsample_type", ("conv",) * len(boc), str)
@@ -1404,8 +1444,7 @@ def config_from_diffusers(c: Mapping) -> dict[str, Any]:
         enc.append(Block("res_x", layers[i]))
         if v095:
             if spatio[i]:
-                kind = {"spatial": "compress_space_res", "temporal": "compress_time_res",
-                        "spatiotemporal": "compress_all_res"}.get(down_type[i])  # fmt: skip
+                kind = {v: k for k, v in DIFFUSERS_DOWNSAMPLE.items()}.get(down_type[i])
                 if kind is None or out % width:
                     raise CheckpointError(f"config.json: unsupported encoder downsampler {down_type[i]!r}"[:200])
                 enc.append(Block(kind, multiplier=out // width))
@@ -1418,13 +1457,14 @@ def config_from_diffusers(c: Mapping) -> dict[str, Any]:
                     raise CheckpointError("config.json: encoder widths must grow by integer factors")
                 enc.append(Block("res_x_y", multiplier=out // width))
                 width = out
-    enc.append(Block("res_x", layers[-1]))
+    if layers[-1]:  # an empty mid block: the encoder ends with its last down block's transitions
+        enc.append(Block("res_x", layers[-1]))
     dboc = _int_list(c, "decoder_block_out_channels", (128, 256, 512, 512))[::-1]
-    dlayers = _int_list(c, "decoder_layers_per_block", (4, 3, 3, 3, 4), max_len=9)[::-1]
+    dlayers = _int_list(c, "decoder_layers_per_block", (4, 3, 3, 3, 4), max_len=9, hi=MAX_LAYERS)[::-1]
     dspatio = _int_list(c, "decoder_spatio_temporal_scaling", (True, True, True, False), bool)[::-1]
     noise = _int_list(c, "decoder_inject_noise", (False,) * (len(dboc) + 1), bool, max_len=9)[::-1]
     residual = _int_list(c, "upsample_residual", (False,) * len(dboc), bool)[::-1]
-    factor = _int_list(c, "upsample_factor", (1,) * len(dboc))[::-1]
+    factor = _int_list(c, "upsample_factor", (1,) * len(dboc), hi=8)[::-1]
     m = len(dboc)
     if len(dlayers) != m + 1 or len(noise) != m + 1 or len(dspatio) != m or len(residual) != m or len(factor) != m:
         raise CheckpointError("config.json: the decoder lists must have one entry per up block (layers: plus one)")
@@ -1468,33 +1508,32 @@ def config_from_diffusers(c: Mapping) -> dict[str, Any]:
 def diffusers_config(config: LTXConfig) -> dict[str, Any]:
     """config.json of the ``AutoencoderKLLTXVideo`` that holds ``config`` (refused if none can)."""
     unfit = CheckpointError(f"this LTX-Video architecture ({config.generation}) has no diffusers equivalent")
-    groups: list[list[Block]] = []
-    for b in config.encoder_blocks:
-        if b.kind == "res_x":
-            groups.append([b])
-        elif not groups:
-            raise unfit
-        else:
-            groups[-1].append(b)
-    v095 = any(b.kind.endswith("_res") for b in config.encoder_blocks)
+    if config.spatial_padding_mode != "zeros":  # diffusers' LTX convs pad with zeros, and its config has no key
+        raise unfit
+    blocks = config.encoder_blocks
+    downs, mid = diffusers_encoder_groups(blocks)
+    groups = [[blocks[k] for k in g] for g in downs]
+    if any(g[0].kind != "res_x" for g in groups):
+        raise unfit
+    v095 = any(b.kind.endswith("_res") for b in blocks)
     width, inputs, outputs = config.encoder_base, [], []
     layers, spatio, down = [], [], []
-    for g in groups[:-1]:
+    for g in groups:
         inputs.append(width)
         layers.append(g[0].layers)
         kinds = [b.kind for b in g[1:]]
         spatio.append(any(k.startswith("compress") for k in kinds))
-        if kinds not in ([], ["compress_all"], ["res_x_y"], ["compress_all", "res_x_y"]) and not v095:
+        if v095:  # a 0.9.5 down block: resnets, then at most one space-to-depth downsampler
+            if len(kinds) > 1 or any(k not in DIFFUSERS_DOWNSAMPLE for k in kinds):
+                raise unfit
+        elif kinds not in ([], ["compress_all"], ["res_x_y"], ["compress_all", "res_x_y"]):
             raise unfit
         for b in g[1:]:
             if b.kind == "res_x_y" or b.kind.endswith("_res"):
                 width *= b.multiplier
-            if b.kind.endswith("_res"):
-                down.append(
-                    {"compress_space_res": "spatial", "compress_time_res": "temporal"}.get(b.kind, "spatiotemporal")
-                )
+        down.append(DIFFUSERS_DOWNSAMPLE[kinds[0]] if v095 and kinds else "conv")  # read where spatio is true
         outputs.append(width)
-    layers.append(groups[-1][0].layers)
+    layers.append(blocks[mid].layers if mid is not None else 0)  # the mid block (empty after a transition)
     if v095:
         boc = [config.encoder_base, *outputs]
     else:
@@ -1532,7 +1571,7 @@ def diffusers_config(config: LTXConfig) -> dict[str, Any]:
         "down_block_types": ["LTXVideo095DownBlock3D" if v095 else "LTXVideoDownBlock3D"] * len(spatio),
         "layers_per_block": layers,
         "spatio_temporal_scaling": spatio,
-        "downsample_type": down if v095 else ["conv"] * len(spatio),
+        "downsample_type": down,
         "decoder_block_out_channels": dboc[::-1],
         "decoder_layers_per_block": dlayers[::-1],
         "decoder_spatio_temporal_scaling": dspatio[::-1],
@@ -1611,7 +1650,7 @@ class LTXFamily(Family):
             try:
                 return LTXConfig.from_dict(ours)
             except (ValueError, TypeError) as e:
-                raise CheckpointError(f"inconsistent VAE configuration: {e}") from None
+                raise CheckpointError(f"its flashvaed.config metadata is inconsistent: {e}") from None
         if layout == "original":
             vae = original_config(config)
             if not vae:
@@ -1630,9 +1669,9 @@ class LTXFamily(Family):
                 raise CheckpointError(f"the checkpoint lacks the latent statistics tensor {key}")
             if tuple(t.shape) != (z,) or not t.is_floating_point() or not torch.isfinite(t).all():
                 raise CheckpointError(f"{key} must hold {z} finite values, got shape {tuple(t.shape)}")
+            if name == "std" and (t <= 0).any():  # latents are divided by it
+                raise CheckpointError(f"{key} must be positive, it holds {float(t.min())}")
             (mean if name == "mean" else std).extend(float(v) for v in t)
-        if any(v <= 0 for v in std):
-            raise CheckpointError("the latent statistics' std must be positive")
         try:
             return LTXConfig(**fields, latents_mean=tuple(mean), latents_std=tuple(std))
         except (ValueError, TypeError) as e:
@@ -1701,8 +1740,8 @@ class LTXFamily(Family):
         up = [{**st, "shortcut": False} if isinstance(st, dict) else st for st in layout.get("up", [])]
         return {**layout, **stages, "up": up}
 
-    def build_decoder(self, config: LTXConfig, layout: DecoderLayout) -> nn.Module:
-        return LTXDecoder(config, layout)
+    def build_decoder(self, config: LTXConfig, layout: DecoderLayout, student: bool = False) -> nn.Module:
+        return LTXDecoder(config, layout, student)
 
     def build_encoder(self, config: LTXConfig) -> nn.Module:
         return LTXEncoder(config)

@@ -28,7 +28,7 @@ from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..released import tensor_shape
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
 from ..vae import TeacherVAE
-from .base import Family, Match, any_key, register
+from .base import Family, Match, any_key, check_int, check_sequence, checked_statistics, register
 
 # fmt: off
 WAN21_LATENTS_MEAN = (
@@ -40,6 +40,8 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
 # fmt: on
+MAX_BASE_DIM = 8192  # far past any released width (96, 160, 256): a bound for configs read from files
+MAX_Z_DIM = 4096
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,24 @@ class WanConfig:
     latents_std: tuple[float, ...] = field(default=WAN21_LATENTS_STD)
 
     def __post_init__(self) -> None:
-        for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latent statistics must have z_dim={self.z_dim} entries")
+        """Every field checked (ValueError naming it): configurations come from untrusted files."""
+        check_int("base_dim", self.base_dim, 1, MAX_BASE_DIM)
+        if self.decoder_base_dim is not None:
+            check_int("decoder_base_dim", self.decoder_base_dim, 1, MAX_BASE_DIM)
+        check_int("z_dim", self.z_dim, 1, MAX_Z_DIM)
+        check_int("num_res_blocks", self.num_res_blocks, 1, 8)
+        object.__setattr__(self, "dim_mult", check_sequence("dim_mult", self.dim_mult, 6))
+        for m in self.dim_mult:
+            check_int("dim_mult entries", m, 1, 16)
+        temporal = check_sequence("temporal_downsample", self.temporal_downsample, 5)
+        if not all(isinstance(t, bool) for t in temporal):
+            raise ValueError(f"temporal_downsample must hold true or false, got {list(temporal)!r}"[:200])
+        object.__setattr__(self, "temporal_downsample", temporal)
+        mean, std = checked_statistics(self.latents_mean, self.latents_std, self.z_dim)
+        object.__setattr__(self, "latents_mean", mean)
+        object.__setattr__(self, "latents_std", std)
+        if self.decoder_base_dim == self.base_dim:  # one spelling per architecture: configs compare equal
+            object.__setattr__(self, "decoder_base_dim", None)
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError("temporal_downsample needs one entry per resampling stage")
 
@@ -367,7 +383,7 @@ def our_metadata(config: Mapping) -> tuple[str | None, dict]:
         return family, {}
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested past Python's stack
         raise CheckpointError("the checkpoint's flashvaed.config metadata is not valid JSON") from None
     if not isinstance(data, dict):
         raise CheckpointError("the checkpoint's flashvaed.config metadata is not a JSON object")
@@ -437,7 +453,9 @@ def official_layout(family: WanFamily, tensors: Mapping[str, Tensor], where: str
         raise CheckpointError(f"{where}: decoder.upsamples holds {count} blocks, not the Wan2.1 decoder's pattern")
     try:
         teacher = WanConfig(base_dim=top // mult[-1], z_dim=z_dim, num_res_blocks=nrb)
-    except ValueError:
+    except ValueError as e:
+        if z_dim == WanConfig().z_dim:
+            raise CheckpointError(f"{where}: its shapes describe no Wan2.1 decoder ({e})") from None
         raise CheckpointError(
             f"{where}: a Wan2.1 student with {z_dim} latent channels (the release's statistics are for 16)"
         ) from None
@@ -601,6 +619,11 @@ class WanFamily(Family):
         dec = conv_shape(tensors, dec_key)
         z_dim, decoder_dim = dec[1], dec[0] // dim_mult[-1]
         base_dim = conv_shape(tensors, enc_key)[0] if enc_key in tensors else decoder_dim
+        for key, value in (("z_dim", z_dim), ("base_dim", base_dim), ("decoder_base_dim", decoder_dim)):
+            given = config.get(key)  # read from the shapes; a config that says otherwise lies
+            if given is not None and (isinstance(given, bool) or given != value):
+                shown = repr(given)[:60]
+                raise CheckpointError(f"config field {key}={shown} contradicts the checkpoint's shapes ({value})")
         nrb = config_int(config, "num_res_blocks", 2, 1, 8)
         temporal = config_list(
             config, "temperal_downsample", config_list(config, "temporal_downsample", (False, True, True), bool), bool
@@ -626,12 +649,17 @@ class WanFamily(Family):
         return {}
 
     def latent_statistics(self, config: Mapping, z_dim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if "latents_mean" in config and "latents_std" in config:
-            mean = config_list(config, "latents_mean", (), float, max_len=4096)
-            std = config_list(config, "latents_std", (), float, max_len=4096)
-            if len(mean) != z_dim or len(std) != z_dim:
-                raise CheckpointError(f"latent statistics have {len(mean)}/{len(std)} entries, z_dim is {z_dim}")
-            return mean, std
+        """The config's statistics (both or neither: one alone would pair with the release's other),
+        else the release's for its latent channels."""
+        given = [k for k in ("latents_mean", "latents_std") if config.get(k) is not None]
+        if len(given) == 1:
+            other = "latents_std" if given[0] == "latents_mean" else "latents_mean"
+            raise CheckpointError(f"config field {given[0]} is given without {other}")
+        if given:
+            try:
+                return checked_statistics(config["latents_mean"], config["latents_std"], z_dim)
+            except ValueError as e:
+                raise CheckpointError(f"config field {e}") from None
         released = self.config_type()
         if z_dim == released.z_dim:
             return released.latents_mean, released.latents_std
@@ -678,7 +706,7 @@ class WanFamily(Family):
     def teacher_layout(self, config: WanConfig) -> DecoderLayout:
         return teacher_layout(config)
 
-    def build_decoder(self, config: WanConfig, layout: DecoderLayout) -> nn.Module:
+    def build_decoder(self, config: WanConfig, layout: DecoderLayout, student: bool = False) -> nn.Module:
         return WanDecoder(layout)
 
     def build_encoder(self, config: WanConfig) -> nn.Module:

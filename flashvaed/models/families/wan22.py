@@ -30,7 +30,7 @@ from ..coupling import ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StreamingBlock, run_blocks
 from ..vae import TeacherVAE
-from .base import register
+from .base import check_int, register
 from .wan21 import (
     LAYOUT_KEYS,
     Rule,
@@ -74,6 +74,10 @@ class Wan22Config(WanConfig):
     latents_mean: tuple[float, ...] = field(default=WAN22_LATENTS_MEAN)
     latents_std: tuple[float, ...] = field(default=WAN22_LATENTS_STD)
     patch_size: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("patch_size", self.patch_size, 1, 8)
 
     @property
     def spatial_factor(self) -> int:
@@ -353,7 +357,7 @@ class Wan22Family(WanFamily):
     def teacher_layout(self, config: Wan22Config) -> DecoderLayout:
         return teacher_layout(config)
 
-    def build_decoder(self, config: Wan22Config, layout: DecoderLayout) -> nn.Module:
+    def build_decoder(self, config: Wan22Config, layout: DecoderLayout, student: bool = False) -> nn.Module:
         return Wan22Decoder(config, layout)
 
     def build_encoder(self, config: Wan22Config) -> nn.Module:
