@@ -353,6 +353,12 @@ def engine_providers_as_a_string(d):
 
 
 @case
+def tensorrt_engine_providers_not_names(d):
+    tamper_manifest(d, lambda m: m["backend"].update(name="tensorrt", providers=[1, 2]))
+    return info(d, "engine", "providers")
+
+
+@case
 def engine_unknown_provider(d):
     tamper_manifest(d, lambda m: m["backend"].update(providers=["NoSuchExecutionProvider"]))
     return info(d, "engine", "NoSuchExecutionProvider")

@@ -30,6 +30,9 @@ def check_backend(contract: Contract, where: str) -> None:
         return
     backend = contract.backend or {}
     name = backend.get("name", "onnxruntime")
+    providers = backend.get("providers", [])
+    if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+        raise InputError(f"{where}: backend.providers must be a list of names, got {providers!r:.80}")
     if name == "onnxruntime":
         from .ort_backend import check_backend as check_onnxruntime
 

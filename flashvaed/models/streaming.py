@@ -136,7 +136,11 @@ class ShapeRange:
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> ShapeRange:
-        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+        """The range a manifest states: whole numbers only (16.5 or "7" are not truncated to one)."""
+        values = [d["min"], d["opt"], d["max"]]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise ValueError(f"a shape range holds whole numbers, got {values!r:.80}")
+        return cls(*values)
 
     @classmethod
     def parse(cls, text: str | int, what: str, multiple: int = 1) -> ShapeRange:
