@@ -306,3 +306,11 @@ def hostile_world(tmp_path_factory):
     from hostile import build_world
 
     return build_world(tmp_path_factory.mktemp("hostile-world"))
+
+
+@pytest.fixture
+def hostile_copy(hostile_world, tmp_path):
+    """A private copy of the hostile world for one case to tamper with."""
+    import shutil
+
+    return shutil.copytree(hostile_world, tmp_path / "w", symlinks=True)

@@ -58,6 +58,19 @@ def assert_refused(output: str, code: int, needle: str, out: Path | None, before
         assert not leftovers, leftovers
 
 
+def assert_case_refused(case: Callable[[Path], tuple], d: Path) -> None:
+    """Set up a hostile case in ``d`` (it returns argv, the needle, the output path or None), run
+    the command in-process and check the refusal."""
+    from typer.testing import CliRunner
+
+    from flashvaed.cli import app
+
+    argv, needle, out = case(d)
+    before = snapshot(out) if out is not None else None
+    r = CliRunner().invoke(app, [str(a) for a in argv])
+    assert_refused(r.output, r.exit_code, needle, out, before)
+
+
 def tamper_json(path: Path, change: Callable[[dict], object]) -> None:
     data = json.loads(path.read_text())
     change(data)

@@ -31,7 +31,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from hostile import assert_refused, snapshot, tamper_manifest
+from hostile import assert_case_refused, assert_refused, snapshot, tamper_manifest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -46,17 +46,9 @@ runner = CliRunner()
 CLI = [sys.executable, "-m", "flashvaed.cli"]
 
 
-@pytest.fixture(scope="module")
-def world(hostile_world) -> Path:
-    """teacher.safetensors, z.pt, student/, export/, engine/, ...: tests/hostile.py."""
-    return hostile_world
-
-
 @pytest.fixture
-def d(world, tmp_path) -> Path:
-    """A private copy of the world for one case to tamper with."""
-    shutil.copytree(world, tmp_path / "w", symlinks=True)
-    return tmp_path / "w"
+def d(hostile_copy: Path) -> Path:
+    return hostile_copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,10 +668,7 @@ def output_where_writing_is_refused(d):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input_is_refused_in_one_line(d, name):
-    argv, needle, out = CASES[name](d)
-    before = snapshot(out) if out is not None else None
-    r = runner.invoke(app, [str(a) for a in argv])
-    assert_refused(r.output, r.exit_code, needle, out, before)
+    assert_case_refused(CASES[name], d)
     assert not (d / "pwned").exists()
 
 
@@ -877,13 +866,13 @@ json.dump(results, open(sys.argv[2], "w"))
 
 
 @pytest.fixture(scope="module")
-def bounded(world, tmp_path_factory) -> dict[str, tuple[dict, str, Path | None]]:
+def bounded(hostile_world, tmp_path_factory) -> dict[str, tuple[dict, str, Path | None]]:
     """Every BOUNDED case, run in one process under the address-space limit (one torch import, not
     one per case): name -> (its result, the needle, the output path)."""
     root = tmp_path_factory.mktemp("bounded")
     jobs, expected = [], {}
     for name, make in BOUNDED.items():
-        d = shutil.copytree(world, root / name, symlinks=True)
+        d = shutil.copytree(hostile_world, root / name, symlinks=True)
         argv, needle, out, *env = make(d)
         jobs.append({"name": name, "argv": [str(a) for a in argv], "env": env[0] if env else {}})
         expected[name] = (needle, out)
@@ -1187,10 +1176,10 @@ CLI_CAN_SAY = ("rank", "channels", "integers", "nan", "inf")
 
 
 @pytest.fixture(scope="module")
-def drop_in(world):
+def drop_in(hostile_world):
     from flashvaed.diffusers import FlashVAE
 
-    return FlashVAE.from_pretrained(world / "teacher.safetensors", device="cpu")
+    return FlashVAE.from_pretrained(hostile_world / "teacher.safetensors", device="cpu")
 
 
 @pytest.mark.parametrize("name", list(DROP_IN_LATENTS))
