@@ -183,6 +183,26 @@ def student_with_a_zero_std(d):
 
 
 @case
+def student_channel_map_past_the_teacher(d):
+    def past(c: dict) -> None:
+        kept = c["teacher_channels"]["up.1"]
+        kept[-1] = 4096  # the teacher's stage is far narrower
+
+    tamper_json(d / "student" / "config.json", past)
+    return decode(d, "student", "teacher_channels")
+
+
+@case
+def student_channel_map_repeating_a_channel(d):
+    def repeat(c: dict) -> None:
+        kept = c["teacher_channels"]["up.1"]
+        kept[1] = kept[0]
+
+    tamper_json(d / "student" / "config.json", repeat)
+    return info(d, "student", "distinct channels")
+
+
+@case
 def student_mean_of_three_entries(d):
     tamper_json(d / "student" / "config.json", lambda c: c["teacher"].update(latents_mean=[0.0, 1.0, 2.0]))
     return info(d, "student", "latents_mean")

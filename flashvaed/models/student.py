@@ -314,7 +314,7 @@ class StudentConfig:
             ):
                 raise ValueError(f"teacher_channels[{stage!r}] must be a list of channel indices"[:200])
         layout = families.get(family).upgrade_student_layout(d["layout"], d.get("version", 1))
-        return cls(
+        config = cls(
             name=name,
             layout=DecoderLayout.from_dict(layout),
             teacher=families.get(family).config_from_dict(d["teacher"]),
@@ -323,6 +323,23 @@ class StudentConfig:
             teacher_channels=channels,
             encoder=encoder,
         )
+        config.check_teacher_channels()
+        return config
+
+    def check_teacher_channels(self) -> None:
+        """Each stage's map names distinct channels of the teacher's stage output, one per student
+        channel (or none: a stage with no known map). Distillation indexes the teacher's features
+        with them, so an index past the teacher's width would crash training hours in."""
+        teacher = families.get(self.family).teacher_layout(self.teacher).stages
+        student = self.layout.stages
+        for stage, kept in self.teacher_channels.items():
+            if stage not in student or stage not in teacher:  # maps of other layers (conv_in) go unused
+                continue
+            ours, theirs = (st.resample_width or st.width for st in (student[stage], teacher[stage]))
+            if kept and (len(kept) != ours or len(set(kept)) != ours or max(kept) >= theirs):
+                raise ValueError(
+                    f"teacher_channels[{stage!r}] must name {ours} distinct channels of the teacher's {theirs}"
+                )
 
 
 class FlashStudent(LatentDecoder):
