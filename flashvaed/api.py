@@ -233,7 +233,8 @@ def encode(
         raise InputError(f"{model} is a student: it has no encoder; encode with its teacher (same latents)")
     options = replace(options or VideoOptions(), multiple=vae.spatial_factor, temporal_factor=vae.temporal_factor)
     frames = read_video(video, options)
-    need = encode_bytes(vae, *frames.shape[:1], *frames.shape[2:], dtype=dt)
+    b, _, f, h, w = frames.shape
+    need = encode_bytes(vae, b, f, h, w, dtype=dt)
     check_work(
         need, f"encoding {tuple(frames.shape)} frames", "lower {height}/{width} or {max_frames}", "height", "width",
         "max_frames", device=dev,

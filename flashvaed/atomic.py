@@ -193,7 +193,13 @@ def swap_in(tmp: Path, final: Path) -> None:
 
 
 _FULL = ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed")
-_REFUSED = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system"}
+# errors of a place no one may write (None: the system's own words, e.g. ENOENT under /proc)
+_REFUSED = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: None,
+}
 
 
 def _mount_point(path: Path) -> Path:
@@ -223,8 +229,8 @@ def _write_error(e: BaseException, final: Path, tmp: Path | None = None) -> Inpu
         full = free is not None and free < 1 << 20
     if full:
         return DiskFullError(f"no space left on {_mount_point(final)} while writing {final}")
-    if isinstance(e, OSError) and code in _REFUSED | {errno.ENOENT: ""}:
-        reason = _REFUSED.get(code) or e.strerror or "cannot create files there"
+    if isinstance(e, OSError) and code in _REFUSED:
+        reason = _REFUSED[code] or e.strerror or "cannot create files there"
         return InputError(f"cannot write {final}: {reason}")
     return None
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .atomic import atomic_output
 from .errors import InputError
-from .safeload import check_budget, check_file, gib, json_format, load_npy, load_weights_only, memory_bytes
+from .safeload import check_budget, check_file, json_format, load_npy, load_weights_only
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
@@ -319,14 +319,11 @@ def fit_frames(video: Tensor, options: VideoOptions) -> Tensor:
         tw = options.width or max(m, round(w * options.height / h / m) * m)
         scale = max(th / h, tw / w)
         rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
-        need = video.shape[0] * 3 * video.shape[2] * rh * rw * VIDEO_COPY_BYTES
-        if need > memory_bytes() // 2:
-            raise InputError(
-                f"fitting the video to {th}x{tw} ({{height}} x {{width}}; {rh}x{rw} before cropping) would need "
-                f"{gib(need)} of memory, more than half of the {gib(memory_bytes())} here; choose a smaller size",
-                "height",
-                "width",
-            )
+        check_budget(
+            video.shape[0] * 3 * video.shape[2] * rh * rw * VIDEO_COPY_BYTES,
+            f"fitting the video to {th}x{tw} ({{height}} x {{width}}; {rh}x{rw} before cropping)",
+            InputError, "choose a smaller size", ("height", "width"),
+        )  # fmt: skip
         video = _resize(video, rh, rw)
         return _center_crop(video, th, tw)
     if h < m or w < m:

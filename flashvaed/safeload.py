@@ -110,12 +110,16 @@ def check_work(
         )
 
 
-def check_budget(nbytes: float, what: str, error: type[FlashVAEDError]) -> None:
+def check_budget(
+    nbytes: float, what: str, error: type[FlashVAEDError], hint: str = "", params: tuple[str, ...] = ()
+) -> None:
     """Refuse work whose memory, computed from a file's declared sizes, exceeds half of the memory
-    here: the model's own work needs the rest."""
+    here: the model's own work needs the rest. ``hint``/``params`` as in ``check_work``."""
     limit = memory_bytes()
     if nbytes > limit // 2:
-        raise error(f"{what} would need {gib(nbytes)} of memory, more than half of the {gib(limit)} here")
+        tail = f"; {hint}" if hint else ""
+        message = f"{what} would need {gib(nbytes)} of memory, more than half of the {gib(limit)} here{tail}"
+        raise error(message, *params)
 
 
 def check_file(path: str | os.PathLike, error: type[FlashVAEDError], what: str = "file") -> int:

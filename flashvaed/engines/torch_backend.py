@@ -44,6 +44,7 @@ class TorchDecoder(Decoder):
         self.step_inputs = model.step_inputs
         self.default_timestep, self.default_noise_scale = model.default_timestep, model.default_noise_scale
         self._fingerprint: str | None = None
+        self._fits: set[tuple] = set()  # (latent shape, chunk) whose decode check_memory found to fit
         self.kernel = kernel
         if kernel == "triton":
             use_triton_kernel(model)
@@ -61,7 +62,11 @@ class TorchDecoder(Decoder):
         return self.model.state_shapes(batch, height, width)
 
     def check_memory(self, shape: tuple[int, ...], chunk: int | None = None) -> None:
-        check_decode(self.model, shape, chunk or self.default_chunk(), self.dtype, self.device)
+        """Measured once per shape and chunk: a pipeline decoding clip after clip pays it once."""
+        key = (tuple(shape), chunk or self.default_chunk())
+        if key not in self._fits:
+            check_decode(self.model, key[0], key[1], self.dtype, self.device)
+            self._fits.add(key)
 
     def describe(self) -> dict:
         return {**super().describe(), "kernel": self.kernel, "device": str(self.device), "dtype": str(self.dtype)}

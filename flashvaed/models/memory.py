@@ -100,6 +100,16 @@ def decode_step_bytes(
     return step + carried + nbytes(latents.shape, dtype)
 
 
+def _linear_in_length(once: Callable[[int], int], units: int) -> int:
+    """``once(units)`` for a clip ``units`` steps long; past ``LONG`` steps measured at LONG/2 and
+    LONG and extended linearly (memory grows linearly in length; a chunked encoder's loop would
+    make a meta run of a long clip slow)."""
+    if units <= LONG:
+        return once(units)
+    a, b = once(LONG // 2), once(LONG)
+    return b + (b - a) * (units - LONG) // (LONG // 2)
+
+
 def decode_clip_bytes(
     model: Any, batch: int, frames: int, height: int, width: int, dtype: torch.dtype = torch.float32
 ) -> int:
@@ -107,16 +117,16 @@ def decode_clip_bytes(
     and evaluation decode so; a decoder with latency runs its one-shot form over all of them)."""
     if not clocked(model):
         return decode_step_bytes(model, batch, max(frames - 1, 1), height, width, dtype)
-    if frames > LONG:
-        a, b = (decode_clip_bytes(model, batch, n, height, width, dtype) for n in (LONG // 2, LONG))
-        return b + (b - a) * (frames - LONG) // (LONG // 2)
-    z = model.latent_channels
-    with meta_shadow(model) as shadow:
-        shadow.to(dtype)
-        inputs = _meta_step_inputs(shadow, batch, height, width)
-        latents = torch.zeros(batch, z, frames, height, width, dtype=dtype)
-        step = peak_bytes(lambda: shadow.decode_step(latents, (), full=True, **inputs))
-    return step + nbytes(latents.shape, dtype)
+
+    def once(n: int) -> int:
+        with meta_shadow(model) as shadow:
+            shadow.to(dtype)
+            inputs = _meta_step_inputs(shadow, batch, height, width)
+            latents = torch.zeros(batch, model.latent_channels, n, height, width, dtype=dtype)
+            step = peak_bytes(lambda: shadow.decode_step(latents, (), full=True, **inputs))
+        return step + nbytes(latents.shape, dtype)
+
+    return _linear_in_length(once, frames)
 
 
 def encode_bytes(
@@ -125,16 +135,16 @@ def encode_bytes(
     """Peak memory of encoding a video (batch, 3, frames, height, width) with ``model``'s encoder,
     with the latents it yields kept (as ``encode`` keeps them)."""
     tf = model.temporal_factor
-    if frames > 1 + tf * LONG:  # memory grows linearly in the clip's length: measure two, extrapolate
-        a, b = encode_bytes(model, batch, 1 + tf * LONG // 2, height, width, dtype), encode_bytes(
-            model, batch, 1 + tf * LONG, height, width, dtype
-        )
-        return b + (b - a) * (frames - 1 - tf * LONG) // (tf * LONG // 2)
-    with meta_shadow(model) as shadow:
-        shadow.to(dtype)
-        video = torch.zeros(batch, 3, frames, height, width, dtype=dtype)
-        step = peak_bytes(lambda: [shadow.quant_conv(out) for out in shadow.encoder.iter_encode(video)])
-    return step + nbytes(video.shape, dtype)
+
+    def once(steps: int) -> int:
+        n = frames if steps == (frames - 1) // tf else 1 + tf * steps
+        with meta_shadow(model) as shadow:
+            shadow.to(dtype)
+            video = torch.zeros(batch, 3, n, height, width, dtype=dtype)
+            step = peak_bytes(lambda: [shadow.quant_conv(out) for out in shadow.encoder.iter_encode(video)])
+        return step + nbytes(video.shape, dtype)
+
+    return _linear_in_length(once, (frames - 1) // tf)
 
 
 def clip_bytes(
@@ -156,25 +166,16 @@ def clip_bytes(
 
 
 def _meta_step_inputs(shadow: Any, batch: int, height: int, width: int) -> dict[str, Any]:
-    """Zero tensors of the shapes a conditioned decoder's extra step inputs have (timestep, noise)."""
+    """Meta tensors of the shapes a conditioned decoder's extra step inputs have (timestep, noise)."""
     make = getattr(shadow.decoder, "stream_inputs", None)
     if make is None:
         return {}
-    with torch.device("cpu"):
-        real = make(batch, 1, 1, dtype=torch.float32, device="cpu")  # shapes at 1x1: cheap and real
-    scales = getattr(shadow.decoder, "noise_scales", ())
-    out: dict[str, Any] = {}
-    for name, value in real.items():
-        if name == "noise" and isinstance(value, (list, tuple)):
-            out[name] = [
-                torch.zeros(*t.shape[:-2], int(height * s), int(width * s), device="meta")
-                for t, s in zip(value, scales, strict=True)
-            ]
-        elif isinstance(value, Tensor):
-            out[name] = torch.zeros_like(value, device="meta")
-        else:
-            out[name] = value
-    return out
+    with torch.device("cpu"):  # callers run under the meta device; these are real, at 1x1: cheap
+        real = make(batch, 1, 1, dtype=torch.float32, device="cpu")
+    inputs = {k: torch.zeros_like(v, device="meta") if isinstance(v, Tensor) else v for k, v in real.items()}
+    if "noise" in real:  # one map per scale of the latent grid
+        inputs["noise"] = [torch.zeros(int(height * s), int(width * s), device="meta") for s in shadow.noise_scales]
+    return inputs
 
 
 def check_decode(
@@ -184,11 +185,11 @@ def check_decode(
     not fit in memory; name the chunk when a smaller one would."""
     b, _, t, h, w = shape
     steady = max(1, min(chunk, t - 1))
-    need = decode_step_bytes(model, b, steady, h, w, dtype)
-    if need <= work_budget(device):
+    need, budget = decode_step_bytes(model, b, steady, h, w, dtype), work_budget(device)
+    if need <= budget:
         return
     smaller = steady // 2
-    while smaller >= 1 and decode_step_bytes(model, b, smaller, h, w, dtype) > work_budget(device):
+    while smaller >= 1 and decode_step_bytes(model, b, smaller, h, w, dtype) > budget:
         smaller //= 2
     if smaller >= 1:
         hint = f"lower {{chunk}} to {smaller}"

@@ -54,6 +54,7 @@ DEFAULT_TIMESTEP = 0.05  # the released pipelines' decode_timestep
 DEFAULT_NOISE_SCALE = 0.025  # ... and decode_noise_scale
 MAX_WIDTH = 16384  # no released VAE comes near; an untrusted config asking for more is refused
 MAX_LAYERS = 64  # res blocks per block, in either layout's config
+MAX_BLOCKS = 64  # entries of an encoder or decoder block list
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -73,6 +74,7 @@ DIFFUSERS_DOWNSAMPLE = {
     "compress_time_res": "temporal",
     "compress_all_res": "spatiotemporal",
 }
+DOWNSAMPLE_FROM_DIFFUSERS = {v: k for k, v in DIFFUSERS_DOWNSAMPLE.items()}
 
 
 @dataclass(frozen=True)
@@ -283,8 +285,8 @@ class LTXConfig:
         d = dict(d)
         for side in ("encoder", "decoder"):
             items = d.get(f"{side}_blocks", ())
-            if not isinstance(items, (list, tuple)) or len(items) > 64:
-                raise ValueError(f"{side}_blocks must be a list of up to 64 [name, parameters] blocks"[:200])
+            if not isinstance(items, (list, tuple)) or len(items) > MAX_BLOCKS:
+                raise ValueError(f"{side}_blocks must be a list of up to {MAX_BLOCKS} [name, parameters] blocks")
             d[f"{side}_blocks"] = tuple(Block.from_item(b, side) for b in items)
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -1408,8 +1410,8 @@ def config_from_original(vae: Mapping) -> dict[str, Any]:
     both = vae.get("blocks")
     enc, dec = vae.get("encoder_blocks", both), vae.get("decoder_blocks", both)
     for name, items in (("encoder_blocks", enc), ("decoder_blocks", dec)):
-        if not isinstance(items, list) or not 0 < len(items) <= 64:
-            raise CheckpointError(f"the VAE config's {name} must be a list of 1 to 64 blocks")
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_BLOCKS:
+            raise CheckpointError(f"the VAE config's {name} must be a list of 1 to {MAX_BLOCKS} blocks")
     padding = vae.get("spatial_padding_mode", "zeros")
     if padding not in ("zeros", "reflect", "replicate", "circular"):
         raise CheckpointError(f"unknown spatial_padding_mode {padding!r}"[:200])
@@ -1444,7 +1446,7 @@ def config_from_diffusers(c: Mapping) -> dict[str, Any]:
         enc.append(Block("res_x", layers[i]))
         if v095:
             if spatio[i]:
-                kind = {v: k for k, v in DIFFUSERS_DOWNSAMPLE.items()}.get(down_type[i])
+                kind = DOWNSAMPLE_FROM_DIFFUSERS.get(down_type[i])
                 if kind is None or out % width:
                     raise CheckpointError(f"config.json: unsupported encoder downsampler {down_type[i]!r}"[:200])
                 enc.append(Block(kind, multiplier=out // width))
@@ -1628,9 +1630,7 @@ class LTXFamily(Family):
     def read_student(
         self, tensors: Mapping[str, Tensor], layout: str, config: Mapping, where: str
     ) -> tuple[Any, dict[str, Tensor]]:
-        if layout != "official":
-            return super().read_student(tensors, layout, config, where)
-        from .ltx_release import read_student
+        from .ltx_release import read_student  # the one student layout: "official" (see ``detect``)
 
         return read_student(self, tensors, where)
 

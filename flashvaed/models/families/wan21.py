@@ -670,9 +670,7 @@ class WanFamily(Family):
     def read_student(
         self, tensors: Mapping[str, Tensor], layout: str, config: Mapping, where: str
     ) -> tuple[Any, dict[str, Tensor]]:
-        if layout != "official":
-            return super().read_student(tensors, layout, config, where)
-        return read_official_student(self, tensors, where)
+        return read_official_student(self, tensors, where)  # the one student layout (see ``detect``)
 
     def key_names(self, model: nn.Module, layout: str) -> dict[str, str]:
         keys = model.state_dict()
