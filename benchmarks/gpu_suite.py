@@ -424,9 +424,11 @@ def conv_shapes(s: Settings) -> list[dict[str, Any]]:
     for name, model in build_models(s, device="meta").items():
         seen: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
 
-        def record(x: Tensor, history: Tensor, weight: Tensor, *rest: Any, seen: list = seen) -> tuple[Tensor, Tensor]:
+        def record(
+            x: Tensor, history: Tensor, weight: Tensor, *rest: Any, seen: list = seen, **options: Any
+        ) -> tuple[Tensor, Tensor]:
             seen.append((tuple(x.shape), tuple(weight.shape), rest[-1]))
-            return streaming_conv3d(x, history, weight, *rest)
+            return streaming_conv3d(x, history, weight, *rest, **options)
 
         f = model.spatial_factor
         h, w = s.height // f, s.width // f

@@ -19,7 +19,6 @@ import torch
 
 from . import engines
 from .atomic import atomic_output, check_output
-from .demo import DemoResult, demo, embedded_teacher_path
 from .devices import resolve_device, resolve_dtype
 from .distill.evaluate import Evaluation, evaluate
 from .distill.run import distill
@@ -53,16 +52,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ConvertResult",
     "DecodeResult",
-    "DemoResult",
     "EncodeResult",
     "Evaluation",
     "PrunePlan",
     "build_engine",
     "convert",
     "decode",
-    "demo",
     "distill",
-    "embedded_teacher_path",
     "encode",
     "engine_info",
     "evaluate",
@@ -333,7 +329,7 @@ def prune(
     calib: str | os.PathLike = "synthetic",
     criterion: str = "independence",
     calib_clips: int = 4,
-    calib_frames: int = 9,
+    calib_frames: int | None = None,
     calib_size: int = 64,
     chunk: int = 2,
     height: int | None = None,
@@ -343,7 +339,8 @@ def prune(
 ) -> dict[str, Any]:
     """Initialise a student from a teacher and write the student directory; returns the report.
 
-    ``height``/``width``: the resolution of the report's MACs (default: the family's).
+    ``height``/``width``: the resolution of the report's MACs (default: the family's);
+    ``calib_frames``: frames per calibration clip (default: the family's ``clip_frames``).
     """
     from .prune.calibration import calibration_latents
     from .prune.pipeline import CRITERIA, prune_teacher
@@ -353,6 +350,8 @@ def prune(
     spec = _spec(preset, config)
     model = load_teacher(teacher).to(resolve_device(device))
     tf, sf = model.temporal_factor, model.spatial_factor
+    if calib_frames is None:
+        calib_frames = families.get(model.family).clip_frames
     if calib_clips < 1 or calib_frames < 1 or (calib_frames - 1) % tf or calib_size <= 0 or calib_size % sf:
         raise InputError(
             f"{{calib_clips}} >= 1, {{calib_frames}} {tf}n+1 and {{calib_size}} a multiple of {sf} are required",

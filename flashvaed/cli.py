@@ -28,14 +28,18 @@ from .errors import FlashVAEDError
 
 
 class _LazyModule:
-    """``flashvaed.api``, imported on first use."""
+    """A flashvaed module (``flashvaed.api``), imported on first use."""
+
+    def __init__(self, name: str = "flashvaed.api") -> None:
+        self._name = name
 
     def __getattr__(self, name: str) -> Any:
-        module: ModuleType = importlib.import_module("flashvaed.api")
+        module: ModuleType = importlib.import_module(self._name)
         return getattr(module, name)
 
 
 api: Any = _LazyModule()
+demos: Any = _LazyModule("flashvaed.demo")  # the demo runs api's commands: it is not one of them
 # parameters whose flag is not --NAME ("timestep": the stream option behind --decode-timestep)
 FLAGS = {"out": "-o", "workspace_gib": "--workspace", "timestep": "--decode-timestep"}
 
@@ -343,7 +347,10 @@ def prune(
         str, typer.Option(help="'independence' (pivoted selection + compensation) or 'l1' (magnitude baseline).")
     ] = "independence",
     calib_clips: Annotated[int, typer.Option(help="Synthetic calibration clips.")] = 4,
-    calib_frames: Annotated[int, typer.Option(help="Frames per synthetic or video calibration clip (4n+1).")] = 9,
+    calib_frames: Annotated[
+        int | None,
+        typer.Option(help="Frames per synthetic or video calibration clip (tn+1; default: the family's)."),
+    ] = None,
     calib_size: Annotated[int, typer.Option(help="Height = width of synthetic or video calibration clips.")] = 64,
     chunk: Annotated[int, typer.Option(help="Latent frames per streaming step while calibrating.")] = 2,
     height: Annotated[
@@ -607,7 +614,7 @@ def demo(
 ) -> None:
     """The whole toolkit on a clip it makes itself: teacher -> prune -> distil -> export -> ONNX
     Runtime engine -> validate -> decode; writes videos, a contact sheet and a report (docs/demo.md)."""
-    r = api.demo(
+    r = demos.demo(
         out,
         family=family,
         model=model,

@@ -33,6 +33,7 @@ import yaml
 from rich.console import Console
 from torch import Tensor
 
+from . import api  # the demo runs the library's commands: it depends on api, never the reverse
 from .atomic import atomic_output, check_output
 from .devices import resolve_device
 from .errors import InputError
@@ -189,7 +190,7 @@ def demo(
 ) -> DemoResult:
     """Run the whole chain on a generated clip with ``family``'s embedded teacher (or ``model``)
     and write what it produced into ``out_dir``; see the module docstring."""
-    from . import api, engines
+    from . import engines
     from .distill.run import distill
 
     out_dir = check_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR, inputs=[model])

@@ -3,11 +3,11 @@
     pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     pipe.vae = FlashVAE.from_pretrained("flash-wan21-engine/", teacher="Wan2.1_VAE.pth")
 
-The pipelines (``WanPipeline``, ``WanImageToVideoPipeline``, ``LTXPipeline``,
-``LTXImageToVideoPipeline``) read a handful of facts from their VAE — config fields, compression
-ratios, latent statistics, ``device``/``dtype`` — and call ``decode(latents[, timestep])`` with
-*de-normalised* latents, and ``encode(image)`` for image-to-video. ``FlashVAE`` answers exactly
-those, in the family's own terms, and refuses a pipeline of another family in one line.
+The pipelines of a family's VAE (``Family.pipelines``: ``WanPipeline``, ``LTXPipeline``, ...) read a
+handful of facts from their VAE — config fields, compression ratios, latent statistics,
+``device``/``dtype`` — and call ``decode(latents[, timestep])`` with *de-normalised* latents, and
+``encode(image)`` for image-to-video. ``FlashVAE`` answers exactly those, as the family says
+(``Family.pipeline_reads``/``pipeline_fields``), and refuses a pipeline of another family in one line.
 
 Decoding streams chunk by chunk underneath (``Decoder.iter_decode``): memory stays flat in the
 clip length, so ``enable_tiling``/``enable_slicing`` are accepted and change nothing. LTX-Video
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import engines
 from .devices import resolve_device, resolve_dtype
-from .errors import FlashVAEDError, InputError
+from .errors import CheckpointError, FlashVAEDError, InputError
 from .models import families
 from .models.checkpoint import load_teacher
 from .models.streaming import check_latents
@@ -35,16 +35,6 @@ from .models.vae import LatentDecoder
 from .safeload import check_stored
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
-
-# What the pipelines of each diffusers VAE class read, beyond device/dtype/decode/encode.
-CONFIG_FIELDS = {
-    "AutoencoderKLWan": ("scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std", "z_dim"),
-    "AutoencoderKLLTXVideo": ("scaling_factor", "timestep_conditioning", "latent_channels"),
-}
-PIPELINES = {
-    "AutoencoderKLWan": "Wan pipelines (WanPipeline, WanImageToVideoPipeline)",
-    "AutoencoderKLLTXVideo": "LTX-Video pipelines (LTXPipeline, LTXImageToVideoPipeline)",
-}
 
 
 class FamilyMismatchError(FlashVAEDError):
@@ -55,11 +45,18 @@ class EncoderMissingError(FlashVAEDError):
     """``encode`` on a FlashVAE whose model has no encoder and no teacher was given."""
 
 
-def _mismatch(family: str, theirs: str, asked: str) -> FamilyMismatchError:
-    return FamilyMismatchError(
-        f"this FlashVAE holds a {families.get(family).title}; {PIPELINES[theirs]} need a VAE of their family "
-        f"(they asked for {asked})"
-    )
+def _check_read(family: str, name: str) -> None:
+    """Refuse ``name`` ("config.FIELD" or an attribute) if only other families' pipelines read it."""
+    ours = families.get(family)
+    if name in ours.pipeline_reads:
+        return
+    theirs = [f.pipelines or f"{f.title} pipelines" for f in families.FAMILIES.values() if name in f.pipeline_reads]
+    if theirs:
+        raise FamilyMismatchError(
+            f"this FlashVAE holds a {ours.title}; {' or '.join(dict.fromkeys(theirs))} need a VAE of their "
+            f"family (they asked for {name})"
+        )
+    raise AttributeError(f"FlashVAE has no {name!r}")
 
 
 class FlashVAEConfig(dict):
@@ -75,9 +72,7 @@ class FlashVAEConfig(dict):
             return self[name]
         if name.startswith("_"):
             raise AttributeError(name)
-        theirs = next((kind for kind, names in CONFIG_FIELDS.items() if name in names), None)
-        if theirs is not None and theirs != families.get(self._family).diffusers_vae:
-            raise _mismatch(self._family, theirs, f"config.{name}")
+        _check_read(self._family, f"config.{name}")
         raise AttributeError(f"FlashVAE config has no field {name!r}")
 
 
@@ -96,32 +91,27 @@ class FlashVAE(nn.Module):
         latents_std: Tensor,
         teacher: LatentDecoder | None = None,
         chunk: int | None = None,
+        *,
+        config: Any,
+        scaling_factor: float = 1.0,
     ) -> None:
+        """``config``: the teacher's configuration (the family's ``config_type``); ``scaling_factor``:
+        the one ``decoder`` de-normalises with (``LatentDecoder.scaling_factor``)."""
         super().__init__()
+        fam = families.get(family)
+        if not fam.pipelines:
+            raise FamilyMismatchError(f"no diffusers pipeline FlashVAE knows takes a {fam.title}")
         self.decoder = decoder
         self.family = family
-        self.kind = families.get(family).diffusers_vae  # the diffusers VAE it stands in for
+        self.kind = fam.diffusers_vae  # the diffusers VAE it stands in for
         self.teacher = teacher  # a registered submodule: moved by .to(), found by offload hooks
         self.chunk = chunk
+        self.scaling_factor = float(scaling_factor)
         z = decoder.latent_channels
         self.register_buffer("_mean", latents_mean.float().reshape(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("_std", latents_std.float().reshape(1, z, 1, 1, 1), persistent=False)
-        t, s = decoder.temporal_factor, decoder.spatial_factor
-        if self.kind == "AutoencoderKLWan":
-            fields = {
-                "scale_factor_temporal": t,
-                "scale_factor_spatial": s,
-                "latents_mean": self._mean.flatten().tolist(),
-                "latents_std": self._std.flatten().tolist(),
-                "z_dim": z,
-            }
-        elif self.kind == "AutoencoderKLLTXVideo":
-            fields = {"scaling_factor": 1.0, "timestep_conditioning": "timestep" in decoder.step_inputs}
-            fields["latent_channels"] = z
-        else:
-            raise FamilyMismatchError(f"no diffusers pipeline FlashVAE knows takes a {families.get(family).title}")
-        self.config = FlashVAEConfig(family, fields)
-        self.spatial_compression_ratio = s
+        self.config = FlashVAEConfig(family, fam.pipeline_fields(config, decoder))
+        self.spatial_compression_ratio = decoder.spatial_factor
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -144,20 +134,23 @@ class FlashVAE(nn.Module):
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
         decoder = engines.load(model, device=dev, dtype=dt, providers=providers)
         if isinstance(decoder, engines.TorchDecoder):
-            family = decoder.model.family
+            family, config = decoder.model.family, decoder.model.family_config
             mean, std = decoder.model.latents_mean, decoder.model.latents_std
+            sf = decoder.model.scaling_factor
             if teacher is None and decoder.model.has_encoder:  # a teacher, or a student carrying its encoder
                 teacher = decoder.model
         else:
             contract = decoder.contract  # type: ignore[attr-defined]
             family = contract.model["family"]
+            config = _manifest_config(family, contract.model.get("config"), str(model))
             mean = torch.tensor(contract.model["latents_mean"])
             std = torch.tensor(contract.model["latents_std"])
+            sf = contract.model.get("scaling_factor", 1.0)
         if teacher is not None and not isinstance(teacher, nn.Module):  # a path
             teacher = load_teacher(teacher).to(dev, dt)
         if teacher is not None and teacher.family != family:
             raise FamilyMismatchError(f"the teacher is a {teacher.family} VAE, the model is {family}")
-        vae = cls(decoder, family, mean, std, teacher, chunk)
+        vae = cls(decoder, family, mean, std, teacher, chunk, config=config, scaling_factor=sf)
         if isinstance(decoder, engines.TorchDecoder):
             vae._device, vae._dtype = dev, dt
         return vae
@@ -176,8 +169,8 @@ class FlashVAE(nn.Module):
 
     @property
     def temporal_compression_ratio(self) -> int:
-        if self.kind != "AutoencoderKLLTXVideo":  # only LTX's VAE has it: Wan pipelines never ask
-            raise _mismatch(self.family, "AutoencoderKLLTXVideo", "temporal_compression_ratio")
+        """For families whose pipelines read it (``Family.pipeline_reads``); refused for the others."""
+        _check_read(self.family, "temporal_compression_ratio")
         return self.decoder.temporal_factor
 
     @property
@@ -229,7 +222,10 @@ class FlashVAE(nn.Module):
     def decode(self, z: Tensor, temb: Tensor | None = None, return_dict: bool = True) -> Any:
         """Frames (B, 3, F, H, W) in [-1, 1] from de-normalised latents (what pipelines pass)."""
         self._offload_hook()
-        latents = (self._checked(z).float().to(self._mean.device) - self._mean) / self._std
+        latents = self._checked(z).float().to(self._mean.device) - self._mean  # pipelines de-normalised them
+        if self.scaling_factor != 1.0:
+            latents = latents * self.scaling_factor
+        latents = latents / self._std
         options: dict[str, Any] = {}
         if temb is not None:
             if "timestep" not in self.decoder.step_inputs:
@@ -292,6 +288,17 @@ class FlashVAE(nn.Module):
 
     def forward(self, z: Tensor, temb: Tensor | None = None) -> Tensor:
         return self.decode(z, temb, return_dict=False)[0]
+
+
+def _manifest_config(family: str, recorded: Any, where: str) -> Any:
+    """The teacher configuration an export's manifest records (``model.config``: the teacher's, or
+    a student's config holding it as ``teacher``)."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("teacher"), dict):
+        recorded = recorded["teacher"]
+    try:
+        return families.get(family).config_from_dict(recorded)
+    except (ValueError, TypeError, CheckpointError) as e:
+        raise InputError(f"{where}: its manifest's model.config is not a {family} configuration ({e})"[:300]) from None
 
 
 def _noise_scales(decoder: engines.Decoder) -> tuple:

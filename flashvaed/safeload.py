@@ -96,9 +96,7 @@ def work_budget(device: torch.device | str | None = None) -> int:
     return int(WORK_SHARE * (available if available is not None else memory_bytes()))
 
 
-def check_work(
-    nbytes: float, what: str, hint: str, *params: str, device: torch.device | str | None = None
-) -> None:
+def check_work(nbytes: float, what: str, hint: str, *params: str, device: torch.device | str | None = None) -> None:
     """Refuse a computation whose peak memory, measured before it runs, exceeds ``work_budget``;
     ``hint`` says which option to change (``{param}`` placeholders, as in ``InputError``)."""
     budget = work_budget(device)

@@ -29,7 +29,14 @@ def invoke(*args):
 def test_registry_and_configs_round_trip():
     from flashvaed.models.families.ltx import LTXConfig
 
-    assert families.names() == ["wan2.1", "wan2.2", "ltx"]
+    names = families.names()
+    # every family registers itself on import: a new one joins the list without edits here
+    assert [n for n in names if n in ("wan2.1", "wan2.2", "ltx")] == ["wan2.1", "wan2.2", "ltx"]
+    assert len(set(names)) == len(names) and all(families.get(n).name == n for n in names)
+    for name in names:  # every family's tiny teacher configuration round-trips through JSON
+        family = families.get(name)
+        tiny = family.tiny_config()
+        assert family.config_from_dict(json.loads(json.dumps(tiny.to_dict()))) == tiny, name
     configs = {**CONFIGS, "ltx": LTXConfig.released("0.9.1", decoder_base=8, encoder_base=8)}
     for name, config in configs.items():
         family = families.get(name)

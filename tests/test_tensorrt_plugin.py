@@ -95,7 +95,8 @@ def test_plugin_engine_matches_reference(depthwise, aot, no_tf32):
     w_in = network.add_constant(w_np.shape, trt.Weights(w_np)).get_output(0)
     b_in = network.add_constant(b_np.shape, trt.Weights(b_np)).get_output(0)
     op = getattr(trtp.op.flashvaed, "StreamingDepthwiseConv3d" if depthwise else "StreamingCausalConv3d")
-    plugin = op(x_in, h_in, w_in, b_in, pads=np.array([0, 1, 1, 0, 1, 1], dtype=np.int32), group=groups)
+    pads = np.array([0, 1, 1, 0, 1, 1], dtype=np.int32)
+    plugin = op(x_in, h_in, w_in, b_in, pads=pads, group=groups, padding_mode="zeros")
     layer = network.add_plugin(plugin, aot=aot) if tensorrt_plugin.aot_supported() else network.add_plugin(plugin)
     layer.get_output(0).name, layer.get_output(1).name = "y", "new_history"
     network.mark_output(layer.get_output(0))
@@ -210,13 +211,13 @@ def test_aot_registration_imports_no_triton():
         # shapes from the packed weight (kt, kh, kw, C_in, C_out): y has C_out channels
         pads = np.array([0, 1, 1, 0, 1, 1], np.int32)
         x, history, weight, bias = Desc(2, 5, 3, 7, 9), Desc(2, 5, 2, 7, 9), Desc(3, 3, 3, 5, 12), Desc(12)
-        y, new_history = defined[tp.DENSE_PLUGIN]["register"](x, history, weight, bias, pads, 1)
+        y, new_history = defined[tp.DENSE_PLUGIN]["register"](x, history, weight, bias, pads, 1, "zeros")
         assert [d.value for d in y[0]] == [2, 12, 3, 7, 9], y
         assert new_history == ("like", (2, 5, 2, 7, 9))
 
         # compiling at engine build is where triton is needed, and its absence is one clear line
         try:
-            defined[tp.DENSE_PLUGIN]["aot_impl"](x, history, weight, bias, pads, 1, (None, None), 0)
+            defined[tp.DENSE_PLUGIN]["aot_impl"](x, history, weight, bias, pads, 1, "replicate", (None, None), 0)
         except FlashVAEDError as e:
             print("REFUSED:", e)
         """

@@ -16,6 +16,8 @@ from typing import Any
 from ..errors import InputError
 from ..safeload import load_config
 
+OPTIONAL_INTS = {"clip_frames"}  # integer fields whose default (None) the run picks: the teacher family's
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -65,7 +67,7 @@ class RefineConfig:
 class DistillConfig:
     seed: int = 0
     batch_size: int = 2  # clips per step and process
-    clip_frames: int = 9  # 4n+1 frames per clip (video and synthetic data)
+    clip_frames: int | None = None  # tn+1 frames per clip (video and synthetic data); None: the family's
     clip_size: int = 64  # clips are cropped to clip_size x clip_size pixels
     frame_stride: int = 1  # keep every n-th video frame
     synthetic_clips: int = 64  # distinct synthetic clips when --data synthetic
@@ -99,6 +101,11 @@ class DistillConfig:
     @property
     def total_steps(self) -> int:
         return sum(n for _, n in self.phases)
+
+    def for_family(self, family: Any) -> DistillConfig:
+        """This config with the fields left to the teacher's family filled in: ``clip_frames`` None
+        becomes the family's ``Family.clip_frames``."""
+        return self if self.clip_frames is not None else replace(self, clip_frames=family.clip_frames)
 
     def with_steps_per_phase(self, steps: int) -> DistillConfig:
         return replace(
@@ -147,6 +154,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
             if not isinstance(value, (list, tuple)) or len(value) != len(default):
                 raise InputError(f"{where}.{name}: expected a list of {len(default)} numbers, got {value!r}")
             values[name] = tuple(float(v) for v in value)
+        elif name in OPTIONAL_INTS and default is None:  # an integer, or null: the default its reader picks
+            bad = isinstance(value, bool) or not isinstance(value, (int, float, type(None)))
+            if bad or (isinstance(value, float) and not value.is_integer()):
+                raise InputError(f"{where}.{name}: expected an integer, got {value!r}")
+            values[name] = None if value is None else int(value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise InputError(f"{where}.{name}: expected true or false, got {value!r}")

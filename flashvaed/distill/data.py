@@ -33,6 +33,7 @@ from torch import Tensor
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..io import TENSOR_SUFFIXES, VIDEO_COPY_BYTES, VIDEO_SUFFIXES, read_tensor
+from ..models import families
 from ..models.vae import TeacherVAE
 from ..safeload import check_budget, check_file
 from ..synthetic import synthetic_clip
@@ -42,21 +43,21 @@ from ..synthetic import synthetic_clip
 class ClipSpec:
     """Clips for one teacher: ``ClipDataset`` sets the factors to its teacher's."""
 
-    frames: int = 9  # tn+1 video frames per clip (t: the temporal factor)
+    frames: int | None = None  # tn+1 video frames per clip (t: the temporal factor); None: the family's
     size: int = 64  # square crop, pixels (a multiple of the spatial factor)
     stride: int = 1  # keep every n-th video frame
     synthetic_clips: int = 64  # distinct synthetic clips
-    temporal_factor: int = 4
-    spatial_factor: int = 8
+    temporal_factor: int | None = None  # the teacher's factors: None until a teacher is known
+    spatial_factor: int | None = None
 
     def __post_init__(self) -> None:
         tf, sf = self.temporal_factor, self.spatial_factor
-        if self.frames < tf + 1 or (self.frames - 1) % tf:
+        if tf is not None and self.frames is not None and (self.frames < tf + 1 or (self.frames - 1) % tf):
             raise InputError(
                 f"clips must have {tf}n+1 >= {tf + 1} frames (two latent frames at least), got {self.frames}"
             )
-        if self.size <= 0 or self.size % sf:
-            raise InputError(f"clip size must be a positive multiple of {sf}, got {self.size}")
+        if self.size <= 0 or (sf is not None and self.size % sf):
+            raise InputError(f"clip size must be a positive multiple of {sf or 1}, got {self.size}")
         if self.stride < 1 or self.synthetic_clips < 1:
             raise InputError("stride and synthetic clip count must be at least 1")
 
@@ -203,7 +204,10 @@ class ClipDataset:
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        spec = replace(spec, temporal_factor=teacher.temporal_factor, spatial_factor=teacher.spatial_factor)
+        frames = spec.frames if spec.frames is not None else families.get(teacher.family).clip_frames
+        spec = replace(
+            spec, frames=frames, temporal_factor=teacher.temporal_factor, spatial_factor=teacher.spatial_factor
+        )
         self.teacher, self.spec, self.seed = teacher, spec, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         videos: list[Path] = []

@@ -19,7 +19,8 @@ Three entry points:
 
 Needs triton >= 3.4 (``TRITON_MIN_VERSION``); an older one is refused at import, in one line.
 
-Dense (groups 1) and depthwise (groups = channels) convs; stride 1, "same" spatial padding, odd
+Dense (groups 1) and depthwise (groups = channels) convs; stride 1, "same" spatial padding with
+zeros or the edge values replicated (``padding_mode``; replicate clamps the input indices), odd
 spatial kernels; fp32 accumulation for fp32, fp16 and bf16 tensors. fp32 products are exact
 (IEEE) unless torch allows TF32 for convs on that CUDA device (``torch.backends.cudnn.allow_tf32``,
 on by default, as for ``F.conv3d``); the ahead-of-time TensorRT kernel always uses IEEE fp32.
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FlashVAEDError
-from ..models.blocks import streaming_conv3d
+from ..models.blocks import check_padding_mode, streaming_conv3d
 
 # The first Triton with both APIs this module uses: ``triton.knobs`` (``knobs.runtime.interpret``)
 # appeared in 3.4.0; ``ASTSource(constexprs=...)`` in 3.3 (checked in the 3.3.1 and 3.4.0 wheels).
@@ -130,6 +131,7 @@ def _streaming_conv3d_kernel(
     BLOCK_CO: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    REPLICATE: tl.constexpr = False,  # spatial padding: the nearest edge value (clamped indices), not zeros
 ):
     P: tl.constexpr = KT - 1
     CENTRE: tl.constexpr = (KH // 2) * KW + KW // 2  # the spatial tap without shift
@@ -176,7 +178,12 @@ def _streaming_conv3d_kernel(
             for k in range(KH * KW):
                 ih = oh + (k // KW - KH // 2)
                 iw = ow + (k % KW - KW // 2)
-                ok = hw_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                if REPLICATE:  # the centre tap stays unshifted: the new history below is unchanged
+                    ih = tl.minimum(tl.maximum(ih, 0), H - 1)
+                    iw = tl.minimum(tl.maximum(iw, 0), W - 1)
+                    ok = hw_ok
+                else:
+                    ok = hw_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 xt = tl.load(rows + (ih * W + iw)[None, :], mask=ci_ok[:, None] & ok[None, :], other=0.0)
                 tap = dt * KH * KW + k
                 if DEPTHWISE:
@@ -236,9 +243,16 @@ def launch_config(c_in: int, c_out: int, hw: int, depthwise: bool) -> dict[str, 
 
 
 def _check(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int] | list[int], groups: int
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: tuple[int, int] | list[int],
+    groups: int,
+    padding_mode: str = "zeros",
 ) -> bool:
     """Validate the arguments; True for a depthwise conv."""
+    check_padding_mode(padding_mode)
     if x.dim() != 5 or history.dim() != 5 or weight.dim() != 5:
         raise ValueError("x, history and weight must be 5-D (B, C, T, H, W) / (C_out, C_in/groups, kt, kh, kw)")
     b, c_in, _, h, w = x.shape
@@ -275,9 +289,16 @@ def _weight_strides(weight: Tensor) -> tuple[int, int, int]:
 
 
 def _launch(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, new_history: Tensor, depthwise: bool
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    new_history: Tensor,
+    depthwise: bool,
+    padding_mode: str = "zeros",
 ) -> None:
-    """Run the kernel, writing into ``y`` and ``new_history``.
+    """Run the kernel, writing into ``y`` and ``new_history``; ``padding_mode`` zeros or replicate.
 
     Activations contiguous; the weight in any layout whose taps are uniformly strided (the
     standard one, as in TensorRT, or ``_packed`` with channels innermost).
@@ -304,6 +325,7 @@ def _launch(
         KW=kw,
         DEPTHWISE=depthwise,
         HAS_BIAS=bias is not None,
+        REPLICATE=check_padding_mode(padding_mode) == "replicate",
         DOT_PRECISION=_dot_precision(x),
         **cfg,
     )
@@ -348,15 +370,17 @@ def streaming_causal_conv3d(
     bias: Tensor | None,
     padding: tuple[int, int] | list[int],
     groups: int,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor]:
     """``(conv3d(cat(history, x)), cat(history, x)[:, :, -P:])`` in one Triton launch.
 
     ``x`` (B, C, T, H, W), ``history`` (B, C, P = kt - 1, H, W), ``weight`` (C_out, C/groups, kt,
-    kh, kw), ``bias`` (C_out,) or None; ``padding`` = (kh // 2, kw // 2); ``groups`` 1 or C.
+    kh, kw), ``bias`` (C_out,) or None; ``padding`` = (kh // 2, kw // 2), zeros or the edge values
+    replicated (``padding_mode``, as ``blocks.streaming_conv3d``); ``groups`` 1 or C.
     Tensors on one CUDA device, or on the CPU under ``TRITON_INTERPRET=1``. Inference only: no
     autograd.
     """
-    depthwise = _check(x, history, weight, bias, padding, groups)
+    depthwise = _check(x, history, weight, bias, padding, groups, padding_mode)
     devices = {t.device for t in (x, history, weight, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -366,7 +390,7 @@ def streaming_causal_conv3d(
     bias = bias.contiguous() if bias is not None else None
     y = x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
     new_history = torch.empty_like(history, memory_format=torch.contiguous_format)
-    _launch(x, history, _packed(weight), bias, y, new_history, depthwise)
+    _launch(x, history, _packed(weight), bias, y, new_history, depthwise, padding_mode)
     return y, new_history
 
 
@@ -380,24 +404,42 @@ reference_streaming_conv3d = streaming_conv3d  # the plain torch result: concate
 
 @torch.library.custom_op("flashvaed::streaming_causal_conv3d", mutates_args=())
 def streaming_causal_conv3d_op(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], groups: int
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: list[int],
+    groups: int,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor]:
     """``torch.ops.flashvaed.streaming_causal_conv3d``; this body is the CPU (any non-CUDA) path."""
-    return reference_streaming_conv3d(x, history, weight, bias, padding, groups)
+    return reference_streaming_conv3d(x, history, weight, bias, padding, groups, padding_mode)
 
 
 @streaming_causal_conv3d_op.register_kernel("cuda")
 def _op_cuda(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], groups: int
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: list[int],
+    groups: int,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor]:
     if triton is None:
-        return reference_streaming_conv3d(x, history, weight, bias, padding, groups)
-    return streaming_causal_conv3d(x, history, weight, bias, padding, groups)
+        return reference_streaming_conv3d(x, history, weight, bias, padding, groups, padding_mode)
+    return streaming_causal_conv3d(x, history, weight, bias, padding, groups, padding_mode)
 
 
 @streaming_causal_conv3d_op.register_fake
 def _op_fake(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], groups: int
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: list[int],
+    groups: int,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor]:
     b, _, t, h, w = x.shape
     _, _, _, kh, kw = weight.shape
@@ -435,8 +477,10 @@ def compile_for_tensorrt(
     depthwise: bool,
     hw_hint: int,
     bias_dtype: torch.dtype | None = None,
+    padding_mode: str = "zeros",
 ) -> tuple[str, str, dict[str, int]]:
-    """Compile the kernel for the current CUDA device: ``(kernel name, PTX, launch config)``.
+    """Compile the kernel for the current CUDA device: ``(kernel name, PTX, launch config)``;
+    ``padding_mode`` (zeros or replicate) is compiled in.
 
     The PTX takes (x, history, weight, bias, *AOT_SCALARS, y, new_history) (values from
     ``aot_scalar_args``), the weight packed as (kt, kh, kw, C_in/groups, C_out), the layout of
@@ -465,6 +509,7 @@ def compile_for_tensorrt(
         "KW": kw,
         "DEPTHWISE": depthwise,
         "HAS_BIAS": True,
+        "REPLICATE": check_padding_mode(padding_mode) == "replicate",
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "BLOCK_CO": cfg["BLOCK_CO"],
         "BLOCK_CI": cfg["BLOCK_CI"],

@@ -74,14 +74,17 @@ def network_creation_flags(trt: Any, prefer_aot: bool = True) -> int:
     return flags
 
 
-def parse_network(trt: Any, path: Path, logger: Any) -> tuple[Any, Any, Any]:
-    """(builder, network, parser) for the ONNX graph ``path``, the network made with
-    ``network_creation_flags``; a graph TensorRT cannot parse is refused in one line."""
+def parse_network(trt: Any, path: Path, logger: Any, graph: bytes | None = None) -> tuple[Any, Any, Any]:
+    """(builder, network, parser) for the ONNX graph ``path`` (or its serialized copy ``graph``),
+    the network made with ``network_creation_flags``; a graph TensorRT cannot parse is refused in
+    one line."""
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network = builder.create_network(network_creation_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(path)):  # from the file: external data is found beside it
+    # with the path: external data is found beside it
+    parsed = parser.parse_from_file(str(path)) if graph is None else parser.parse(graph, str(path))
+    if not parsed:
         errors = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)]
         first = errors[0].splitlines()[0] if errors and errors[0] else "no error reported"
         more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
@@ -123,6 +126,25 @@ def check_plugin_layout(path: Path) -> None:
         )
 
 
+def with_padding_modes(path: Path) -> bytes | None:
+    """The graph ``path`` serialized with ``padding_mode = "zeros"`` on every plugin node that lacks
+    it (exported before the attribute existed: zero padding), or None when none lacks it. Today's
+    plugins take the attribute; external data stays where it is (parse with the path)."""
+    import onnx
+
+    from ..export.plugin_nodes import DOMAIN
+
+    model = onnx.load(str(path), load_external_data=False)
+    missing = [
+        n for n in model.graph.node if n.domain == DOMAIN and not any(a.name == "padding_mode" for a in n.attribute)
+    ]
+    if not missing:
+        return None
+    for node in missing:
+        node.attribute.append(onnx.helper.make_attribute("padding_mode", "zeros"))
+    return model.SerializeToString()
+
+
 def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:
     """Parse every graph (plugins registered), build strongly typed plans, write them into ``out_dir``."""
     trt = require_tensorrt()
@@ -142,7 +164,8 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
         profile = Profile()
         for input_name, (lo, opt, hi) in _profile_shapes(contract, graph).items():
             profile.add(input_name, min=lo, opt=opt, max=hi)
-        network = parse_network(trt, export_dir / name, logger)
+        graph = with_padding_modes(export_dir / name) if contract.plugins != "none" else None
+        network = parse_network(trt, export_dir / name, logger, graph)
         config = CreateConfig(
             profiles=[profile],
             load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,

@@ -3,7 +3,9 @@
 Two plugins, one per ONNX op type the exporter writes (``flashvaed.export.plugin_nodes``):
 ``flashvaed::StreamingCausalConv3d`` (group 1) and ``flashvaed::StreamingDepthwiseConv3d`` (group
 = channels). Inputs (x, history, weight, bias), outputs (y, new_history), attributes ``pads``
-(ONNX Conv layout [0, ph, pw, 0, ph, pw]) and ``group``. TensorRT's ONNX parser prefers a
+(ONNX Conv layout [0, ph, pw, 0, ph, pw]), ``group`` and ``padding_mode`` ("zeros" or
+"replicate", passed to the kernel; graphs exported before it existed get "zeros" from
+``tensorrt_backend`` before parsing). TensorRT's ONNX parser prefers a
 registered plugin over the node's local-function body when the node carries ``plugin_namespace``.
 
 Each plugin has two implementations:
@@ -36,6 +38,7 @@ import numpy.typing as npt
 
 from ..errors import InputError
 from ..export.plugin_nodes import CONV_WEIGHT_PERM
+from ..models.blocks import check_padding_mode
 
 __all__ = [
     "DENSE_PLUGIN",
@@ -104,6 +107,15 @@ def _spatial_padding(pads: np.ndarray, plugin_id: str) -> tuple[int, int]:
     return p[1], p[2]
 
 
+def _attribute_values(*values) -> tuple:
+    """(pads, group, padding_mode) from the attribute values in any order: TensorRT passes an AOT
+    plugin its attributes positionally in the order the node gave them, which need not be ours."""
+    pads = next(v for v in values if isinstance(v, np.ndarray))
+    group = next(v for v in values if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
+    padding_mode = next(v for v in values if isinstance(v, str))
+    return pads, group, padding_mode
+
+
 def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -> None:
     """Define register / impl (/ aot_impl) for one plugin id; trt, trtp are the imported modules.
 
@@ -113,10 +125,11 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
 
     torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
 
-    def check_attrs(pads: np.ndarray, group: int) -> tuple[int, int]:
+    def check_attrs(pads: np.ndarray, group: int, padding_mode: str) -> tuple[int, int]:
         if depthwise == (group == 1):
             kind = "a depthwise conv (group = channels)" if depthwise else "a dense conv (group 1)"
             raise ValueError(f"{plugin_id} is {kind}, got group {group}")
+        check_padding_mode(padding_mode, f"{plugin_id} padding_mode")
         return _spatial_padding(pads, plugin_id)
 
     @trtp.register(plugin_id)
@@ -127,8 +140,9 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         bias: trtp.TensorDesc,
         pads: npt.NDArray[np.int32],
         group: int,
+        padding_mode: str,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        check_attrs(pads, group)
+        check_attrs(pads, group, padding_mode)
         s = x.shape_expr
         c_out = weight.shape_expr[4]  # packed weight: (kt, kh, kw, C_in/groups, C_out)
         y = trtp.from_shape_expr((s[0], c_out, s[2], s[3], s[4]), dtype=x.dtype)
@@ -142,17 +156,18 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         bias: trtp.Tensor,
         pads: npt.NDArray[np.int32],
         group: int,
+        padding_mode: str,
         outputs: tuple[trtp.Tensor, trtp.Tensor],
         stream: int,
     ) -> None:
         from .kernel import _check, _launch
 
-        padding = check_attrs(pads, group)
+        padding = check_attrs(pads, group, padding_mode)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             xt, ht, wt, bt, yt, nt = (_as_torch(t, torch_dtypes) for t in (x, history, weight, bias, *outputs))
             wt = wt.permute(*CONV_WEIGHT_PERM)  # a (C_out, C_in/groups, kt, kh, kw) view, output channels innermost
-            _check(xt, ht, wt, bt, padding, group)
-            _launch(xt, ht, wt, bt, yt, nt, depthwise)
+            _check(xt, ht, wt, bt, padding, group, padding_mode)
+            _launch(xt, ht, wt, bt, yt, nt, depthwise, padding_mode)
 
     if not with_aot:
         return
@@ -165,16 +180,16 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         bias: trtp.TensorDesc,
         pads: npt.NDArray[np.int32],
         group: int,
+        padding_mode: str,
         outputs: tuple[trtp.TensorDesc, trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         # TensorRT passes every attribute positionally in the order they were given to the plugin
-        # (the register order when parsing ONNX): undo a (group, pads) order from keyword calls.
-        if isinstance(pads, (int, np.integer)):
-            pads, group = group, pads
+        # (the node's order when parsing ONNX, the keyword order otherwise): sort them by type.
+        pads, group, padding_mode = _attribute_values(pads, group, padding_mode)
         from .kernel import aot_scalar_args, compile_for_tensorrt  # imports triton: building needs it
 
-        check_attrs(pads, group)
+        check_attrs(pads, group, padding_mode)
         ws = weight.shape_expr
         if not all(not d.is_fake and d.is_constant for d in ws):
             raise ValueError(f"{plugin_id}: the weight must be a constant (an initializer) of static shape")
@@ -184,7 +199,7 @@ def _define_plugin(trt, trtp, plugin_id: str, depthwise: bool, with_aot: bool) -
         h, w = xs[3], xs[4]
         hw_hint = h.constant_value() * w.constant_value() if h.is_constant and w.is_constant else 1 << 20
         name, ptx, cfg = compile_for_tensorrt(
-            torch_dtypes[x.dtype], c_in, c_out, (kt, kh, kw), depthwise, hw_hint, torch_dtypes[bias.dtype]
+            torch_dtypes[x.dtype], c_in, c_out, (kt, kh, kw), depthwise, hw_hint, torch_dtypes[bias.dtype], padding_mode
         )
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(h * w, cfg["BLOCK_HW"])

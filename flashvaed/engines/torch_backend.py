@@ -6,12 +6,13 @@ instead of concatenate + conv + slice.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import InputError
-from ..models.blocks import streaming_convs
+from ..models.blocks import other_temporal_convs, streaming_convs
 from ..models.memory import check_decode
 from ..models.streaming import ANY_CHUNK, StreamingDecoder, model_fingerprint
 from ..models.vae import LatentDecoder
@@ -83,4 +84,11 @@ def use_triton_kernel(model: LatentDecoder) -> int:
     convs = streaming_convs(model)
     for conv in convs:
         conv.fused_step = streaming_causal_conv3d
+    others = other_temporal_convs(model)
+    if others:  # said, not skipped in silence
+        names = ", ".join(sorted({type(m).__name__ for m in others}))
+        warnings.warn(
+            f"the triton kernel runs {len(convs)} convs; {len(others)} temporal convs ({names}) stay torch ops",
+            stacklevel=2,
+        )
     return len(convs)

@@ -61,6 +61,18 @@ def plugin_mode(value: str) -> str:
     return mode
 
 
+def plugin_convs_problem(value: Any) -> str | None:
+    """What is wrong with a manifest's ``plugin_convs`` (absent: nothing; older manifests lack it)."""
+    if value is None:
+        return None
+    counts = [value.get(k) for k in ("nodes", "plain")] if isinstance(value, dict) else []
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1 << 20 for n in counts):
+        return f"plugin_convs must give counts of nodes and plain convs, got {value!r}"[:200]
+    if not isinstance(value.get("fallback"), (str, type(None))):
+        return f"plugin_convs.fallback must be a reason or null, got {value.get('fallback')!r}"[:200]
+    return None
+
+
 def shape_in_limits(r: ShapeRange) -> bool:
     """Whether a contract may declare the range ``r`` (latent units): the rule manifests are read
     by, which the exporter applies to its options too, so that it never writes what it would refuse."""
@@ -143,6 +155,10 @@ class Contract:
     files: dict[str, str]
     format: str = EXPORT_FORMAT
     backend: dict[str, Any] | None = None
+    # what ``plugins`` gave: {"nodes": streaming convs written as plugin nodes, "plain": temporal convs
+    # written as plain ops, "fallback": why convs ``plugins`` asked for stayed plain, or None};
+    # None in manifests written before it was recorded
+    plugin_convs: dict[str, Any] | None = None
 
     # facts of the model ---------------------------------------------------------------------
     @property
@@ -260,6 +276,7 @@ class Contract:
             "model": self.model,
             "precision": self.precision,
             "plugins": self.plugins,
+            **({"plugin_convs": self.plugin_convs} if self.plugin_convs is not None else {}),
             "opset": self.opset,
             "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.clocked else ""),
             "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
@@ -308,6 +325,7 @@ class Contract:
                 files={g: spec["file"] for g, spec in d["graphs"].items() if g in GRAPHS},
                 format=d["format"],
                 backend=d.get("backend"),
+                plugin_convs=d.get("plugin_convs"),
             )
             if set(contract.files) != set(contract.graphs):
                 raise KeyError(f"graphs (expected {', '.join(contract.graphs)})")
@@ -339,6 +357,9 @@ class Contract:
             return f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
         if not isinstance(self.plugins, str) or not 1 <= self.opset <= 1000:
             return "plugins or opset is malformed"
+        problem = plugin_convs_problem(self.plugin_convs)
+        if problem:
+            return problem
         if set(self.shapes) != set(SHAPES):
             return f"shapes must give {', '.join(SHAPES)}"
         for name, r in self.shapes.items():
@@ -381,6 +402,9 @@ class Contract:
             return f"model.fingerprint must be a string, got {m.get('fingerprint')!r}"[:200]
         if not isinstance(m.get("source", 0), (str, type(None))):
             return f"model.source must be the path it was exported from (or null), got {m.get('source', 0)!r}"[:200]
+        sf = m.get("scaling_factor", 1.0)  # absent in exports before it was recorded: 1.0 then
+        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not 0 < sf < math.inf:
+            return f"model.scaling_factor must be a finite number > 0, got {sf!r}"[:200]
         for name in ("default_timestep", "default_noise_scale"):
             value = m.get(name)
             if value is not None and (

@@ -45,7 +45,7 @@ from .contract import (
     shape_in_limits,
 )
 from .op_coverage import unsupported_by_tensorrt
-from .plugin_nodes import attach_function_bodies, plugin_nodes
+from .plugin_nodes import attach_function_bodies, plugin_nodes, plugin_plan
 
 MIN_OPSET = 18  # the lowest opset the traced graphs and the plugin function bodies are written for
 # The lowest opset whose operators take each precision: ONNX adds bfloat16 to Conv in opset 22.
@@ -90,6 +90,7 @@ def model_facts(model: LatentDecoder, source: str | None) -> dict:
         "default_noise_scale": model.default_noise_scale,
         "latents_mean": [float(v) for v in model.latents_mean.flatten()],
         "latents_std": [float(v) for v in model.latents_std.flatten()],
+        "scaling_factor": model.scaling_factor,
         "config": config.to_dict() if config is not None else None,
     }
 
@@ -271,10 +272,14 @@ def export(
     if p.dtype != dtype or p.device.type != "cpu":  # convert a copy: the caller's model stays as it was
         model = copy.deepcopy(model).to("cpu", dtype)
     model = model.eval()
+    plan = plugin_plan(model, plugin_mode(options.plugins))
+    if plan.fallback:  # the manifest says so too (plugin_convs)
+        warnings.warn(f"plugin nodes: {'; '.join(plan.fallback)}", stacklevel=2)
     contract = Contract(
         model=model_facts(model, source),
         precision=options.precision,
-        plugins=plugin_mode(options.plugins),
+        plugins=plan.kinds,
+        plugin_convs=plan.to_dict(),
         opset=opset,
         shapes=shapes,
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
@@ -300,7 +305,7 @@ def export(
         warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
         for graph in contract.graphs:
             path = tmp / contract.files[graph]
-            with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins):
+            with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins, plan):
                 if graph == "first":
                     _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), opset)
                 else:

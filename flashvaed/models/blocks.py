@@ -7,9 +7,11 @@ Blocks also declare how their channels are coupled (``channel_flow``, see ``coup
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, KeysView
 from contextlib import contextmanager
 from fractions import Fraction
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,26 +33,52 @@ def unfold_time(y: Tensor, batch: int) -> Tensor:
     return y.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
+PADDING_MODES = ("zeros", "replicate")  # spatial padding of the convs here (torch's names)
+HISTORY_MODES = ("zeros", "replicate")  # what precedes a clip's first frame
+
+
+def check_padding_mode(mode: str, what: str = "padding_mode", allowed: tuple[str, ...] = PADDING_MODES) -> str:
+    """``mode`` if it is one of ``allowed``; a ValueError naming it otherwise."""
+    if mode not in allowed:
+        raise ValueError(f"unknown {what} {mode!r} (expected one of {', '.join(allowed)})"[:200])
+    return mode
+
+
 def streaming_conv3d(
-    x: Tensor, history: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int
+    x: Tensor,
+    history: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: tuple[int, int],
+    groups: int,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor]:
     """The streaming causal conv every implementation must match: conv3d over ``cat(history, x)``
-    (no temporal padding, ``padding`` spatially) and the last ``P`` frames of it as the new history."""
+    (no temporal padding; ``padding`` spatially, zeros or the edge values replicated as
+    ``padding_mode`` says) and the last ``P`` frames of it as the new history."""
+    check_padding_mode(padding_mode)
     joined = torch.cat([history, x], dim=2)
-    y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
+    if padding_mode == "zeros":
+        y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
+    else:
+        ph, pw = padding
+        y = F.conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, groups=groups)
     return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
 
 
 class CausalConv3d(nn.Conv3d, StreamingBlock):
     """A Conv3d that sees only present and past frames.
 
-    Spatial padding is symmetric zeros. The temporal padding in front is the state: the last
-    ``kernel_t - 1`` input frames of earlier chunks (zeros before the first frame), so chunked
-    and one-shot application agree exactly.
+    Spatial padding is symmetric, zeros or the edge values replicated (``padding_mode``). The
+    temporal padding in front is the state: the last ``kernel_t - 1`` input frames of earlier
+    chunks, so chunked and one-shot application agree exactly. Before the clip's first frame,
+    ``history`` says what there is: zeros (Wan), or the first frame repeated (``"replicate"``,
+    Mochi and CogVideoX): then ``forward(x, state, first=True)`` ignores ``state`` and puts
+    ``x[:, :, :1]`` repeated ``kernel_t - 1`` times in front (attribute ``history_init``).
 
     ``fused_step`` swaps in another implementation of ``step`` with the signature
-    ``(x, history, weight, bias, padding, groups) -> (y, new_history)``: the fused Triton kernel
-    (engines) or a plugin node (ONNX export). ``None`` runs the plain torch ops.
+    ``(x, history, weight, bias, padding, groups, padding_mode=...) -> (y, new_history)``: the fused
+    Triton kernel (engines) or a plugin node (ONNX export). ``None`` runs the plain torch ops.
     """
 
     fused_step: Callable[..., tuple[Tensor, Tensor]] | None = None
@@ -62,33 +90,52 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
         kernel_size: int | tuple[int, int, int],
         groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
+        history: str = "zeros",
     ) -> None:
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
         super().__init__(
-            in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2), groups=groups, bias=bias
+            in_channels,
+            out_channels,
+            (kt, kh, kw),
+            padding=(0, kh // 2, kw // 2),
+            groups=groups,
+            bias=bias,
+            padding_mode=check_padding_mode(padding_mode),
         )
+        self.history_init = check_padding_mode(history, "history", HISTORY_MODES)
         self.history = kt - 1
         self.current_tap = kt - 1  # the kernel tap that reads the frame being produced
         self.num_states = 1 if self.history else 0
 
+    def initial_history(self, x: Tensor, state: State, first: bool) -> Tensor:
+        """The frames in front of ``x``: the state, or on a clip's first chunk with a replicated
+        history, its first frame repeated."""
+        if first and self.history_init == "replicate":
+            return torch.cat([x[:, :, :1]] * self.history, dim=2)
+        return state[0]
+
     def kernel_input(self, args: tuple) -> Tensor:
         """What the kernel ran on in a call with ``args`` (history, then the new frames)."""
-        return torch.cat([args[1][0], args[0]], dim=2) if self.history else args[0]
+        if not self.history:
+            return args[0]
+        first = len(args) > 2 and bool(args[2])
+        return torch.cat([self.initial_history(args[0], args[1], first), args[0]], dim=2)
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         if not self.history:
             return []
-        return [StateSpec(name, self.in_channels, self.history, scale)]
+        return [StateSpec(name, self.in_channels, self.history, scale, self.history_init)]
 
     def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """Convolve ``x`` after ``history``; return the output and the new history."""
         step = self.fused_step or streaming_conv3d
-        return step(x, history, self.weight, self.bias, self.padding[1:], self.groups)
+        return step(x, history, self.weight, self.bias, self.padding[1:], self.groups, padding_mode=self.padding_mode)
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
         if not self.history:
             return self._conv_forward(x, self.weight, self.bias), ()
-        y, history = self.step(x, state[0])
+        y, history = self.step(x, self.initial_history(x, state, first))
         return y, (history,)
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:
@@ -103,10 +150,22 @@ def streaming_convs(model: nn.Module) -> list[CausalConv3d]:
     return [m for m in model.modules() if isinstance(m, CausalConv3d) and m.history]
 
 
+def other_temporal_convs(model: nn.Module) -> list[nn.Conv3d]:
+    """Convs of ``model`` with more than one frame in their kernel that are no ``CausalConv3d`` (a
+    family's own streaming conv): no fused step replaces them, which the fast paths report."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv3d) and not isinstance(m, CausalConv3d) and m.kernel_size[0] > 1
+    ]
+
+
 @contextmanager
-def fused_steps(model: nn.Module, step: Callable[..., tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Within the block, every streaming causal conv of ``model`` runs ``step``."""
-    convs = streaming_convs(model)
+def fused_steps(
+    model: nn.Module, step: Callable[..., tuple[Tensor, Tensor]], convs: list[CausalConv3d] | None = None
+) -> Iterator[None]:
+    """Within the block, every streaming causal conv of ``model`` (or just ``convs``) runs ``step``."""
+    convs = streaming_convs(model) if convs is None else convs
     for conv in convs:
         conv.fused_step = step
     try:
@@ -121,7 +180,14 @@ class RMSNorm(nn.Module):
 
     Written as one reduction and a reciprocal square root: ``F.normalize`` over a strided
     channel dim is several times slower on CPUs, and the results agree to float rounding.
+
+    A prunable norm (``coupling.PrunableNorm``): its gain is ``gamma``; over fewer channels the
+    norm of its input shrinks and ``sqrt(C)`` with it, so pruning multiplies the gain by
+    ``sqrt(total / kept)`` and by the measured share of the input's norm the kept channels carry.
     """
+
+    channel_params: ClassVar[tuple[str, ...]] = ("gamma",)
+    kept_norm_share: ClassVar[bool] = True
 
     def __init__(self, dim: int, spatial_dims: int = 3) -> None:
         super().__init__()
@@ -133,74 +199,177 @@ class RMSNorm(nn.Module):
         inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24)) * self.scale
         return (xf * inv).to(x.dtype) * self.gamma
 
+    def pruned_scale(self, kept: int, total: int) -> float:
+        return (total / kept) ** 0.5
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group norm computed per frame: (B, C, T, H, W) statistics over each group's channels and
+    one frame's positions (as diffusers' Mochi VAE does, frame by frame); other ranks as
+    ``nn.GroupNorm``. Statistics in fp32 for half types.
+
+    A prunable norm (``coupling.PrunableNorm``) with per-channel ``weight`` and ``bias``: its
+    statistics stay per group, so pruning only keeps their entries at the kept channels (a
+    student's width must stay a multiple of ``num_groups``). It mixes a whole frame.
+    """
+
+    channel_params: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    kept_norm_share: ClassVar[bool] = False
+    mixes_frame: ClassVar[bool] = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            return super().forward(x)
+        b, c, t, h, w = x.shape
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        g = xf.reshape(b, self.num_groups, c // self.num_groups, t, h, w)
+        var, mean = torch.var_mean(g, dim=(2, 4, 5), correction=0, keepdim=True)
+        y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, t, h, w).to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1, 1) + self.bias.view(1, c, 1, 1, 1)
+        return y
+
+    def pruned_scale(self, kept: int, total: int) -> float:
+        return 1.0
+
 
 class DepthwiseSeparableConv3d(StreamingBlock):
     """Depthwise causal 3x3x3 conv (one filter per channel, the same state rule as the dense
-    conv: it keeps the last 2 input frames) followed by a pointwise 1x1x1 conv."""
+    conv: it keeps the last 2 input frames, ``history`` before the first) followed by a pointwise
+    1x1x1 conv."""
 
     num_states = 1
     substitutes_as = "dwsep3d"  # pruning fits it to a dense 3x3x3 conv
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, padding_mode: str = "zeros", history: str = "zeros"
+    ) -> None:
         super().__init__()
-        self.depthwise = CausalConv3d(in_channels, in_channels, 3, groups=in_channels, bias=False)
+        self.depthwise = CausalConv3d(
+            in_channels, in_channels, 3, groups=in_channels, bias=False, padding_mode=padding_mode, history=history
+        )
         self.pointwise = nn.Conv3d(in_channels, out_channels, 1)
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return self.depthwise.state_specs(name, scale)
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        y, history = self.depthwise.step(x, state[0])
-        return self.pointwise(y), (history,)
+        y, state = self.depthwise(x, state, first)
+        return self.pointwise(y), state
 
 
 class FrameConv2d(nn.Conv2d, StreamingBlock):
-    """A 3x3 conv applied to every frame alone: no temporal mixing, no state."""
+    """A 3x3 conv applied to every frame alone (zero or replicate spatial padding): no temporal
+    mixing, no state."""
 
     substitutes_as = "spatial2d"
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 3, padding=1)
+    def __init__(self, in_channels: int, out_channels: int, padding_mode: str = "zeros") -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1, padding_mode=check_padding_mode(padding_mode))
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
         return unfold_time(self._conv_forward(fold_time(x), self.weight, self.bias), x.shape[0]), ()
 
 
-# operator kinds of decoder convs: a causal 3D conv, a 3D conv that also reads one future frame
-# (LTX-Video's teacher; its decoder runs with latency), depthwise-separable 3D (with the temporal
-# behaviour of the family's teacher conv), per-frame 2D. A family builds those in ``Family.ops``.
-OPS = ("causal3d", "conv3d", "dwsep3d", "spatial2d")
+# Operator kinds: the registry of the 3x3(x3) convs a layout can ask for by name. A factory is called
+# as ``factory(in_channels, out_channels, **options)`` and returns a ``StreamingBlock`` (``forward(x,
+# state, first) -> (y, state)``, ``num_states``, ``state_specs``). The options a family passes through
+# ``make_conv`` describe its padding: ``padding_mode`` (spatial: "zeros" or "replicate") and
+# ``history`` (what precedes the first frame: "zeros" or "replicate"); a factory takes every option
+# it is given, ignoring what does not apply to its kind (a per-frame conv has no history). Built-in
+# kinds: a causal 3D conv, a 3D conv that also reads one future frame (LTX-Video's teacher; its
+# decoder runs with latency, and builds it itself), depthwise-separable 3D (with the temporal
+# behaviour of the family's teacher conv), per-frame 2D. A family registers its own kinds with
+# ``register_op`` when its module is imported, and lists the kinds its decoders build in
+# ``Family.ops``.
+OpFactory = Callable[..., StreamingBlock]
+_OP_FACTORIES: dict[str, OpFactory] = {}
+OPS: KeysView[str] = _OP_FACTORIES.keys()  # the registered kinds' names: a live view, in registration order
 
 
-def make_conv(op: str, in_channels: int, out_channels: int) -> StreamingBlock:
-    """The 3x3(x3) conv of a residual block or head, as operator kind ``op``."""
-    if op == "causal3d":
-        return CausalConv3d(in_channels, out_channels, 3)
-    if op == "dwsep3d":
-        return DepthwiseSeparableConv3d(in_channels, out_channels)
-    if op == "spatial2d":
-        return FrameConv2d(in_channels, out_channels)
-    if op == "conv3d":
-        raise ValueError("operator conv3d (a 3D conv reading a future frame) does not fit a causal decoder")
-    raise ValueError(f"unknown operator {op!r} (expected one of {', '.join(OPS)})")
+def register_op(name: str, factory: OpFactory, *, replace: bool = False) -> OpFactory:
+    """Register operator kind ``name``: ``factory(in_channels, out_channels, **options)`` builds it.
+
+    Registering a name again with another factory is refused unless ``replace``; registering the
+    same factory again is a no-op (a module imported twice). Returns ``factory``.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"an operator kind is a lower-case identifier, got {name!r}")
+    known = _OP_FACTORIES.get(name)
+    if known is not None and known is not factory and not replace:
+        raise ValueError(f"operator kind {name!r} is already registered")
+    _OP_FACTORIES[name] = factory
+    return factory
+
+
+def unregister_op(name: str) -> None:
+    """Forget operator kind ``name`` (tests registering a kind of their own clean up with it)."""
+    _OP_FACTORIES.pop(name, None)
+
+
+def make_conv(op: str, in_channels: int, out_channels: int, **options: Any) -> StreamingBlock:
+    """The 3x3(x3) conv of a residual block or head, as operator kind ``op``; ``options``
+    (``padding_mode``, ``history``, or a family's own) go to the kind's factory."""
+    factory = _OP_FACTORIES.get(op)
+    if factory is None:
+        raise ValueError(f"unknown operator {op!r} (expected one of {', '.join(OPS)})")
+    return factory(in_channels, out_channels, **options)
+
+
+def _causal3d(in_channels: int, out_channels: int, **options: Any) -> StreamingBlock:
+    return CausalConv3d(in_channels, out_channels, 3, **options)
+
+
+def _future3d(in_channels: int, out_channels: int, **options: Any) -> StreamingBlock:
+    raise ValueError("operator conv3d (a 3D conv reading a future frame) does not fit a causal decoder")
+
+
+def _dwsep3d(in_channels: int, out_channels: int, **options: Any) -> StreamingBlock:
+    return DepthwiseSeparableConv3d(in_channels, out_channels, **options)
+
+
+def _spatial2d(in_channels: int, out_channels: int, *, history: str = "zeros", **options: Any) -> StreamingBlock:
+    return FrameConv2d(in_channels, out_channels, **options)  # per frame: nothing precedes a frame
+
+
+register_op("causal3d", _causal3d)
+register_op("conv3d", _future3d)
+register_op("dwsep3d", _dwsep3d)
+register_op("spatial2d", _spatial2d)
+
+
+NormFactory = Callable[[int], nn.Module]  # channels -> a norm over dim 1 of (B, C, T, H, W)
+ConvFactory = Callable[[str, int, int], StreamingBlock]  # (op, in, out) -> a conv of operator kind op
 
 
 class ResidualBlock(StreamingBlock):
-    """RMSNorm, SiLU, conv, RMSNorm, SiLU, conv; plus a 1x1x1 shortcut when widths differ.
+    """norm, SiLU, conv, norm, SiLU, conv; plus a 1x1x1 shortcut when widths differ.
 
     ``hidden`` is the width between the two convs (the output width in the teacher); ``op`` the
     conv kind; ``shortcut=True`` keeps a 1x1x1 shortcut even when in and out widths agree.
+    ``norm(channels)`` builds each norm (RMS norms in Wan; ``lambda c: GroupNorm(32, c)`` for a
+    family with group norms) and should be a prunable norm (``coupling.PrunableNorm``);
+    ``conv(op, in, out)`` builds each conv (``make_conv``, or it with the family's padding bound:
+    ``functools.partial(make_conv, padding_mode="replicate", history="replicate")``).
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden: int | None = None, op: str = "causal3d", shortcut: bool = False
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden: int | None = None,
+        op: str = "causal3d",
+        shortcut: bool = False,
+        *,
+        norm: NormFactory = RMSNorm,
+        conv: ConvFactory = make_conv,
     ) -> None:
         super().__init__()
-        hidden = hidden or out_dim
-        self.norm1 = RMSNorm(in_dim)
-        self.conv1 = make_conv(op, in_dim, hidden)
-        self.norm2 = RMSNorm(hidden)
-        self.conv2 = make_conv(op, hidden, out_dim)
+        self.hidden = hidden = hidden or out_dim
+        self.norm1 = norm(in_dim)
+        self.conv1 = conv(op, in_dim, hidden)
+        self.norm2 = norm(hidden)
+        self.conv2 = conv(op, hidden, out_dim)
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if shortcut or in_dim != out_dim else None
         self.num_states = self.conv1.num_states + self.conv2.num_states
 
@@ -216,7 +385,7 @@ class ResidualBlock(StreamingBlock):
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         flow.consume(stream, f"{path}.conv1", stage, norm=f"{path}.norm1")
-        hidden = flow.start("hidden", self.norm2.gamma.shape[0], f"{path}.conv1", name=f"{path}.hidden")
+        hidden = flow.start("hidden", self.hidden, f"{path}.conv1", name=f"{path}.hidden")
         flow.consume(hidden, f"{path}.conv2", stage, norm=f"{path}.norm2")
         if self.shortcut is not None:  # the block maps one stream to another
             flow.consume(stream, f"{path}.shortcut", stage)
@@ -229,13 +398,18 @@ class AttentionBlock(StreamingBlock):
     """Single-head self-attention over the positions of each frame, with a residual add.
 
     q and k have ``qk_dim`` channels (the scale is 1/sqrt(qk_dim)), v has ``v_dim``; both are
-    the stream width in the teacher.
+    the stream width in the teacher. ``norm(channels)`` builds the norm in front, applied to
+    (B*T, C, H, W) frames (default: an RMS norm). It mixes a whole frame.
     """
 
-    def __init__(self, dim: int, qk_dim: int | None = None, v_dim: int | None = None) -> None:
+    mixes_frame: ClassVar[bool] = True
+
+    def __init__(
+        self, dim: int, qk_dim: int | None = None, v_dim: int | None = None, *, norm: NormFactory | None = None
+    ) -> None:
         super().__init__()
         self.qk_dim, self.v_dim = qk_dim or dim, v_dim or dim
-        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.norm = norm(dim) if norm is not None else RMSNorm(dim, spatial_dims=2)
         self.to_qkv = nn.Conv2d(dim, 2 * self.qk_dim + self.v_dim, 1)
         self.proj = nn.Conv2d(self.v_dim, dim, 1)
 
@@ -256,19 +430,31 @@ class AttentionBlock(StreamingBlock):
         return stream
 
 
-class Upsample(StreamingBlock):
-    """Decoder resampling: optional temporal 2x (``time_conv``), then nearest 2x and a 3x3 conv.
+def time_factor(temporal: bool | int) -> int:
+    """A temporal upsampling factor: an integer >= 1 (1: none, 2: doubles, 3: triples), or a
+    boolean as layouts before student format 3 wrote it (True: doubles, False: none)."""
+    if isinstance(temporal, bool):
+        return 2 if temporal else 1
+    if not isinstance(temporal, int) or not 1 <= temporal <= 16:
+        raise ValueError(f"a temporal factor is an integer in [1, 16] (1: none), got {temporal!r}"[:200])
+    return temporal
 
-    ``time_conv`` doubles the channels and its output is read as two frames per input frame.
-    On the first chunk it does not run at all: the single frame passes through and its history
-    stays zero, so the next chunk sees zeros in front (the reference's first-chunk rule).
+
+class Upsample(StreamingBlock):
+    """Decoder resampling: optional temporal upsampling (``time_conv``), then nearest 2x and a 3x3 conv.
+
+    ``temporal`` is the time factor (1: none; a boolean reads as 2 or 1). ``time_conv`` multiplies
+    the channels by it and its output is read as ``temporal`` frames per input frame. On the first
+    chunk it does not run at all: the single frame passes through and its history stays zero, so
+    the next chunk sees zeros in front (the reference's first-chunk rule).
     """
 
-    def __init__(self, dim: int, out_dim: int, temporal: bool) -> None:
+    def __init__(self, dim: int, out_dim: int, temporal: bool | int = 1) -> None:
         super().__init__()
-        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
+        self.factor = factor = time_factor(temporal)
+        self.time_conv = CausalConv3d(dim, dim * factor, (3, 1, 1)) if factor > 1 else None
         self.conv = nn.Conv2d(dim, out_dim, 3, padding=1)
-        self.num_states = 1 if temporal else 0
+        self.num_states = 1 if factor > 1 else 0
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         if self.time_conv is None:
@@ -278,14 +464,14 @@ class Upsample(StreamingBlock):
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         if self.time_conv is not None and not first:
             y, state = self.time_conv(x, state)
-            b, c2, t, h, w = y.shape
-            # channels [0:C] are the earlier frame, [C:2C] the later one
-            x = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            b, cf, t, h, w = y.shape
+            f = self.factor  # channels [kC:(k+1)C] are the k-th of the f frames
+            x = y.view(b, f, cf // f, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, cf // f, f * t, h, w)
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
-        if self.time_conv is not None:  # read as two frames of the same channels
+        if self.time_conv is not None:  # read as ``factor`` frames of the same channels
             flow.consume(stream, f"{path}.time_conv", stage)
             flow.produce(stream, f"{path}.time_conv", TIME_ROWS)
         flow.consume(stream, f"{path}.conv", stage)
@@ -351,19 +537,31 @@ class Stage(StreamingBlock):
 
 
 class Head(StreamingBlock):
-    """RMSNorm, SiLU and a 3x3(x3) conv (causal in the teacher) to the output channels."""
+    """norm, SiLU and a conv of kind ``op`` (a causal 3x3x3 one in Wan's teacher) to the output channels.
 
-    def __init__(self, dim: int, out_dim: int, op: str = "causal3d") -> None:
+    ``norm(channels)`` and ``conv(op, in, out)`` as in ``ResidualBlock``; ``norm=None``: no norm
+    (SiLU straight into the conv, as Mochi's head does).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        op: str = "causal3d",
+        *,
+        norm: NormFactory | None = RMSNorm,
+        conv: ConvFactory = make_conv,
+    ) -> None:
         super().__init__()
-        self.norm = RMSNorm(dim)
-        self.conv = make_conv(op, dim, out_dim)
+        self.norm = norm(dim) if norm is not None else None
+        self.conv = conv(op, dim, out_dim)
         self.num_states = self.conv.num_states
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return self.conv.state_specs(f"{name}.conv", scale)
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        return self.conv(F.silu(self.norm(x)), state)
+        return self.conv(F.silu(x if self.norm is None else self.norm(x)), state, first)
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> None:
-        flow.consume(stream, f"{path}.conv", stage, norm=f"{path}.norm")
+        flow.consume(stream, f"{path}.conv", stage, norm=None if self.norm is None else f"{path}.norm")

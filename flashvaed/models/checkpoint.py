@@ -263,18 +263,19 @@ def _check_readable(model: TeacherVAE, tensors: dict[str, Tensor], described: di
         back = family.infer_config(tensors, layout, described)
     except CheckpointError as e:
         raise InputError(f"{where}: {e} ({hint})") from None
-    if _stored(back.to_dict()) != _stored(model.config.to_dict()):
+    if as_stored(back.to_dict()) != as_stored(model.config.to_dict()):
         raise InputError(f"{where}: it would read back as another architecture, {family.describe(back)} ({hint})")
 
 
-def _stored(value: Any) -> Any:
-    """``value`` with its floats as float32 tensors keep them (latent statistics are stored so)."""
+def as_stored(value: Any) -> Any:
+    """``value`` as a checkpoint stores it: JSON types, floats as float32 tensors keep them (latent
+    statistics are stored so)."""
     if isinstance(value, float):
         return float(torch.tensor(value, dtype=torch.float32))
     if isinstance(value, Mapping):
-        return {k: _stored(v) for k, v in value.items()}
+        return {k: as_stored(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_stored(v) for v in value]
+        return [as_stored(v) for v in value]
     return value
 
 

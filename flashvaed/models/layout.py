@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .blocks import OPS
+from .blocks import OPS, time_factor
 
 MAX_WIDTH = 1 << 16  # far past any released VAE: an untrusted config asking for more is refused
 
@@ -27,7 +27,8 @@ class StageLayout:
     ``in_width`` enters the stage, ``width`` is its residual stream, ``hidden`` the width
     between the two convs of each residual block; ``resample_width`` is the upsample conv's
     output (the next stage's ``in_width``), ``None`` when the stage does not upsample;
-    ``temporal`` says whether the upsampler doubles time (``time_conv``); ``shortcut`` gives
+    ``temporal`` is the upsampler's time factor (1: none, 2: doubles, 3: triples; a boolean, as
+    student format 2 and earlier wrote it, reads as 2 or 1); ``shortcut`` gives
     every block a 1x1x1 shortcut (otherwise only blocks whose widths change have one); ``causal``
     makes the stage's own convs read no future frame in a decoder that otherwise does (a family
     whose convs are all causal ignores it).
@@ -38,13 +39,14 @@ class StageLayout:
     width: int
     hidden: tuple[int, ...]
     resample_width: int | None = None
-    temporal: bool = False
+    temporal: int = 1
     shortcut: bool = False
     causal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))
-        if self.op not in OPS:
+        object.__setattr__(self, "temporal", time_factor(self.temporal))
+        if self.op not in OPS:  # any registered operator kind (``blocks.register_op``)
             raise ValueError(f"unknown operator {self.op!r} (expected one of {', '.join(OPS)})")
         widths = [self.in_width, self.width, *self.hidden] + ([self.resample_width] if self.resample_width else [])
         if any(isinstance(w, bool) or int(w) != w or not 1 <= w <= MAX_WIDTH for w in widths):
@@ -65,7 +67,7 @@ class DecoderLayout:
     up: tuple[StageLayout, ...]
     qk_dim: int
     v_dim: int
-    head_op: str = "causal3d"
+    head_op: str = "causal3d"  # the head conv's operator kind (any registered kind)
     out_channels: int = 3
     causal: bool = False  # every temporal conv causal (the Wan families always are; an LTX student may be)
     # teacher layouts: their family, and "stage.field" -> channel space label (see the module docstring)
@@ -87,7 +89,7 @@ class DecoderLayout:
         if self.up[-1].resample_width is not None:
             raise ValueError("the last up stage does not upsample")
         if self.head_op not in OPS:
-            raise ValueError(f"unknown head operator {self.head_op!r}")
+            raise ValueError(f"unknown head operator {self.head_op!r} (expected one of {', '.join(OPS)})")
 
     @property
     def stages(self) -> dict[str, StageLayout]:

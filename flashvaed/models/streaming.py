@@ -45,12 +45,18 @@ State = tuple[Tensor, ...]
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state tensor: the last ``frames`` input frames of the causal conv called ``name``."""
+    """One state tensor: the last ``frames`` input frames of the causal conv called ``name``.
+
+    ``history`` says what stands before the clip's first frame: ``zeros`` (the zero state is that
+    history) or ``replicate`` (the first frame repeated: the first chunk's step puts it there itself,
+    so the zero state a stream starts from is only a placeholder of the right shape).
+    """
 
     name: str
     channels: int
     frames: int
     scale: Fraction  # spatial size of the tensor relative to the model's input grid
+    history: str = "zeros"
 
     def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         return (batch, self.channels, self.frames, int(height * self.scale), int(width * self.scale))

@@ -28,7 +28,7 @@ from .layout import DecoderLayout, StageLayout, channel_spaces
 from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
-STUDENT_VERSION = 2  # 2: LTX stages honour `shortcut` and `causal`
+STUDENT_VERSION = 3  # 2: LTX stages honour `shortcut` and `causal`; 3: a stage's `temporal` is a factor (int)
 SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "min_width", "multiple_of", "causal"}
 MIN_WIDTH = 4  # below this a stage degenerates: an RMS norm over one channel is a sign function
 MULTIPLE_OF = 4  # ratio-derived widths round to multiples of this (vector loads, tensor-core tiles)
@@ -250,7 +250,7 @@ class StudentSpec:
         middle = stage("middle", teacher.middle, "middle")
         ups = tuple(stage(f"up{i}", t, f"up.{i}") for i, t in enumerate(teacher.up))
         v_dim = width("middle", "attention v width", specs["middle"].width, teacher.v_dim) if teacher.v_dim else 0
-        head = self.stages.get("head", StageSpec())
+        head = self.stages.get("head", StageSpec(op=teacher.head_op))  # unnamed: the teacher's head kind
         layout = DecoderLayout(
             teacher.z_dim,
             middle,

@@ -9,6 +9,7 @@ nothing downstream needs to know which family it is looking at.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
@@ -26,6 +27,10 @@ class LatentDecoder(nn.Module):
     """Diffusion-space latents -> frames: de-normalisation, ``post_quant_conv`` and the family's
     decoder built from a layout. The part teachers and students share, and the streaming contract
     they both follow.
+
+    Diffusion-space latents are the VAE's own latents normalised per channel and scaled by the
+    family's ``scaling_factor`` (diffusers' pipelines: ``latents * std / scaling_factor + mean``
+    de-normalises): ``decode_step`` de-normalises, ``iter_encode`` normalises.
     """
 
     kind = "teacher"
@@ -35,6 +40,7 @@ class LatentDecoder(nn.Module):
     def __init__(self, family: Any, config: Any, layout: DecoderLayout, encoder: bool = False) -> None:
         super().__init__()
         self.family = family.name
+        self.family_config = config  # the teacher's configuration (students too): what the family reads
         z = layout.z_dim
         self.post_quant_conv = family.build_post_quant_conv(config)
         self.decoder = family.build_decoder(config, layout, student=self.kind == "student")
@@ -55,6 +61,9 @@ class LatentDecoder(nn.Module):
             raise ValueError(f"latents_mean and latents_std have {stats.shape[1]} entries; layout z_dim is {z}")
         self.register_buffer("latents_mean", stats[0].view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", stats[1].view(1, z, 1, 1, 1), persistent=False)
+        self.scaling_factor = float(family.scaling_factor(config))
+        if not math.isfinite(self.scaling_factor) or self.scaling_factor <= 0:
+            raise ValueError(f"the scaling factor must be a finite number > 0, got {self.scaling_factor}")
         if encoder:  # teachers, and released students that ship their teacher's encoder (LTX)
             self.has_encoder = True
             self.encoder = family.build_encoder(config)
@@ -72,7 +81,10 @@ class LatentDecoder(nn.Module):
         """
         if first and latents.shape[2] != 1:
             raise InputError(f"the first chunk must be one latent frame, got {latents.shape[2]}")
-        z = latents * self.latents_std + self.latents_mean
+        z = latents * self.latents_std
+        if self.scaling_factor != 1.0:  # exported graphs of the usual factor stay as they were
+            z = z / self.scaling_factor
+        z = z + self.latents_mean
         frames, state = self.decoder(self.post_quant_conv(z), state, first, **inputs)
         return (frames.clamp(-1.0, 1.0) if clamp else frames), state
 
@@ -122,7 +134,10 @@ class LatentDecoder(nn.Module):
         video = video.to(device=p.device, dtype=p.dtype)
         for out in self.encoder.iter_encode(video):
             mu = self.quant_conv(out)[:, : self.latent_channels]
-            yield (mu - self.latents_mean) / self.latents_std
+            latents = mu - self.latents_mean
+            if self.scaling_factor != 1.0:
+                latents = latents * self.scaling_factor
+            yield latents / self.latents_std
 
     def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """The posterior's (mean, log-variance) in the VAE's own latent space (not normalised), as

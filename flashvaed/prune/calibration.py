@@ -5,6 +5,8 @@ videos encoded by the teacher's own encoder, or from ``synthetic`` clips (also e
 teacher then decodes them through the streaming step, chunk by chunk, while forward hooks
 accumulate what pruning needs: Gram matrices of the inputs of the layers that consume each
 channel group, and norm statistics. Nothing is kept but the statistics, so memory stays flat.
+A layer's input holds its channels on dim 1 unless it says otherwise (``norms.input_channel_dim``:
+an ``nn.Linear`` over channel-last tensors reads the last dim).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..io import TENSOR_SUFFIXES, VIDEO_SUFFIXES, VideoOptions, read_tensor, read_video
+from ..models import families
 from ..models.streaming import check_latents, clocked, iter_decode
 from ..models.vae import TeacherVAE
 from ..progress import track
 from ..synthetic import synthetic_clip
+from .norms import input_channel_dim
 from .select import augmented_gram
 
 
@@ -31,7 +35,7 @@ def calibration_latents(
     teacher: TeacherVAE,
     *,
     clips: int = 4,
-    frames: int = 9,
+    frames: int | None = None,
     size: int = 64,
     seed: int = 0,
     progress: bool = False,
@@ -40,8 +44,10 @@ def calibration_latents(
 
     ``source``: ``synthetic`` (``clips`` generated clips of ``frames`` x ``size`` x ``size``), a
     latents file (.pt/.npy/.safetensors, (B, z, T, h, w): one clip per batch element), a video
-    file, or a folder of either kind.
+    file, or a folder of either kind. ``frames`` None: the family's ``clip_frames``.
     """
+    if frames is None:
+        frames = families.get(teacher.family).clip_frames
     if str(source) == "synthetic":
         videos: Iterable[Tensor] = (synthetic_clip(frames, size, size, seed=seed + i) for i in range(clips))
         return _encode_all(teacher, videos, clips, progress)
@@ -71,12 +77,18 @@ def _encode_all(teacher: TeacherVAE, videos: Iterable[Tensor], total: int, progr
 
 
 @contextmanager
-def hooks(model: nn.Module, callbacks: dict[str, Callable[[Tensor], None]]):
-    """Call ``callbacks[path](input)`` with the first input of each named module on every call."""
+def hooks(model: nn.Module, callbacks: dict[str, Callable[[Tensor], None]], channels_first: bool = False):
+    """Call ``callbacks[path](input)`` with the first input of each named module on every call;
+    ``channels_first``: with the input's channels moved to dim 1 (``norms.input_channel_dim``)."""
     handles = []
     for path, fn in callbacks.items():
         module = model.get_submodule(path)
-        handles.append(module.register_forward_pre_hook(lambda _m, args, fn=fn: fn(args[0])))
+        dim = input_channel_dim(module) if channels_first else 1
+
+        def hook(_m: nn.Module, args: tuple, fn: Callable[[Tensor], None] = fn, dim: int = dim) -> None:
+            fn(args[0] if dim == 1 else args[0].movedim(dim, 1))
+
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         yield
     finally:
@@ -110,13 +122,21 @@ def input_grams(
     generator = torch.Generator().manual_seed(0)
 
     def accumulate(path: str) -> Callable[[Tensor], None]:
+        module = model.get_submodule(path)
+        width = getattr(module, "in_channels", getattr(module, "in_features", None))
+
         def fn(x: Tensor) -> None:
+            if width is not None and x.shape[1] != width:
+                raise AssertionError(
+                    f"{path} takes {width} channels but its input has {x.shape[1]} on its channel dim "
+                    f"{input_channel_dim(module)} (declare input_channel_dim)"
+                )
             g = augmented_gram(x, max_rows, generator)
             grams[path] = grams[path] + g if path in grams else g
 
         return fn
 
-    with hooks(model, {p: accumulate(p) for p in paths}):
+    with hooks(model, {p: accumulate(p) for p in paths}, channels_first=True):
         run(model, latents, chunk, "calibrating: feature statistics", progress)
     return grams
 
@@ -124,7 +144,8 @@ def input_grams(
 def norm_ratios(
     model: nn.Module, keeps: dict[str, list[int]], latents: list[Tensor], *, chunk: int = 2, progress: bool = False
 ) -> dict[str, float]:
-    """For each RMSNorm path: mean over positions of ||x_keep|| / ||x||, its input's kept share."""
+    """For each norm path: mean over positions of ||x_keep|| / ||x|| over its input's channels, the
+    share the kept channels carry (for norms that divide by a statistic over all channels)."""
     sums: dict[str, list[float]] = {p: [0.0, 0.0] for p in keeps}
 
     def accumulate(path: str) -> Callable[[Tensor], None]:
@@ -138,6 +159,6 @@ def norm_ratios(
 
         return fn
 
-    with hooks(model, {p: accumulate(p) for p in keeps}):
+    with hooks(model, {p: accumulate(p) for p in keeps}, channels_first=True):
         run(model, latents, chunk, "calibrating: norm statistics", progress)
     return {p: s / max(n, 1) for p, (s, n) in sums.items()}

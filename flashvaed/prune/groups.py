@@ -47,7 +47,7 @@ class ChannelGroup:
     size: int
     producers: list[tuple[str, str]] = field(default_factory=list)  # (module path, role)
     consumers: list[str] = field(default_factory=list)  # module paths whose inputs are the group
-    norms: list[str] = field(default_factory=list)  # RMSNorm module paths over the group
+    norms: list[str] = field(default_factory=list)  # norm module paths over the group (``PrunableNorm``)
     stages: list[str] = field(default_factory=list)  # decoder stages the group runs through
     slices: list[tuple[str, int]] = field(default_factory=list)  # (parameter key, start): per-channel entries
     gathers: list[tuple[str, int]] = field(default_factory=list)  # (index buffer key, start)

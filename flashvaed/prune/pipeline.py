@@ -4,14 +4,14 @@
 2. Derive the channel groups of the teacher decoder (``groups.py``).
 3. Decode calibration latents with the teacher, collecting the Gram matrix of every consumer's
    input; select each group's channels (independence or L1) and, for independence, fit the
-   least-squares compensation of every consumer and the rescaling of every norm over the group.
+   least-squares compensation of every consumer and the rescaling of every norm over the group
+   (as each norm declares it: ``norms.py``).
 4. Build the pruned teacher (same operators, student widths) with compensation folded in.
 5. Fit the student's cheaper operators to the pruned teacher's convs (``substitute.py``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,12 +27,12 @@ from ..models.summary import summarize
 from ..models.vae import LatentDecoder, TeacherVAE
 from .calibration import input_grams, norm_ratios
 from .groups import D2S_ROWS, ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
+from .norms import NormSpec, is_norm, norm_spec
 from .select import Compensation, Selection, compensation, fold_into_consumer, independence_select, l1_select
-from .substitute import Substitution, fit_substitutions
+from .substitute import Substitution, fit_substitutions, padding_of, substitutable
 
 CRITERIA = ("independence", "l1")
 IDENTICAL_PSNR = 100.0  # dB, reported for frames equal to the teacher's
-NEW_NORMS = (nn.LayerNorm, nn.GroupNorm)  # learned norms a student may have where its teacher has none
 
 
 @dataclass
@@ -92,14 +92,19 @@ def _l1_magnitudes(state: dict[str, Tensor], group: ChannelGroup) -> Tensor:
     total = torch.zeros(group.size, dtype=torch.float64)
     for path, role in group.producers:
         w = state[f"{path}.weight"].double().flatten(1).abs().sum(1)
-        if role == TIME_ROWS:
-            w = w[: group.size] + w[group.size :]
-        elif role == D2S_ROWS:
+        if role == TIME_ROWS:  # rows c, C + c, ...: one block of C rows per output frame
+            w = w.view(-1, group.size).sum(0)
+        elif role == D2S_ROWS:  # rows rc .. rc + r - 1
             w = w.view(group.size, -1).sum(1)
         elif role == V_ROWS:
             w = w[-group.size :]
         total += w
     return total
+
+
+def norm_specs(model: nn.Module, graph: ChannelGraph) -> dict[str, NormSpec]:
+    """What each norm over a channel group of ``model`` declares (``norms.norm_spec``)."""
+    return {path: norm_spec(model.get_submodule(path), path) for g in graph.groups for path in g.norms}
 
 
 def select_channels(
@@ -112,11 +117,14 @@ def select_channels(
     chunk: int,
     progress: bool,
 ) -> list[GroupDecision]:
-    """Which channels of each group to keep (and, for independence, how to compensate the rest).
+    """Which channels of each group to keep (and, for independence, how to compensate the rest
+    and rescale the norms over it: ``pruned_scale``, times the measured kept share of the input
+    for norms that declare ``kept_norm_share``).
 
     Groups are decided against the data flow, so that a group read through a link (a
     parameter-free shortcut) keeps the channels its target's kept channels read.
     """
+    specs = norm_specs(teacher, graph)
     decisions = {id(g): GroupDecision(g, k) for g, k in zip(graph.groups, targets, strict=True)}
     pruned = [d for d in decisions.values() if d.keep_count < d.group.size]
     grams = {}
@@ -145,11 +153,12 @@ def select_channels(
         d.selection = independence_select(combined, d.keep_count, forced)
         d.compensations = {p: compensation(grams[p], d.selection.keep) for p in group.consumers}
     if criterion == "independence":
-        keeps = {n: d.selection.keep for d in pruned for n in d.group.norms if d.selection}
+        keeps = {n: d.selection.keep for d in pruned for n in d.group.norms if d.selection and specs[n].kept_norm_share}
         ratios = norm_ratios(teacher, keeps, latents, chunk=chunk, progress=progress) if keeps else {}
         for d in pruned:
-            scale = math.sqrt(d.group.size / d.keep_count)
-            d.norm_scales = {n: scale * ratios[n] for n in d.group.norms}
+            d.norm_scales = {
+                n: float(specs[n].scale(d.keep_count, d.group.size)) * ratios.get(n, 1.0) for n in d.group.norms
+            }
     return [decisions[id(g)] for g in graph.groups]
 
 
@@ -164,9 +173,14 @@ def pruned_state_dict(
     """The teacher's decoder weights at the kept channels, with compensation folded in, and the
     channels each parameter-free link of ``pruned`` reads."""
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+    expected = pruned.state_dict()
+    specs = norm_specs(teacher, graph)
     for d in decisions:
-        for path in d.group.norms:  # a parameter-free norm (LTX's) gains a gamma in the pruned model
-            state.setdefault(f"{path}.gamma", torch.ones(d.group.size))
+        for path in d.group.norms:  # a parameter-free norm (LTX's) gains a gain in the pruned model
+            spec = specs[path]
+            for name in spec.student_params:
+                if f"{path}.{name}" in expected:
+                    state.setdefault(f"{path}.{name}", torch.full((d.group.size,), spec.identity(name)))
         if d.selection is None:
             continue
         keep = torch.tensor(d.selection.keep)
@@ -180,24 +194,36 @@ def pruned_state_dict(
             if b is not None:
                 state[f"{path}.bias"] = b
         for path in d.group.norms:
-            state[f"{path}.gamma"] = state[f"{path}.gamma"].index_select(0, keep) * d.norm_scales.get(path, 1.0)
+            spec = specs[path]
+            for i, name in enumerate(spec.params):
+                key = f"{path}.{name}"
+                if key in state:
+                    kept_values = state[key].index_select(0, keep)
+                    state[key] = kept_values * d.norm_scales.get(path, 1.0) if i == 0 else kept_values
     for d in decisions:  # then output rows
         if d.selection is None:
             continue
         keep = torch.tensor(d.selection.keep)
         c = d.group.size
         for path, role in d.group.producers:
-            rows = {ROWS: keep, TIME_ROWS: torch.cat([keep, keep + c])}.get(role)
-            if role == D2S_ROWS:
-                rows = (keep[:, None] * 8 + torch.arange(8)).flatten()
-            if role == V_ROWS:
-                total = state[f"{path}.weight"].shape[0]
+            total = state[f"{path}.weight"].shape[0]
+            per = total // c  # rows per channel, from the weight's shape
+            if role in (TIME_ROWS, D2S_ROWS, ROWS) and total != per * c:
+                raise AssertionError(f"{path} has {total} rows, not a multiple of its group's {c} channels")
+            if role == ROWS:
+                rows = keep
+            elif role == TIME_ROWS:  # rows c + kC for each of the per output frames
+                rows = torch.cat([keep + k * c for k in range(per)])
+            elif role == D2S_ROWS:  # rows per*c .. per*c + per - 1
+                rows = (keep[:, None] * per + torch.arange(per)).flatten()
+            elif role == V_ROWS:
                 rows = torch.cat([torch.arange(total - c), keep + total - c])
+            else:
+                raise AssertionError(f"{path}: unknown producer role {role!r}")
             for name in ("weight", "bias"):
                 if f"{path}.{name}" in state:
                     state[f"{path}.{name}"] = state[f"{path}.{name}"].index_select(0, rows)
     by_group = {id(d.group): d for d in decisions}
-    expected = pruned.state_dict()
     _prune_slices(state, decisions, by_group, expected)
     for link in graph.links:
         gather = link.gather(kept(by_group, link.target), kept(by_group, link.source))
@@ -238,22 +264,36 @@ def stage_channels(graph: ChannelGraph, decisions: list[GroupDecision]) -> dict[
     return {name: kept(by_group, group) for name, group in graph.stage_outputs.items()}
 
 
-def substitution_targets(pruned: nn.Module, student: nn.Module) -> dict[str, str]:
-    """Conv path -> operator, wherever the student has a cheaper operator (``substitutes_as``)
-    than the pruned teacher's temporal 3x3x3 conv."""
+def substitution_targets(pruned: nn.Module, student: nn.Module, notes: list[str] | None = None) -> dict[str, str]:
+    """Conv path -> operator, wherever the student has a cheaper operator (its class declares
+    ``substitutes_as``, the kind a fit makes of it) than the pruned teacher's dense 3x3x3 conv
+    (``substitute.SubstitutableConv``).
+
+    The fit pads as the teacher conv does, so the student's operator should too (the family builds
+    it with the conv's ``padding_mode`` and ``history``); where it declares another padding, a line
+    goes to ``notes``.
+    """
     targets = {}
     for path, module in student.named_modules():
         op = getattr(type(module), "substitutes_as", None)
         conv = pruned.get_submodule(path) if op is not None else None
-        if isinstance(conv, nn.Conv3d) and conv.kernel_size == (3, 3, 3) and hasattr(conv, "current_tap"):
-            targets[path] = op
+        if conv is None or not substitutable(conv):
+            continue
+        targets[path] = op
+        theirs, ours = padding_of(conv), padding_of(module)
+        for what, want, got in zip(("padding_mode", "history"), theirs, ours, strict=True):
+            if got is not None and got != want:
+                line = f"{path}: the {op} pads with {what} {got!r}, the conv it replaces with {want!r}"
+                if notes is not None:
+                    notes.append(line)
     return targets
 
 
 def student_state_dict(student: FlashStudent, pruned: FlashStudent, subs: list[Substitution]) -> dict[str, Tensor]:
     state = dict(pruned.state_dict())
     for sub in subs:
-        del state[f"{sub.conv}.weight"], state[f"{sub.conv}.bias"]
+        state.pop(f"{sub.conv}.weight")
+        state.pop(f"{sub.conv}.bias", None)
         state.update({f"{sub.conv}.{k}": v for k, v in sub.params.items()})
     for key, value in student.state_dict().items():
         if key in state:
@@ -263,9 +303,9 @@ def student_state_dict(student: FlashStudent, pruned: FlashStudent, subs: list[S
                 state[key] = torch.eye(value.shape[0], value.shape[1])[..., None, None, None]
             else:
                 state[key] = torch.zeros_like(value)
-        elif isinstance(student.get_submodule(key.rpartition(".")[0]), NEW_NORMS):
-            # the norm a family puts in front of a forced shortcut (LTX's LayerNorm): the pruned
-            # teacher has none to take it from, so it starts as built (unit gain, zero bias)
+        elif is_norm(student.get_submodule(key.rpartition(".")[0])):
+            # a norm only the student has (LTX's LayerNorm in front of a forced shortcut): the
+            # pruned teacher has none to take it from, so it starts as built (unit gain, zero bias)
             state[key] = value.detach().clone()
     return state
 
@@ -344,7 +384,8 @@ def prune_teacher(
     pruned.load_state_dict(pruned_state_dict(teacher, graph, decisions, pruned), strict=True)
     pruned.eval()
     student = student_of(spec.name, layout, stage_channels(graph, decisions))
-    subs = fit_substitutions(pruned, substitution_targets(pruned, student), latents, chunk=chunk, progress=progress)
+    targets = substitution_targets(pruned, student, notes)
+    subs = fit_substitutions(pruned, targets, latents, chunk=chunk, progress=progress)
     state = student_state_dict(student, pruned, subs)
     realign_taps(student, pruned, state)
     student.load_state_dict(state, strict=True)
@@ -403,5 +444,8 @@ def build_report(
         },
         "stages": stages,
         "groups": [d.to_dict() for d in decisions],
-        "substitutions": [{"conv": s.conv, "op": s.op, "choice": s.choice, "errors": s.errors} for s in subs],
+        "substitutions": [
+            {"conv": s.conv, "op": s.op, "choice": s.choice, "errors": s.errors, "padding_mode": s.padding_mode}
+            for s in subs
+        ],
     }

@@ -1,7 +1,9 @@
 """Operator substitution: initialise a student's cheaper convs from the (pruned) teacher's.
 
-For every causal 3x3x3 conv that the student replaces, the teacher conv's inputs and outputs on
-calibration data give the fit, teacher-forced layer by layer:
+For every dense 3x3x3 conv that the student replaces (a ``SubstitutableConv``: causal or not,
+whatever its class), the teacher conv's inputs and outputs on calibration data give the fit,
+teacher-forced layer by layer, padded as the conv pads (spatially ``padding_mode``; in time its
+``kernel_input`` holds what precedes the frames):
 
 - ``spatial2d`` (a per-frame 3x3 conv): candidates are the kernel's current-frame tap, the sum
   over its temporal taps, and the least-squares 2D kernel; the one with the smallest error on
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,57 @@ from torch import Tensor, nn
 from .calibration import run
 
 MAX_ROWS = 32768
+PAD_MODES = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect", "circular": "circular"}
+
+
+@runtime_checkable
+class SubstitutableConv(Protocol):
+    """A conv pruning may replace by a cheaper operator kind, as the fits read it.
+
+    - ``weight``: (out, in, 3, 3, 3), a dense kernel (``groups`` 1, if it has the attribute), and
+      ``bias`` (out,) or None; spatial padding 1 on each side;
+    - ``current_tap``: the temporal tap that reads the frame being produced (2 for a causal conv);
+    - ``kernel_input(args)``: the frames the kernel ran on in a forward call with ``args`` (what
+      precedes the new frames, from its state or its padding rule, then the new frames);
+    - optional ``padding_mode`` (spatial: "zeros", "replicate", ...; default "zeros") and
+      ``history_init`` (what precedes a clip's first frame: "zeros" or "replicate"; default "zeros").
+
+    The student's module at the same path declares ``substitutes_as`` (the operator kind a fit
+    makes of it, "dwsep3d" or "spatial2d") and is built with the conv's padding.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    current_tap: int
+
+    def kernel_input(self, args: tuple) -> Tensor: ...
+
+
+def substitutable(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``SubstitutableConv``."""
+    if not isinstance(module, SubstitutableConv) or not isinstance(module.weight, Tensor):
+        return False
+    dense = getattr(module, "groups", 1) == 1
+    return dense and module.weight.dim() == 5 and tuple(module.weight.shape[2:]) == (3, 3, 3)
+
+
+def padding_of(module: nn.Module) -> tuple[str | None, str | None]:
+    """``(padding_mode, history_init)`` a conv (or the first of its submodules that says) declares;
+    None where nothing does. A substitutable conv that declares nothing pads with zeros."""
+    mode = history = None
+    for m in module.modules():
+        if mode is None and isinstance(getattr(m, "padding_mode", None), str):
+            mode = m.padding_mode
+        if history is None and isinstance(getattr(m, "history_init", None), str):
+            history = m.history_init
+    if substitutable(module):
+        return mode or "zeros", history or "zeros"
+    return mode, history
+
+
+def _pad(x: Tensor, mode: str) -> Tensor:
+    """One pixel of spatial padding on each side of (N, C, H, W) or (N, C, T, H, W) in ``mode``."""
+    return F.pad(x, (1, 1, 1, 1) + (0, 0) * (x.dim() - 4), mode=PAD_MODES[mode])
 
 
 @dataclass
@@ -34,6 +88,8 @@ class Substitution:
     choice: str
     errors: dict[str, float]
     params: dict[str, Tensor] = field(repr=False, default_factory=dict)  # names under the student conv
+    padding_mode: str = "zeros"  # the spatial padding the fit used: the conv's
+    history: str = "zeros"  # what preceded the first frame in the conv's kernel input
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -43,11 +99,12 @@ def _rows(x: Tensor) -> Tensor:
 class _SpatialFit:
     """Statistics for replacing a causal conv by a per-frame 2D conv."""
 
-    def __init__(self, conv: nn.Conv3d, generator: torch.Generator) -> None:
+    def __init__(self, conv: SubstitutableConv, generator: torch.Generator) -> None:
         w = conv.weight.detach().double()
         self.candidates = {"current_tap": w[:, :, conv.current_tap], "tap_sum": w.sum(2)}
-        self.bias = conv.bias.detach().double()
-        self.cin, self.cout = conv.in_channels, conv.out_channels
+        self.cout, self.cin = w.shape[:2]
+        self.bias = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(self.cout)
+        self.padding_mode, self.history = padding_of(conv)
         n = self.cin * 9 + 1
         self.ptp = torch.zeros(n, n, dtype=torch.float64)
         self.pty = torch.zeros(n, self.cout, dtype=torch.float64)
@@ -58,12 +115,12 @@ class _SpatialFit:
 
     def observe(self, x: Tensor, y: Tensor) -> None:
         """x: the conv's new frames (B, Cin, T, H, W); y: its output (B, Cout, T, H, W)."""
-        frames = x.double().transpose(1, 2).flatten(0, 1)  # (BT, Cin, H, W)
+        frames = _pad(x.double().transpose(1, 2).flatten(0, 1), self.padding_mode)  # (BT, Cin, H+2, W+2)
         target = y.double().transpose(1, 2).flatten(0, 1)
         self.ref += float((target**2).sum())
         for name, k in self.candidates.items():
-            self.sq[name] += float(((F.conv2d(frames, k, self.bias, padding=1) - target) ** 2).sum())
-        patches = F.unfold(frames, 3, padding=1).transpose(1, 2).reshape(-1, self.cin * 9)
+            self.sq[name] += float(((F.conv2d(frames, k, self.bias) - target) ** 2).sum())
+        patches = F.unfold(frames, 3).transpose(1, 2).reshape(-1, self.cin * 9)
         ys = _rows(target)
         if patches.shape[0] > MAX_ROWS:
             idx = torch.randperm(patches.shape[0], generator=self.generator)[:MAX_ROWS]
@@ -85,19 +142,20 @@ class _SpatialFit:
         biases["least_squares"] = sol[-1]
         choice = min(errors, key=errors.__getitem__)
         params = {"weight": kernels[choice].float(), "bias": biases[choice].float()}
-        return Substitution(path, "spatial2d", choice, errors, params)
+        return Substitution(path, "spatial2d", choice, errors, params, self.padding_mode, self.history)
 
 
 class _DepthwiseFit:
     """Statistics for replacing a causal conv by depthwise (3x3x3) + pointwise (1x1x1) convs."""
 
-    def __init__(self, conv: nn.Conv3d, generator: torch.Generator) -> None:
+    def __init__(self, conv: SubstitutableConv, generator: torch.Generator) -> None:
         w = conv.weight.detach().double()  # (out, in, 3, 3, 3)
         cout, cin = w.shape[:2]
         u, s, vh = torch.linalg.svd(w.flatten(2).transpose(0, 1), full_matrices=False)  # per input channel
         self.depthwise = (vh[:, 0, :] * s[:, :1].sqrt()).reshape(cin, 1, 3, 3, 3)
         self.pointwise_svd = (u[:, :, 0] * s[:, :1].sqrt()).T  # (out, in)
-        self.bias = conv.bias.detach().double()
+        self.bias = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(cout)
+        self.padding_mode, self.history = padding_of(conv)
         n = cin + 1
         self.ztz = torch.zeros(n, n, dtype=torch.float64)
         self.zty = torch.zeros(n, cout, dtype=torch.float64)
@@ -106,7 +164,7 @@ class _DepthwiseFit:
 
     def observe(self, xh: Tensor, y: Tensor) -> None:
         """xh: history + new frames (B, Cin, T+2, H, W); y: the conv's output (B, Cout, T, H, W)."""
-        z = F.conv3d(xh.double(), self.depthwise, padding=(0, 1, 1), groups=xh.shape[1])
+        z = F.conv3d(_pad(xh.double(), self.padding_mode), self.depthwise, groups=xh.shape[1])
         zs, ys = _rows(z), _rows(y.double())
         if zs.shape[0] > MAX_ROWS:
             idx = torch.randperm(zs.shape[0], generator=self.generator)[:MAX_ROWS]
@@ -132,7 +190,13 @@ class _DepthwiseFit:
             "pointwise.weight": p[:-1].T[..., None, None, None].float(),
             "pointwise.bias": p[-1].float(),
         }
-        return Substitution(path, "dwsep3d", choice, errors, params)
+        return Substitution(path, "dwsep3d", choice, errors, params, self.padding_mode, self.history)
+
+
+FITS: dict[str, Callable[[SubstitutableConv, torch.Generator], _SpatialFit | _DepthwiseFit]] = {
+    "spatial2d": _SpatialFit,
+    "dwsep3d": _DepthwiseFit,
+}
 
 
 @torch.inference_mode()
@@ -145,7 +209,11 @@ def fit_substitutions(
     handles = []
     for path, op in targets.items():
         conv = model.get_submodule(path)
-        fit = _SpatialFit(conv, generator) if op == "spatial2d" else _DepthwiseFit(conv, generator)
+        if not substitutable(conv):
+            raise TypeError(f"{path}: {type(conv).__name__} is not a dense 3x3x3 conv pruning can substitute")
+        if op not in FITS:
+            raise ValueError(f"{path}: no fit makes operator kind {op!r} (fits: {', '.join(FITS)})")
+        fit = FITS[op](conv, generator)
         fits[path] = fit
         handles.append(conv.register_forward_hook(_observer(conv, fit)))
     try:

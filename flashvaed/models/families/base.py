@@ -9,6 +9,8 @@ through this interface, never a family's name.
 
 from __future__ import annotations
 
+import json
+import math
 import numbers
 import re
 from collections.abc import Collection, Mapping
@@ -61,6 +63,96 @@ def checked_statistics(mean: Any, std: Any, channels: int) -> tuple[tuple[float,
     return checked[0], checked[1]
 
 
+# config.json / safetensors metadata: read with care, every value is untrusted
+def config_int(config: Mapping, key: str, default: int, lo: int, hi: int) -> int:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise CheckpointError(f"config field {key}={value!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def config_scale(config: Mapping, key: str = "scaling_factor") -> float:
+    """A positive finite float field (a latent scaling factor), 1.0 when absent."""
+    value = config.get(key, 1.0)
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CheckpointError(f"config field {key}={value!r} must be a finite number > 0"[:200])
+    return float(value)
+
+
+def config_list(config: Mapping, key: str, default: tuple, kind: type, max_len: int = 8) -> tuple:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= max_len:
+        raise CheckpointError(f"config field {key} must be a list of 1 to {max_len} entries, got {value!r}"[:200])
+
+    def fits(v: object) -> bool:
+        if kind is bool:
+            return isinstance(v, bool)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
+            return False
+        return kind is not float or math.isfinite(v)
+
+    if not all(fits(v) for v in value):
+        raise CheckpointError(f"config field {key} must hold {kind.__name__} values, got {value!r}"[:200])
+    return tuple(value)
+
+
+def our_metadata(config: Mapping) -> tuple[str | None, dict]:
+    """(family, config) from the metadata flashvaed writes into its own .safetensors files."""
+    family = config.get("flashvaed.family")
+    raw = config.get("flashvaed.config")
+    if raw is None:
+        return family, {}
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested past Python's stack
+        raise CheckpointError("the checkpoint's flashvaed.config metadata is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError("the checkpoint's flashvaed.config metadata is not a JSON object")
+    return family, data
+
+
+def conv_shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise CheckpointError(f"the checkpoint lacks {key}")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != 5:
+        raise CheckpointError(f"{key} has shape {shape}, expected a 3D conv kernel")
+    return shape
+
+
+# tensors in a family's own layouts
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, T, H*p, W*p) -> (B, C*p*p, T, H, W), channel ``c*p*p + r*p + q`` (r column, q row)."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // p, p, w // p, p)
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: Tensor, p: int) -> Tensor:
+    """Inverse of ``patchify``."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    x = x.reshape(b, cpp // (p * p), p, p, t, h, w)
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
+def tiny_statistics(channels: int) -> dict[str, tuple[float, ...]]:
+    """``latents_mean``/``latents_std`` for a ``Family.tiny_config``: deterministic and away from
+    0 and 1, so a dropped or misapplied de-normalisation changes the frames."""
+    mean = tuple(round(0.1 * ((i % 5) - 2), 4) for i in range(channels))
+    std = tuple(round(0.5 + 0.125 * (i % 7), 4) for i in range(channels))
+    return {"latents_mean": mean, "latents_std": std}
+
+
 @dataclass(frozen=True)
 class Match:
     """A family's recognition of a checkpoint: the source layout and a key that proves it."""
@@ -81,9 +173,23 @@ class Family:
     teacher_type: ClassVar[type]  # the TeacherVAE subclass
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
     ops: ClassVar[tuple[str, ...]] = ("causal3d", "dwsep3d", "spatial2d")  # operator kinds its decoders build
+    # frames of a calibration (prune) or training (distill) clip when none are given: a tn+1 length for
+    # the family's temporal factor t (9 fits 4x and 8x families; a 6x family takes 13)
+    clip_frames: ClassVar[int] = 9
     # the small trained teacher in flashvaed/data that `flashvaed demo --family NAME` runs on (docs/demo.md);
     # the demo's student is the family's ``flash-NAME`` preset
     embedded_teacher: ClassVar[str | None] = None
+    # diffusers pipelines (``flashvaed.diffusers.FlashVAE`` stands in for ``diffusers_vae`` in them):
+    # ``pipelines`` names them for messages; ``pipeline_reads`` is what they read of their VAE beyond
+    # device, dtype, decode, encode, the ``latents_mean``/``latents_std`` (C,) tensors and
+    # ``spatial_compression_ratio``: config fields as "config.NAME" (``pipeline_fields`` gives their
+    # values) and attributes FlashVAE provides for any family that lists them ("temporal_compression_ratio").
+    # A name only other families list is another family's pipeline asking: ``FamilyMismatchError``.
+    pipelines: ClassVar[str] = ""
+    pipeline_reads: ClassVar[tuple[str, ...]] = ()
+    # where the family is listed among families (``names()``, messages, the demo's families): lowest
+    # first, then by name; registration (import) order does not matter
+    order: ClassVar[int] = 100
 
     # recognising checkpoints ------------------------------------------------------------------
     def layouts_present(self, keys: Collection[str]) -> dict[str, str]:
@@ -129,11 +235,33 @@ class Family:
         raise NotImplementedError
 
     # building ---------------------------------------------------------------------------------
+    def tiny_config(self) -> Any:
+        """The smallest teacher configuration of the family that still exercises its features (its
+        stage names, upsampler kinds, conditioning, non-trivial latent statistics): what the
+        conformance test and the docs build, with random weights. Every family implements it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.name}) does not implement tiny_config(): every family must "
+            "return its smallest teacher configuration (see base.Family.tiny_config)"
+        )
+
     def config_from_dict(self, d: Mapping[str, Any]) -> Any:
         """A teacher's configuration as a student's config.json holds it (ValueError if malformed)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"the teacher configuration must be a mapping, got {type(d).__name__}")
         return self.config_type.from_dict(dict(d))
+
+    def scaling_factor(self, config: Any) -> float:
+        """The factor latents are scaled by in diffusion space, beyond the per-channel statistics:
+        its pipelines de-normalise ``latents * latents_std / scaling_factor + latents_mean`` and
+        encoding normalises ``(mu - latents_mean) * scaling_factor / latents_std``. Finite, > 0."""
+        return 1.0
+
+    def pipeline_fields(self, config: Any, model: Any) -> dict[str, Any]:
+        """The config fields its diffusers pipelines read from their VAE (``FlashVAE.config``): one
+        per "config.NAME" of ``pipeline_reads``. ``config``: the teacher's configuration; ``model``:
+        the decoder the pipeline runs (a ``LatentDecoder`` or an ``engines.Decoder``: latent_channels,
+        temporal_factor, spatial_factor, step_inputs), for facts a student may change."""
+        return {}
 
     def teacher_layout(self, config: Any) -> DecoderLayout:
         raise NotImplementedError
@@ -165,7 +293,11 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Add ``family`` to the registry, which stays sorted by ``Family.order``, then name."""
     FAMILIES[family.name] = family
+    ordered = sorted(FAMILIES.values(), key=lambda f: (f.order, f.name))
+    FAMILIES.clear()
+    FAMILIES.update((f.name, f) for f in ordered)
     return family
 
 

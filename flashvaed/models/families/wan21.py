@@ -11,7 +11,6 @@ The Wan2.2 family builds on the pieces here (config, encoder/decoder stage struc
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -28,7 +27,20 @@ from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..released import tensor_shape
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
 from ..vae import TeacherVAE
-from .base import Family, Match, any_key, check_int, check_sequence, checked_statistics, register
+from .base import (
+    Family,
+    Match,
+    any_key,
+    check_int,
+    check_sequence,
+    checked_statistics,
+    config_int,
+    config_list,
+    conv_shape,
+    our_metadata,
+    register,
+    tiny_statistics,
+)
 
 # fmt: off
 WAN21_LATENTS_MEAN = (
@@ -123,7 +135,7 @@ def teacher_layout(config: WanConfig) -> DecoderLayout:
                 width=out_dim,
                 hidden=(out_dim,) * (nrb + 1),
                 resample_width=out_dim // 2 if i < last else None,
-                temporal=i < last and config.temporal_upsample[i],
+                temporal=2 if i < last and config.temporal_upsample[i] else 1,
             )
         )
     middle = StageLayout("causal3d", widths[0], widths[0], (widths[0], widths[0]))
@@ -150,7 +162,7 @@ class WanDecoder(nn.Module):
         )
         self.up = nn.ModuleList([self.up_stage(i, st) for i, st in enumerate(layout.up)])
         self.head = Head(layout.up[-1].width, layout.out_channels, layout.head_op)
-        self.temporal_factor = 2 ** sum(st.temporal for st in layout.up)
+        self.temporal_factor = math.prod(st.temporal for st in layout.up)
         self.spatial_factor = 2 ** sum(st.resample_width is not None for st in layout.up)
 
     def up_stage(self, index: int, st: StageLayout) -> StreamingBlock:
@@ -346,59 +358,6 @@ def stage_rules(layout: str, nrb: int) -> list[Rule]:
     ]
 
 
-# config.json / safetensors metadata: read with care, every value is untrusted
-def config_int(config: Mapping, key: str, default: int, lo: int, hi: int) -> int:
-    value = config.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise CheckpointError(f"config field {key}={value!r} must be an integer in [{lo}, {hi}]")
-    return value
-
-
-def config_list(config: Mapping, key: str, default: tuple, kind: type, max_len: int = 8) -> tuple:
-    value = config.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= max_len:
-        raise CheckpointError(f"config field {key} must be a list of 1 to {max_len} entries, got {value!r}"[:200])
-
-    def fits(v: object) -> bool:
-        if kind is bool:
-            return isinstance(v, bool)
-        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
-            return False
-        return kind is not float or math.isfinite(v)
-
-    if not all(fits(v) for v in value):
-        raise CheckpointError(f"config field {key} must hold {kind.__name__} values, got {value!r}"[:200])
-    return tuple(value)
-
-
-def our_metadata(config: Mapping) -> tuple[str | None, dict]:
-    """(family, config) from the metadata flashvaed writes into its own .safetensors files."""
-    family = config.get("flashvaed.family")
-    raw = config.get("flashvaed.config")
-    if raw is None:
-        return family, {}
-    try:
-        data = json.loads(raw) if isinstance(raw, str) else raw
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested past Python's stack
-        raise CheckpointError("the checkpoint's flashvaed.config metadata is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise CheckpointError("the checkpoint's flashvaed.config metadata is not a JSON object")
-    return family, data
-
-
-def conv_shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise CheckpointError(f"the checkpoint lacks {key}")
-    shape = tuple(tensors[key].shape)
-    if len(shape) != 5:
-        raise CheckpointError(f"{key} has shape {shape}, expected a 3D conv kernel")
-    return shape
-
-
 # ---------------------------------------------------------------------------------------------
 # the Flash-VAED release's student (``Flash_VAED_Wan.pth``, its ``models/wan/model_hybrid_aggressive.py``)
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +524,12 @@ class WanFamily(Family):
     name: ClassVar[str] = "wan2.1"
     title: ClassVar[str] = "Wan2.1 VAE"
     diffusers_vae: ClassVar[str] = "AutoencoderKLWan"
+    pipelines: ClassVar[str] = "Wan pipelines (WanPipeline, WanImageToVideoPipeline)"
+    pipeline_reads: ClassVar[tuple[str, ...]] = tuple(
+        f"config.{k}" for k in ("scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std", "z_dim")
+    )
     embedded_teacher: ClassVar[str | None] = "wan21-tiny.safetensors"
+    order: ClassVar[int] = 10
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified
@@ -697,9 +661,22 @@ class WanFamily(Family):
             "latents_std": list(config.latents_std),
         }
 
+    def pipeline_fields(self, config: WanConfig, model: Any) -> dict[str, Any]:
+        return {
+            "scale_factor_temporal": config.temporal_factor,
+            "scale_factor_spatial": config.spatial_factor,
+            "latents_mean": list(config.latents_mean),
+            "latents_std": list(config.latents_std),
+            "z_dim": config.z_dim,
+        }
+
     def describe(self, config: WanConfig) -> str:
         extra = f", decoder_base_dim {config.decoder_base_dim}" if config.decoder_base_dim else ""
         return f"base_dim {config.base_dim}{extra}, z_dim {config.z_dim}"
+
+    def tiny_config(self) -> WanConfig:
+        """Four stages at the width floor, one residual block each, attention in the middle."""
+        return WanConfig(base_dim=4, z_dim=4, num_res_blocks=1, **tiny_statistics(4))
 
     def teacher_layout(self, config: WanConfig) -> DecoderLayout:
         return teacher_layout(config)

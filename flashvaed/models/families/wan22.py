@@ -30,19 +30,8 @@ from ..coupling import ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StreamingBlock, run_blocks
 from ..vae import TeacherVAE
-from .base import check_int, register
-from .wan21 import (
-    LAYOUT_KEYS,
-    Rule,
-    WanConfig,
-    WanDecoder,
-    WanEncoder,
-    WanFamily,
-    config_int,
-    conv_shape,
-    resample_name,
-    residual_name,
-)
+from .base import check_int, config_int, conv_shape, patchify, register, tiny_statistics, unpatchify
+from .wan21 import LAYOUT_KEYS, Rule, WanConfig, WanDecoder, WanEncoder, WanFamily, resample_name, residual_name
 
 # fmt: off
 WAN22_LATENTS_MEAN = (
@@ -82,24 +71,6 @@ class Wan22Config(WanConfig):
     @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1) * self.patch_size
-
-
-def patchify(x: Tensor, p: int) -> Tensor:
-    """(B, C, T, H*p, W*p) -> (B, C*p*p, T, H, W), channel ``c*p*p + r*p + q`` (r column, q row)."""
-    if p == 1:
-        return x
-    b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t, h // p, p, w // p, p)
-    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, t, h // p, w // p)
-
-
-def unpatchify(x: Tensor, p: int) -> Tensor:
-    """Inverse of ``patchify``."""
-    if p == 1:
-        return x
-    b, cpp, t, h, w = x.shape
-    x = x.reshape(b, cpp // (p * p), p, p, t, h, w)
-    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, cpp // (p * p), t, h * p, w * p)
 
 
 class DupUp3D(nn.Module):
@@ -205,7 +176,7 @@ def teacher_layout(config: Wan22Config) -> DecoderLayout:
             width=out_dim,
             hidden=(out_dim,) * (nrb + 1),
             resample_width=out_dim if i < last else None,
-            temporal=i < last and config.temporal_upsample[i],
+            temporal=2 if i < last and config.temporal_upsample[i] else 1,
         )
         for i, (in_dim, out_dim) in enumerate(itertools.pairwise(widths))
     ]
@@ -234,7 +205,7 @@ class Wan22Decoder(WanDecoder):
         stage = super().up_stage(index, st)
         shortcut = None
         if st.resample_width is not None:
-            ft, fs = (2 if st.temporal else 1), 2
+            ft, fs = st.temporal, 2
             t = self.teacher.up[index]
             repeats = t.resample_width * ft * fs * fs // t.in_width
             shortcut = DupUp3D(st.in_width, st.resample_width, ft, fs, repeats)
@@ -319,6 +290,7 @@ class Wan22Family(WanFamily):
     teacher_type: ClassVar[type] = Wan22VAE
     default_resolution: ClassVar[tuple[int, int]] = (704, 1280)
     embedded_teacher: ClassVar[str | None] = "wan22-tiny.safetensors"
+    order: ClassVar[int] = 20
     residual: ClassVar[bool] = True
     official_layout: ClassVar[bool] = False
     original_marker: ClassVar[str] = r"decoder\.upsamples\.\d+\.upsamples\..*"
@@ -353,6 +325,10 @@ class Wan22Family(WanFamily):
 
     def describe(self, config: Wan22Config) -> str:
         return f"{super().describe(config)}, patch_size {config.patch_size}"
+
+    def tiny_config(self) -> Wan22Config:
+        """The width floor, one residual block per stage, patch size 2 and the DupUp/AvgDown shortcuts."""
+        return Wan22Config(base_dim=4, decoder_base_dim=4, z_dim=4, num_res_blocks=1, **tiny_statistics(4))
 
     def teacher_layout(self, config: Wan22Config) -> DecoderLayout:
         return teacher_layout(config)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import CheckpointError
-from ..layout import DecoderLayout, StageLayout
-from ..released import (
+from ....errors import CheckpointError
+from ...layout import DecoderLayout, StageLayout
+from ...released import (
     Source,
     comparable_stages,
     convert,
@@ -35,8 +35,9 @@ from ..released import (
     fold_depthwise_scale,
     tensor_shape,
 )
-from .ltx import LTXConfig, config_from_diffusers, decoder_names, decoder_structure, encoder_names, rename_key
-from .ltx import teacher_layout as ltx_teacher_layout
+from .config import LTXConfig, decoder_structure
+from .config import teacher_layout as ltx_teacher_layout
+from .keys import config_from_diffusers, decoder_names, encoder_names, rename_key
 
 MARKER = r"decoder\.(mid_block|up_blocks\.\d+)\.resnets\.\d+\.conv1\.depthwise\.weight"
 EXTRA_STATISTICS = ("mean_of_means", "std_of_means")
@@ -207,7 +208,7 @@ def sources(model: Any, config: LTXConfig, layout: DecoderLayout) -> dict[str, S
 
 
 def read_student(family: Any, tensors: Mapping[str, Tensor], where: str) -> tuple[Any, dict[str, Tensor]]:
-    from ..student import FlashStudent, StudentConfig
+    from ...student import FlashStudent, StudentConfig
 
     config = teacher_config(tensors, where)
     layout = student_layout(config, tensors, where)
