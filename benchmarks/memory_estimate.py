@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-ROWS = [("wan2.1", 48, 2), ("wan2.1", 96, 1), ("wan2.2", 48, 2), ("ltx", 24, 2)]
+ROWS = [("wan2.1", 48, 2), ("wan2.1", 96, 1), ("wan2.2", 48, 2), ("ltx", 24, 2), ("mochi", 48, 2)]
 
 ONE_ROW = """
 import gc, json, resource, sys, torch

@@ -10,6 +10,7 @@ MACs), which is what to look at when the measured speed-up falls short of the MA
     python benchmarks/student_speed.py                       # Wan2.1 and its presets
     python benchmarks/student_speed.py --family wan2.2       # Wan2.2 (TI2V-5B) and flash-wan2.2
     python benchmarks/student_speed.py --size 128 --frames 3 # quicker
+    python benchmarks/student_speed.py --family mochi --size 128 --frames 3   # Mochi 1 (6n+1 frames)
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def stage_seconds(model: torch.nn.Module, latents: torch.Tensor, chunk: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="wan2.1", choices=families.names())
-    parser.add_argument("--base-dim", type=int, default=None, help="encoder and decoder width (default: released)")
+    parser.add_argument(
+        "--base-dim", type=int, default=None, help="encoder and decoder width, Wan families (default: released)"
+    )
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--frames", type=int, default=3, help="latent frames per clip (first + steady chunks)")
     parser.add_argument("--chunk", type=int, default=2)
@@ -73,6 +76,8 @@ def main() -> None:
     family = families.get(args.family)
     config = family.config_type()
     if args.base_dim is not None:
+        if "decoder_base_dim" not in getattr(family.config_type, "__dataclass_fields__", {}):
+            parser.error(f"--base-dim is for the Wan families; {args.family} is measured at its released widths")
         config = family.config_type(base_dim=args.base_dim, decoder_base_dim=args.base_dim)
     teacher = family.teacher_type(config).eval()
     models = {"teacher": teacher}

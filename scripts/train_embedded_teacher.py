@@ -12,6 +12,10 @@ family's architecture at small widths (``TINY`` below):
   residual upsamplers add a depth-to-space copy of their input, a sub-pixel checkerboard of its
   channels; trained from random weights here, such a decoder sat at the mean frame for as long
   as we ran it.
+- ``mochi``: Mochi 1's architecture at its family's ``tiny_config`` (widths 32: one channel per
+  GroupNorm group, one attention head; one residual block per stage; 12 channels, 6x8x8):
+  ``mochi-tiny.safetensors``. Its posterior has no bias to start nearly deterministic (no
+  ``quant_conv``), so phase C decodes the posterior mean and the log-variance learns from the KL term.
 
 Deep, narrow, norm-heavy decoders trained end to end from random weights sit for thousands of
 steps predicting the mean frame. A linear code gets them moving at once, so training has three
@@ -32,6 +36,7 @@ Reproduce (seeded, CPU; the shipped files were trained with OMP_NUM_THREADS=1, W
 35 minutes and LTX in about 27, each on one core of a busy 2-core machine):
     OMP_NUM_THREADS=1 python scripts/train_embedded_teacher.py --family wan2.2
     OMP_NUM_THREADS=1 python scripts/train_embedded_teacher.py --family ltx
+    OMP_NUM_THREADS=1 python scripts/train_embedded_teacher.py --family mochi   # about 27 minutes
 The shipped Wan2.1 file came from this script's first version, in two runs (docs/demo.md).
 """
 
@@ -49,8 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashvaed.metrics import psnr
-from flashvaed.models import WanConfig, WanVAE, load_model, save_teacher
+from flashvaed.models import WanConfig, WanVAE, families, load_model, save_teacher
 from flashvaed.models.families.ltx import LTXVAE, Block, LTXConfig
+from flashvaed.models.families.mochi import DepthToSpace, MochiVAE
 from flashvaed.models.families.wan22 import Wan22Config, Wan22VAE
 from flashvaed.synthetic import synthetic_clip
 
@@ -100,6 +106,9 @@ TINY = {
         128,
         (3000, 1000, 1500),
         3,
+    ),
+    "mochi": Recipe(
+        lambda: MochiVAE(families.get("mochi").tiny_config()), "mochi-tiny.safetensors", 48, (1500, 500, 800), 3
     ),
 }
 
@@ -182,6 +191,7 @@ def main() -> None:
     t, s, z = model.temporal_factor, model.spatial_factor, model.latent_channels
     size, frames = recipe.size, 1 + t
     joint_frames = args.joint_frames or 1 + t * (recipe.joint_latent_frames - 1)
+    sampled = getattr(getattr(model, "quant_conv", None), "bias", None) is not None
     if args.init is None:
         with torch.no_grad():
             bias = getattr(model.quant_conv, "bias", None)
@@ -193,6 +203,12 @@ def main() -> None:
                 if name.startswith("decoder.") and ".resample.conv." in name and model.family == "ltx":
                     rows = p.view(p.shape[0] // 8, 8, *p.shape[1:])  # depth-to-space rows c*8 + (t, y, x)
                     rows.copy_(rows[:, :1].expand_as(rows).clone())  # ICNR: upsample as nearest neighbour
+            for module in model.modules():  # Mochi's: a linear projection, rows c*r + (t, y, x)
+                if isinstance(module, DepthToSpace):
+                    r = module.temporal * module.spatial**2
+                    for p in (module.proj.weight, module.proj.bias):
+                        rows = p.view(p.shape[0] // r, r, *p.shape[1:])
+                        rows.copy_(rows[:, :1].expand_as(rows).clone())
 
     def clips(seed: int, batch: int, n: int = frames) -> Tensor:
         return torch.cat([synthetic_clip(n, size, size, seed=seed * batch + i) for i in range(batch)])
@@ -224,7 +240,9 @@ def main() -> None:
         video = clips(a + b + step, args.batch, joint_frames)
         mu, logvar = model.posterior(video)
         logvar = logvar.clamp(-30.0, 20.0)
-        noisy = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        # a posterior without a bias to start nearly deterministic (Mochi's proj_out) decodes its mean;
+        # its log-variance learns from the KL term alone
+        noisy = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sampled else mu
         recon = model.decode_clip((noisy - mean) / std, clamp=False)
         var_ratio = torch.exp(logvar) / std**2  # KL to N(latents_mean, latents_std^2)
         kl = 0.5 * (var_ratio + ((mu - mean) / std) ** 2 - 1 - torch.log(var_ratio))

@@ -16,13 +16,14 @@ from flashvaed.cli import app
 from flashvaed.demo import STAGES, DemoGeometry, demo, demo_families, embedded_teacher_path, is_demo_dir
 from flashvaed.io import read_tensor
 from flashvaed.metrics import psnr
-from flashvaed.models import load_model, load_teacher
+from flashvaed.models import families, load_model, load_teacher
 from flashvaed.models.checkpoint import is_student_dir
 from flashvaed.synthetic import synthetic_clip
 
 runner = CliRunner()
-MIN_GAIN_DB = {"wan2.1": 15.0, "wan2.2": 10.0, "ltx": 3.0}  # over the mean frame: trained, not random
-SMALLEST = {"wan2.1": (5, 32), "wan2.2": (5, 32), "ltx": (9, 64)}  # frames, size: one steady chunk, 2x2+ latents
+MIN_GAIN_DB = {"wan2.1": 15.0, "wan2.2": 10.0, "ltx": 3.0, "mochi": 10.0}  # over the mean frame: trained, not random
+# frames, size: one steady chunk, 2x2+ latents; a family missing here fails the tests below
+SMALLEST = {"wan2.1": (5, 32), "wan2.2": (5, 32), "ltx": (9, 64), "mochi": (7, 16)}
 
 
 def video_shape(path) -> tuple[int, int, int]:
@@ -42,7 +43,7 @@ def wan21_demo(tmp_path_factory):
     return out, r.output
 
 
-@pytest.mark.parametrize("family", ["wan2.1", "wan2.2", "ltx"])
+@pytest.mark.parametrize("family", families.names())
 def test_every_family_ships_a_trained_teacher(family):
     """A couple of MB each, and trained: it reconstructs a held-out clip of the demo's default
     geometry far better than the clip's mean frame does."""
@@ -105,7 +106,7 @@ def test_demo_outputs_are_what_they_say(wan21_demo):
         assert torch.allclose(engine.decode(z), student.decode(z), atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["wan2.2", "ltx"])
+@pytest.mark.parametrize("family", [f for f in demo_families() if f != "wan2.1"])
 def test_demo_of_every_other_family(family, tmp_path):
     frames, size = SMALLEST[family]
     result = demo(tmp_path / "d", family=family, frames=frames, height=size, width=size, distill_steps=1, device="cpu")

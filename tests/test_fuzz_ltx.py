@@ -2,7 +2,9 @@
 
 - every shipped preset pruned from a teacher at its family's width floor, where every stage of the
   student resolves to the teacher's own width (the students used to be built as teachers there, and
-  pruning failed with "Unexpected key(s) in state_dict: ...norm1.gamma");
+  pruning failed with "Unexpected key(s) in state_dict: ...norm1.gamma"); Mochi's widths are
+  multiples of its 32 GroupNorm groups, so its floor teacher is 32 wide and its presets prune it
+  below the teacher's widths, to the student floor (GroupNorms of fewer groups);
 - every teacher through every layout ``save_teacher`` writes, read back with the same config and
   bit-identical frames and latents (the embedded LTX teacher's diffusers config.json used to lose its
   encoder's last downsampler); a file form that cannot say the architecture is refused, not written.
@@ -20,11 +22,12 @@ from importlib import resources
 import pytest
 import torch
 import yaml
+from torch import nn
 from typer.testing import CliRunner
 
 from flashvaed.cli import app
 from flashvaed.demo import embedded_teacher_path
-from flashvaed.errors import InputError
+from flashvaed.errors import CheckpointError, InputError
 from flashvaed.models import families, load_model, load_teacher, save_student, save_teacher
 from flashvaed.models.families.ltx import LTXVAE, LTXConfig, config_from_diffusers
 from flashvaed.models.families.wan21 import WanConfig, WanVAE
@@ -41,12 +44,13 @@ def perturbed(vae: TeacherVAE, seed: int) -> TeacherVAE:
     """Every parameter that starts at a neutral value (norm gains, biases, noise scales, the timestep
     multiplier) moved off it, so that a dropped or swapped tensor changes the frames."""
     g = torch.Generator().manual_seed(seed)
+    group_norms = {f"{path}.weight" for path, m in vae.named_modules() if isinstance(m, nn.GroupNorm)}
     with torch.no_grad():
         for name, p in vae.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             if name.endswith("timestep_scale_multiplier"):
                 p.fill_(700.0)
-            elif name.endswith(("gamma", "norm3.weight")):
+            elif name.endswith(("gamma", "norm3.weight")) or name in group_norms:
                 p.copy_(1 + 0.2 * noise)
             elif name.endswith("bias") or "noise" in name:
                 p.copy_(0.05 * noise)
@@ -89,14 +93,19 @@ def floor_teacher(name: str) -> TeacherVAE:
         return perturbed(WanVAE(WanConfig(base_dim=MIN_WIDTH)), 1)
     if name == "wan2.2":
         return perturbed(Wan22VAE(Wan22Config(base_dim=MIN_WIDTH, decoder_base_dim=MIN_WIDTH)), 2)
+    if name == "mochi":  # the family's smallest teacher: widths 32, one residual block per stage
+        mochi = families.get("mochi")
+        return perturbed(mochi.teacher_type(mochi.tiny_config()), 4)
     generation = name.removeprefix("ltx-")
     return perturbed(LTXVAE(ltx_config(generation, 3)), 3)
 
 
-FLOOR_TEACHERS = ("wan2.1", "wan2.2", "ltx-0.9.0", "ltx-0.9.1", "ltx-0.9.5")
+FLOOR_TEACHERS = ("wan2.1", "wan2.2", "ltx-0.9.0", "ltx-0.9.1", "ltx-0.9.5", "mochi")
 # the teachers every preset of their family is pruned from: one per family, plus 0.9.1's decoder
 # (timestep conditioning, noise, residual upsamplers) for flash-ltx
-PRUNED_FROM = {"wan2.1": None, "wan2.2": None, "ltx-0.9.0": None, "ltx-0.9.1": ("flash-ltx",)}
+PRUNED_FROM = {"wan2.1": None, "wan2.2": None, "ltx-0.9.0": None, "ltx-0.9.1": ("flash-ltx",), "mochi": None}
+# a family whose teacher widths cannot reach the student floor: its narrowest legal teacher width
+WIDTH_FLOOR = {"mochi": 32}  # Mochi: multiples of its 32 GroupNorm groups
 
 
 def preset_family(preset: str) -> str | None:
@@ -122,6 +131,15 @@ def floor_teacher_family(name: str) -> str:
     return "ltx" if name.startswith("ltx") else name
 
 
+def test_the_mochi_floor_teacher_is_the_narrowest_mochi_teacher():
+    """Mochi refuses any width that is not a multiple of 32, so 32 is its floor."""
+    mochi = families.get("mochi")
+    assert {w for w in mochi.tiny_config().decoder_block_out_channels} == {WIDTH_FLOOR["mochi"]}
+    for width in (16, 48):  # below the floor, or not a multiple of it
+        with pytest.raises(ValueError, match="32"):
+            mochi.config_type(encoder_block_out_channels=(width,) * 4, decoder_block_out_channels=(width,) * 4)
+
+
 CASES = [
     (preset, name)
     for preset in preset_names()
@@ -136,18 +154,23 @@ def test_every_preset_prunes_a_teacher_at_the_width_floor(teachers, preset, name
     family = families.get(teacher.family)
     t_layout = family.teacher_layout(teacher.config)
     narrowest = min(w for st in t_layout.stages.values() for w in (st.in_width, st.width, *st.hidden))
-    assert narrowest == MIN_WIDTH  # the fixture is what this test is about
+    assert narrowest == WIDTH_FLOOR.get(teacher.family, MIN_WIDTH)  # the fixture is what this test is about
     layout, _ = StudentSpec.load(preset).resolve(t_layout)
-    for stage, st in layout.stages.items():  # every width floored to the teacher's own
-        assert (st.in_width, st.width, st.hidden) == (
-            t_layout.stages[stage].in_width,
-            t_layout.stages[stage].width,
-            t_layout.stages[stage].hidden,
-        ), stage
+    for stage, st in layout.stages.items():
+        if narrowest == MIN_WIDTH:  # every width floored to the teacher's own
+            assert (st.in_width, st.width, st.hidden) == (
+                t_layout.stages[stage].in_width,
+                t_layout.stages[stage].width,
+                t_layout.stages[stage].hidden,
+            ), stage
+        else:  # a ratio's width, floored at the student floor
+            assert MIN_WIDTH <= min(st.in_width, st.width, *st.hidden) <= narrowest, stage
     tf, sf = teacher.temporal_factor, teacher.spatial_factor
     torch.manual_seed(5)
-    calibration = [torch.randn(1, teacher.latent_channels, 2, 1, 1)]
-    result = prune_teacher(teacher, StudentSpec.load(preset), calibration, report_size=(sf, sf))
+    # a 1x1 grid at Mochi's floor would give its GroupNorms one value per group, which torch refuses
+    grid = (1, 2) if teacher.family == "mochi" else (1, 1)
+    calibration = [torch.randn(1, teacher.latent_channels, 2, *grid)]
+    result = prune_teacher(teacher, StudentSpec.load(preset), calibration, report_size=(grid[0] * sf, grid[1] * sf))
     save_student(result.student, tmp_path / "s", {"prune_report.json": result.report})
     student = load_model(tmp_path / "s")  # a strict load: every key of the directory, no other
     assert isinstance(student, FlashStudent) and student.config.layout == layout
@@ -189,7 +212,13 @@ FORMS = (
 )
 # file forms that cannot carry an LTX architecture (no metadata in a .pth; a diffusers state dict
 # without its config.json): save_teacher refuses them rather than write what would not load
-REFUSED = {("ltx", "flashvaed", "t.pth"), ("ltx", "original", "t.pth"), ("ltx", "diffusers", "t.safetensors")}
+REFUSED = {
+    ("ltx", "flashvaed", "t.pth"),
+    ("ltx", "original", "t.pth"),
+    ("ltx", "diffusers", "t.safetensors"),
+    ("mochi", "flashvaed", "t.pth"),  # widths only in the metadata (a diffusers state dict's shapes say them)
+}
+NO_LAYOUT = {("mochi", "original")}  # Mochi has diffusers and flashvaed layouts only: genmo's files are converted
 ROUND_TRIP_TEACHERS = (
     *FLOOR_TEACHERS,
     *(f"embedded-{f}" for f in families.names() if families.get(f).embedded_teacher),
@@ -242,6 +271,11 @@ def test_every_teacher_round_trips_through_every_layout(references, name, layout
     ref = references[name]
     teacher, video = ref.teacher, ref.video
     path = tmp_path / target
+    if (teacher.family, layout) in NO_LAYOUT:
+        with pytest.raises(CheckpointError, match=f"no {layout} layout"):
+            save_teacher(teacher, path, layout)
+        assert not path.exists() and not list(tmp_path.iterdir())
+        return
     if (teacher.family, layout, target) in REFUSED:
         with pytest.raises(InputError, match="cannot write this"):
             save_teacher(teacher, path, layout)
