@@ -13,9 +13,10 @@ weights throughout (speed and memory do not depend on the values). Sections:
 
 decode       The released teacher configuration (Wan2.1: base 96, 73.3 M decoder parameters) vs
              the flash-<family> student built on it, streaming decode of --frames frames (81 = 21
-             latent frames) at --height x --width (480x832) in --dtype (bf16), steady chunks of
-             --chunk latent frames. Modes (--modes): torch eager; "cudagraph" (the eager steady
-             step captured once with torch.cuda.CUDAGraph and replayed); "compile"
+             latent frames for Wan; 79 = 14 for Mochi) at --height x --width (480x832) in --dtype
+             (bf16), steady chunks of --chunk latent frames. Modes (--modes): torch eager;
+             "cudagraph" (the eager steady step captured once with torch.cuda.CUDAGraph and
+             replayed); "compile"
              (torch.compile, default mode); "compile-ro" (torch.compile mode="reduce-overhead":
              Inductor + CUDA graphs); optional "triton" (eager with the fused Triton conv). The
              first (one-frame) step runs eager in every mode. Seconds per clip, frames/s, the
@@ -38,8 +39,8 @@ memory       Peak torch.cuda.max_memory_allocated of streaming decode (k=1, k=--
 exactness    Small random models: fp32 streaming on the device vs a float64 CPU reference, every
              chunking vs one-shot, the Triton kernel inside the model vs torch convs.
 
---smoke runs every path that needs no CUDA on the CPU, with tiny models (base width 8) and sizes
-(16x16, 9 frames, fp32): torch.compile with the "eager" backend (Dynamo only), the Triton kernel
+--smoke runs every path that needs no CUDA on the CPU, with tiny models (the family's tiny_config) and sizes
+(16x16, 1 + 2t frames, fp32): torch.compile with the "eager" backend (Dynamo only), the Triton kernel
 under TRITON_INTERPRET=1 (skipped if triton is missing), ONNX Runtime's CPU provider. CUDA graphs
 are skipped there and peak memory is not measured.
 """
@@ -72,14 +73,13 @@ from flashvaed.atomic import atomic_output
 from flashvaed.metrics import psnr
 from flashvaed.models import StudentSpec, families, zero_state
 from flashvaed.models.blocks import fused_steps, streaming_conv3d
-from flashvaed.models.streaming import chunk_bounds, iter_decode, state_nbytes
+from flashvaed.models.streaming import chunk_bounds, clocked, iter_decode, state_nbytes
 from flashvaed.models.student import build_student
 
 SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness")  # report order
 # cheap sections first, the compiles late; ONNX Runtime (rarely with CUDA in GPU images) last
 RUN_ORDER = ("exactness", "kernel", "fidelity", "memory", "decode", "onnxruntime")
 MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton")
-FAMILIES = ("wan2.1", "wan2.2")  # causal families: the decode loop below needs no clock
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -185,7 +185,7 @@ def tf32(enabled: bool) -> Iterator[None]:
 def family_config(s: Settings) -> Any:
     """The released configuration of the family, or a tiny one for --smoke."""
     family = families.get(s.family)
-    return family.config_type(base_dim=8, decoder_base_dim=8) if s.smoke else family.config_type()
+    return family.tiny_config() if s.smoke else family.config_type()
 
 
 def build_models(
@@ -688,7 +688,7 @@ def section_memory(s: Settings, sec: dict[str, Any]) -> None:
 
 def section_exactness(s: Settings, sec: dict[str, Any]) -> None:
     family = families.get(s.family)
-    small = family.config_type(base_dim=8, decoder_base_dim=8 if s.smoke else 64)
+    small = family.tiny_config()  # the family's smallest teacher: every feature, tiny widths
     fused_ok = False
     if s.cuda:
         from flashvaed.engines.kernel import streaming_causal_conv3d, triton_available
@@ -718,7 +718,7 @@ def section_exactness(s: Settings, sec: dict[str, Any]) -> None:
             say(f"exactness {name}: fp32 vs fp64 {rel:.2e}, chunkings {chunked:.2e}, triton {fused}")
             if not (rel < 1e-4 and chunked < 1e-4 and (not isinstance(fused, float) or fused < 1e-4)):
                 bad.append(name)
-    sec["setup"] = {"base_dim": small.base_dim, "decoder_base_dim": small.decoder_base_dim, "chunkings": chunkings,
+    sec["setup"] = {"teacher": family.describe(small), "chunkings": chunkings,
                     "device": str(s.device), "reference": "float64 on the CPU"}  # fmt: skip
     if bad:
         raise AssertionError(f"outside 1e-4: {', '.join(bad)}")
@@ -855,8 +855,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (gpu_suite.json, gpu_suite.md)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models and sizes: checks the script runs")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
-    parser.add_argument("--family", default="wan2.1", choices=FAMILIES)
-    parser.add_argument("--frames", type=int, default=None, help="output frames, 1 + 4k (default 81; smoke 9)")
+    parser.add_argument("--family", default="wan2.1", help="a causal model family (default wan2.1)")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="output frames, 1 + tk (default 1 + 80//t * t; smoke 1 + 2t)"
+    )
     parser.add_argument("--height", type=int, default=None, help="pixels (default 480; smoke 16)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default 832; smoke 16)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="decode/memory dtype (default bf16)")
@@ -881,11 +883,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if unknown:
             raise SystemExit(f"gpu_suite: unknown {what} {', '.join(unknown)} (use {', '.join(known)})")
     args.sections = sections
-    frames = args.frames or (9 if smoke else 81)
+    if args.family not in families.names():
+        raise SystemExit(f"gpu_suite: unknown --family {args.family!r} (use {', '.join(families.names())})")
     height, width = args.height or (16 if smoke else 480), args.width or (16 if smoke else 832)
     with torch.device("meta"):  # the factors, from a teacher that allocates nothing
         teacher = families.get(args.family).teacher_type(families.get(args.family).config_type())
+    if clocked(teacher):  # the decode loops below step a causal decoder
+        raise SystemExit(f"gpu_suite: {args.family} decodes on a clock (latency); use a causal family")
     tf, sf = teacher.temporal_factor, teacher.spatial_factor
+    frames = args.frames or (1 + 2 * tf if smoke else 1 + 80 // tf * tf)
     if args.chunk < 1 or (frames - 1) % tf or frames < 1 + tf * args.chunk:
         raise SystemExit(f"gpu_suite: --frames must be 1 + {tf}k with k >= --chunk ({args.chunk}), got {frames}")
     if height % sf or width % sf:
