@@ -16,6 +16,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, TypeVar
@@ -48,11 +49,29 @@ def flag(param: str) -> str:
     return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
+def shipped_presets() -> dict[str, list[str]]:
+    """Family -> its shipped presets, read from the packaged preset files (``--help`` imports no
+    torch, so not through the family registry). Every family ships presets, so its keys are the
+    families too."""
+    import yaml
+
+    found: dict[str, list[str]] = {}
+    for path in sorted(resources.files("flashvaed").joinpath("presets").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".yaml"):
+            family = yaml.safe_load(path.read_text()).get("family") or "any"
+            found.setdefault(family, []).append(path.name.removesuffix(".yaml"))
+    return found
+
+
+PRESETS = shipped_presets()
+
+
 app = typer.Typer(
     name="flashvaed",
     help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path to a VAE of any "
-    "supported family (Wan2.1, Wan2.2, LTX-Video): an original release file (Wan2.1_VAE.pth, "
-    "Wan2.2_VAE.pth, ltx-video-*.safetensors), a diffusers directory, a .safetensors file, a student "
+    "supported family (" + ", ".join(PRESETS) + "): an original release file (Wan2.1_VAE.pth, "
+    "Wan2.2_VAE.pth, ltx-video-*.safetensors), a diffusers directory (AutoencoderKLWan, "
+    "AutoencoderKLLTXVideo, AutoencoderKLMochi), a .safetensors file, a student "
     "directory, a released Flash-VAED student (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth), or (for decode "
     "and info) an export or engine directory.",
     add_completion=False,
@@ -111,7 +130,7 @@ def info(
     width: Annotated[
         int | None,
         typer.Option(
-            help="Frame width in pixels (default: the family's: 480x832 Wan2.1, 704x1280 Wan2.2, 512x768 LTX)."
+            help="Frame width in pixels (default: the family's, e.g. 480x832 for Wan2.1; docs/cli.md lists them)."
         ),
     ] = None,
     chunk: Annotated[int, typer.Option(help="Latent frames per steady chunk.")] = 1,
@@ -335,8 +354,7 @@ def prune(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Student preset: flash-wan2.1, flash-wan2.1-quarter, lite-wan2.1 (Wan2.1); "
-            "flash-wan2.2, lite-wan2.2 (Wan2.2); flash-ltx, flash-ltx-causal, lite-ltx (LTX-Video)."
+            help="Student preset: " + "; ".join(f"{', '.join(names)} ({fam})" for fam, names in PRESETS.items()) + "."
         ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Student config file (.yaml/.json) instead of a preset.")] = None,
@@ -593,7 +611,7 @@ def validate(
 @command
 def demo(
     family: Annotated[
-        str, typer.Option(help="The family whose embedded teacher runs the chain: wan2.1, wan2.2 or ltx.")
+        str, typer.Option(help="The family whose embedded teacher runs the chain: " + ", ".join(PRESETS) + ".")
     ] = "wan2.1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")] = Path(
         "demo-output"

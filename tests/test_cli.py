@@ -254,3 +254,21 @@ def test_real_entry_point_prints_one_line(bad):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: latents contain NaN or Inf values"]
     assert proc.stdout == ""
+
+
+def test_help_names_every_family_and_preset_from_the_registry():
+    """The help texts list what is installed (no family named in the CLI's code): a new family or
+    preset shows up by itself."""
+    from flashvaed.cli import PRESETS
+    from flashvaed.models import families
+    from flashvaed.models.student import preset_names
+
+    assert sorted(PRESETS) == sorted(families.names())
+    assert sorted(p for names in PRESETS.values() for p in names) == sorted(preset_names())
+    top = " ".join(runner.invoke(app, ["--help"], terminal_width=400).output.split())
+    prune = " ".join(runner.invoke(app, ["prune", "--help"], terminal_width=400).output.split())
+    demo = " ".join(runner.invoke(app, ["demo", "--help"], terminal_width=400).output.split())
+    for name in families.names():
+        assert name in top and name in demo
+    for preset in preset_names():
+        assert preset in prune
