@@ -589,7 +589,7 @@ class MochiFamily(Family):
 
     def detect(self, keys: Collection[str], tensors: Mapping[str, Tensor], config: Mapping) -> list[Match]:
         matches = []
-        if DIFFUSERS_MARKER in keys and "decoder.proj_out.weight" in keys:
+        if DIFFUSERS_MARKER in keys:  # a tensor missing beside it is named when the weights are matched
             matches.append(Match(self, "diffusers", DIFFUSERS_MARKER))
         if OUR_MARKER in keys and "decoder.conv_in.weight" in keys:
             family, _ = our_metadata(config)
