@@ -404,3 +404,20 @@ def test_state_specs_say_what_stands_before_the_first_frame(history):
     conv = CausalConv3d(4, 4, 3, history=history)
     (spec,) = conv.state_specs("c", Fraction(1))
     assert spec.history == history and spec.frames == 2
+
+
+def test_manifests_record_each_states_history_and_old_ones_read_zeros():
+    from flashvaed.errors import InputError
+    from flashvaed.export.contract import StateTensor
+
+    d = manifest_dict()
+    assert d["state"][0]["history"] == "zeros"
+    d["state"][0]["history"] = "replicate"
+    assert Contract.from_dict(d).state[0].history == "replicate"
+    del d["state"][0]["history"]
+    assert Contract.from_dict(d).state[0].history == "zeros"
+    d["state"][0]["history"] = "mirror"
+    with pytest.raises(InputError, match="history must be one of zeros, replicate"):
+        Contract.from_dict(d)
+    spec = CausalConv3d(4, 4, 3, history="replicate").state_specs("c", Fraction(1))[0]
+    assert StateTensor.from_spec(spec).history == "replicate"

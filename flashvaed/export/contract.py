@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..models import families
+from ..models.blocks import HISTORY_MODES
 from ..models.families.base import checked_statistics
 from ..models.streaming import ShapeRange, StateSpec
 from ..safeload import json_format, member_file, read_text
@@ -125,6 +126,7 @@ class StateTensor:
     channels: int
     frames: int
     scale: Fraction
+    history: str = "zeros"  # before the clip's first frame: zeros, or the first frame replicated
 
     @property
     def input(self) -> str:
@@ -139,7 +141,7 @@ class StateTensor:
 
     @classmethod
     def from_spec(cls, spec: StateSpec) -> StateTensor:
-        return cls(spec.name, spec.channels, spec.frames, spec.scale)
+        return cls(spec.name, spec.channels, spec.frames, spec.scale, spec.history)
 
 
 @dataclass
@@ -292,6 +294,7 @@ class Contract:
                     "channels": t.channels,
                     "frames": t.frames,
                     "scale": str(t.scale),
+                    "history": t.history,
                 }
                 for t in self.state
             ],
@@ -318,7 +321,11 @@ class Contract:
                 shapes={k: ShapeRange(*(whole(v[b], f"shapes.{k}.{b}") for b in BOUNDS)) for k, v in shapes.items()},
                 state=[
                     StateTensor(
-                        s["name"], whole(s["channels"], "channels"), whole(s["frames"], "frames"), Fraction(s["scale"])
+                        s["name"],
+                        whole(s["channels"], "channels"),
+                        whole(s["frames"], "frames"),
+                        Fraction(s["scale"]),
+                        s.get("history", "zeros"),  # absent before it was recorded: zeros then
                     )
                     for s in d["state"]
                 ],
@@ -374,6 +381,9 @@ class Contract:
                 and 0 < t.scale <= LIMITS["factor"]
             ):
                 return f"state tensor {t.name!r} has an impossible name, channel count, frame count or scale"
+            if t.history not in HISTORY_MODES:
+                modes = ", ".join(HISTORY_MODES)
+                return f"state tensor {t.name!r}: history must be one of {modes}, got {t.history!r}"[:200]
         for graph, name in self.files.items():
             if not isinstance(name, str):
                 return f"graphs.{graph}.file is not a file name"
