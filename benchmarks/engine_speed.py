@@ -1,13 +1,15 @@
-"""Per-chunk latency of teacher and flash-wan2.1 student on each runtime, in one run (prints a table).
+"""Per-chunk latency of a teacher and its flash student on each runtime, in one run (prints a table).
 
-Full-width Wan2.1 teacher (base 96, random weights) and the flash-wan2.1 student built on it,
-at 256x256, steady chunks of k = 2 latent frames (8 output frames). Runtimes: torch eager (CPU,
-and CUDA where present, with and without the fused Triton kernel) and ONNX Runtime (CPU
-provider) on a static export with plugin nodes. Each cell is the median of timed steady chunks
-after a warm-up chunk; the state carried between chunks is real.
+A family's full-width teacher (``--family``, default Wan2.1 at base 96; random weights) and the
+flash-<family> student built on it, at 256x256, steady chunks of k = 2 latent frames (8 output
+frames for Wan). Runtimes: torch eager (CPU, and CUDA where present, with and without the fused
+Triton kernel) and ONNX Runtime (CPU provider) on a static export with plugin nodes. Each cell
+is the median of timed steady chunks after a warm-up chunk; the state carried between chunks is
+real.
 
     python benchmarks/engine_speed.py                 # the issue's table
     python benchmarks/engine_speed.py --size 128      # quicker
+    python benchmarks/engine_speed.py --family mochi --size 64 --repeats 2
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from flashvaed import engines
 from flashvaed.engines.base import Decoder
 from flashvaed.export.onnx_export import ExportOptions, export
-from flashvaed.models import StudentSpec, WanConfig, WanVAE
+from flashvaed.models import StudentSpec, families
 from flashvaed.models.student import build_student
 
 
@@ -47,20 +49,24 @@ def chunk_latency(decoder: Decoder, latents: torch.Tensor, chunk: int, repeats: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-dim", type=int, default=96)
+    parser.add_argument("--family", default="wan2.1", help="a model family (its released configuration)")
+    parser.add_argument("--base-dim", type=int, default=None, help="Wan families: the base width (default 96)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = WanConfig(base_dim=args.base_dim)
-    models = {
-        "teacher": WanVAE(config).eval(),
-        "flash-wan2.1": build_student(StudentSpec.load("flash-wan2.1"), config)[0],
-    }
-    h = args.size // 8
-    latents = torch.randn(1, 16, 1 + 2 * args.chunk, h, h)
+    family = families.get(args.family)
+    config = family.config_type(**({"base_dim": args.base_dim} if args.base_dim else {}))
+    student = f"flash-{family.name}"
+    models = {"teacher": family.teacher_type(config).eval()}
+    models[student] = build_student(StudentSpec.load(student), config)[0]
+    teacher = models["teacher"]
+    if getattr(teacher, "latency", 0):
+        raise SystemExit(f"engine_speed: {family.name} decodes on a clock; see benchmarks/ltx_streaming.py")
+    h = args.size // teacher.spatial_factor
+    latents = torch.randn(1, teacher.latent_channels, 1 + 2 * args.chunk, h, h)
     rows: dict[str, dict[str, float]] = {name: {} for name in models}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
@@ -83,12 +89,13 @@ def main() -> None:
                 models[name] = model.to("cpu")
     runtimes = list(rows["teacher"])
     print(
-        f"Wan2.1 base {args.base_dim}, {args.size}x{args.size}, steady chunk k={args.chunk} "
-        f"({4 * args.chunk} frames), torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"{family.title} ({family.describe(config)}), {args.size}x{args.size}, steady chunk k={args.chunk} "
+        f"({teacher.temporal_factor * args.chunk} frames), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
     )
     print(f"{'runtime':28} {'teacher s/chunk':>16} {'student s/chunk':>16} {'speed-up':>9}")
     for rt in runtimes:
-        t, s = rows["teacher"][rt], rows["flash-wan2.1"].get(rt, float("nan"))
+        t, s = rows["teacher"][rt], rows[student].get(rt, float("nan"))
         print(f"{rt:28} {t:16.3f} {s:16.4f} {t / s:8.1f}x")
     base = "torch eager CPU"
     for rt in runtimes:

@@ -168,3 +168,15 @@ def test_a_one_pixel_frame_of_one_channel_groups_decodes():
     wide = torch.randn(1, 32, 2, 1, 2)  # two values per group: torch's own group norm
     expected = torch.nn.functional.group_norm(wide[:, :, 0], 32, norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(norm(wide)[:, :, 0], expected)
+
+
+def test_the_export_plan_of_a_teacher_reads_its_decoder_only(work):
+    """The encoder's own convs (whole-clip, never exported) are no fallback of a decoder export:
+    every streaming conv of the decoder becomes a plugin node, nothing stays plain."""
+    from flashvaed.export.plugin_nodes import plugin_plan
+    from flashvaed.models.blocks import streaming_convs
+
+    _, _, teacher, _ = work
+    plan = plugin_plan(teacher, "all")
+    assert plan.fallback == [] and plan.plain == 0
+    assert len(plan.nodes) == len(streaming_convs(teacher.decoder)) > 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InputError
 from ..models.blocks import other_temporal_convs, streaming_convs
@@ -84,7 +84,8 @@ def use_triton_kernel(model: LatentDecoder) -> int:
     convs = streaming_convs(model)
     for conv in convs:
         conv.fused_step = streaming_causal_conv3d
-    others = other_temporal_convs(model)
+    decoder = getattr(model, "decoder", model)  # what decoding runs: an encoder's convs are not its business
+    others = other_temporal_convs(decoder if isinstance(decoder, nn.Module) else model)
     if others:  # said, not skipped in silence
         names = ", ".join(sorted({type(m).__name__ for m in others}))
         warnings.warn(

@@ -159,6 +159,7 @@ def plugin_plan(model: nn.Module, kinds: str = "all") -> PluginPlan:
     if kinds not in (*PLUGIN_KINDS, "none"):
         raise ValueError(f"plugin node kinds must be one of {', '.join(PLUGIN_KINDS)} or none, got {kinds!r}")
     plan = PluginPlan(kinds)
+    model = decoding_part(model)
     convs = streaming_convs(model)
     asked = [c for c in convs if kinds != "none" and _asked(c, kinds)]
     plan.plain = len(convs) - len(asked)
@@ -182,6 +183,12 @@ def plugin_plan(model: nn.Module, kinds: str = "all") -> PluginPlan:
     for name, n in sorted(missed.items()):
         plan.fallback.append(f"{n} temporal convs of class {name} are not streaming causal convs: plain ops")
     return plan
+
+
+def decoding_part(model: nn.Module) -> nn.Module:
+    """What an export traces of ``model``: its decoder (a teacher's encoder is never exported)."""
+    decoder = getattr(model, "decoder", None)
+    return decoder if isinstance(decoder, nn.Module) else model
 
 
 def plugin_nodes(model: nn.Module, kinds: str = "all", plan: PluginPlan | None = None) -> AbstractContextManager[None]:
