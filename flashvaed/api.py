@@ -350,8 +350,9 @@ def prune(
     spec = _spec(preset, config)
     model = load_teacher(teacher).to(resolve_device(device))
     tf, sf = model.temporal_factor, model.spatial_factor
+    family = families.get(model.family)
     if calib_frames is None:
-        calib_frames = families.get(model.family).clip_frames
+        calib_frames = family.clip_frames
     if calib_clips < 1 or calib_frames < 1 or (calib_frames - 1) % tf or calib_size <= 0 or calib_size % sf:
         raise InputError(
             f"{{calib_clips}} >= 1, {{calib_frames}} {tf}n+1 and {{calib_size}} a multiple of {sf} are required",
@@ -359,7 +360,6 @@ def prune(
             "calib_frames",
             "calib_size",
         )
-    family = families.get(model.family)
     spec.resolve(family.teacher_layout(model.config), family=model.family)  # refuse a bad fit before any work
     check_output(out, directory=True, replaceable=is_student_dir, what=STUDENT_DIR, inputs=[teacher, calib, config])
     if str(calib) == "synthetic":

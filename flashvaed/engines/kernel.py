@@ -325,7 +325,7 @@ def _launch(
         KW=kw,
         DEPTHWISE=depthwise,
         HAS_BIAS=bias is not None,
-        REPLICATE=check_padding_mode(padding_mode) == "replicate",
+        REPLICATE=padding_mode == "replicate",  # checked by ``_check``, as every caller does first
         DOT_PRECISION=_dot_precision(x),
         **cfg,
     )

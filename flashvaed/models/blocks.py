@@ -56,13 +56,14 @@ def streaming_conv3d(
     """The streaming causal conv every implementation must match: conv3d over ``cat(history, x)``
     (no temporal padding; ``padding`` spatially, zeros or the edge values replicated as
     ``padding_mode`` says) and the last ``P`` frames of it as the new history."""
-    check_padding_mode(padding_mode)
     joined = torch.cat([history, x], dim=2)
     if padding_mode == "zeros":
         y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
-    else:
+    elif padding_mode == "replicate":
         ph, pw = padding
         y = F.conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, groups=groups)
+    else:
+        check_padding_mode(padding_mode)  # raises, naming it
     return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
 
 
@@ -221,13 +222,16 @@ class GroupNorm(nn.GroupNorm):
         if x.dim() != 5:
             return super().forward(x)
         b, c, t, h, w = x.shape
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        g = xf.reshape(b, self.num_groups, c // self.num_groups, t, h, w)
-        var, mean = torch.var_mean(g, dim=(2, 4, 5), correction=0, keepdim=True)
-        y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, t, h, w).to(x.dtype)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1, 1) + self.bias.view(1, c, 1, 1, 1)
-        return y
+        if c // self.num_groups * h * w == 1:  # one value per group: x - mean is 0 (torch refuses to compute it)
+            y = torch.zeros_like(x) if self.bias is None else self.bias.view(1, c, 1, 1, 1).expand(b, c, t, h, w)
+            return y.to(x.dtype)
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # torch's fused kernel, frame by frame
+        weight, bias = self.weight, self.bias
+        if x.dtype in (torch.float16, torch.bfloat16):
+            frames = frames.float()
+            weight, bias = (None, None) if weight is None else (weight.float(), bias.float())
+        y = F.group_norm(frames, self.num_groups, weight, bias, self.eps)
+        return y.to(x.dtype).reshape(b, t, c, h, w).transpose(1, 2)
 
     def pruned_scale(self, kept: int, total: int) -> float:
         return 1.0

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from .contract import DECODER_DEFAULTS
 from .layout import DecoderLayout
 from .streaming import ANY_CHUNK, State, StateSpec, StreamingDecoder, clocked, model_fingerprint
 from .streaming import decode as streaming_decode
@@ -49,13 +50,14 @@ class LatentDecoder(nn.Module):
         self.spatial_factor = self.decoder.spatial_factor
         # latent frames a step holds back (0: causal) and, if so, the output positions before the
         # clip's first frame; extra inputs of decode_step beyond latents and state (see ``streaming``)
-        self.latency: int = getattr(self.decoder, "latency", 0)
-        self.output_offset: int = getattr(self.decoder, "output_offset", 0)
-        self.step_inputs: tuple[str, ...] = tuple(getattr(self.decoder, "step_inputs", ()))
-        self.noise_scales: tuple[Fraction, ...] = tuple(getattr(self.decoder, "noise_scales", ()))  # noise map grids
+        # (optional decoder members: their defaults are the contract's, ``contract.DECODER_DEFAULTS``)
+        self.latency: int = self._optional("latency")
+        self.output_offset: int = self._optional("output_offset")
+        self.step_inputs: tuple[str, ...] = tuple(self._optional("step_inputs"))
+        self.noise_scales: tuple[Fraction, ...] = tuple(self._optional("noise_scales"))  # noise map grids
         # conditioned decoders: the decode timestep and decode-time latent noise of their pipeline
-        self.default_timestep: float | None = getattr(self.decoder, "default_timestep", None)
-        self.default_noise_scale: float | None = getattr(self.decoder, "default_noise_scale", None)
+        self.default_timestep: float | None = self._optional("default_timestep")
+        self.default_noise_scale: float | None = self._optional("default_noise_scale")
         stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
         if stats.shape != (2, z):  # a student whose layout and teacher disagree (readers name the file)
             raise ValueError(f"latents_mean and latents_std have {stats.shape[1]} entries; layout z_dim is {z}")
@@ -68,6 +70,9 @@ class LatentDecoder(nn.Module):
             self.has_encoder = True
             self.encoder = family.build_encoder(config)
             self.quant_conv = family.build_quant_conv(config)
+
+    def _optional(self, name: str) -> Any:
+        return getattr(self.decoder, name, DECODER_DEFAULTS[name])
 
     def decoder_state_specs(self) -> list[StateSpec]:
         return self.decoder.state_specs()
@@ -114,7 +119,7 @@ class LatentDecoder(nn.Module):
 
     def stream_inputs(self, batch: int | None, height: int, width: int, **options: Any) -> dict[str, Any]:
         """The extra step inputs of one stream from its options (refused if the model takes none)."""
-        make = getattr(self.decoder, "stream_inputs", None)
+        make = self._optional("stream_inputs")
         if make is None:
             if options:
                 raise InputError(f"this {self.family} model takes no decode options, got {', '.join(sorted(options))}")

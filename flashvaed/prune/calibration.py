@@ -77,13 +77,13 @@ def _encode_all(teacher: TeacherVAE, videos: Iterable[Tensor], total: int, progr
 
 
 @contextmanager
-def hooks(model: nn.Module, callbacks: dict[str, Callable[[Tensor], None]], channels_first: bool = False):
-    """Call ``callbacks[path](input)`` with the first input of each named module on every call;
-    ``channels_first``: with the input's channels moved to dim 1 (``norms.input_channel_dim``)."""
+def hooks(model: nn.Module, callbacks: dict[str, Callable[[Tensor], None]]):
+    """Call ``callbacks[path](input)`` with the first input of each named module on every call,
+    its channels moved to dim 1 (``norms.input_channel_dim``)."""
     handles = []
     for path, fn in callbacks.items():
         module = model.get_submodule(path)
-        dim = input_channel_dim(module) if channels_first else 1
+        dim = input_channel_dim(module)
 
         def hook(_m: nn.Module, args: tuple, fn: Callable[[Tensor], None] = fn, dim: int = dim) -> None:
             fn(args[0] if dim == 1 else args[0].movedim(dim, 1))
@@ -136,7 +136,7 @@ def input_grams(
 
         return fn
 
-    with hooks(model, {p: accumulate(p) for p in paths}, channels_first=True):
+    with hooks(model, {p: accumulate(p) for p in paths}):
         run(model, latents, chunk, "calibrating: feature statistics", progress)
     return grams
 
@@ -159,6 +159,6 @@ def norm_ratios(
 
         return fn
 
-    with hooks(model, {p: accumulate(p) for p in keeps}, channels_first=True):
+    with hooks(model, {p: accumulate(p) for p in keeps}):
         run(model, latents, chunk, "calibrating: norm statistics", progress)
     return {p: s / max(n, 1) for p, (s, n) in sums.items()}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
-from ..blocks import CausalConv3d, ResidualBlock, Stage, make_conv, register_op
+from ..blocks import CausalConv3d, GroupNorm, Head, ResidualBlock, Stage, make_conv, register_op
 from ..coupling import D2S_ROWS, ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks
@@ -153,31 +153,13 @@ class MochiConfig:
 # ---------------------------------------------------------------------------------------------
 # blocks
 # ---------------------------------------------------------------------------------------------
-class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm over each frame alone (statistics per sample, group and frame; eps 1e-5, affine).
-
-    Its statistics span a whole frame, so a spatial tile cannot compute them alone
-    (``mixes_frame``). Pruning keeps its per-channel ``weight`` and ``bias`` at the kept channels and
-    leaves their scale (``pruned_scale``): a group's statistics are a mean, not a sum.
-    """
-
-    mixes_frame = True
-    channel_params: ClassVar[tuple[str, ...]] = ("weight", "bias")
+class FrameGroupNorm(GroupNorm):
+    """The shared per-frame group norm (``blocks.GroupNorm``: statistics per sample, group and
+    frame, so it mixes a whole frame; pruning keeps its ``weight``/``bias`` at the kept channels)
+    with Mochi's eps 1e-5 and ``gcd(32, channels)`` groups: the release's 32 at every teacher width."""
 
     def __init__(self, channels: int, groups: int | None = None) -> None:
         super().__init__(groups or math.gcd(GROUPS, channels), channels, eps=GROUP_EPS)
-
-    def pruned_scale(self, kept: int, total: int) -> float:
-        return 1.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 5:
-            return super().forward(x)
-        b, c, t, h, w = x.shape
-        if c // self.num_groups * h * w == 1:  # one value per group: x - mean is 0 (torch refuses to compute it)
-            return self.bias.view(1, c, 1, 1, 1).expand(b, c, t, h, w).to(x.dtype)
-        y = F.group_norm(x.transpose(1, 2).reshape(b * t, c, h, w), self.num_groups, self.weight, self.bias, self.eps)
-        return y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
 class ChannelLinear(nn.Linear):
@@ -239,20 +221,6 @@ class DepthToSpace(StreamingBlock):
         return flow.start("stream", self.proj.out_features // rows, f"{path}.proj", D2S_ROWS)
 
 
-class Head(StreamingBlock):
-    """SiLU and a linear layer to the output channels (no norm before it)."""
-
-    def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.proj = ChannelLinear(dim, out_dim)
-
-    def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
-        return self.proj(F.silu(x)), ()
-
-    def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> None:
-        flow.consume(stream, f"{path}.proj", stage)
-
-
 def teacher_layout(config: MochiConfig) -> DecoderLayout:
     """middle = block_in; up.i = up_blocks[i] (its projection to the next width and its temporal
     factor); the last up stage = block_out; causal 3x3x3 convs at full width everywhere."""
@@ -289,7 +257,6 @@ class MochiDecoder(nn.Module):
         self.conv_in = CausalConv3d(layout.z_dim, m.width, 1)
         self.middle = Stage([residual_block(m.width, m.width, h, m.op, m.shortcut) for h in m.hidden])
         spatial = config.spatial_expansions[::-1]
-        temporal = config.temporal_expansions[::-1]
         stages = []
         for i, st in enumerate(layout.up):
             blocks = [
@@ -298,10 +265,11 @@ class MochiDecoder(nn.Module):
             ]
             resample = None
             if st.resample_width is not None:
-                resample = DepthToSpace(st.width, st.resample_width, temporal[i], spatial[i])
+                resample = DepthToSpace(st.width, st.resample_width, st.temporal, spatial[i])
             stages.append(Stage(blocks, resample))
         self.up = nn.ModuleList(stages)
-        self.head = Head(layout.up[-1].width, layout.out_channels)
+        # SiLU and a linear layer (operator kind ``pointwise``), no norm before it
+        self.head = Head(layout.up[-1].width, layout.out_channels, layout.head_op, norm=None, conv=replicate_conv)
         self.temporal_factor = config.temporal_factor
         self.spatial_factor = config.spatial_factor
 
@@ -494,8 +462,8 @@ def diffusers_name(key: str, stages: int) -> str:
     m = re.fullmatch(r"decoder\.up\.(\d+)\.resample\.proj\.(.*)", key)
     if m:
         return f"decoder.up_blocks.{m[1]}.proj.{m[2]}"
-    if key.startswith("decoder.head.proj."):
-        return key.replace("decoder.head.proj.", "decoder.proj_out.")
+    if key.startswith("decoder.head.conv."):
+        return key.replace("decoder.head.conv.", "decoder.proj_out.")
     if key.startswith("encoder."):  # our encoder is named as diffusers' but for the wrappers
         key = re.sub(r"\.(norm[12]|norms\.\d+|norm_out)\.(weight|bias)$", r".\1.norm_layer.\2", key)
         key = re.sub(r"\.(conv[12]|conv_in)\.(weight|bias)$", r".\1.conv.\2", key)
@@ -504,7 +472,7 @@ def diffusers_name(key: str, stages: int) -> str:
 
 
 DIFFUSERS_MARKER = "decoder.block_in.resnets.0.norm1.norm_layer.weight"
-OUR_MARKER = "decoder.head.proj.weight"
+OUR_MARKER = "decoder.up.0.resample.proj.weight"  # a linear depth-to-space: no other family's
 
 
 def _shape(tensors: Mapping[str, Tensor], key: str, dims: int) -> tuple[int, ...]:
