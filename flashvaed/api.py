@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from .atomic import atomic_output, check_output
 from .devices import resolve_device, resolve_dtype
 from .distill.evaluate import Evaluation, evaluate
 from .distill.run import distill
+from .engines.tiled import choose_tile, parse_memory, parse_tile, tiled
+from .engines.torch_backend import TorchDecoder
 from .errors import InputError
 from .export.contract import OURS, Contract, is_manifest_dir, is_ours, read_manifest
 from .io import (
@@ -104,6 +107,7 @@ class DecodeResult:
     output: Path
     shape: tuple[int, ...]  # (B, 3, F, H, W) of the decoded frames
     seconds: float
+    written: bool = True  # False on the ranks of a sharded decode other than 0 (rank 0 writes)
 
     @property
     def frames_per_second(self) -> float:
@@ -123,6 +127,9 @@ def decode(
     decode_timestep: float | None = None,
     decode_noise_scale: float | None = None,
     seed: int = 0,
+    tile: str | tuple[int, int] | None = None,
+    max_memory: str | int | None = None,
+    shard: str | None = None,
     progress: bool = False,
 ) -> DecodeResult:
     """Decode normalised diffusion-space latents (B, z, T, h, w) to frames, video or PNGs.
@@ -137,6 +144,12 @@ def decode(
 
     Memory stays flat in the clip length: chunks are decoded and handed to the output one by
     one (raw tensor outputs do keep all frames, since they are written as one tensor).
+
+    Exact spatial tiling (``flashvaed.engines.tiled``): ``tile`` (``HxW`` latent pixels each tile
+    decodes, halo included) or ``max_memory`` (a size such as ``8GB``: the largest tile whose decode
+    fits) bounds memory in the frame size; the frames equal untiled decoding. An engine given a frame
+    larger than it was built for tiles at its own size. ``shard="spatial"`` (under ``torchrun``)
+    splits every frame across the ranks; rank 0 writes the output.
     """
     kind = output_kind(out)
     check_output(out, directory=kind == "png", replaceable=is_png_dir, what=PNG_DIR, inputs=[latents, model])
@@ -146,9 +159,28 @@ def decode(
     check_fps(fps)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
         raise InputError(f"{{seed}} must be a non-negative integer, got {seed!r}", "seed")
+    if shard not in (None, "spatial"):
+        raise InputError(f"{{shard}} must be 'spatial' (split every frame across torchrun's ranks), got {shard!r}")
+    if shard is not None and (tile is not None or max_memory is not None):
+        raise InputError(
+            "{shard} splits frames across ranks: give it without {tile} or {max_memory}", "shard", "tile", "max_memory"
+        )
+    if tile is not None and max_memory is not None:
+        raise InputError("give {tile} or {max_memory}, not both ({max_memory} picks the tile)", "tile", "max_memory")
+    tile = parse_tile(tile)
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    writer = True  # sharded: rank 0 writes the output, the other ranks decode their bands
+    if shard is not None:
+        from .engines.sharded import init_distributed, rank_device
+
+        rank, _ = init_distributed()
+        writer = rank == 0
+        if dev.type == "cuda":  # each rank on its own GPU (LOCAL_RANK)
+            dev = rank_device()
     z = read_tensor(latents, "latents")
     decoder = engines.load(model, device=dev, dtype=dt)
     check_latents(decoder, z)
+    decoder = spatial_decoder(decoder, z.shape, chunk, tile, budget, shard)
     if batch_index < 0 or (kind != "tensor" and batch_index >= z.shape[0]):
         raise InputError(f"{{batch_index}} {batch_index} is out of range for a batch of {z.shape[0]}", "batch_index")
     if kind == "tensor":  # a raw tensor output is written whole: all frames are held at once
@@ -163,14 +195,51 @@ def decode(
     n_chunks = len(chunk_bounds(z.shape[2], chunk or decoder.default_chunk())) + (1 if decoder.latency else 0)
     start = time.perf_counter()
     frames = 0
-    with frame_sink(out, fps=fps, batch_index=batch_index) as sink:
-        for piece in track(pieces, n_chunks, "decoding", progress):
-            sink.write(piece)
+    with frame_sink(out, fps=fps, batch_index=batch_index) if writer else nullcontext() as sink:
+        for piece in track(pieces, n_chunks, "decoding", progress and writer):
+            if sink is not None:
+                sink.write(piece)
             frames += piece.shape[2]
             last_shape = piece.shape
     seconds = time.perf_counter() - start
     b, c, _, h, w = last_shape
-    return DecodeResult(Path(out), (b, c, frames, h, w), seconds)
+    return DecodeResult(Path(out), (b, c, frames, h, w), seconds, written=writer)
+
+
+def spatial_decoder(
+    decoder: engines.Decoder,
+    shape: tuple[int, ...],
+    chunk: int | None,
+    tile: tuple[int, int] | None,
+    budget: int | None,
+    shard: str | None,
+) -> engines.Decoder:
+    """``decoder`` as the spatial options ask: tiled, or sharded across ranks; an engine given a
+    frame larger than it was built for tiles at its own size."""
+    from .engines.base import ContractDecoder
+
+    if shard == "spatial":
+        from .engines.sharded import sharded
+
+        return sharded(decoder, gather="rank0")
+    if budget is not None:
+        if not isinstance(decoder, TorchDecoder):
+            raise InputError("{max_memory} picks tiles for torch models; an engine tiles at its size", "max_memory")
+        tile = choose_tile(decoder, tuple(shape), chunk or decoder.default_chunk(), budget)
+        return decoder if tile is None else tiled(decoder, tile)
+    if tile is not None:
+        return tiled(decoder, tile)
+    if isinstance(decoder, ContractDecoder):
+        from .engines.tiled import engine_halo
+
+        shapes = decoder.contract.shapes
+        if shape[3] > shapes["height"].max or shape[4] > shapes["width"].max:
+            try:
+                engine_halo(decoder)
+            except InputError:  # an engine that cannot tile: its own size error names the range it takes
+                return decoder
+            return tiled(decoder)
+    return decoder
 
 
 MAX_CONDITION = 1000.0  # timesteps and noise scales live in [0, 1]; past float32's range they would be Inf
@@ -396,10 +465,15 @@ def export(
     precision: str = "fp32",
     plugins: str = "all",
     opset: int | None = None,
+    tiling: bool = False,
+    tiling_frame: str = "1088x1920",
 ) -> ExportResult:
     """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``.
 
-    ``opset=None`` writes the lowest opset that supports ``precision`` (18; 22 for bf16)."""
+    ``opset=None`` writes the lowest opset that supports ``precision`` (18; 22 for bf16).
+    ``tiling``: a decoder with frame-wide modules (Wan's attention, group norms) also gets the graphs
+    an engine needs to decode frames larger than its tiles, up to ``tiling_frame`` (HxW pixels);
+    decoders without them tile from any export."""
     from .export.onnx_export import ExportOptions
     from .export.onnx_export import export as onnx_export
 
@@ -407,8 +481,9 @@ def export(
         raise InputError(f"{model} is already an export or engine; export takes a checkpoint or student")
     out = check_output(out, directory=True, replaceable=is_ours, what=OURS, inputs=[model])
     options = ExportOptions(
-        chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset
-    )
+        chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset,
+        tiling=tiling, tiling_frame=tiling_frame,
+    )  # fmt: skip
     return onnx_export(load_model(model), out, options, source=str(model))
 
 

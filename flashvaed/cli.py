@@ -172,6 +172,12 @@ def info(
         f"({s.macs_per_frame / 1e9:.1f} GMACs per frame)",
     )
     head.add_row("state per stream", f"{s.state_tensors} tensors, {s.state_bytes / 2**20:.1f} MiB ({s.dtype})")
+    wide = f"; {len(s.frame_wide)} frame-wide modules share their context across tiles" if s.frame_wide else ""
+    if s.halo is not None:
+        head.add_row(
+            "tiling halo",
+            f"{s.halo[0]}x{s.halo[1]} latent pixels (a --tile must exceed {2 * s.halo[0]}x{2 * s.halo[1]}){wide}",
+        )
     stages = Table(title=f"per stage at {s.height}x{s.width}, steady chunk")
     t = s.teacher
     columns = ["stage", "op", "params M", "GMACs", "share", "state MiB"]
@@ -271,9 +277,29 @@ def decode(
     seed: Annotated[
         int, typer.Option(help="Seed of every random draw (decode noise, LTX 0.9.1's injected noise).")
     ] = 0,
+    tile: Annotated[
+        str | None,
+        typer.Option(
+            help="Exact spatial tiling: HxW latent pixels each tile decodes, its halo included (e.g. 64x64; "
+            "a tile must exceed twice the model's halo, which `info` shows). Frames equal untiled decoding."
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Exact spatial tiling with the largest tile whose decode fits SIZE (e.g. 8GB, 6GiB; torch models)."
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="'spatial': under torchrun, split every frame across the ranks (exact; rank 0 writes the output)."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Decode latents to frames, streaming chunk by chunk (memory stays flat)."""
+    """Decode latents to frames, streaming chunk by chunk (memory stays flat in the clip length;
+    --tile or --max-memory bound it in the frame size too, exactly)."""
     r = api.decode(
         latents,
         model,
@@ -286,8 +312,13 @@ def decode(
         decode_timestep=decode_timestep,
         decode_noise_scale=decode_noise_scale,
         seed=seed,
+        tile=tile,
+        max_memory=max_memory,
+        shard=shard,
         progress=not quiet,
     )
+    if not r.written:  # another rank of a sharded decode: rank 0 wrote the output and says so
+        return
     b, _, f, h, w = r.shape
     typer.echo(
         f"decoded {b}x{f} frames {h}x{w} in {r.seconds:.2f} s ({r.frames_per_second:.1f} frames/s) -> {r.output}"
@@ -529,6 +560,17 @@ def export(
             "supports --precision: 18, 22 for bf16)."
         ),
     ] = None,
+    tiling: Annotated[
+        bool,
+        typer.Option(
+            "--tiling",
+            help="Also write the graphs that let an engine decode frames larger than --height/--width in exact "
+            "tiles when the decoder mixes whole frames (Wan's attention, Mochi's group norms); others tile anyway.",
+        ),
+    ] = False,
+    tiling_frame: Annotated[
+        str, typer.Option(help="With --tiling: the largest whole frame (HxW pixels) a tiled run takes.")
+    ] = "1088x1920",
 ) -> None:
     """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
     r = api.export(
@@ -541,6 +583,8 @@ def export(
         precision=precision,
         plugins=plugins,
         opset=opset,
+        tiling=tiling,
+        tiling_frame=tiling_frame,
     )
     for problem in r.tensorrt_unsupported:
         typer.echo(f"warning: TensorRT's ONNX parser cannot take {problem}", err=True)
@@ -603,6 +647,12 @@ def validate(
     )
     if r.teacher is not None:
         line += f"; vs teacher PSNR {r.teacher['psnr']:.2f} dB, SSIM {r.teacher['ssim']:.4f}"
+    tiled = r.tiled or {}
+    if "max_abs" in tiled:
+        region = "x".join(map(str, tiled["region"]))
+        line += f"; tiled ({tiled['tiles']} tiles of {region} latent) max abs error {tiled['max_abs']:.2e}"
+    elif "skipped" in tiled:
+        line += f"; tiled decode not checked: {tiled['skipped']}"
     typer.echo(line)
     if not r.passed:
         raise typer.Exit(1)

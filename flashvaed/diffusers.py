@@ -10,7 +10,9 @@ handful of facts from their VAE — config fields, compression ratios, latent st
 (``Family.pipeline_reads``/``pipeline_fields``), and refuses a pipeline of another family in one line.
 
 Decoding streams chunk by chunk underneath (``Decoder.iter_decode``): memory stays flat in the
-clip length, so ``enable_tiling``/``enable_slicing`` are accepted and change nothing. LTX-Video
+clip length. ``enable_tiling`` bounds it in the frame size too, by exact tiling
+(``flashvaed.engines.tiled``: the same frames, no blending); ``enable_sharding`` splits every frame
+across the ranks of a ``torchrun`` job (``flashvaed.engines.sharded``). LTX-Video
 0.9.1's noise injection is drawn from the global torch generator of the decoding device in the
 order diffusers' ``AutoencoderKLLTXVideo`` draws it, so with the same ``torch.manual_seed`` the
 drop-in over the teacher reproduces diffusers' frames.
@@ -19,6 +21,8 @@ drop-in over the teacher reproduces diffusers' frames.
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,14 @@ from torch import Tensor, nn
 
 from . import engines
 from .devices import resolve_device, resolve_dtype
+from .engines.base import ContractDecoder
+from .engines.tiled import TiledDecoder, choose_tile, parse_memory, parse_tile, tiled
 from .errors import CheckpointError, FlashVAEDError, InputError
 from .models import families
 from .models.checkpoint import load_teacher
 from .models.streaming import check_latents
 from .models.vae import LatentDecoder
-from .safeload import check_stored
+from .safeload import check_stored, work_budget
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
 
@@ -59,6 +65,29 @@ def _check_read(family: str, name: str) -> None:
     raise AttributeError(f"FlashVAE has no {name!r}")
 
 
+# what diffusers' VAEs take in enable_tiling besides the tile size: blending overlaps and frame
+# tiles, which exact tiling and temporal streaming do not need (accepted, ignored with a warning)
+IGNORED_TILING_OPTIONS = (
+    "tile_sample_stride_height",
+    "tile_sample_stride_width",
+    "tile_sample_min_num_frames",
+    "tile_sample_stride_num_frames",
+    "tile_overlap_factor",
+    "tile_overlap_factor_height",
+    "tile_overlap_factor_width",
+)
+
+
+@dataclass
+class _Tiling:
+    """What ``enable_tiling`` asked for: a tile size (latent pixels) or none (chosen per decode, within
+    ``budget`` bytes or the memory free), and the tiled decoders made so far, by tile size."""
+
+    tile: tuple[int, int] | None
+    budget: int | None
+    decoders: dict[tuple[int, int] | None, TiledDecoder] = field(default_factory=dict)
+
+
 class FlashVAEConfig(dict):
     """The config fields a family's pipelines read, with attribute access like diffusers' FrozenDict;
     a field only another family's pipelines read raises ``FamilyMismatchError``."""
@@ -79,8 +108,9 @@ class FlashVAEConfig(dict):
 class FlashVAE(nn.Module):
     """A diffusers-compatible VAE over a flashvaed teacher, student, export or engine.
 
-    ``enable_tiling()``/``enable_slicing()`` are accepted for compatibility and do nothing:
-    decoding already streams chunk by chunk, so memory does not grow with the clip.
+    Decoding streams chunk by chunk, so memory does not grow with the clip; ``enable_tiling()``
+    bounds it in the frame size (exact tiles), ``enable_sharding()`` spreads frames over ranks.
+    ``enable_slicing()`` is accepted and does nothing.
     """
 
     def __init__(
@@ -158,6 +188,9 @@ class FlashVAE(nn.Module):
     # --- what pipelines read -----------------------------------------------------------------
     _device: torch.device = torch.device("cpu")
     _dtype: torch.dtype = torch.float32
+    _tiling: _Tiling | None = None  # on: enable_tiling's request
+    _last_tiling: _Tiling | None = None  # kept by disable_tiling, for an enable_tiling() without sizes
+    _sharded: engines.Decoder | None = None  # on: the decoder across ranks
 
     @property
     def device(self) -> torch.device:
@@ -197,14 +230,183 @@ class FlashVAE(nn.Module):
                 self._device = torch.device(device)
             if dtype is not None:
                 self._dtype = dtype
+            p = next(self.decoder.model.parameters())  # what memory estimates (tile choice) read
+            self.decoder.dtype, self.decoder.device = p.dtype, p.device
         return self
 
-    # accepted for compatibility: streaming already bounds the memory of a decode
-    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
-        """A no-op: FlashVAE streams chunk by chunk, so memory is flat without tiling."""
+    # --- tiling and sharding: memory bounded in the frame size, or spread over ranks -----------
+    @property
+    def use_tiling(self) -> bool:
+        """Whether decoding tiles; setting it, as diffusers allows, enables or disables tiling."""
+        return self._tiling is not None
+
+    @use_tiling.setter
+    def use_tiling(self, value: bool) -> None:
+        if value:
+            self.enable_tiling()
+        else:
+            self.disable_tiling()
+
+    def enable_tiling(
+        self,
+        tile_sample_min_height: int | None = None,
+        tile_sample_min_width: int | None = None,
+        *more: Any,
+        tile: tuple[int, int] | str | int | None = None,
+        max_memory: str | int | None = None,
+        tile_sample_min_size: int | None = None,
+        **ignored: Any,
+    ) -> None:
+        """Decode every frame as exact tiles: the frames untiled decoding gives, at the memory of a tile.
+
+        The tile size, at most one of: ``tile`` (latent pixels per tile, halo included: ``(h, w)``,
+        ``"HxW"`` or ``N``; refused below the halo's minimum); diffusers' ``tile_sample_min_height`` /
+        ``tile_sample_min_width`` / ``tile_sample_min_size`` (pixels; raised, with a warning, to at
+        least four halos, so that halos stay at most half of each tile); ``max_memory`` (``"8GB"``:
+        the largest tile whose decode fits). With none, the sizes of the last call, else automatic:
+        tiles only where a decode would not fit the memory free on the device, as large as fits
+        (an engine: at the size it was built for, for frames larger than that). diffusers' strides,
+        overlaps, frame counts and further positional options are accepted and ignored (one warning).
+        """
+        unknown = sorted(set(ignored) - set(IGNORED_TILING_OPTIONS))
+        if unknown:
+            raise TypeError(f"enable_tiling() got an unexpected keyword argument {unknown[0]!r}")
+        if ignored or more:
+            names = sorted(ignored) + ([f"{len(more)} positional option(s) after the tile size"] if more else [])
+            warnings.warn(
+                f"FlashVAE tiling is exact (each tile reads its halo; nothing is blended) and decoding already "
+                f"streams in time, so {', '.join(names)} change nothing",
+                stacklevel=2,
+            )
+        if self._sharded is not None:
+            raise InputError("this FlashVAE shards frames across ranks: disable_sharding() before enable_tiling()")
+        pixels = (tile_sample_min_height, tile_sample_min_width, tile_sample_min_size)
+        given = [n for n, v in (("tile", tile), ("max_memory", max_memory)) if v is not None]
+        given += ["tile_sample_min_height/width/size"] if any(v is not None for v in pixels) else []
+        if len(given) > 1:
+            raise InputError(f"give one tile size, not {' and '.join(given)}")
+        if not given and self._last_tiling is not None:
+            self._tiling = self._last_tiling  # diffusers keeps the sizes given before
+            return
+        self._tiling = self._last_tiling = self._new_tiling(tile, pixels, max_memory)
 
     def disable_tiling(self) -> None:
-        """A no-op (see ``enable_tiling``)."""
+        """Decode whole frames again (the sizes are kept for the next ``enable_tiling()``)."""
+        self._tiling = None
+
+    def _new_tiling(
+        self, tile: tuple[int, int] | str | int | None, pixels: tuple[int | None, ...], max_memory: str | int | None
+    ) -> _Tiling:
+        """The tiling a call asks for, checked against the decoder's halo now, not at the first decode."""
+        whole = tiled(self.decoder)  # the halo; refuses a decoder that cannot tile (in one line)
+        halo = whole.halo
+        least = (2 * halo[0] + 1, 2 * halo[1] + 1)
+        if tile is not None:
+            size = parse_tile(str(tile) if isinstance(tile, int) and not isinstance(tile, bool) else tile)
+            assert size is not None
+            if size[0] < least[0] or size[1] < least[1]:
+                raise InputError(
+                    f"{{tile}} {size[0]}x{size[1]} latent pixels cannot hold this decoder's halo of "
+                    f"{halo[0]}x{halo[1]} on both sides: tiles need at least {least[0]}x{least[1]}",
+                    "tile",
+                )
+            self._check_engine_tile(size)
+            return _Tiling(size, None, {None: whole})
+        if any(v is not None for v in pixels):
+            size = self._tile_of_pixels(*pixels, halo)
+            self._check_engine_tile(size)
+            return _Tiling(size, None, {None: whole})
+        if max_memory is not None and not self._on_torch:
+            raise InputError("{max_memory} picks tiles for torch models; an engine tiles at its size", "max_memory")
+        budget = parse_memory(max_memory) if max_memory is not None else None
+        return _Tiling(None, budget, {None: whole})
+
+    def _check_engine_tile(self, size: tuple[int, int]) -> None:
+        """Refuse now a tile an engine cannot decode (its regions: the tile, at most the engine's size)."""
+        if not isinstance(self.decoder, ContractDecoder):
+            return
+        shapes, s = self.decoder.contract.shapes, self.decoder.spatial_factor
+        for what, value in (("height", size[0]), ("width", size[1])):
+            r = shapes[what]
+            if min(value, r.max) not in r:
+                raise InputError(
+                    f"{{tile}} {size[0]}x{size[1]} latent pixels: this engine was built for {what} {r.describe()} "
+                    f"latent ({r.min * s}..{r.max * s} px); give tiles of at least {r.min}",
+                    "tile",
+                )
+
+    def _tile_of_pixels(
+        self, height: int | None, width: int | None, size: int | None, halo: tuple[int, int]
+    ) -> tuple[int, int]:
+        """diffusers' tile size (pixels) in latent pixels, raised to four halos where smaller: the
+        smallest tile that holds a halo on each side would spend nearly all its work on the halos."""
+        s = self.decoder.spatial_factor
+        h = height if height is not None else width if width is not None else size
+        w = width if width is not None else height if height is not None else size
+        for name, v in (("tile_sample_min_height", h), ("tile_sample_min_width", w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive whole number of pixels, got {v!r}")
+        assert h is not None and w is not None
+        asked = (h // s, w // s)
+        floor = (max(4 * halo[0], 2 * halo[0] + 1), max(4 * halo[1], 2 * halo[1] + 1))
+        size_ = (max(asked[0], floor[0]), max(asked[1], floor[1]))
+        if size_ != asked:
+            warnings.warn(
+                f"tiles of {h}x{w} px are {asked[0]}x{asked[1]} latent pixels, small for this decoder's halo of "
+                f"{halo[0]}x{halo[1]} on each side: FlashVAE decodes tiles of {size_[0]}x{size_[1]} latent "
+                f"pixels ({size_[0] * s}x{size_[1] * s} px) instead (tile=(h, w) takes latent sizes down to "
+                f"{2 * halo[0] + 1}x{2 * halo[1] + 1})",
+                stacklevel=4,
+            )
+        return size_
+
+    def _spatial(self, shape: tuple[int, ...]) -> engines.Decoder:
+        """The decoder a decode of latents of ``shape`` runs: sharded, tiled where a frame takes more
+        than one tile, or the model's own (a single tile is the whole frame: no tiling work)."""
+        if self._sharded is not None:
+            return self._sharded
+        tiling = self._tiling
+        if tiling is None:
+            return self.decoder
+        size = tiling.tile
+        if size is None and self._on_torch:
+            budget = tiling.budget if tiling.budget is not None else work_budget(self._device)
+            try:
+                size = choose_tile(self.decoder, shape, self.chunk or self.decoder.default_chunk(), budget)
+            except InputError as e:
+                if tiling.budget is not None:
+                    raise
+                raise InputError(e.render(lambda _: "the memory free for decoding here:")) from None
+            if size is None:
+                return self.decoder
+        decoder = tiling.decoders.get(size)
+        if decoder is None:
+            decoder = tiling.decoders[size] = tiled(self.decoder, size)
+        return self.decoder if len(decoder.grid(shape[3], shape[4])) == 1 else decoder
+
+    @property
+    def use_sharding(self) -> bool:
+        """Whether every frame is decoded across the ranks of a torchrun job."""
+        return self._sharded is not None
+
+    def enable_sharding(self, gather: str = "all", *, group: Any = None) -> None:
+        """Decode every frame across the ranks of a ``torchrun`` job, one band each
+        (``flashvaed.engines.sharded``; torch models): memory per rank falls with the ranks.
+
+        Every rank runs the pipeline and calls this and every ``decode`` with the same latents (the
+        same seeds); a difference is refused on every rank in one line. ``gather="all"``: the frames
+        come back on every rank, as pipelines post-process on every rank; ``"rank0"``: on rank 0,
+        the others get (B, 3, F, 0, W) empty frames. ``group``: a process group (default: torchrun's,
+        initialised here if it is not yet)."""
+        if self._tiling is not None:
+            raise InputError("this FlashVAE tiles frames: disable_tiling() before enable_sharding()")
+        from .engines.sharded import sharded
+
+        self._sharded = sharded(self.decoder, group=group, gather=gather)
+
+    def disable_sharding(self) -> None:
+        """Decode whole frames on each rank again."""
+        self._sharded = None
 
     def enable_slicing(self) -> None:
         """A no-op: batch elements already share one streaming pass of bounded memory."""
@@ -222,7 +424,8 @@ class FlashVAE(nn.Module):
     def decode(self, z: Tensor, temb: Tensor | None = None, return_dict: bool = True) -> Any:
         """Frames (B, 3, F, H, W) in [-1, 1] from de-normalised latents (what pipelines pass)."""
         self._offload_hook()
-        latents = self._checked(z).float().to(self._mean.device) - self._mean  # pipelines de-normalised them
+        z, decoder = self._checked(z)
+        latents = z.float().to(self._mean.device) - self._mean  # pipelines de-normalised them
         if self.scaling_factor != 1.0:
             latents = latents * self.scaling_factor
         latents = latents / self._std
@@ -236,7 +439,7 @@ class FlashVAE(nn.Module):
             generator = torch.Generator(device=self._device)
             generator.set_state(_global_rng_state(self._device))
             options["generator"] = generator
-        frames = self.decoder.decode(latents.cpu() if not self._on_torch else latents, self.chunk, **options)
+        frames = decoder.decode(latents.cpu() if not self._on_torch else latents, self.chunk, **options)
         if generator is not None:
             _set_global_rng_state(self._device, generator.get_state())
         frames = frames.to(self._device, self._dtype)
@@ -246,11 +449,14 @@ class FlashVAE(nn.Module):
 
         return DecoderOutput(sample=frames)
 
-    def _checked(self, z: Any) -> Tensor:
+    def _checked(self, z: Any) -> tuple[Tensor, engines.Decoder]:
         """The latents a pipeline passed, refused as the CLI refuses them (same words), but as the
-        ``TypeError``/``ValueError`` Python callers expect, before any cast could hide a problem."""
+        ``TypeError``/``ValueError`` Python callers expect, before any cast could hide a problem;
+        and the decoder that will decode them (``_spatial``). Sharded, every rank refuses alike."""
         if not isinstance(z, Tensor):
             raise TypeError(f"latents must be a torch tensor, got {type(z).__name__}")
+        error: InputError | None = None
+        decoder: engines.Decoder = self.decoder
         try:
             if z.device.type == "meta":
                 raise InputError("latents are on the meta device: they hold no values to decode")
@@ -258,10 +464,18 @@ class FlashVAE(nn.Module):
                 raise InputError(f"latents must be floating point, got {z.dtype}")
             check_stored([z], Path("latents"), InputError)
             check_latents(self.decoder, z)
-            self.decoder.check_memory(tuple(z.shape), self.chunk)
+            decoder = self._spatial(tuple(z.shape))
+            decoder.check_memory(tuple(z.shape), self.chunk)
         except InputError as e:
-            raise ValueError(str(e)) from None
-        return z
+            error = e
+        if self._sharded is not None:  # one rank's refusal (its memory) must not leave the others waiting
+            try:
+                self._sharded.agree("check", {}, None if error is None else str(error))  # type: ignore[attr-defined]
+            except InputError as e:
+                error = e
+        if error is not None:
+            raise ValueError(str(error)) from None
+        return z, decoder
 
     @property
     def _on_torch(self) -> bool:

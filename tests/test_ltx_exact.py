@@ -195,7 +195,7 @@ def test_options_that_do_not_apply_are_refused(pair):
     else:
         with pytest.raises(InputError, match="timestep must be one finite number"):
             ours.decode(latents, timestep=float("nan"))
-    with pytest.raises(InputError, match="takes the options timestep, seed and generator"):
+    with pytest.raises(InputError, match="takes the options timestep, seed, generator"):
         ours.decode(latents, temperature=1.0)
     with pytest.raises(InputError, match="seed must be a non-negative integer"):
         ours.decode(latents, seed=-1)

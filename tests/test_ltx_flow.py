@@ -158,7 +158,7 @@ def test_onnx_runtime_equals_pytorch_over_chunkings(exports, name):
         expected = torch.cat(list(iter_decode(model, latents, chunk, timestep=0.1, seed=4)), dim=2)
         got = engine.decode(latents, chunk, timestep=0.1, seed=4)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    with pytest.raises(InputError, match="takes the options timestep, seed and generator"):
+    with pytest.raises(InputError, match="takes the options timestep, seed, generator"):
         engine.decode(latents, 2, temperature=1)
 
 

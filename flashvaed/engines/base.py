@@ -10,6 +10,7 @@ stream starts and one step.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ class Decoder:
     latency: int = 0
     output_offset: int = 0
     step_inputs: tuple[str, ...] = ()  # extra per-stream inputs (an LTX timestep, noise maps)
+    noise_scales: tuple[Fraction, ...] = ()  # the noise maps' grids relative to the latent grid
     default_timestep: float | None = None  # conditioned decoders: their pipeline's decode timestep ...
     default_noise_scale: float | None = None  # ... and decode-time latent noise
     chunk_range: ShapeRange = ANY_CHUNK
@@ -53,6 +55,14 @@ class Decoder:
     def stream(self, **options: Any) -> Stream:
         """A new stream; ``options`` are the model's stream options (a timestep, a seed)."""
         raise NotImplementedError
+
+    def adopt_facts(self, inner: Decoder) -> None:
+        """Take ``inner``'s facts: a decoder wrapping another (tiled, sharded) decodes what it decodes."""
+        for name in (
+            "backend", "latent_channels", "temporal_factor", "spatial_factor", "latency", "output_offset",
+            "step_inputs", "noise_scales", "default_timestep", "default_noise_scale", "chunk_range",
+        ):  # fmt: skip
+            setattr(self, name, getattr(inner, name))
 
     def check_geometry(self, batch: int, height: int, width: int) -> None:
         """Refuse a batch or latent size the engine was not built for (torch models take any)."""
@@ -88,6 +98,7 @@ class ContractDecoder(Decoder):
         self.spatial_factor = contract.spatial_factor
         self.latency, self.output_offset = contract.latency, contract.output_offset
         self.step_inputs = tuple(contract.step_inputs)
+        self.noise_scales = tuple(contract.noise_scales)
         self.default_timestep, self.default_noise_scale = contract.default_timestep, contract.default_noise_scale
         self._fingerprint = contract.model["fingerprint"]
         self.chunk_range = contract.shapes["chunk"]

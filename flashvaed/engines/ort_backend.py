@@ -158,6 +158,7 @@ def make_state(shapes: list[tuple[int, ...]], dtype: type, device: tuple[str, in
 
 class OrtStream(Stream):
     source: OnnxRuntimeDecoder
+    prefix = ""  # of the step graphs' names: "tile." for a tile of a tiled run (``OrtTileStream``)
 
     def __init__(self, source: OnnxRuntimeDecoder, options: dict[str, Any] | None = None) -> None:
         super().__init__(source)
@@ -167,7 +168,7 @@ class OrtStream(Stream):
         d = self.source
         dtype = NUMPY_DTYPES[d.contract.state_dtype]
         shapes = d.state_shapes(batch, height, width)
-        session = d.sessions["first"]
+        session = d.sessions[self.prefix + "first"]
         self.state = make_state(shapes, dtype, state_device(session.get_providers(), session.get_provider_options()))
         values = self.state.values
         self.current = 0  # the set holding the state the next step reads
@@ -177,14 +178,14 @@ class OrtStream(Stream):
             for k, v in d.stream_inputs(batch, height, width, self.options).items()
         }
         # state is bound once: ``first`` writes set 0; steady (and last) binding i reads set i, writes the other
-        self.first_binding = d.sessions["first"].io_binding()
+        self.first_binding = d.sessions[self.prefix + "first"].io_binding()
         for i, t in enumerate(d.contract.state):
             self.first_binding.bind_ortvalue_output(t.output, values[0][i])
         self.bindings: dict[str, list] = {}
         for graph in d.contract.graphs[1:]:
             self.bindings[graph] = []
             for src in (0, 1):
-                binding = d.sessions[graph].io_binding()
+                binding = d.sessions[self.prefix + graph].io_binding()
                 for i, t in enumerate(d.contract.state):
                     binding.bind_ortvalue_input(t.input, values[src][i])
                     binding.bind_ortvalue_output(t.output, values[1 - src][i])
@@ -207,16 +208,66 @@ class OrtStream(Stream):
             binding.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(np.array(self.position, np.int64)))
             if graph == "last":
                 binding.bind_ortvalue_input("end", ort.OrtValue.ortvalue_from_numpy(np.array(self.end, np.int64)))
-        d.sessions[graph].run_with_iobinding(binding)
+        self._bind_more(binding)
+        d.sessions[self.prefix + graph].run_with_iobinding(binding)
         if not first:
             self.current = 1 - self.current
         return torch.from_numpy(frames)
+
+    def _bind_more(self, binding: Any) -> None:
+        """Bind a step's further inputs (a tile's contexts)."""
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
         return [t.name for t in self.source.contract.state], self.state.read(self.current)
 
     def _set_state(self, tensors: list[Tensor]) -> None:
         self.state.write(self.current, tensors)
+
+
+class OrtTileStream(OrtStream):
+    """One tile of a tiled run of an export made for tiling (``flashvaed.engines.tiled_engine``): its
+    steps run the ``tile.*`` graphs with the frame's ``frame_contexts`` (name -> tensor) bound, and
+    ``capture`` runs a ``capture.J.*`` graph on its current state without advancing it."""
+
+    prefix = "tile."
+
+    def __init__(self, source: OnnxRuntimeDecoder, options: dict[str, Any] | None = None) -> None:
+        super().__init__(source, options)
+        self.frame_contexts: dict[str, Tensor] = {}
+
+    def _bind_more(self, binding: Any) -> None:
+        self._keep = [_value(v) for v in self.frame_contexts.values()]  # alive until the step has run
+        for name, value in zip(self.frame_contexts, self._keep, strict=True):
+            binding.bind_ortvalue_input(name, value)
+
+    def capture(self, index: int, latents: Tensor, first: bool, contexts: dict[str, Tensor]) -> Tensor:
+        """Frame-wide module ``index``'s input over this tile's region, in this step."""
+        d = self.source
+        graph = f"capture.{index}.{d.step_graph(first, self.end)}"
+        session = d.sessions[graph]
+        takes = {i.name for i in session.get_inputs()}
+        feeds: dict[str, Any] = {"latents": latents_array(latents), **self.inputs, **contexts}
+        if not first:
+            feeds.update({t.input: v for t, v in zip(d.contract.state, self.state.values[self.current], strict=True)})
+        if clocked(d) and not first:
+            feeds["position"] = np.array(self.position, np.int64)
+            feeds["end"] = np.array(self.end if self.end is not None else 0, np.int64)
+        binding = session.io_binding()
+        keep = {name: _value(v) for name, v in feeds.items() if name in takes}
+        for name, value in keep.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("partial")
+        session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+
+
+def _value(v: Any) -> Any:
+    """An OrtValue of a tensor, array or OrtValue (CPU tensors and arrays are not copied)."""
+    if isinstance(v, ort.OrtValue):
+        return v
+    if isinstance(v, Tensor):
+        v = v.detach().cpu().contiguous().numpy()
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
 
 
 def latents_array(latents: Tensor) -> np.ndarray:
@@ -249,6 +300,16 @@ class OnnxRuntimeDecoder(ContractDecoder):
     def stream(self, **options: Any) -> OrtStream:
         self.check_options(options)
         return OrtStream(self, options)
+
+    def tile_stream(self, **options: Any) -> OrtTileStream:
+        """A stream of one tile of a tiled run (exports made for tiling: ``contract.tiling``)."""
+        self.check_options(options)
+        return OrtTileStream(self, options)
+
+    def run_frame(self, index: int, frame: Tensor) -> Tensor:
+        """Graph ``frame.{index}``: a "place" frame-wide module on the whole frame's input."""
+        x = np.ascontiguousarray(frame.detach().cpu().numpy())
+        return torch.from_numpy(self.sessions[f"frame.{index}"].run(None, {"input": x})[0])
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.providers}

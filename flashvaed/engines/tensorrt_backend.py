@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..export.contract import Contract
+from ..export.contract import Contract, graph_kind
 from ..models.streaming import clocked
 from ..safeload import member_file
 from .base import ContractDecoder, Stream
@@ -40,12 +41,29 @@ def require_tensorrt() -> Any:
     return tensorrt
 
 
+def profile_sizes(contract: Contract, graph: str) -> list[dict[str, int]]:
+    """The sizes of ``graph``'s min, opt and max profile: the manifest's shape ranges; for a tiled
+    run's ``frame.J`` graphs, its tiling frame and the frames module J sees in any step."""
+    levels = []
+    for level in ("min", "opt", "max"):
+        sizes = {k: getattr(r, level) for k, r in contract.shapes.items()}
+        if contract.tiling is not None:
+            for k in ("height", "width"):
+                sizes[f"frame_{k}"] = getattr(contract.tiling.frame[k], level)
+        levels.append(sizes)
+    kind, _, j = graph_kind(graph)
+    if kind == "frame":
+        m, chunk = contract.tiling.modules[j], contract.shapes["chunk"]  # type: ignore[union-attr]
+        frames = (min(m.frames_first, m.frames_per_chunk * chunk.min), m.frames_per_chunk * chunk.opt)
+        frames += (max(m.frames_first, m.frames_per_chunk * chunk.max),)
+        for sizes, t in zip(levels, frames, strict=True):
+            sizes["frames"] = t
+    return levels
+
+
 def _profile_shapes(contract: Contract, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
     """min/opt/max shapes of every input of ``graph`` from the manifest's shape ranges."""
-    levels = [
-        contract.io(graph, {k: getattr(r, level) for k, r in contract.shapes.items()})["inputs"]
-        for level in ("min", "opt", "max")
-    ]
+    levels = [contract.io(graph, sizes)["inputs"] for sizes in profile_sizes(contract, graph)]
     return {ts[0]["name"]: tuple(tuple(t["shape"]) for t in ts) for ts in zip(*levels, strict=True)}
 
 
@@ -164,8 +182,8 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
         profile = Profile()
         for input_name, (lo, opt, hi) in _profile_shapes(contract, graph).items():
             profile.add(input_name, min=lo, opt=opt, max=hi)
-        graph = with_padding_modes(export_dir / name) if contract.plugins != "none" else None
-        network = parse_network(trt, export_dir / name, logger, graph)
+        serialized = with_padding_modes(export_dir / name) if contract.plugins != "none" else None
+        network = parse_network(trt, export_dir / name, logger, serialized)
         config = CreateConfig(
             profiles=[profile],
             load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
@@ -217,10 +235,19 @@ def enqueue(context: Any, stream: Any, caller: Any) -> bool:
 
 class TensorRTStream(Stream):
     source: TensorRTDecoder
+    prefix = ""  # of the step graphs' names: "tile." for a tile of a tiled run (``TensorRTTileStream``)
 
     def __init__(self, source: TensorRTDecoder, options: dict[str, Any] | None = None) -> None:
         super().__init__(source)
         self.options = dict(options or {})
+
+    def _runtime(self) -> tuple[dict[str, Any], DeviceMemory, Any]:
+        """Execution contexts of the step graphs, the activation memory they share, a CUDA stream."""
+        d = self.source
+        user_managed = d.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        contexts = {g: d.engines[g].create_execution_context(user_managed) for g in d.contract.graphs}
+        memory = DeviceMemory(lambda size: torch.empty(size, dtype=torch.uint8, device="cuda"))
+        return contexts, memory, torch.cuda.Stream()  # not the legacy default stream, which TensorRT syncs
 
     def _start(self, batch: int, height: int, width: int) -> None:
         d = self.source
@@ -228,10 +255,7 @@ class TensorRTStream(Stream):
         shapes = d.state_shapes(batch, height, width)
         self.buffers = [[torch.zeros(s, dtype=dtype, device="cuda") for s in shapes] for _ in range(2)]
         self.current = 0
-        user_managed = d.trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.contexts = {g: e.create_execution_context(user_managed) for g, e in d.engines.items()}
-        self.memory = DeviceMemory(lambda size: torch.empty(size, dtype=torch.uint8, device="cuda"))
-        self.cuda_stream = torch.cuda.Stream()  # not the legacy default stream, which TensorRT syncs
+        self.contexts, self.memory, self.cuda_stream = self._runtime()
         # per-stream inputs (a timestep, noise maps), and the clock's scalars, live on the device
         inputs = d.stream_inputs(batch, height, width, self.options)
         self.inputs = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
@@ -240,7 +264,7 @@ class TensorRTStream(Stream):
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
         graph = d.step_graph(first, self.end)
-        context = self.contexts[graph]
+        context = self.contexts[self.prefix + graph]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         x = latents.to("cuda", torch.float32).contiguous()
@@ -257,6 +281,7 @@ class TensorRTStream(Stream):
         if not first:
             inputs.update({t.input: src[i] for i, t in enumerate(d.contract.state)})
         outputs = {"frames": frames, **{t.output: dst[i] for i, t in enumerate(d.contract.state)}}
+        inputs.update(self._more_inputs())
         for name, value in inputs.items():
             context.set_input_shape(name, tuple(value.shape))
         self.memory.bind(context)  # after every input shape: it sizes the memory for them
@@ -267,12 +292,66 @@ class TensorRTStream(Stream):
         self.current = 1 - self.current
         return frames.cpu()  # on torch's stream, which waits for TensorRT's
 
+    def _more_inputs(self) -> dict[str, Tensor]:
+        """A step's further inputs (a tile's contexts)."""
+        return {}
+
     def _state(self) -> tuple[list[str], list[Tensor]]:
         return [t.name for t in self.source.contract.state], [b.cpu() for b in self.buffers[self.current]]
 
     def _set_state(self, tensors: list[Tensor]) -> None:
         for buf, t in zip(self.buffers[self.current], tensors, strict=True):
             buf.copy_(t)
+
+
+class TensorRTTileStream(TensorRTStream):
+    """One tile of a tiled run of an export made for tiling (``flashvaed.engines.tiled_engine``):
+    steps run the ``tile.*`` plans with the frame's ``frame_contexts`` (name -> CUDA tensor), and
+    ``capture`` runs a ``capture.J.*`` plan on the tile's state without advancing it. Tiles run one
+    at a time, so every tile of a decoder shares one set of execution contexts, one activation
+    buffer and one CUDA stream (``TensorRTDecoder.tile_runtime``, used under its lock)."""
+
+    prefix = "tile."
+
+    def __init__(self, source: TensorRTDecoder, options: dict[str, Any] | None = None) -> None:
+        super().__init__(source, options)
+        self.frame_contexts: dict[str, Tensor] = {}
+
+    def _runtime(self) -> tuple[dict[str, Any], DeviceMemory, Any]:
+        return self.source.tile_runtime()
+
+    def _more_inputs(self) -> dict[str, Tensor]:
+        return {k: v.to("cuda").contiguous() for k, v in self.frame_contexts.items()}
+
+    def _step(self, latents: Tensor, first: bool) -> Tensor:
+        with self.source.tile_lock:
+            return super()._step(latents, first)
+
+    def capture(self, index: int, latents: Tensor, first: bool, contexts: dict[str, Tensor]) -> Tensor:
+        """Frame-wide module ``index``'s input over this tile's region, in this step (on the GPU)."""
+        d = self.source
+        graph = f"capture.{index}.{d.step_graph(first, self.end)}"
+        given: dict[str, Tensor] = {"latents": latents.to("cuda", torch.float32).contiguous(), **self.inputs}
+        given.update({k: v.to("cuda").contiguous() for k, v in contexts.items()})
+        if not first:
+            given.update({t.input: self.buffers[self.current][i] for i, t in enumerate(d.contract.state)})
+        if clocked(d) and not first:
+            self.clock["position"].fill_(self.position)
+            self.clock["end"].fill_(self.end if self.end is not None else 0)
+            given.update(self.clock)
+        with d.tile_lock:
+            context = self.contexts[graph]
+            inputs = {name: given[name] for name in d.inputs_of[graph]}
+            for name, value in inputs.items():
+                context.set_input_shape(name, tuple(value.shape))
+            self.memory.bind(context)
+            dtype = getattr(torch, d.contract.state_dtype)
+            partial = torch.empty(tuple(context.get_tensor_shape("partial")), dtype=dtype, device="cuda")
+            for name, value in {**inputs, "partial": partial}.items():
+                context.set_tensor_address(name, value.data_ptr())
+            if not enqueue(context, self.cuda_stream, torch.cuda.current_stream()):
+                raise InputError(f"TensorRT failed to run the {graph} graph")
+        return partial
 
 
 def engine_io(trt: Any, engine: Any) -> tuple[dict[str, list], dict[str, list]]:
@@ -301,15 +380,48 @@ class TensorRTDecoder(ContractDecoder):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         plans = {g: member_file(self.path, f, InputError, f"its {g} plan") for g, f in contract.files.items()}
         self.engines = {g: runtime.deserialize_cuda_engine(p.read_bytes()) for g, p in plans.items()}
-        if set(self.engines) != set(contract.graphs) or not all(self.engines.values()):
+        if set(self.engines) != set(contract.all_graphs) or not all(self.engines.values()):
             raise InputError(
-                f"{path} does not hold loadable TensorRT plans for its graphs ({', '.join(contract.graphs)})"
+                f"{path} does not hold loadable TensorRT plans for its graphs ({', '.join(contract.all_graphs)})"[:300]
             )
         for g, engine in self.engines.items():
             problem = contract.io_problem(g, *engine_io(trt, engine))
             if problem:
                 raise InputError(f"{self.path}: {problem}; its manifest does not describe its plans")
+        self.inputs_of = {g: list(engine_io(trt, e)[0]) for g, e in self.engines.items()}
+        self.tile_lock = threading.Lock()
+        self._tile_runtime: tuple[dict[str, Any], DeviceMemory, Any] | None = None
 
     def stream(self, **options: Any) -> TensorRTStream:
         self.check_options(options)
         return TensorRTStream(self, options)
+
+    def tile_stream(self, **options: Any) -> TensorRTTileStream:
+        """A stream of one tile of a tiled run (exports made for tiling: ``contract.tiling``)."""
+        self.check_options(options)
+        return TensorRTTileStream(self, options)
+
+    def tile_runtime(self) -> tuple[dict[str, Any], DeviceMemory, Any]:
+        """The execution contexts of every tiled-run plan, their activation memory and CUDA stream,
+        shared by the tiles (made once)."""
+        if self._tile_runtime is None:
+            user_managed = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            contexts = {g: self.engines[g].create_execution_context(user_managed) for g in self.contract.tiling_graphs}
+            memory = DeviceMemory(lambda size: torch.empty(size, dtype=torch.uint8, device="cuda"))
+            self._tile_runtime = (contexts, memory, torch.cuda.Stream())
+        return self._tile_runtime
+
+    def run_frame(self, index: int, frame: Tensor) -> Tensor:
+        """Plan ``frame.{index}``: a "place" frame-wide module on the whole frame's input (on the GPU)."""
+        contexts, memory, cuda_stream = self.tile_runtime()
+        context = contexts[f"frame.{index}"]
+        x = frame.to("cuda", getattr(torch, self.contract.state_dtype)).contiguous()
+        out = torch.empty_like(x)
+        with self.tile_lock:
+            context.set_input_shape("input", tuple(x.shape))
+            memory.bind(context)
+            context.set_tensor_address("input", x.data_ptr())
+            context.set_tensor_address("output", out.data_ptr())
+            if not enqueue(context, cuda_stream, torch.cuda.current_stream()):
+                raise InputError(f"TensorRT failed to run the frame.{index} graph")
+        return out

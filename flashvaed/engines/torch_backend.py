@@ -43,6 +43,7 @@ class TorchDecoder(Decoder):
         self.spatial_factor = model.spatial_factor
         self.latency, self.output_offset = model.latency, model.output_offset
         self.step_inputs = model.step_inputs
+        self.noise_scales = tuple(model.noise_scales)
         self.default_timestep, self.default_noise_scale = model.default_timestep, model.default_noise_scale
         self._fingerprint: str | None = None
         self._fits: set[tuple] = set()  # (latent shape, chunk) whose decode check_memory found to fit
@@ -64,7 +65,7 @@ class TorchDecoder(Decoder):
 
     def check_memory(self, shape: tuple[int, ...], chunk: int | None = None) -> None:
         """Measured once per shape and chunk: a pipeline decoding clip after clip pays it once."""
-        key = (tuple(shape), chunk or self.default_chunk())
+        key = (tuple(shape), chunk or self.default_chunk(), self.dtype, str(self.device))
         if key not in self._fits:
             check_decode(self.model, key[0], key[1], self.dtype, self.device)
             self._fits.add(key)

@@ -81,6 +81,7 @@ class Validation:
     chunks: list[dict[str, Any]] = field(default_factory=list)
     end_to_end: dict[str, float] = field(default_factory=dict)
     teacher: dict[str, float] | None = None
+    tiled: dict[str, Any] | None = None  # the clip decoded in tiles by the engine vs the reference, or why not
     passed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +195,8 @@ def validate(
         "mean_abs": float((frames - expected).abs().mean()),
         "psnr": psnr(frames, expected),
     }
+    report.tiled = tiled_check(engine, latents, chunk, expected, 10 * atol)
+    passed &= report.tiled.get("passed", True)
     if teacher is not None:
         if teacher is not reference:
             with torch.inference_mode():
@@ -202,3 +205,38 @@ def validate(
         report.teacher = {"psnr": psnr(frames, expected), "ssim": ssim(frames, expected)}
     report.passed = passed
     return report
+
+
+def tiled_check(
+    engine: ContractDecoder, latents: torch.Tensor, chunk: int, expected: torch.Tensor, atol: float
+) -> dict[str, Any]:
+    """The clip decoded by the engine in tiles as small as its shapes and halo allow, against the
+    reference's untiled frames; or why it was not (no halo recorded, no smaller tile possible)."""
+    from .tiled import TiledDecoder, engine_halo
+
+    try:
+        halo = engine_halo(engine)
+    except InputError as e:
+        return {"skipped": str(e)}
+    h, w = latents.shape[3], latents.shape[4]
+    shapes = engine.contract.shapes
+    region = tuple(
+        min(length, max(r.min, 2 * margin + 1))
+        for length, r, margin in ((h, shapes["height"], halo[0]), (w, shapes["width"], halo[1]))
+    )
+    if region == (h, w):
+        return {
+            "skipped": f"a {h}x{w} latent frame cannot be split into tiles this engine takes (at least "
+            f"{2 * halo[0] + 1}x{2 * halo[1] + 1} for its halo, within {shapes['height'].describe()} x "
+            f"{shapes['width'].describe()}): validate with larger latents to check tiled decoding"
+        }
+    decoder = TiledDecoder(engine, region)  # type: ignore[arg-type]
+    frames = decoder.decode(latents, chunk)
+    diff = (frames - expected).abs()
+    return {
+        "tiles": len(decoder.grid(h, w)),
+        "region": list(region),
+        "max_abs": float(diff.max()),
+        "psnr": psnr(frames, expected),
+        "passed": bool(diff.max() <= atol),
+    }

@@ -4,6 +4,11 @@ The same JSON is written to ``manifest.json`` beside the graphs and into each gr
 (key ``flashvaed.contract``), so a runtime without flashvaed can decode: run ``first`` on latent
 frame 0, then ``steady`` on chunks of k latent frames, feeding every ``next_state/...`` output
 back as the ``state/...`` input of the same name. docs/onnx-contract.md describes every field.
+
+An export made for tiling a decoder with frame-wide modules (``tiling``) adds graphs that decode a
+frame larger than the step graphs take as tiles, exactly: ``tile.*`` (the step graphs with every
+frame-wide module's context as inputs), ``capture.J.*`` (a tile up to module J) and ``frame.J``
+(a "place" module on the whole frame); ``TILING_RULE`` says how to run them.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ from ..models.streaming import ShapeRange, StateSpec
 from ..safeload import json_format, member_file, read_text
 
 __all__ = [
+    "CONTEXTS",
     "ENGINE_FORMAT",
     "EXPORT_FORMAT",
     "PLUGIN_MODES",
     "Contract",
+    "FrameWideModule",
     "ShapeRange",
     "StateTensor",
+    "Tiling",
     "is_manifest_dir",
     "is_ours",
     "read_manifest",
@@ -43,6 +51,7 @@ ENGINE_FORMAT = "flashvaed-engine"
 CONTRACT_VERSION = 1
 METADATA_KEY = "flashvaed.contract"
 GRAPHS = ("first", "steady", "last")
+TILED = ("tile", "capture", "frame")  # graph name prefixes of exports made for tiling (TILING_RULE)
 SHAPES = ("batch", "chunk", "height", "width")
 STEP_INPUTS = {"timestep", "noise"}
 STATE_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
@@ -98,6 +107,144 @@ CLOCK_RULE = (
     "frames 0 .. temporal_factor*(T-1). 'timestep' (float32, one per sample) and 'noise/i' (float32 maps of "
     "the latent grid scaled by model.noise_scales[i]) are per-stream inputs, the same for every chunk."
 )
+
+
+TILING_RULE = (
+    "A frame larger than shapes.height x shapes.width (latent) is decoded as tiles whose regions (core plus "
+    "model.tiling.halo on every side that is not the frame's edge) have a size the graphs take; the tiles' "
+    "cores partition the frame. Every tile keeps its own state, and each chunk runs, for every frame-wide "
+    "module J in tiling.modules order: graph 'capture.J.STEP' (STEP: the graph the chunk runs, first, steady "
+    "or last) on every tile, with the tile's latents, its state (not advanced) and the contexts of the "
+    "modules before J; its output 'partial' is module J's input over the tile's region (positions at the "
+    "module's scale). Crop each partial to the tile's core. Context 'sum' (a per-frame group norm): over "
+    "every tile's core, in float64, count n, sum s and sum of squares q of each (sample, frame, group) "
+    "(channels of a group are consecutive); mean = s/n, rstd = 1/sqrt(max(q/n - mean^2, 0) + eps), given to "
+    "every tile as inputs 'context/J/mean' and 'context/J/rstd' (float32, (batch, frames, groups)). "
+    "Context 'place': place the cores into the whole frame at the module's scale, run graph 'frame.J' on it "
+    "(input 'input', output 'output': the module's output on the whole frame) and give every tile the output "
+    "over its region as input 'context/J'. Then run graph 'tile.STEP' on every tile with all contexts: its "
+    "frames' core positions are the frame's, and its next state is the tile's."
+)
+
+
+CONTEXTS = ("sum", "place")  # how a frame-wide module's context is made from the tiles' partials
+
+
+@dataclass(frozen=True)
+class FrameWideModule:
+    """A module that mixes a whole frame, as a tiled run of an export needs to know it."""
+
+    name: str
+    context: str  # one of CONTEXTS
+    channels: int  # of its input
+    scale: Fraction  # of its input's grid relative to the latent grid
+    frames_first: int  # frames at it in a step of graph first
+    frames_per_chunk: int  # frames at it per latent frame of a steady (or last) step
+    groups: int = 0  # "sum": the group norm's groups ...
+    eps: float = 0.0  # ... and its eps
+
+    def frames(self, step: str, chunk: str | int) -> str | int:
+        if step == "first":
+            return self.frames_first
+        a = self.frames_per_chunk
+        if isinstance(chunk, int):
+            return a * chunk
+        return chunk if a == 1 else f"{a}*{chunk}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "context": self.context,
+            "channels": self.channels,
+            "scale": str(self.scale),
+            "frames_first": self.frames_first,
+            "frames_per_chunk": self.frames_per_chunk,
+        }
+        if self.context == "sum":
+            d.update(groups=self.groups, eps=self.eps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FrameWideModule:
+        eps = d.get("eps", 0.0)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValueError(f"tiling.modules eps must be a number, got {eps!r}"[:200])
+        return cls(
+            d["name"],
+            d["context"],
+            whole(d["channels"], "tiling.modules channels"),
+            Fraction(d["scale"]),
+            whole(d["frames_first"], "tiling.modules frames_first"),
+            whole(d["frames_per_chunk"], "tiling.modules frames_per_chunk"),
+            whole(d.get("groups", 0), "tiling.modules groups"),
+            float(eps),
+        )
+
+    def problem(self) -> str | None:
+        if not (isinstance(self.name, str) and STATE_NAME.fullmatch(self.name)):
+            return f"tiling module {self.name!r} has an impossible name"[:200]
+        if self.context not in CONTEXTS:
+            return f"tiling module {self.name}: context must be one of {', '.join(CONTEXTS)}, got {self.context!r}"[
+                :200
+            ]
+        if not (
+            1 <= self.channels <= LIMITS["channels"]
+            and 0 < self.scale <= LIMITS["factor"]
+            and 1 <= self.frames_first <= LIMITS["frames"]
+            and 1 <= self.frames_per_chunk <= LIMITS["factor"]
+        ):
+            return f"tiling module {self.name}: channels, scale or frames out of range"[:200]
+        if self.context == "sum" and not (
+            1 <= self.groups <= self.channels and self.channels % self.groups == 0 and 0 < self.eps < 1
+        ):
+            return f"tiling module {self.name}: groups must divide its channels and 0 < eps < 1"[:200]
+        return None
+
+
+@dataclass
+class Tiling:
+    """The tiling section of a manifest: the frame-wide modules in the order a step runs them, the
+    whole frames (latent) a tiled run takes (the ``frame.J`` graphs' shapes), and the inputs each
+    capture graph takes (a subset of its step's: a graph that stops at module J reads no later input)."""
+
+    modules: list[FrameWideModule]
+    frame: dict[str, ShapeRange]  # height, width
+    capture_inputs: dict[str, list[str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": TILING_RULE,
+            "frame": {k: r.to_dict() for k, r in self.frame.items()},
+            "modules": [m.to_dict() for m in self.modules],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], graphs: dict[str, Any]) -> Tiling:
+        if not isinstance(d, dict) or not isinstance(d.get("modules"), list) or not isinstance(d.get("frame"), dict):
+            raise ValueError("tiling must give modules (a list) and frame (a mapping)")
+        frame = {k: ShapeRange.from_dict(d["frame"][k]) for k in ("height", "width")}
+        modules = [FrameWideModule.from_dict(m) for m in d["modules"]]
+        capture = {
+            g: [t["name"] for t in spec["inputs"]]
+            for g, spec in graphs.items()
+            if isinstance(g, str) and g.startswith("capture.")
+        }
+        return cls(modules, frame, capture)
+
+
+def graph_kind(graph: str) -> tuple[str, str, int]:
+    """(kind, step, module) of a graph's name: ("step", "steady", -1), ("tile", "first", -1),
+    ("capture", "steady", 2) for capture.2.steady, ("frame", "", 0) for frame.0."""
+    if graph in GRAPHS:
+        return "step", graph, -1
+    parts = graph.split(".")
+    if len(parts) == 2 and parts[0] == "tile" and parts[1] in GRAPHS:
+        return "tile", parts[1], -1
+    if len(parts) == 3 and parts[0] == "capture" and parts[1].isdigit() and parts[2] in GRAPHS:
+        return "capture", parts[2], int(parts[1])
+    if len(parts) == 2 and parts[0] == "frame" and parts[1].isdigit():
+        return "frame", "", int(parts[1])
+    raise ValueError(f"unknown graph {graph!r}"[:200])
 
 
 BOUNDS = ("min", "opt", "max")  # of each shape range
@@ -161,6 +308,8 @@ class Contract:
     # written as plain ops, "fallback": why convs ``plugins`` asked for stayed plain, or None};
     # None in manifests written before it was recorded
     plugin_convs: dict[str, Any] | None = None
+    # exports made for tiling a decoder with frame-wide modules: the extra graphs' facts (TILING_RULE)
+    tiling: Tiling | None = None
 
     # facts of the model ---------------------------------------------------------------------
     @property
@@ -212,18 +361,89 @@ class Contract:
         return GRAPHS if self.latency else GRAPHS[:2]
 
     @property
+    def tiling_graphs(self) -> tuple[str, ...]:
+        """The graphs of a tiled run (``TILING_RULE``): none unless the export was made for tiling."""
+        if self.tiling is None:
+            return ()
+        steps = self.graphs
+        names = [f"tile.{g}" for g in steps]
+        for j, m in enumerate(self.tiling.modules):
+            names += [f"capture.{j}.{g}" for g in steps]
+            if m.context == "place":
+                names.append(f"frame.{j}")
+        return tuple(names)
+
+    @property
+    def all_graphs(self) -> tuple[str, ...]:
+        return self.graphs + self.tiling_graphs
+
+    @property
     def state_dtype(self) -> str:
         return PRECISIONS[self.precision]
 
     def dims(self) -> dict[str, str | int]:
-        """Symbolic (dynamic) or fixed (static) sizes of batch, chunk and the latent grid."""
+        """Symbolic (dynamic) or fixed (static) sizes of batch, chunk and the latent grid (and, for
+        tiling, of the whole frame: ``H``, ``W``, and the frames at a module, ``frames``)."""
         names = {"batch": "batch", "chunk": "chunk", "height": "h", "width": "w"}
-        return {k: (r.min if r.static else names[k]) for k, r in self.shapes.items()}
+        dims: dict[str, str | int] = {k: (r.min if r.static else names[k]) for k, r in self.shapes.items()}
+        if self.tiling is not None:
+            for k, name in (("height", "H"), ("width", "W")):
+                r = self.tiling.frame[k]
+                dims[f"frame_{k}"] = r.min if r.static else name
+            dims["frames"] = "frames"
+        return dims
 
     def io(self, graph: str, sizes: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
         """Names, shapes and dtypes of one graph's inputs and outputs, in order: symbolic, or concrete
-        for ``sizes`` (batch, chunk, height, width in latent units)."""
+        for ``sizes`` (batch, chunk, height, width in latent units; frame graphs: batch,
+        frame_height, frame_width, frames)."""
         d = sizes or self.dims()
+        kind, step, j = graph_kind(graph)
+        if kind == "step":
+            return self._step_io(step, d)
+        assert self.tiling is not None, f"graph {graph} belongs to exports made for tiling"
+        modules = self.tiling.modules
+        if kind == "frame":
+            m = modules[j]
+            shape = [
+                d["batch"],
+                m.channels,
+                d["frames"],
+                scaled(d["frame_height"], m.scale),
+                scaled(d["frame_width"], m.scale),
+            ]
+            return {
+                "inputs": [{"name": "input", "shape": shape, "dtype": self.state_dtype}],
+                "outputs": [{"name": "output", "shape": shape, "dtype": self.state_dtype}],
+            }
+        io = self._step_io(step, d)
+        contexts = [c for i, m in enumerate(modules) if kind == "tile" or i < j for c in self._context_io(i, step, d)]
+        inputs = io["inputs"] + contexts
+        if kind == "tile":
+            return {"inputs": inputs, "outputs": io["outputs"]}
+        takes = self.tiling.capture_inputs.get(graph)
+        if takes is not None:
+            inputs = [t for t in inputs if t["name"] in takes]
+        m = modules[j]
+        b, k, h, w = d["batch"], d["chunk"] if step != "first" else 1, d["height"], d["width"]
+        shape = [b, m.channels, m.frames(step, k), scaled(h, m.scale), scaled(w, m.scale)]
+        return {"inputs": inputs, "outputs": [{"name": "partial", "shape": shape, "dtype": self.state_dtype}]}
+
+    def _context_io(self, index: int, step: str, d: dict[str, Any]) -> list[dict[str, Any]]:
+        """The inputs that carry frame-wide module ``index``'s context into a tile's step."""
+        assert self.tiling is not None
+        m = self.tiling.modules[index]
+        b, h, w = d["batch"], d["height"], d["width"]
+        t = m.frames(step, d["chunk"] if step != "first" else 1)
+        if m.context == "place":
+            shape = [b, m.channels, t, scaled(h, m.scale), scaled(w, m.scale)]
+            return [{"name": f"context/{index}", "shape": shape, "dtype": self.state_dtype}]
+        return [
+            {"name": f"context/{index}/{stat}", "shape": [b, t, m.groups], "dtype": "float32"}
+            for stat in ("mean", "rstd")
+        ]
+
+    def _step_io(self, graph: str, d: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         b, h, w = d["batch"], d["height"], d["width"]
         k = 1 if graph == "first" else d["chunk"]
         if graph == "first" and not self.clocked:
@@ -282,10 +502,7 @@ class Contract:
             "opset": self.opset,
             "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.clocked else ""),
             "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
-            "graphs": {
-                g: {"file": self.files[g], "latent_frames": 1 if g == "first" else "chunk", **self.io(g)}
-                for g in self.graphs
-            },
+            "graphs": {g: {"file": self.files[g], **self._frames_of(g), **self.io(g)} for g in self.all_graphs},
             "state": [
                 {
                     "name": t.name,
@@ -298,8 +515,14 @@ class Contract:
                 }
                 for t in self.state
             ],
+            **({"tiling": self.tiling.to_dict()} if self.tiling is not None else {}),
             **({"backend": self.backend} if self.backend is not None else {}),
         }
+
+    @staticmethod
+    def _frames_of(graph: str) -> dict[str, Any]:
+        kind, step, _ = graph_kind(graph)
+        return {} if kind == "frame" else {"latent_frames": 1 if step == "first" else "chunk"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Contract:
@@ -313,6 +536,7 @@ class Contract:
                 if not isinstance(d[name], kind):
                     raise ValueError(f"{name} must be a {kind.__name__}, got {d[name]!r}"[:200])
             shapes = d["shapes"]
+            tiling = d.get("tiling")  # absent before exports were made for tiling, and in exports made without
             contract = cls(
                 model=dict(d["model"]),
                 precision=d["precision"],
@@ -329,13 +553,22 @@ class Contract:
                     )
                     for s in d["state"]
                 ],
-                files={g: spec["file"] for g, spec in d["graphs"].items() if g in GRAPHS},
+                files={
+                    g: spec["file"]
+                    for g, spec in d["graphs"].items()
+                    if g in GRAPHS or (tiling is not None and isinstance(g, str) and g.split(".")[0] in TILED)
+                },
                 format=d["format"],
                 backend=d.get("backend"),
                 plugin_convs=d.get("plugin_convs"),
+                tiling=None if tiling is None else Tiling.from_dict(tiling, d["graphs"]),
             )
-            if set(contract.files) != set(contract.graphs):
-                raise KeyError(f"graphs (expected {', '.join(contract.graphs)})")
+            for module in contract.tiling.modules if contract.tiling is not None else ():
+                problem = module.problem()  # before the graphs it implies are counted
+                if problem:
+                    raise InputError(f"{where} is malformed: {problem}")
+            if set(contract.files) != set(contract.all_graphs):
+                raise KeyError(f"graphs (expected {', '.join(contract.all_graphs)})"[:300])
             problem = contract.problem()
         except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
             raise InputError(f"{where} is malformed: missing or bad field {e}") from None
@@ -387,11 +620,40 @@ class Contract:
         for graph, name in self.files.items():
             if not isinstance(name, str):
                 return f"graphs.{graph}.file is not a file name"
+        problem = self.tiling_problem()
+        if problem:
+            return problem
         if self.backend is not None and not isinstance(self.backend, dict):
             return "backend is not a mapping"
         name = (self.backend or {}).get("name", "" if self.format == EXPORT_FORMAT else None)
         if not isinstance(name, str):  # an engine says which backend runs it
             return f"backend.name must name the backend that runs this engine, got {name!r}"[:200]
+        return None
+
+    def tiling_problem(self) -> str | None:
+        """What in the tiling section cannot be: modules, frame ranges, capture graphs' inputs."""
+        t = self.tiling
+        if t is None:
+            return None
+        if not 1 <= len(t.modules) <= LIMITS["frames"]:
+            return "tiling.modules must list the frame-wide modules (at least one)"
+        for m in t.modules:
+            problem = m.problem()
+            if problem:
+                return problem
+        for name, r in t.frame.items():
+            if not shape_in_limits(r):
+                return (
+                    f"tiling.frame.{name} must satisfy 1 <= min <= opt <= max <= {LIMITS['shape']}, got {r.to_dict()}"
+                )
+        for graph, takes in t.capture_inputs.items():
+            kind, step, j = graph_kind(graph)
+            if kind != "capture" or j >= len(t.modules):
+                return f"graph {graph} is no capture graph of this export"[:200]
+            may = [x["name"] for x in self._step_io(step, self.dims())["inputs"]]
+            may += [c["name"] for i in range(j) for c in self._context_io(i, step, self.dims())]
+            if any(not isinstance(n, str) for n in takes) or [n for n in may if n in takes] != takes:
+                return f"graph {graph} must take a subset of its step's inputs, in their order"[:200]
         return None
 
     def model_problem(self) -> str | None:

@@ -9,6 +9,12 @@ de-normalisation is inside the graph) as float32, frames leave as float32 in [-1
 is kept in the export precision. Graphs are traced by torch's TorchScript exporter, with the
 streaming causal convs ``plugins`` names (all, depthwise ones, none) written as one plugin node
 each, carrying a standard-op function body.
+
+With ``tiling`` (``ExportOptions.tiling``), a decoder with frame-wide modules (Wan's middle
+attention, per-frame group norms) also gets the graphs of an exact tiled run (the contract's
+``TILING_RULE``): ``tile.*`` (the step graphs with each such module's context as inputs),
+``capture.J.*`` (a tile's step up to module J, returning J's input) and ``frame.J`` (a "place"
+module on the whole frame), so that an engine built for a tile size decodes any larger frame.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -29,6 +37,7 @@ from ..atomic import atomic_output
 from ..errors import InputError
 from ..models.memory import decode_step_bytes
 from ..models.streaming import StateSpec, clocked, model_fingerprint
+from ..models.tiling import TilingError, plan_tiling
 from ..models.vae import LatentDecoder
 from ..safeload import check_work
 from .contract import (
@@ -38,8 +47,11 @@ from .contract import (
     PLUGIN_MODES,
     PRECISIONS,
     Contract,
+    FrameWideModule,
     ShapeRange,
     StateTensor,
+    Tiling,
+    graph_kind,
     is_ours,
     plugin_mode,
     shape_in_limits,
@@ -63,6 +75,10 @@ class ExportOptions:
     precision: str = "fp32"
     plugins: str = "all"  # PLUGIN_MODES ("flashvaed" = "all"); the default until GPU runs have measured "depthwise"
     opset: int | None = None  # None: the lowest that supports the precision (PRECISION_OPSETS)
+    # also write the graphs that decode frames larger than height x width as exact tiles, where the
+    # decoder has frame-wide modules (decoders without one tile with the step graphs alone)
+    tiling: bool = False
+    tiling_frame: str = "1088x1920"  # HxW pixels: the largest whole frame a tiled run takes (frame.J graphs)
 
 
 @dataclass
@@ -70,6 +86,73 @@ class ExportResult:
     out_dir: Path
     contract: Contract
     tensorrt_unsupported: list[str] = field(default_factory=list)
+
+
+def tiling_facts(model: LatentDecoder) -> dict:
+    """What tiling an export needs to know: its decoder's halo (latent pixels: rows, columns) and
+    its frame-wide modules (an engine of a decoder with one tiles only if exported with ``tiling``)."""
+    plan = plan_tiling(model)
+    return {"halo": list(plan.halo), "frame_wide": [name for name, _ in plan.mixing]}
+
+
+def frame_wide_modules(model: LatentDecoder) -> list[tuple[nn.Module, FrameWideModule]]:
+    """The decoder's frame-wide modules in run order, with what a tiled run of its export needs to
+    know of each, measured on the graphs' own steps (first, then steady chunks of 1 and 2 latent
+    frames): channels, grid scale and frames at the module, and for "sum" modules (per-frame group
+    norms: torch's ``nn.GroupNorm`` semantics) groups and eps."""
+    plan = plan_tiling(model)
+    if not plan.mixing:
+        return []
+    names = [name for name, _ in plan.mixing]
+    seen: dict[str, list[tuple[int, ...]]] = {name: [] for name in names}
+
+    def record(name: str) -> Any:
+        return lambda module, args: seen[name].append(tuple(args[0].shape))
+
+    ph, pw = 4, 6
+    p = next(model.parameters())
+    latents = torch.randn(1, model.latent_channels, 4, ph, pw, generator=torch.Generator().manual_seed(0)).to(p.dtype)
+    extra: tuple[Tensor, ...] = ()
+    if "timestep" in model.step_inputs:
+        extra += (torch.full((1,), 0.05),)
+    extra += tuple(torch.randn(int(ph * s), int(pw * s)) for s in model.noise_scales)
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in plan.mixing]
+    frames: list[dict[str, tuple[int, ...]]] = []
+    try:
+        state = FirstGraph(model, p.dtype)(latents[:, :, :1], *extra)[1:]
+        frames.append({n: v[-1] for n, v in seen.items() if len(v) == 1})
+        for k, at in ((1, 1), (2, 2)):
+            clock = (torch.tensor(at),) if clocked(model) else ()
+            before = {n: len(v) for n, v in seen.items()}
+            state = SteadyGraph(model, p.dtype)(latents[:, :, at : at + k], *state, *clock, *extra)[1:]
+            frames.append({n: v[-1] for n, v in seen.items() if len(v) == before[n] + 1})
+    finally:
+        for handle in handles:
+            handle.remove()
+    facts = []
+    for name, module in plan.mixing:
+        shapes = [f.get(name) for f in frames]
+        if any(s is None or len(s) != 5 for s in shapes):
+            raise TilingError(
+                f"{name} does not run once per step on a (B, C, T, H, W) input: it cannot be exported for tiling"
+            )
+        (_, c, t0, h, w), (_, _, t1, _, _), (_, _, t2, _, _) = shapes  # type: ignore[misc]
+        scale = Fraction(h, ph)
+        if Fraction(w, pw) != scale or t2 - t1 < 1 or t1 != t2 - t1:
+            raise TilingError(
+                f"{name} sees frames or a grid not proportional to the latents': it cannot be exported for tiling"
+            )
+        kind = module.frame_context
+        groups, eps = 0, 0.0
+        if kind == "sum":
+            if not isinstance(module, nn.GroupNorm):
+                raise TilingError(
+                    f"{name} ({type(module).__name__}) sums frame statistics but is no group norm: "
+                    "engines tile group norms only"
+                )
+            groups, eps = module.num_groups, float(module.eps)
+        facts.append((module, FrameWideModule(name, kind, c, scale, t0, t1, groups, eps)))
+    return facts
 
 
 def model_facts(model: LatentDecoder, source: str | None) -> dict:
@@ -92,6 +175,7 @@ def model_facts(model: LatentDecoder, source: str | None) -> dict:
         "latents_std": [float(v) for v in model.latents_std.flatten()],
         "scaling_factor": model.scaling_factor,
         "config": config.to_dict() if config is not None else None,
+        "tiling": tiling_facts(model),
     }
 
 
@@ -148,6 +232,91 @@ class SteadyGraph(nn.Module):
         inputs = _conditioning(self.model, self.dtype, rest)
         frames, state = self.model.decode_step(latents.to(self.dtype), state, **clock, **inputs)
         return (frames.float(), *state)
+
+
+class _Stop(Exception):  # not an error: a capture graph ends at its module
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+
+def _with_groups(module: nn.GroupNorm, mean: Tensor, rstd: Tensor) -> Any:
+    """The group norm's forward with the whole frame's statistics (B, T, groups), in float32."""
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        b, c, t, h, w = x.shape
+        g = module.num_groups
+        xs = x.float().reshape(b, g, -1, t, h, w)
+        m = mean.transpose(1, 2)[:, :, None, :, None, None]
+        r = rstd.transpose(1, 2)[:, :, None, :, None, None]
+        y = ((xs - m) * r).reshape(b, c, t, h, w)
+        if module.weight is not None:
+            y = y * module.weight.float().view(1, c, 1, 1, 1) + module.bias.float().view(1, c, 1, 1, 1)
+        return y.to(x.dtype)
+
+    return forward
+
+
+def _placed(module: nn.Module, context: Tensor) -> Any:
+    """The module's forward returning its output over the region from the whole frame's (``context``)."""
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return module.frame_apply(x, context, (0, x.shape[-2], 0, x.shape[-1]))
+
+    return forward
+
+
+def _stopping(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    raise _Stop(x)
+
+
+class ContextGraph(nn.Module):
+    """A step graph (``FirstGraph``/``SteadyGraph``) whose frame-wide modules take the whole frame's
+    contexts as trailing inputs: ``tile.*``; with ``stop`` J, it ends at module J and returns J's
+    input (contexts of the modules before J only): ``capture.J.*``."""
+
+    def __init__(self, step: nn.Module, modules: list[tuple[nn.Module, FrameWideModule]], stop: int | None) -> None:
+        super().__init__()
+        self.step, self.stop = step, stop
+        self.frame_wide = list(modules)  # a plain list: the modules belong to the model, not to this wrapper
+        self.contexts = sum(
+            (1 if f.context == "place" else 2) for j, (_, f) in enumerate(modules) if stop is None or j < stop
+        )
+
+    def forward(self, *args: Tensor) -> Any:
+        base, contexts = args[: len(args) - self.contexts], list(args[len(args) - self.contexts :])
+        patched = []
+        try:
+            for j, (module, fact) in enumerate(self.frame_wide):
+                if j == self.stop:
+                    module.forward = _stopping
+                elif fact.context == "place":
+                    module.forward = _placed(module, contexts.pop(0))
+                else:
+                    module.forward = _with_groups(module, contexts.pop(0), contexts.pop(0))
+                patched.append(module)
+                if j == self.stop:
+                    break
+            try:
+                return self.step(*base)
+            except _Stop as stop:
+                return stop.x
+        finally:
+            for module in patched:
+                del module.forward
+
+
+class FrameGraph(nn.Module):
+    """A "place" frame-wide module on the whole frame's input: its output there (``frame.J``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the module's own forward on the frame: ``frame_resolve`` may loop over sizes (attention in
+        # blocks of queries), which a trace would freeze at the traced size; the graph stays dynamic
+        out = type(self.module).forward(self.module, x)
+        return out[0] if isinstance(out, tuple) else out
 
 
 def max_opset() -> int:
@@ -219,6 +388,33 @@ def _check_options(options: ExportOptions, model: LatentDecoder) -> tuple[dict[s
     return shapes, opset
 
 
+def _frame_range(text: str, f: int) -> dict[str, ShapeRange]:
+    """``HxW`` pixels (the largest whole frame of a tiled run) as latent ranges 1..H/f and 1..W/f."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 1:
+        raise InputError(f"{{tiling_frame}} must be HxW pixels, got {text!r}", "tiling_frame")
+    ranges = {}
+    for name, v in zip(("height", "width"), values, strict=True):
+        if v % f:
+            raise InputError(f"{{tiling_frame}} {name} must be a multiple of {f}, got {v}", "tiling_frame")
+        r = ShapeRange(1, v // f, v // f)
+        if not shape_in_limits(r):
+            raise InputError(f"{{tiling_frame}} {v} px is more than an export may declare", "tiling_frame")
+        ranges[name] = r
+    return ranges
+
+
+def _example_input(spec: dict) -> Tensor:
+    """A tracing value of a context input: any values of its shape (1/std: positive)."""
+    if spec["dtype"] == "float32":
+        return torch.rand(spec["shape"]) + 0.5
+    return torch.randn(spec["shape"]).to(getattr(torch, spec["dtype"]))
+
+
 def _example(r: ShapeRange) -> int:
     """A tracing size: the optimum, but never 1 on a dynamic axis (a traced 1 can broadcast)."""
     return r.opt if r.static or r.opt > 1 else min(2, r.max)
@@ -264,9 +460,11 @@ def _finish(path: Path, graph: str, contract: Contract) -> list[str]:
 def export(
     model: LatentDecoder, out_dir: str | os.PathLike, options: ExportOptions | None = None, source: str | None = None
 ) -> ExportResult:
-    """Write ``first.onnx``, ``steady.onnx`` and ``manifest.json`` into ``out_dir`` (atomically)."""
+    """Write ``first.onnx``, ``steady.onnx`` (``last.onnx`` with latency), the graphs of a tiled run
+    (``tiling``, decoders with frame-wide modules) and ``manifest.json`` into ``out_dir`` (atomically)."""
     options = options or ExportOptions()
     shapes, opset = _check_options(options, model)
+    tiling_frame = _frame_range(options.tiling_frame, model.spatial_factor) if options.tiling else {}
     dtype = getattr(torch, PRECISIONS[options.precision])
     p = next(model.parameters())
     if p.dtype != dtype or p.device.type != "cpu":  # convert a copy: the caller's model stays as it was
@@ -285,6 +483,15 @@ def export(
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
         files={"first": "first.onnx", "steady": "steady.onnx", **({"last": "last.onnx"} if model.latency else {})},
     )
+    frame_wide: list[tuple[nn.Module, FrameWideModule]] = []
+    if options.tiling:
+        try:
+            frame_wide = frame_wide_modules(model)
+        except TilingError as e:
+            raise InputError(f"{{tiling}}: {e}", "tiling") from None
+    if frame_wide:
+        contract.tiling = Tiling([f for _, f in frame_wide], tiling_frame, {})
+        contract.files.update({g: f"{g}.onnx" for g in contract.tiling_graphs})
     Contract.from_dict(json.loads(contract.to_json()), "the manifest of this export")  # what we would not read back
     b, h, w = (_example(shapes[k]) for k in ("batch", "height", "width"))
     k = _example(shapes["chunk"])
@@ -299,23 +506,50 @@ def export(
         extra += (torch.full((b,), 0.05),)
     extra += tuple(torch.randn(int(h * s), int(w * s)) for s in model.noise_scales)
     first = FirstGraph(model, dtype)
+    state: tuple[Tensor, ...] = ()
+
+    def step_args(step: str) -> tuple[Tensor, ...]:
+        nonlocal state
+        if step == "first":
+            return (latents[:, :, :1], *extra)
+        state = state or first(latents[:, :, :1], *extra)[1:]
+        clock: tuple[Tensor, ...] = ()
+        if clocked(model):  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
+            clock = (torch.tensor(3),) + ((torch.tensor(4),) if step == "last" else ())
+        return (latents[:, :, 1:], *state, *clock, *extra)
+
+    def step_graph(step: str) -> nn.Module:
+        return first if step == "first" else SteadyGraph(model, dtype, last=step == "last")
+
+    sizes = {"batch": b, "chunk": k, "height": h, "width": w}
+    if contract.tiling is not None:
+        fh, fw = (
+            r.min if r.static else min(r.max, max(2, n)) for r, n in zip(tiling_frame.values(), (h, w), strict=True)
+        )
+        sizes.update(frame_height=fh, frame_width=fw)
     out_dir = Path(out_dir)
     unsupported: set[str] = set()
     with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
-        for graph in contract.graphs:
-            path = tmp / contract.files[graph]
+        for graph in contract.all_graphs:
+            kind, step, j = graph_kind(graph)
+            module: nn.Module
+            if kind == "frame":
+                fact = frame_wide[j][1]
+                sizes["frames"] = max(2, fact.frames_per_chunk * k)  # a traced 1 can broadcast
+                spec = contract.io(graph, sizes)["inputs"][0]
+                module, args = FrameGraph(frame_wide[j][0]), (torch.randn(spec["shape"]).to(dtype),)
+            else:
+                module, args = step_graph(step), step_args(step)
+                if kind != "step":
+                    module = ContextGraph(module, frame_wide, j if kind == "capture" else None)
+                    args += tuple(_example_input(t) for t in contract.io(graph, sizes)["inputs"][len(args) :])
             with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins, plan):
-                if graph == "first":
-                    _trace(first, (latents[:, :, :1], *extra), path, contract.io("first"), opset)
-                else:
-                    state = first(latents[:, :, :1], *extra)[1:]
-                    clock: tuple[Tensor, ...] = ()
-                    if clocked(model):  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
-                        clock = (torch.tensor(3),) + ((torch.tensor(4),) if graph == "last" else ())
-                    steady = SteadyGraph(model, dtype, last=graph == "last")
-                    args = (latents[:, :, 1:], *state, *clock, *extra)
-                    _trace(steady, args, path, contract.io(graph), opset)
-            unsupported.update(_finish(path, graph, contract))
+                _trace(module, args, tmp / contract.files[graph], contract.io(graph), opset)
+            if kind == "capture":  # a graph that stops at its module reads no later input: ONNX drops those
+                traced = onnx.load(str(tmp / contract.files[graph]), load_external_data=False)
+                contract.tiling.capture_inputs[graph] = [i.name for i in traced.graph.input]  # type: ignore[union-attr]
+        for graph in contract.all_graphs:  # the contract is complete: into every graph's metadata
+            unsupported.update(_finish(tmp / contract.files[graph], graph, contract))
         (tmp / "manifest.json").write_text(contract.to_json())
     return ExportResult(out_dir, contract, sorted(unsupported))

@@ -236,6 +236,38 @@ class GroupNorm(nn.GroupNorm):
     def pruned_scale(self, kept: int, total: int) -> float:
         return 1.0
 
+    # exact tiling (``flashvaed.models.tiling``): a tile contributes its sums, the frame's statistics
+    # are their total, and each tile normalises its own positions with them
+    frame_context: ClassVar[str] = "sum"
+
+    def frame_partial(self, x: Tensor) -> Tensor:
+        """(B, T, groups, 3) float64: the count, sum and sum of squares of each group in each frame of ``x``."""
+        b, c, t, h, w = x.shape
+        g = self.num_groups
+        xs = x.detach().double().reshape(b, g, c // g, t, h, w)
+        n = torch.full((b, g, t), float(c // g * h * w), dtype=torch.float64, device=x.device)
+        return torch.stack([n, xs.sum(dim=(2, 4, 5)), (xs * xs).sum(dim=(2, 4, 5))], dim=-1).transpose(1, 2)
+
+    def frame_resolve(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean and 1/std of every (sample, frame, group) from the frame's summed partials."""
+        n, s, q = total.unbind(-1)
+        mean = s / n
+        var = (q / n - mean * mean).clamp_min(0.0)
+        return mean, torch.rsqrt(var + self.eps)
+
+    def frame_apply(self, x: Tensor, resolved: tuple[Tensor, Tensor], region: tuple[int, int, int, int]) -> Tensor:
+        """This norm of ``x`` (a tile's positions) with the whole frame's statistics."""
+        mean, rstd = resolved
+        b, c, t, h, w = x.shape
+        g = self.num_groups
+        xs = x.double().reshape(b, g, c // g, t, h, w)
+        m = mean.transpose(1, 2).reshape(b, g, 1, t, 1, 1)
+        r = rstd.transpose(1, 2).reshape(b, g, 1, t, 1, 1)
+        y = ((xs - m) * r).reshape(b, c, t, h, w)
+        if self.weight is not None:
+            y = y * self.weight.double().view(1, c, 1, 1, 1) + self.bias.double().view(1, c, 1, 1, 1)
+        return y.to(x.dtype)
+
 
 class DepthwiseSeparableConv3d(StreamingBlock):
     """Depthwise causal 3x3x3 conv (one filter per channel, the same state rule as the dense
@@ -398,6 +430,9 @@ class ResidualBlock(StreamingBlock):
         return stream
 
 
+ATTENTION_BLOCK = 1 << 24  # score values one block of queries may hold when tiles resolve the frame's attention
+
+
 class AttentionBlock(StreamingBlock):
     """Single-head self-attention over the positions of each frame, with a residual add.
 
@@ -425,6 +460,36 @@ class AttentionBlock(StreamingBlock):
         y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(qk_dim)
         y = self.proj(y.transpose(1, 2).reshape(b * t, self.v_dim, h, w))
         return x + unfold_time(y, b), ()
+
+    # exact tiling (``flashvaed.models.tiling``): the tiles' inputs are placed into the whole frame,
+    # attention runs on it once, and each tile takes its positions of the output
+    frame_context: ClassVar[str] = "place"
+
+    def frame_partial(self, x: Tensor) -> Tensor:
+        return x
+
+    def frame_resolve(self, frame: Tensor) -> Tensor:
+        """The output over the whole frame, one frame and one block of queries at a time: every
+        query's softmax is its own, so the blocks give the same rows, and the scores never exceed
+        ``ATTENTION_BLOCK`` values (at 1080p Wan's whole-frame scores would take 4 GiB a frame)."""
+        b, _, t, h, w = frame.shape
+        y = self.norm(fold_time(frame))
+        qkv = self.to_qkv(y).reshape(b * t, -1, h * w).transpose(1, 2)
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
+        n = h * w
+        block = max(1, ATTENTION_BLOCK // n)
+        rows = [
+            F.scaled_dot_product_attention(q[i : i + 1, j : j + block], k[i : i + 1], v[i : i + 1])
+            for i in range(b * t)
+            for j in range(0, n, block)
+        ]
+        out = torch.cat(rows, dim=1).reshape(b * t, n, self.v_dim)
+        y = self.proj(out.transpose(1, 2).reshape(b * t, self.v_dim, h, w))
+        return frame + unfold_time(y, b)
+
+    def frame_apply(self, x: Tensor, resolved: Tensor, region: tuple[int, int, int, int]) -> tuple[Tensor, State]:
+        y0, y1, x0, x1 = region
+        return resolved[:, :, :, y0:y1, x0:x1].to(x.dtype), ()
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         flow.consume(stream, f"{path}.to_qkv", stage, norm=f"{path}.norm")

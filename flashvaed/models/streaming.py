@@ -207,6 +207,7 @@ def conditioning_inputs(
     timestep: float | Sequence[float] | Tensor | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    noise: Sequence[Tensor] | None = None,
     **unknown: Any,
 ) -> dict[str, Any]:
     """The per-stream inputs of a conditioned decoder (LTX-Video), for torch models and engines alike.
@@ -214,13 +215,16 @@ def conditioning_inputs(
     ``timestep``: (B,) float32, one value for all samples or one each (``default_timestep`` if
     none). ``noise``: one (h*s, w*s) map per entry of ``noise_scales``, drawn once per stream from a
     CPU generator seeded with ``seed``, in order (upstream's draw order after ``torch.manual_seed``),
-    or from ``generator`` (advancing it: the diffusers drop-in draws from the global generator).
+    or from ``generator`` (advancing it: the diffusers drop-in draws from the global generator), or
+    given as ``noise`` (the maps themselves: a tile of a frame takes its part of the frame's maps).
     ``batch=None`` checks the options only.
     """
     if unknown:
         raise InputError(
-            f"this decoder takes the options timestep, seed and generator, not {', '.join(sorted(unknown))}"
+            f"this decoder takes the options timestep, seed, generator and noise, not {', '.join(sorted(unknown))}"
         )
+    if noise is not None and not noise_scales:
+        raise InputError("this decoder injects no noise: {noise} does not apply", "noise")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InputError(f"{{generator}} must be a torch.Generator, got {type(generator).__name__}", "generator")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -236,8 +240,15 @@ def conditioning_inputs(
     elif timestep is not None:
         raise InputError("this decoder is not timestep-conditioned: {timestep} does not apply", "timestep")
     if noise_scales and batch is not None:
-        g = generator if generator is not None else torch.Generator().manual_seed(seed)
-        maps = [torch.randn(int(height * s), int(width * s), generator=g, device=g.device) for s in noise_scales]
+        shapes = [(int(height * s), int(width * s)) for s in noise_scales]
+        if noise is not None:
+            maps = list(noise)
+            if [tuple(m.shape) for m in maps] != shapes:
+                got = [tuple(m.shape) for m in maps]
+                raise InputError(f"{{noise}} must be maps of shapes {shapes}, got {got}"[:300], "noise")
+        else:
+            g = generator if generator is not None else torch.Generator().manual_seed(seed)
+            maps = [torch.randn(*shape, generator=g, device=g.device) for shape in shapes]
         inputs["noise"] = tuple(m.to(device=device, dtype=dtype) for m in maps)
     return inputs
 
@@ -346,16 +357,9 @@ class Stream:
         chunk is refused unless ``final`` (the stream ends there): it is then padded by repeating
         its last latent frame and the extra frames are dropped, which is exact for causal decoders.
         """
-        latents = as_tensor(latents)
+        latents = self.check_push(latents)
         src = self.source
-        check_latents(src, latents)
         b, _, _, h, w = latents.shape
-        if self.geometry is None:
-            src.check_geometry(b, h, w)
-        elif self.geometry != (b, h, w):
-            raise InputError(f"chunk has batch/size {(b, h, w)} but this stream started with {self.geometry}")
-        if self.end is not None:
-            raise InputError("this stream was pushed its final chunk; close() it and start a new one")
         outputs: list[Tensor] = []
         if self.geometry is None:
             self._start(b, h, w)
@@ -384,6 +388,19 @@ class Stream:
             frames = self._advance(torch.cat([piece, pad], dim=2), first=False)
             outputs.append(frames if clocked(src) else frames[:, :, : n * src.temporal_factor])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+    def check_push(self, latents: Tensor | np.ndarray) -> Tensor:
+        """The latents of a push as a tensor, refused if this stream cannot take them."""
+        latents = as_tensor(latents)
+        check_latents(self.source, latents)
+        b, _, _, h, w = latents.shape
+        if self.geometry is None:
+            self.source.check_geometry(b, h, w)
+        elif self.geometry != (b, h, w):
+            raise InputError(f"chunk has batch/size {(b, h, w)} but this stream started with {self.geometry}")
+        if self.end is not None:
+            raise InputError("this stream was pushed its final chunk; close() it and start a new one")
+        return latents
 
     def _advance(self, latents: Tensor, first: bool) -> Tensor:
         """One step; for a clocked decoder, the output positions of the clip only."""
@@ -535,6 +552,18 @@ def chunk_bounds(num_frames: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def check_chunk(source: StreamSource, chunk: int | None) -> int:
+    """The chunk a decode steps in (``None``: the source's optimum), refused outside its range."""
+    chunk = source.chunk_range.opt if chunk is None else chunk
+    if chunk < 1:
+        raise InputError(f"{{chunk}} must be at least 1 latent frame, got {chunk}", "chunk")
+    if chunk not in source.chunk_range:
+        raise InputError(
+            f"{{chunk}} {chunk} is outside this engine's chunk range {source.chunk_range.describe()}", "chunk"
+        )
+    return chunk
+
+
 def iter_decode(
     source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any
 ) -> Iterator[Tensor]:
@@ -546,13 +575,7 @@ def iter_decode(
     """
     latents = as_tensor(latents)
     check_latents(source, latents)
-    chunk = source.chunk_range.opt if chunk is None else chunk
-    if chunk < 1:
-        raise InputError(f"{{chunk}} must be at least 1 latent frame, got {chunk}", "chunk")
-    if chunk not in source.chunk_range:
-        raise InputError(
-            f"{{chunk}} {chunk} is outside this engine's chunk range {source.chunk_range.describe()}", "chunk"
-        )
+    chunk = check_chunk(source, chunk)
     source.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
     t = latents.shape[2]
     stream = source.stream(**options)

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError
 from .streaming import clocked, state_nbytes, zero_state
+from .tiling import plan_tiling
 
 MAX_FRAME_PIXELS = 1 << 30  # 32768 x 32768: far past any video; MACs beyond overflow int64 counters
 MAX_CHUNK = 1 << 10  # latent frames per chunk, as exports allow
@@ -45,6 +46,8 @@ class DecoderSummary:
     state_bytes: int
     state_tensors: int
     latency: int = 0  # latent frames a stream holds back (0: causal)
+    halo: tuple[int, int] | None = None  # tiling: latent px a tile reads past its core (None: meta)
+    frame_wide: list[str] = field(default_factory=list)  # modules that mix a whole frame (tiles share their context)
     stages: list[StageCost] = field(default_factory=list)
     teacher: DecoderSummary | None = None  # for students: the same figures for their teacher
 
@@ -97,6 +100,7 @@ def summarize(
         state = zero_state(specs, 1, h, w, device="meta")
         first = _count_macs(shadow, torch.zeros(1, model.latent_channels, 1, h, w), state, True)
         steady = _count_macs(shadow, torch.zeros(1, model.latent_channels, chunk, h, w), state, False)
+    plan = None if next(model.parameters()).is_meta else plan_tiling(model)  # the probe decode needs weights
     itemsize = torch.empty((), dtype=dtype).element_size()
     ops = model.decoder.stage_ops()
     stages = []
@@ -128,5 +132,7 @@ def summarize(
         state_bytes=state_nbytes(specs, 1, h, w, itemsize),
         state_tensors=len(specs),
         latency=model.latency,
+        halo=plan.halo if plan else None,
+        frame_wide=[name for name, _ in plan.mixing] if plan else [],
         stages=stages,
     )
