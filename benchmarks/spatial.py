@@ -22,8 +22,13 @@ projected time exceeds what is left of ``--budget-s`` are not started and say so
 peak at 1080p stays under 3/4 of the model's untiled 480p estimate: the acceptance line (a tiled
 1080p decode under the untiled 480p figure) printed at the end compares the two measurements.
 
-    python benchmarks/spatial.py                                    # everything that fits ~40 min
-    python benchmarks/spatial.py --families wan2.1 --models student --sizes 480,1080
+Tiled runs drop the traceback of each ``Captured`` stop (see ``sampled_tiles``; ``--as-is`` keeps
+it, as ``flashvaed.engines.tiled`` does today). ``--patch-attention`` measures a proposed change
+to Wan's attention (see ``patch_attention``).
+
+    python benchmarks/spatial.py --families wan2.1 --budget-s 1200  # every row that fits 20 min
+    python benchmarks/spatial.py --families wan2.1 --acceptance-only  # untiled 480p, tiled 1080p
+    python benchmarks/spatial.py --families wan2.2 --models student --budget-s 600
     python benchmarks/spatial.py --tile 64 --max-tiles 0            # every tile decoded
     python benchmarks/spatial.py --halo-only                        # the halo-overhead tables only
 """
@@ -146,11 +151,12 @@ def sampled_tiles(inner: Any, tile: tuple[int, int], limit: int, drop_tracebacks
 
 
 def patch_attention() -> None:
-    """Run ``AttentionBlock`` with contiguous 4-D q, k, v (one head): torch's CPU flash kernel then
-    serves it, with memory linear in the positions, where the 3-D call (or a 4-D one on the strided
-    split of qkv) takes the math kernel and allocates positions^2 scores and probabilities (~9 GiB
-    at 1080p for Wan2.1's 135x240 latent frame). A proposed change to ``flashvaed.models.blocks``
-    (same result to float rounding), measured here."""
+    """Run ``AttentionBlock.forward`` with contiguous 4-D q, k, v (one head): torch's CPU flash
+    kernel then serves it, with memory linear in the positions, where the 3-D call (or a 4-D one on
+    the strided split of qkv) takes the math kernel and allocates positions^2 scores and
+    probabilities (~9 GiB at 1080p for Wan2.1's 135x240 latent frame). A proposed change to
+    ``flashvaed.models.blocks`` (same result to float rounding); the tiled frame-wide pass
+    (``frame_resolve``) is not affected by it."""
     import torch.nn.functional as F
 
     from flashvaed.models import blocks
@@ -455,6 +461,14 @@ def main() -> None:
     for m in models:
         if m not in ("teacher", "student"):
             parser.error(f"--models: {m!r} is not teacher or student")
+    for m in modes:
+        if m not in ("untiled", "tiled"):
+            parser.error(f"--modes: {m!r} is not untiled or tiled")
+    from flashvaed.models import families as known
+
+    for family in families:
+        if family not in ("wan2.1", "wan2.2") or family not in known.names():
+            parser.error(f"--families: {family!r} is not wan2.1 or wan2.2")
     fixed = None if args.tile == "auto" else parse_region(args.tile)
     regions = [(r, r) for r in HALO_REGIONS]
     print(
@@ -473,6 +487,11 @@ def main() -> None:
                     family, which, sizes, regions, fixed, estimates=not args.halo_only
                 )
 
+    for f in facts.values():
+        if fixed and min(fixed) < 2 * max(f.halo) + 1:
+            parser.error(
+                f"--tile {args.tile}: {f.family}'s halo of {max(f.halo)} needs a region of {2 * max(f.halo) + 1}"
+            )
     print_halo_tables(facts, sizes, tiles)
     if args.halo_only:
         return

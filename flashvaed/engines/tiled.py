@@ -87,6 +87,7 @@ class TileTorchStream(TorchStream):
             try:
                 frames = super()._step(latents, first)
             except Captured as c:
+                c.__traceback__ = None  # its frames would keep this tile's activations alive
                 self.captured[n] = c
                 if self.keep_state:  # the entries produced before the stop; later ones are never read here
                     self.state = record.state(self.state)  # type: ignore[arg-type]

@@ -466,7 +466,7 @@ class AttentionBlock(StreamingBlock):
     frame_context: ClassVar[str] = "place"
 
     def frame_partial(self, x: Tensor) -> Tensor:
-        return x
+        return x.clone()  # the core alone: a view would keep the tile's whole region alive until the merge
 
     def frame_resolve(self, frame: Tensor) -> Tensor:
         """The output over the whole frame, one frame and one block of queries at a time: every
