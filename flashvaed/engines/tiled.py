@@ -37,9 +37,9 @@ from ..models.streaming import (
     as_tensor,
     check_chunk,
     check_latents,
-    chunk_bounds,
     clocked,
     conditioning_inputs,
+    push_clip,
 )
 from ..models.tiling import Captured, Tile, TilePlan, merge, plan_tiling, redundancy, tile_grid
 from ..safeload import gib
@@ -75,14 +75,18 @@ class TileTorchStream(TorchStream):
         self.plan, self.tile, self.frame = plan, tile, frame
         self.contexts: dict[int, dict[int, Any]] = {}
         self.capture: int | None = None
-        self.stop = True  # a capture stops the step (else it runs on with the module's own output)
+        # tile by tile, a stopped step keeps the state entries it produced before the stop; chunk by
+        # chunk the step is run again from the chunk's state, so nothing of it is kept
+        self.keep_state = True
         self.captured: dict[int, Captured] = {}
         self.steps = 0
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         n = self.steps
         self.steps += 1
-        stop = self.stop and (self.plan.producers is not None or self.keep_state is False)
+        # a capture stops the step where the state it leaves is known (or not wanted); else the step
+        # runs on with the module's own output on the region
+        stop = self.plan.producers is not None or not self.keep_state
         with self.plan.hooks(self.tile, self.frame, self.contexts.get(n, {}), self.capture, stop) as record:
             try:
                 frames = super()._step(latents, first)
@@ -98,8 +102,6 @@ class TileTorchStream(TorchStream):
         if record.captured is not None:
             self.captured[n] = record.captured
         return frames
-
-    keep_state = True  # tile by tile: a stopped step keeps the state it produced before the stop
 
 
 class TiledDecoder(Decoder):
@@ -257,7 +259,7 @@ class TiledDecoder(Decoder):
         s, tf = self.spatial_factor, self.temporal_factor
         if tiled_engine.has_contexts(self.inner):  # capture graphs never advance a tile: chunk by chunk
             out, sizes = torch.empty(b, 3, 1 + tf * (t - 1), h * s, w * s), []
-            for piece in _pieces(self.stream(**options), latents, chunk, self.latency):
+            for piece in push_clip(self.stream(**options), latents, chunk):
                 out[:, :, sum(sizes) : sum(sizes) + piece.shape[2]] = piece
                 sizes.append(piece.shape[2])
             return out, sizes
@@ -271,7 +273,7 @@ class TiledDecoder(Decoder):
             if isinstance(stream, TileTorchStream):
                 stream.contexts = contexts
             at = 0
-            for piece in _pieces(stream, _crop(latents, tile), chunk, self.latency):
+            for piece in push_clip(stream, _crop(latents, tile), chunk):
                 n = piece.shape[2]
                 tile.place(out[:, :, at : at + n], piece, s)
                 at += n
@@ -293,7 +295,7 @@ class TiledDecoder(Decoder):
                 stream = self.tile_stream(per_tile[i], tile, (h, w))
                 assert isinstance(stream, TileTorchStream)
                 stream.contexts, stream.capture = contexts, j
-                for _ in _pieces(stream, _crop(latents, tile), chunk, self.latency):
+                for _ in push_clip(stream, _crop(latents, tile), chunk):
                     pass
                 for n, c in stream.captured.items():
                     captured[n].append(c)
@@ -305,14 +307,6 @@ class TiledDecoder(Decoder):
 def _crop(latents: Tensor, tile: Tile) -> Tensor:
     y0, y1, x0, x1 = tile.region
     return latents[..., y0:y1, x0:x1]
-
-
-def _pieces(stream: Stream, latents: Tensor, chunk: int, latency: int) -> Iterator[Tensor]:
-    t = latents.shape[2]
-    for start, stop in chunk_bounds(t, chunk):
-        yield stream.push(latents[:, :, start:stop], final=stop == t)
-    if latency:
-        yield stream.close()
 
 
 class TiledStream(Stream):

@@ -21,7 +21,6 @@ every step, ``capture(index, latents, first, contexts)``) and ``decoder.run_fram
 from __future__ import annotations
 
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..export.contract import FrameWideModule
-from ..models.tiling import Region, Tile
+from ..models.tiling import Tile, at_scale
 from .base import ContractDecoder
 
 __all__ = ["check_frame", "has_contexts", "step"]
@@ -53,15 +52,6 @@ def check_frame(decoder: ContractDecoder, height: int, width: int) -> None:
                 f"this engine decodes tiled frames of {what} up to {r.max} latent ({r.max * s} px: its export's "
                 f"tiling_frame), got {value} latent ({value * s} px); export it with a larger tiling_frame"
             )
-
-
-def at_scale(region: Region, scale: Fraction) -> Region:
-    """A region of the latent grid on a module's grid (``scale`` times finer or coarser)."""
-    values = [v * scale for v in region]
-    if any(v.denominator != 1 for v in values):
-        raise InputError(f"a tile at {region} does not fall on the grid of a frame-wide module (scale {scale})")
-    y0, y1, x0, x1 = (int(v) for v in values)
-    return y0, y1, x0, x1
 
 
 def group_statistics(module: FrameWideModule, tiles: list[Tile], partials: list[Tensor]) -> tuple[Tensor, Tensor]:

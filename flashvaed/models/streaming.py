@@ -564,6 +564,16 @@ def check_chunk(source: StreamSource, chunk: int | None) -> int:
     return chunk
 
 
+def push_clip(stream: Stream, latents: Tensor, chunk: int) -> Iterator[Tensor]:
+    """A whole clip through ``stream`` in chunks of ``chunk``, each chunk's frames as it is pushed
+    (the first latent frame alone; a decoder with latency flushed at the end)."""
+    t = latents.shape[2]
+    for start, stop in chunk_bounds(t, chunk):
+        yield stream.push(latents[:, :, start:stop], final=stop == t)
+    if stream.source.latency:
+        yield stream.close()
+
+
 def iter_decode(
     source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any
 ) -> Iterator[Tensor]:
@@ -577,16 +587,9 @@ def iter_decode(
     check_latents(source, latents)
     chunk = check_chunk(source, chunk)
     source.check_geometry(latents.shape[0], latents.shape[3], latents.shape[4])
-    t = latents.shape[2]
     stream = source.stream(**options)
 
-    def pieces() -> Iterator[Tensor]:
-        for start, stop in chunk_bounds(t, chunk):
-            yield stream.push(latents[:, :, start:stop], final=stop == t)
-        if source.latency:
-            yield stream.close()
-
-    return pieces()
+    return push_clip(stream, latents, chunk)
 
 
 def decode(source: StreamSource, latents: Tensor | np.ndarray, chunk: int | None = None, **options: Any) -> Tensor:

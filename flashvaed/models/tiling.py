@@ -223,9 +223,15 @@ def _scale(x: Tensor, tile: Tile) -> tuple[Fraction, Fraction]:
     return Fraction(x.shape[-2], h), Fraction(x.shape[-1], w)
 
 
-def _at(region: Region, sy: Fraction, sx: Fraction) -> Region:
-    y0, y1, x0, x1 = region
-    return int(y0 * sy), int(y1 * sy), int(x0 * sx), int(x1 * sx)
+def at_scale(region: Region, sy: Fraction, sx: Fraction | None = None) -> Region:
+    """A region of the latent grid on a module's grid (``sy``/``sx`` times finer or coarser);
+    refused where it does not fall on that grid."""
+    sx = sy if sx is None else sx
+    values = [region[0] * sy, region[1] * sy, region[2] * sx, region[3] * sx]
+    if any(v.denominator != 1 for v in values):
+        raise InputError(f"a tile at {region} does not fall on the grid of a frame-wide module (scale {sy}, {sx})")
+    y0, y1, x0, x1 = (int(v) for v in values)
+    return y0, y1, x0, x1
 
 
 def _capturing(module: nn.Module, index: int, tile: Tile, frame: tuple[int, int], record: StepRecord | None) -> Any:
@@ -233,9 +239,9 @@ def _capturing(module: nn.Module, index: int, tile: Tile, frame: tuple[int, int]
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         sy, sx = _scale(x, tile)
-        y0, y1, x0, x1 = _at(tile.core_in_region(), sy, sx)
+        y0, y1, x0, x1 = at_scale(tile.core_in_region(), sy, sx)
         partial = module.frame_partial(x[..., y0:y1, x0:x1])
-        captured = Captured(index, partial, _at(tile.core, sy, sx), (int(frame[0] * sy), int(frame[1] * sx)))
+        captured = Captured(index, partial, at_scale(tile.core, sy, sx), (int(frame[0] * sy), int(frame[1] * sx)))
         if record is None:
             raise captured
         record.captured = captured
@@ -247,10 +253,10 @@ def _capturing(module: nn.Module, index: int, tile: Tile, frame: tuple[int, int]
 def _exchanging(module: nn.Module, index: int, tile: Tile, frame: tuple[int, int], exchange: Callable[..., Any]) -> Any:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         sy, sx = _scale(x, tile)
-        y0, y1, x0, x1 = _at(tile.core_in_region(), sy, sx)
+        y0, y1, x0, x1 = at_scale(tile.core_in_region(), sy, sx)
         partial = module.frame_partial(x[..., y0:y1, x0:x1])
-        captured = Captured(index, partial, _at(tile.core, sy, sx), (int(frame[0] * sy), int(frame[1] * sx)))
-        return module.frame_apply(x, exchange(index, module, captured), _at(tile.region, sy, sx))
+        captured = Captured(index, partial, at_scale(tile.core, sy, sx), (int(frame[0] * sy), int(frame[1] * sx)))
+        return module.frame_apply(x, exchange(index, module, captured), at_scale(tile.region, sy, sx))
 
     return forward
 
@@ -258,7 +264,7 @@ def _exchanging(module: nn.Module, index: int, tile: Tile, frame: tuple[int, int
 def _applying(module: nn.Module, resolved: Any, tile: Tile) -> Any:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         sy, sx = _scale(x, tile)
-        return module.frame_apply(x, resolved, _at(tile.region, sy, sx))
+        return module.frame_apply(x, resolved, at_scale(tile.region, sy, sx))
 
     return forward
 
