@@ -10,6 +10,8 @@ real.
     python benchmarks/engine_speed.py                 # the issue's table
     python benchmarks/engine_speed.py --size 128      # quicker
     python benchmarks/engine_speed.py --family mochi --size 64 --repeats 2
+    python benchmarks/engine_speed.py --compile inductor   # adds torch compiled (engines.load(compile=...))
+    python benchmarks/engine_speed.py --ort-profile        # ONNX Runtime's time per op type, per model
 """
 
 from __future__ import annotations
@@ -47,6 +49,41 @@ def chunk_latency(decoder: Decoder, latents: torch.Tensor, chunk: int, repeats: 
     return statistics.median(times)
 
 
+def ort_profile(folder: Path, rows: int = 15) -> str:
+    """ONNX Runtime's own profile of one step of the graph in ``folder`` (random inputs of its static
+    shapes, after a warm-up run): total time and count per op type, largest first."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    graph = max(folder.glob("*.onnx"), key=lambda p: p.stat().st_size)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "ort_profile")
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    session.run(None, feed)  # warm-up
+    session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    last = runs[-1]["ts"] if runs else 0
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        if e["ts"] >= last:
+            t = totals.setdefault(e["args"]["op_name"], [0.0, 0])
+            t[0] += e["dur"] / 1e3
+            t[1] += 1
+    total = sum(v[0] for v in totals.values())
+    lines = [f"{'op':24} {'ms':>9} {'share':>6} {'nodes':>6}"]
+    for op, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{op:24} {ms:9.1f} {100 * ms / total:5.1f}% {n:6d}")
+    return "\n".join([*lines, f"{'total':24} {total:9.1f}"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="wan2.1", help="a model family (its released configuration)")
@@ -54,6 +91,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", default=None, help="also time engines.load(model, compile=MODE) on the CPU")
+    parser.add_argument("--ort-profile", action="store_true", help="print ONNX Runtime's time per op type")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -72,10 +111,16 @@ def main() -> None:
         for name, model in models.items():
             model.eval()
             rows[name]["torch eager CPU"] = chunk_latency(engines.load(model), latents, args.chunk, args.repeats)
+            if args.compile is not None:
+                compiled = engines.load(model, compile=args.compile)
+                rows[name][f"torch {args.compile} CPU"] = chunk_latency(compiled, latents, args.chunk, args.repeats)
             options = ExportOptions(chunk=str(args.chunk), height=str(args.size), width=str(args.size), batch="1")
             export(model, Path(tmp) / name, options)
             decoder = engines.load(Path(tmp) / name, providers=["CPUExecutionProvider"])
             rows[name]["onnxruntime CPU"] = chunk_latency(decoder, latents, args.chunk, args.repeats)
+            if args.ort_profile:
+                print(f"\nONNX Runtime, {name}, one steady step: time per op type")
+                print(ort_profile(Path(tmp) / name))
             if torch.cuda.is_available():
                 cuda = engines.load(model, device="cuda")
                 rows[name]["torch eager CUDA"] = chunk_latency(cuda, latents, args.chunk, args.repeats * 3)

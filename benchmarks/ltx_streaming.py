@@ -9,8 +9,16 @@ Part 2 (speed, ``--speed``): the released decoder of one generation and flash-lt
 512x768, steady streaming chunks timed in the same run (per output frame), with MACs from the
 meta-device count. A stream's warm-up and its flush cost the same per position as a steady step.
 
+Part 3 (``--flush``): what a short clip's stream costs against its one-shot decode, on torch and on
+the ONNX Runtime engine in the same run: torch streams (``model.decode``, chunks of ``--chunk``)
+vs ``model.decode_clip`` (upstream's whole-clip pass); the engine (a static export for this size
+and chunk) vs a one-shot graph of the same model (the whole clip in one ONNX Runtime run). Layers
+compute only the positions holding frames of the clip (their windows), so warm-up and flush steps
+cost what they compute.
+
     python benchmarks/ltx_streaming.py                        # memory, 5 vs 21 latent frames
     python benchmarks/ltx_streaming.py --speed --generation 0.9.1
+    python benchmarks/ltx_streaming.py --flush --frames 5     # stream vs one-shot, torch and ONNX Runtime
 """
 
 from __future__ import annotations
@@ -119,6 +127,79 @@ def speed(args: argparse.Namespace) -> None:
         )
 
 
+class OneShot(torch.nn.Module):
+    """The whole clip in one pass (upstream's form), the stream's conditioning baked in: the
+    one-shot decode an ONNX Runtime session runs."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict) -> None:
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(latents, (), full=True, **self.inputs)[0]
+
+
+def timed(fn, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def flush(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import onnxruntime as ort
+
+    from flashvaed import engines
+    from flashvaed.export.onnx_export import ExportOptions, export
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    config = LTXConfig.released(args.generation, decoder_base=args.decoder_base, encoder_base=8)
+    model = LTXVAE(config).eval()
+    s, h, w, k = model.spatial_factor, args.height, args.width, args.chunk
+    opts = {"seed": 0} if model.step_inputs else {}
+    print(
+        f"LTX-Video {args.generation} decoder (decoder_base {args.decoder_base}, random weights, latency "
+        f"{model.latency}), {h}x{w}, chunk {k}, CPU {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}; median of {args.repeats}, runs interleaved"
+    )
+    print("\n| latent frames | frames | runtime | one-shot s | stream s | stream / one-shot | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = {"chunk": str(k), "height": str(h), "width": str(w), "batch": "1"}
+        export(model, f"{tmp}/stream", ExportOptions(**shape))
+        engine = engines.load(f"{tmp}/stream")
+        for n in args.frames:
+            latents = torch.randn(1, model.latent_channels, n, h // s, w // s)
+            inputs = model.stream_inputs(1, h // s, w // s, **opts)
+            graph = f"{tmp}/oneshot{n}.onnx"
+            with torch.no_grad():
+                torch.onnx.export(OneShot(model, inputs), (latents,), graph, input_names=["latents"], dynamo=False)
+            session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+            feed = {"latents": latents.numpy()}
+            with torch.inference_mode():
+                ref = model.decode_clip(latents, **opts)
+                z, sess = latents, session
+                runs = {
+                    "torch": (lambda z=z: model.decode_clip(z, **opts), lambda z=z: model.decode(z, k, **opts)),
+                    "onnxruntime": (lambda s=sess, f=feed: s.run(None, f), lambda z=z: engine.decode(z, k, **opts)),
+                }
+                got = {"torch": model.decode(latents, k, **opts), "onnxruntime": engine.decode(latents, k, **opts)}
+                for name, (one, stream) in runs.items():
+                    one()  # warm-up
+                    t_one, t_stream = [], []
+                    for _ in range(args.repeats):
+                        t_one.append(timed(one, 1))
+                        t_stream.append(timed(stream, 1))
+                    a, b = statistics.median(t_one), statistics.median(t_stream)
+                    diff = (got[name] - ref).abs().max().item()
+                    print(f"| {n} | {ref.shape[2]} | {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {diff:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generation", default="0.9.1", choices=["0.9.0", "0.9.1", "0.9.5"])
@@ -128,6 +209,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[5, 21], help="latent frames per clip")
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per push (default 2; speed: 1)")
     parser.add_argument("--speed", action="store_true", help="teacher vs flash-ltx speed at 512x768 instead")
+    parser.add_argument("--flush", action="store_true", help="stream vs one-shot, torch and ONNX Runtime")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--_run", dest="mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_frames", dest="run_frames", type=int, default=0, help=argparse.SUPPRESS)
@@ -137,7 +219,9 @@ def main() -> None:
         speed(args)
         return
     args.height, args.width, args.chunk = args.height or 256, args.width or 384, args.chunk or 2
-    if args.mode:
+    if args.flush:
+        flush(args)
+    elif args.mode:
         one_run(args)
     else:
         memory(args)

@@ -11,11 +11,18 @@ MACs), which is what to look at when the measured speed-up falls short of the MA
     python benchmarks/student_speed.py --family wan2.2       # Wan2.2 (TI2V-5B) and flash-wan2.2
     python benchmarks/student_speed.py --size 128 --frames 3 # quicker
     python benchmarks/student_speed.py --family mochi --size 128 --frames 3   # Mochi 1 (6n+1 frames)
+    python benchmarks/student_speed.py --plain               # also the plain ops (before the fast paths)
+    python benchmarks/student_speed.py --presets flash-wan2.1 --profile flash-wan2.1   # per-op table
+    python benchmarks/student_speed.py --compile inductor    # through engines.load(..., compile=...)
+
+``--plain`` times every model a second time, interleaved, under ``blocks.plain_ops()`` (no
+channels-last, nothing in place), so one run gives the before/after of the fast eager paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import defaultdict
@@ -23,6 +30,7 @@ from collections import defaultdict
 import torch
 
 from flashvaed.models import StudentSpec, families, summarize
+from flashvaed.models.blocks import plain_ops
 from flashvaed.models.streaming import iter_decode
 from flashvaed.models.student import build_student, preset_names
 
@@ -35,6 +43,29 @@ def seconds_per_frame(model: torch.nn.Module, latents: torch.Tensor, chunk: int,
         frames = sum(piece.shape[2] for piece in iter_decode(model, latents, chunk))
         runs.append((time.perf_counter() - start) / frames)
     return statistics.median(runs)
+
+
+def interleaved(model, latents: torch.Tensor, chunk: int, repeats: int, modes: list[str]) -> dict[str, float]:
+    """Median seconds per frame under each mode ("fast", "plain"), repeats interleaved so that a
+    noisy neighbour on the machine hits both alike."""
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            with plain_ops() if mode == "plain" else contextlib.nullcontext():
+                runs[mode].append(seconds_per_frame(model, latents, chunk, 1))
+    return {m: statistics.median(v) for m, v in runs.items()}
+
+
+@torch.inference_mode()
+def op_profile(model, latents: torch.Tensor, chunk: int, plain: bool, rows: int = 25) -> str:
+    """torch.profiler's per-op table (self CPU time) over one decode, ops grouped by input shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with plain_ops() if plain else contextlib.nullcontext():
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in iter_decode(model, latents, chunk):
+                pass
+    return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 @torch.inference_mode()
@@ -70,7 +101,14 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per student (median)")
     parser.add_argument("--presets", nargs="+", default=None, help="default: every preset of the family")
+    parser.add_argument("--plain", action="store_true", help="also time the plain ops (blocks.plain_ops)")
+    parser.add_argument("--profile", nargs="+", default=[], metavar="MODEL", help="per-op tables of these models")
+    parser.add_argument("--compile", default=None, help="run through engines.load(model, compile=MODE)")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     family = families.get(args.family)
@@ -92,20 +130,45 @@ def main() -> None:
     )
 
     summaries = {n: summarize(m, args.size, args.size, chunk=args.chunk) for n, m in models.items()}
-    timings = {}
-    for name, model in models.items():
-        seconds_per_frame(model, latents[:, :, :2], args.chunk, 1)  # warm-up
-        timings[name] = seconds_per_frame(model, latents, args.chunk, 1 if name == "teacher" else args.repeats)
-    t_macs, t_time = summaries["teacher"].macs_per_frame, timings["teacher"]
-    print("\n| model | params (M) | GMACs/frame | MACs ratio | s/frame | frames/s | measured speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name in models:
-        s = summaries[name]
-        print(
-            f"| {name} | {s.params_decoder / 1e6:.2f} | {s.macs_per_frame / 1e9:.2f} | "
-            f"{t_macs / s.macs_per_frame:.1f}x | {timings[name]:.4f} | {1 / timings[name]:.2f} | "
-            f"{t_time / timings[name]:.1f}x |"
-        )
+    runners = dict(models)
+    if args.compile is not None:
+        from flashvaed import engines
+
+        runners = {n: engines.load(m, compile=args.compile) for n, m in models.items()}
+        print(f"runtime: engines.load(..., compile={args.compile!r})")
+    modes = ["fast", "plain"] if args.plain else ["fast"]
+    timings: dict[str, dict[str, float]] = {}
+    for name, model in runners.items():
+        start = time.perf_counter()
+        for mode in modes:  # warm-up (and compile)
+            with plain_ops() if mode == "plain" else contextlib.nullcontext():
+                seconds_per_frame(model, latents[:, :, :2], args.chunk, 1)
+        if args.compile is not None:
+            print(f"{name}: warm-up {time.perf_counter() - start:.1f} s")
+        repeats = 1 if name == "teacher" else args.repeats
+        timings[name] = interleaved(model, latents, args.chunk, repeats, modes)
+    t_macs = summaries["teacher"].macs_per_frame
+    for mode in modes:
+        t_time = timings["teacher"][mode]
+        label = "fast paths (default)" if mode == "fast" else "plain ops (blocks.plain_ops, before)"
+        print(f"\n{label}:")
+        print("| model | params (M) | GMACs/frame | MACs ratio | s/frame | frames/s | measured speed-up |")
+        print("|---|---|---|---|---|---|---|")
+        for name in models:
+            s, sec = summaries[name], timings[name][mode]
+            print(
+                f"| {name} | {s.params_decoder / 1e6:.2f} | {s.macs_per_frame / 1e9:.2f} | "
+                f"{t_macs / s.macs_per_frame:.1f}x | {sec:.4f} | {1 / sec:.2f} | {t_time / sec:.1f}x |"
+            )
+    if args.plain:
+        gains = ", ".join(f"{n} {t['plain'] / t['fast']:.2f}x" for n, t in timings.items())
+        print(f"\nfast paths vs plain ops: {gains}")
+    for name in args.profile:
+        for mode in modes:
+            print(f"\nper-op profile of {name}, {mode}:")
+            print(op_profile(models[name], latents, args.chunk, mode == "plain"))
+    if args.no_stages:
+        return
 
     print("\nwhere the time goes (share of decode time vs share of MACs, per stage):")
     names = [n for n, _, _ in teacher.decoder.stages()]

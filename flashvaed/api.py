@@ -131,6 +131,7 @@ def decode(
     max_memory: str | int | None = None,
     shard: str | None = None,
     progress: bool = False,
+    compile: str | None = None,
 ) -> DecodeResult:
     """Decode normalised diffusion-space latents (B, z, T, h, w) to frames, video or PNGs.
 
@@ -150,6 +151,9 @@ def decode(
     fits) bounds memory in the frame size; the frames equal untiled decoding. An engine given a frame
     larger than it was built for tiles at its own size. ``shard="spatial"`` (under ``torchrun``)
     splits every frame across the ranks; rank 0 writes the output.
+
+    ``compile`` (torch models; ``engines.load``): None/"none" eager, "inductor", "cudagraphs",
+    "max" or "auto" run the steady streaming steps compiled; the compile is paid once per shape.
     """
     kind = output_kind(out)
     check_output(out, directory=kind == "png", replaceable=is_png_dir, what=PNG_DIR, inputs=[latents, model])
@@ -165,6 +169,8 @@ def decode(
         raise InputError(
             "{shard} splits frames across ranks: give it without {tile} or {max_memory}", "shard", "tile", "max_memory"
         )
+    if shard is not None and compile not in (None, "none"):
+        raise InputError("{shard} ranks run eager steps: give it without {compile}", "shard", "compile")
     if tile is not None and max_memory is not None:
         raise InputError("give {tile} or {max_memory}, not both ({max_memory} picks the tile)", "tile", "max_memory")
     tile = parse_tile(tile)
@@ -178,7 +184,7 @@ def decode(
         if dev.type == "cuda":  # each rank on its own GPU (LOCAL_RANK)
             dev = rank_device()
     z = read_tensor(latents, "latents")
-    decoder = engines.load(model, device=dev, dtype=dt)
+    decoder = engines.load(model, device=dev, dtype=dt, compile=compile)
     check_latents(decoder, z)
     decoder = spatial_decoder(decoder, z.shape, chunk, tile, budget, shard)
     if batch_index < 0 or (kind != "tensor" and batch_index >= z.shape[0]):

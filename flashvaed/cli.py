@@ -41,6 +41,7 @@ class _LazyModule:
 
 api: Any = _LazyModule()
 demos: Any = _LazyModule("flashvaed.demo")  # the demo runs api's commands: it is not one of them
+benches: Any = _LazyModule("flashvaed.bench")
 # parameters whose flag is not --NAME ("timestep": the stream option behind --decode-timestep)
 FLAGS = {"out": "-o", "workspace_gib": "--workspace", "timestep": "--decode-timestep"}
 
@@ -296,6 +297,16 @@ def decode(
             help="'spatial': under torchrun, split every frame across the ranks (exact; rank 0 writes the output)."
         ),
     ] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="Torch models: run the steady streaming steps compiled. none: eager; inductor: torch.compile, "
+            "static shapes (CPU, CUDA); cudagraphs: CUDA graph of the eager step (CUDA); max: inductor in a CUDA "
+            "graph (CUDA); auto: cudagraphs on CUDA, eager elsewhere. The compile is paid once per shape "
+            "(inductor: tens of seconds to minutes on a CPU; see docs/runtimes.md).",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Decode latents to frames, streaming chunk by chunk (memory stays flat in the clip length;
@@ -316,6 +327,7 @@ def decode(
         max_memory=max_memory,
         shard=shard,
         progress=not quiet,
+        compile=compile,
     )
     if not r.written:  # another rank of a sharded decode: rank 0 wrote the output and says so
         return
@@ -656,6 +668,93 @@ def validate(
     typer.echo(line)
     if not r.passed:
         raise typer.Exit(1)
+
+
+@command
+def bench(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="Models to time: a path (checkpoint, student, export or engine directory), a family name "
+            "(" + ", ".join(PRESETS) + ": its released configuration, random weights) or a preset "
+            "(e.g. flash-wan2.1: built on the family's released teacher, or on --teacher).",
+        ),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            "-t",
+            help="The teacher speed-ups are computed against (a family name or a teacher path; default: the "
+            "one each model identifies).",
+        ),
+    ] = None,
+    runtime: Annotated[
+        str, typer.Option(help="torch (eager), compiled, onnxruntime (a static export at the bench size) or tensorrt.")
+    ] = "torch",
+    compile_mode: Annotated[
+        str, typer.Option("--compile", help="With --runtime compiled: the compile mode (engines.load's compile=).")
+    ] = "auto",
+    height: Annotated[int | None, typer.Option(help="Frame height in pixels (default 256).")] = None,
+    width: Annotated[int | None, typer.Option(help="Frame width in pixels (default 256).")] = None,
+    frames: Annotated[
+        int | None,
+        typer.Option(help="Output frames of the clip, 1 + t*n (default: the first frame + two steady chunks)."),
+    ] = None,
+    chunk: Annotated[int, typer.Option(help="Latent frames per steady streaming step.")] = 2,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    repeats: Annotated[int, typer.Option(help="Timed whole-clip decodes per model, interleaved (median).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed decodes per model first.")] = 1,
+    diffusers: Annotated[
+        bool, typer.Option("--diffusers/--no-diffusers", help="Also time diffusers' own VAE class for the family.")
+    ] = True,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="The embedded tiny teachers and their flash students, tiny, in seconds.")
+    ] = False,
+    out_json: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Decode speed on this machine: each model vs its teacher on the same runtime and vs diffusers'
+    VAE (warm-up, interleaved repeats, medians; docs/cli.md explains the columns)."""
+    report = benches.bench(
+        list(models or []),
+        teacher=teacher,
+        runtime=runtime,
+        height=height,
+        width=width,
+        frames=frames,
+        chunk=chunk,
+        device=device,
+        dtype=dtype,
+        repeats=repeats,
+        warmup=warmup,
+        compare_diffusers=diffusers,
+        compile_mode=compile_mode,
+        smoke=smoke,
+        json_path=out_json,
+        progress=not quiet,
+    )
+    st = report.settings
+    columns, cells = report.table()
+    table = Table(
+        title=f"{st['height']}x{st['width']}, {report.rows[0].frames} frames ({report.rows[0].latent_frames} latent), "
+        f"chunk {st['chunk']}, {st['device']} {st['dtype']}, median of {st['repeats']}",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for row in cells:
+        table.add_row(*row)
+    # piped or redirected (no terminal to fit): the table whole, not squeezed into 80 columns
+    out_console.print(table, width=None if out_console.is_terminal else 200)
+    typer.echo(f"peak MiB: {report.memory_label()}; speed-ups: whole-clip frames/s ratios on the same device")
+    for s in report.skipped:
+        typer.echo(f"skipped {s['what']}: {s['reason']}")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if out_json is not None:
+        typer.echo(f"report -> {out_json}")
 
 
 @command

@@ -154,15 +154,17 @@ class FlashVAE(nn.Module):
         dtype: str | torch.dtype = "float32",
         providers: list[str] | None = None,
         chunk: int | None = None,
+        compile: str | None = None,
     ) -> FlashVAE:
         """MODEL: a teacher checkpoint (any layout), a student, export or engine directory.
 
         ``teacher`` supplies ``encode`` (image-to-video pipelines) where MODEL has no encoder.
-        ``device``/``dtype`` apply to torch models; engines take ``providers`` and run float32 I/O.
+        ``device``/``dtype``/``compile`` apply to torch models (``compile``: see ``engines.load``,
+        paid once per shape); engines take ``providers`` and run float32 I/O.
         """
         dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
-        decoder = engines.load(model, device=dev, dtype=dt, providers=providers)
+        decoder = engines.load(model, device=dev, dtype=dt, providers=providers, compile=compile)
         if isinstance(decoder, engines.TorchDecoder):
             family, config = decoder.model.family, decoder.model.family_config
             mean, std = decoder.model.latents_mean, decoder.model.latents_std

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*NumPy.*")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``) each worker computes on one thread, and so do
+    the processes it starts: two workers fill two cores. Tiny models gain nothing from a second
+    thread, and threads that spin on a core another worker holds cost minutes."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def perturb(vae):

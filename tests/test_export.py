@@ -25,8 +25,9 @@ from flashvaed.models.student import build_student, preset_names
 SMALL = ExportOptions(chunk="1:2:4", height="16:32:64", width="16:32:64", batch="1:1:2")
 
 
-def contract_decode(export_dir, latents: np.ndarray, chunk: int) -> np.ndarray:
-    """Decode with onnxruntime alone, following the contract in the graphs' metadata."""
+def contract_decode(export_dir, latents: np.ndarray, chunk: int | tuple[int, ...]) -> np.ndarray:
+    """Decode with onnxruntime alone, following the contract in the graphs' metadata (a tuple of
+    chunks: one decode per chunk, from the same sessions)."""
     first = onnx.load(str(export_dir / "first.onnx"), load_external_data=False)
     contract = json.loads({p.key: p.value for p in first.metadata_props}["flashvaed.contract"])
     sessions = {
@@ -37,7 +38,12 @@ def contract_decode(export_dir, latents: np.ndarray, chunk: int) -> np.ndarray:
     state_in = [t["name"] for t in steady_io["inputs"][1:]]
     state_out = [t["name"] for t in steady_io["outputs"][1:]]
     assert [s["output"] for s in contract["state"]] == state_out
+    if isinstance(chunk, tuple):
+        return [_run_contract(sessions, state_in, latents, c) for c in chunk]
+    return _run_contract(sessions, state_in, latents, chunk)
 
+
+def _run_contract(sessions: dict, state_in: list[str], latents: np.ndarray, chunk: int) -> np.ndarray:
     outs = sessions["first"].run(None, {"latents": latents[:, :, :1]})
     frames, state = [outs[0]], outs[1:]
     for start in range(1, latents.shape[2], chunk):
@@ -56,35 +62,61 @@ def perturbed(model, scale: float = 0.02):
     return model.eval()
 
 
+def operators(preset: str) -> tuple:
+    """A preset less its widths: presets that differ only in widths export the same graphs."""
+    stages = StudentSpec.load(preset).stages
+    return tuple((k, v.op, v.shortcut, v.causal) for k, v in sorted(stages.items()))
+
+
+# one preset per set of operators (flash-wan2.1-quarter is flash-wan2.1 at other widths)
+PRESETS = list({operators(p): p for p in reversed(preset_names("wan2.1"))}.values())[::-1]
+
+
 @pytest.fixture(scope="module")
 def models(teacher_8):
-    students = {
-        p: perturbed(build_student(StudentSpec.load(p), WanConfig(base_dim=16))[0]) for p in preset_names("wan2.1")
-    }
+    students = {p: perturbed(build_student(StudentSpec.load(p), WanConfig(base_dim=16))[0]) for p in PRESETS}
     return {"teacher": teacher_8, **students}
 
 
-@pytest.mark.parametrize("name", ["teacher", *preset_names("wan2.1")])
-def test_onnx_equals_pytorch_for_every_chunking(models, name, tmp_path):
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    """Each model exported once per plugins choice for the module, at SMALL's shapes, on demand:
+    (model, plugins) -> (folder, ExportResult)."""
+    root = tmp_path_factory.mktemp("exports")
+    done = {}
+
+    def get(name: str, plugins: str = SMALL.plugins):
+        if (name, plugins) not in done:
+            out, options = root / f"{name}-{plugins}", ExportOptions(**{**SMALL.__dict__, "plugins": plugins})
+            done[name, plugins] = out, export(models[name], out, options)
+        return done[name, plugins]
+
+    return get
+
+
+def test_presets_exported_cover_every_operator():
+    assert "flash-wan2.1" in PRESETS
+    assert {operators(p) for p in PRESETS} == {operators(p) for p in preset_names("wan2.1")}
+
+
+@pytest.mark.parametrize("name", ["teacher", *PRESETS])
+def test_onnx_equals_pytorch_for_every_chunking(models, exported, name):
     model = models[name]
     torch.manual_seed(0)
     latents = torch.randn(1, 16, 6, 3, 5)  # a latent size the graphs were not traced at
     expected = model.decode(latents).numpy()
     results = {}
-    for plugins in ("flashvaed", "none"):
-        opts = ExportOptions(**{**SMALL.__dict__, "plugins": plugins})
-        out = export(model, tmp_path / plugins, opts)
-        assert out.tensorrt_unsupported == []
-        for chunk in (1, 2, 3):
-            got = contract_decode(tmp_path / plugins, latents.numpy(), chunk)
+    for plugins in ("all", "none"):
+        out, result = exported(name, plugins)
+        assert result.tensorrt_unsupported == []
+        for chunk, got in zip((1, 2, 3), contract_decode(out, latents.numpy(), (1, 2, 3)), strict=True):
             np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"{plugins}, chunk {chunk}")
             results[plugins, chunk] = got
-    np.testing.assert_allclose(results["flashvaed", 2], results["none", 2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results["all", 2], results["none", 2], atol=1e-5, rtol=0)
 
 
-def test_plugin_nodes_carry_attributes_and_function_bodies(models, tmp_path):
-    export(models["flash-wan2.1"], tmp_path / "e", SMALL)
-    steady = onnx.load(str(tmp_path / "e" / "steady.onnx"))
+def test_plugin_nodes_carry_attributes_and_function_bodies(exported):
+    steady = onnx.load(str(exported("flash-wan2.1")[0] / "steady.onnx"))
     onnx.checker.check_model(steady, full_check=True)
     nodes = [n for n in steady.graph.node if n.domain == DOMAIN]
     assert {n.op_type for n in nodes} == {DENSE, DEPTHWISE}  # conv_in/time_conv/head dense, stages depthwise
@@ -98,17 +130,17 @@ def test_plugin_nodes_carry_attributes_and_function_bodies(models, tmp_path):
     weights = {i.name: i for i in steady.graph.initializer}
     conv3d = [weights[n.input[1]] for n in steady.graph.node if n.op_type == "Conv" and n.input[1] in weights]
     assert conv3d and all(w.dims[2] == 1 for w in conv3d if len(w.dims) == 5)
-    plain = export(models["flash-wan2.1"], tmp_path / "p", ExportOptions(**{**SMALL.__dict__, "plugins": "none"}))
-    plain_graph = onnx.load(str(tmp_path / "p" / "steady.onnx"))
+    plain_dir, plain = exported("flash-wan2.1", "none")
+    plain_graph = onnx.load(str(plain_dir / "steady.onnx"))
     assert not plain_graph.functions and all(n.domain == "" for n in plain_graph.graph.node)
     assert unsupported_by_tensorrt(plain_graph) == [] and plain.contract.plugins == "none"
 
 
-def test_contract_in_manifest_and_metadata_agree(models, tmp_path):
-    r = export(models["teacher"], tmp_path / "e", SMALL)
-    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+def test_contract_in_manifest_and_metadata_agree(models, exported):
+    out, r = exported("teacher")
+    manifest = json.loads((out / "manifest.json").read_text())
     for g in ("first", "steady"):
-        m = onnx.load(str(tmp_path / "e" / f"{g}.onnx"))
+        m = onnx.load(str(out / f"{g}.onnx"))
         props = {p.key: p.value for p in m.metadata_props}
         assert json.loads(props["flashvaed.contract"]) == manifest and props["flashvaed.graph"] == g
         names_in = [i.name for i in m.graph.input]
@@ -171,24 +203,24 @@ def test_stream_state_stays_on_the_device_the_session_runs_on():
     assert state_device([], {}) == ("cpu", 0)
 
 
-def test_device_state_decodes_and_saves_like_host_state(models, tmp_path, monkeypatch):
+def test_device_state_decodes_and_saves_like_host_state(exported, monkeypatch):
     """The device-state path (OrtValues rebound step to step, update_inplace, numpy()) run on the
     CPU device: the same frames and saved states as the CPU path's numpy buffers."""
     from flashvaed.engines import load, ort_backend
 
-    export(models["teacher"], tmp_path / "e", SMALL)
+    out, _ = exported("teacher")
     torch.manual_seed(0)
     latents = torch.randn(1, 16, 6, 3, 4)
-    host = load(tmp_path / "e")
+    host = load(out)
     stream = host.stream()
     stream.push(latents[:, :, :3])
-    assert isinstance(stream.state, ort_backend.HostState)  # a CPU session keeps today's numpy buffers
+    assert isinstance(stream.state, ort_backend.TensorState)  # a CPU session keeps torch buffers (DLPack)
     expected = host.decode(latents, chunk=2)
 
     monkeypatch.setattr(
         ort_backend, "make_state", lambda shapes, dtype, device: ort_backend.DeviceState(shapes, dtype, "cpu", 0)
     )
-    device = load(tmp_path / "e")
+    device = load(out)
     torch.testing.assert_close(device.decode(latents, chunk=2), expected, rtol=0, atol=0)
     stream = device.stream()
     head = stream.push(latents[:, :, :3])

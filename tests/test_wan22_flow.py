@@ -167,8 +167,7 @@ def test_export_engine_validate_decode(files, which, tmp_path):
     z = torch.load(d / "z.pt", weights_only=True)["latents"]
     expected = model.decode(z).numpy()
     export(model, tmp_path / "e", SMALL, source=str(source))
-    for chunk in (1, 2, 3):
-        got = contract_decode(tmp_path / "e", z.numpy(), chunk)
+    for chunk, got in zip((1, 2, 3), contract_decode(tmp_path / "e", z.numpy(), (1, 2, 3)), strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"chunk {chunk}")
     r = invoke("build-engine", tmp_path / "e", "-o", tmp_path / "g")
     assert r.exit_code == 0, r.output

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import checkpoint as activation_checkpoint
 
+from ..models.blocks import plain_ops
 from ..models.streaming import StreamingDecoder, chunk_bounds, clocked, zero_state
 from ..models.vae import LatentDecoder
 from .config import DistillConfig
@@ -95,7 +96,9 @@ class TeacherPass:
 
 @torch.no_grad()
 def teacher_pass(teacher: LatentDecoder, latents: Tensor, chunk: int) -> TeacherPass:
-    with captured_stages(teacher) as record:
+    # plain ops: the targets must not depend on how a batch is split across ranks (the fast eager
+    # paths' oneDNN kernels round differently for batch 1 and 2, and training amplifies it)
+    with plain_ops(), captured_stages(teacher) as record:
         frames = streaming_decode(teacher, latents, chunk, clamp=True)
     return TeacherPass(frames, record)
 

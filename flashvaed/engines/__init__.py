@@ -18,9 +18,10 @@ from ..export.contract import ENGINE_FORMAT, Contract, is_manifest_dir, read_man
 from ..models import load_model
 from ..models.vae import LatentDecoder
 from .base import Decoder, Stream, StreamState
+from .compiled import COMPILE_MODES, refuse_for_engine, resolve_compile
 from .torch_backend import TorchDecoder
 
-__all__ = ["Decoder", "Stream", "StreamState", "TorchDecoder", "check_backend", "load"]
+__all__ = ["COMPILE_MODES", "Decoder", "Stream", "StreamState", "TorchDecoder", "check_backend", "load"]
 
 
 def check_backend(contract: Contract, where: str) -> None:
@@ -48,19 +49,28 @@ def load(
     dtype: torch.dtype = torch.float32,
     kernel: str = "torch",
     providers: list[str] | None = None,
+    compile: str | None = None,
 ) -> Decoder:
-    """A decoder for ``source``; ``device``/``dtype``/``kernel`` apply to torch models,
-    ``providers`` to ONNX Runtime (default: CUDA when present, then CPU)."""
+    """A decoder for ``source``; ``device``/``dtype``/``kernel``/``compile`` apply to torch models,
+    ``providers`` to ONNX Runtime (default: CUDA when present, then CPU).
+
+    ``compile`` (``compiled.COMPILE_MODES``): None/"none" eager; "inductor" (torch.compile, static
+    shapes), "cudagraphs" and "max" (CUDA) run a stream's steady steps compiled, paying the compile
+    once per shape; "auto" is the measured fastest safe choice for the device (docs/runtimes.md).
+    """
     if isinstance(source, LatentDecoder):
+        resolve_compile(compile, device)  # refused before a copy of the model is made
         p = next(source.parameters())
         if p.dtype != dtype or p.device != torch.device(device):  # convert a copy, not the caller's model
             source = copy.deepcopy(source).to(device, dtype)
-        return TorchDecoder(source, kernel)
+        return TorchDecoder(source, kernel, compile)
     path = Path(source)
     if not is_manifest_dir(path):
-        return TorchDecoder(load_model(path).to(device, dtype), kernel)
+        resolve_compile(compile, device)  # refused before the checkpoint is read
+        return TorchDecoder(load_model(path).to(device, dtype), kernel, compile)
     contract = read_manifest(path)
     backend = (contract.backend or {}).get("name", "onnxruntime") if contract.format == ENGINE_FORMAT else "onnxruntime"
+    refuse_for_engine(compile, "TensorRT" if backend == "tensorrt" else "ONNX Runtime")
     if backend == "onnxruntime":
         from .ort_backend import OnnxRuntimeDecoder
 

@@ -3,8 +3,15 @@
 One pair of sessions serves every stream (``run_with_iobinding`` is safe from many threads);
 each stream owns its IO bindings and two sets of state buffers, allocated once when it starts
 and swapped after every step: step n reads set A and writes set B, step n+1 the other way.
-Where the sessions run on CUDA first, the buffers are device OrtValues (``state_device``), so the
-state never crosses PCIe between steps; on the CPU they are numpy arrays.
+Where the sessions run on CUDA first, the buffers live on the device (``state_device``), so the
+state never crosses PCIe between steps; on the CPU they are host buffers. State buffers are torch
+tensors bound as zero-copy OrtValues through DLPack, which holds every state dtype of the contract
+(float32, float16 and bfloat16, which numpy lacks) on either device, one code path for both.
+
+Sessions are tuned (``session_options``): every graph optimisation, intra-op threads = the
+physical cores this process may run on, sequential execution, unless an engine manifest's
+``session_options`` say otherwise. On CUDA a stream's first start per size runs both step graphs
+once (``warm_up``: kernel selection and memory arenas) so that its first steps run at speed.
 """
 
 from __future__ import annotations
@@ -25,19 +32,66 @@ from ..safeload import member_file
 from .base import ContractDecoder, Stream
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Intra-op threads a session may ask for: ONNX Runtime starts them all at once (100000 of them take
 # minutes and 16 GiB), and it counts them in an int32. The limit of --threads and of engine manifests.
 MAX_THREADS = 1024
 
 
-def check_precision(contract: Contract) -> None:
-    """Refuse an export whose state ONNX Runtime streams cannot hold (numpy has no bfloat16)."""
-    if contract.state_dtype not in NUMPY_DTYPES:
-        takes = " or ".join(p for p, dtype in PRECISIONS.items() if dtype in NUMPY_DTYPES)
-        raise InputError(
-            f"ONNX Runtime streams take {takes} state; this export is {contract.precision} "
-            "(build a tensorrt engine from it, or export it as one of those)"
-        )
+def check_precision(contract: Contract, providers: list[str] | None = None) -> None:
+    """Refuse an export whose state ONNX Runtime streams cannot hold: float32 and float16 anywhere;
+    bfloat16 (numpy lacks it; ONNX Runtime's CPU kernels too) in torch tensors on CUDA only."""
+    if contract.state_dtype in NUMPY_DTYPES:
+        return
+    if providers and providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available():
+        return
+    takes = " or ".join(p for p, dtype in PRECISIONS.items() if dtype in NUMPY_DTYPES)
+    raise InputError(
+        f"ONNX Runtime streams take {takes} state ({contract.precision} on CUDA only); this export is "
+        f"{contract.precision} (run it with the CUDA provider, build a tensorrt engine from it, or export it as "
+        f"{takes})"
+    )
+
+
+def torch_holds(device: tuple[str, int]) -> bool:
+    """Whether torch can hold a stream's state on ``device`` (a CPU build of torch cannot on CUDA)."""
+    return device[0] == "cpu" or (device[0] == "cuda" and torch.cuda.is_available())
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: ONNX Runtime's own default counts the machine's,
+    which oversubscribes a container or a process pinned to fewer (hyperthreads do not help convs)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    cores = None
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    if not cores:
+        cores = _cpuinfo_cores()
+    return max(1, min(allowed, cores or allowed))
+
+
+def _cpuinfo_cores() -> int | None:
+    """Distinct (physical id, core id) pairs of /proc/cpuinfo (Linux), None where it says nothing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    pairs, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            pairs.add((phys, value.strip()))
+    return len(pairs) or None
 
 
 def default_providers() -> list[str]:
@@ -68,12 +122,17 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
     levels = ort.GraphOptimizationLevel.__members__
     if not isinstance(level, str) or level not in levels:
         raise InputError(f"session option graph_optimization_level {level!r} is not one of {', '.join(levels)}")
-    threads = settings.get("intra_op_num_threads", 0)
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+    threads = settings.get("intra_op_num_threads", None)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS
+    ):
         raise InputError(f"session option intra_op_num_threads must be in 0..{MAX_THREADS}, got {threads!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
-    options.intra_op_num_threads = threads
+    # unset or 0 ("all cores", what build-engine writes by default): the physical cores this process may use
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1  # one graph at a time: a step's ops run in order
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     return options
 
@@ -120,28 +179,37 @@ def state_device(providers: list[str], provider_options: dict[str, dict[str, Any
     return "cpu", 0
 
 
-class HostState:
-    """Both state sets as numpy arrays, bound as zero-copy CPU OrtValues."""
+class TensorState:
+    """Both state sets as torch tensors on the state's device, bound as zero-copy OrtValues
+    (DLPack): any dtype, CPU or CUDA; copied to the host only to save a state."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: type) -> None:
-        self.arrays = [[np.zeros(s, dtype) for s in shapes] for _ in range(2)]
-        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self.arrays]
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: str, device: tuple[str, int]) -> None:
+        where = torch.device(device[0], device[1]) if device[0] == "cuda" else torch.device("cpu")
+        self.tensors = [[torch.zeros(s, dtype=TORCH_DTYPES[dtype], device=where) for s in shapes] for _ in range(2)]
+        self.values = [[ortvalue(t) for t in tensors] for tensors in self.tensors]
 
     def read(self, index: int) -> list[Tensor]:
-        return [torch.from_numpy(a) for a in self.arrays[index]]
+        return [t.cpu() for t in self.tensors[index]]
 
     def write(self, index: int, tensors: list[Tensor]) -> None:
-        for a, t in zip(self.arrays[index], tensors, strict=True):
-            a[...] = t.numpy()
+        for dst, src in zip(self.tensors[index], tensors, strict=True):
+            dst.copy_(src)
+
+    def zero(self) -> None:
+        for tensors in self.tensors:
+            for t in tensors:
+                t.zero_()
 
 
 class DeviceState:
-    """Both state sets as OrtValues on ``device`` (copied to the host only to save a state)."""
+    """Both state sets as OrtValues on ``device`` where torch cannot hold them (a CPU build of
+    torch beside onnxruntime-gpu): numpy dtypes only (``check_precision``)."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: type, device: str, device_id: int) -> None:
-        self.dtype = dtype
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: Any, device: str, device_id: int) -> None:
+        self.dtype = np.dtype(dtype)
         self.values = [
-            [ort.OrtValue.ortvalue_from_numpy(np.zeros(s, dtype), device, device_id) for s in shapes] for _ in range(2)
+            [ort.OrtValue.ortvalue_from_numpy(np.zeros(s, self.dtype), device, device_id) for s in shapes]
+            for _ in range(2)
         ]
 
     def read(self, index: int) -> list[Tensor]:
@@ -151,9 +219,22 @@ class DeviceState:
         for v, t in zip(self.values[index], tensors, strict=True):
             v.update_inplace(np.ascontiguousarray(t.numpy(), dtype=self.dtype))
 
+    def zero(self) -> None:
+        for values in self.values:
+            for v in values:
+                v.update_inplace(np.zeros(v.shape(), self.dtype))
 
-def make_state(shapes: list[tuple[int, ...]], dtype: type, device: tuple[str, int]) -> HostState | DeviceState:
-    return HostState(shapes, dtype) if device[0] == "cpu" else DeviceState(shapes, dtype, *device)
+
+def ortvalue(t: Tensor) -> Any:
+    """A zero-copy OrtValue of a contiguous tensor (the tensor must outlive it)."""
+    try:
+        return ort.OrtValue.from_dlpack(t)
+    except TypeError:  # onnxruntime before 1.20 takes the capsule and a bool flag
+        return ort.OrtValue.from_dlpack(t.__dlpack__(), False)
+
+
+def make_state(shapes: list[tuple[int, ...]], dtype: str, device: tuple[str, int]) -> TensorState | DeviceState:
+    return TensorState(shapes, dtype, device) if torch_holds(device) else DeviceState(shapes, dtype, *device)
 
 
 class OrtStream(Stream):
@@ -166,10 +247,10 @@ class OrtStream(Stream):
 
     def _start(self, batch: int, height: int, width: int) -> None:
         d = self.source
-        dtype = NUMPY_DTYPES[d.contract.state_dtype]
         shapes = d.state_shapes(batch, height, width)
         session = d.sessions[self.prefix + "first"]
-        self.state = make_state(shapes, dtype, state_device(session.get_providers(), session.get_provider_options()))
+        device = state_device(session.get_providers(), session.get_provider_options())
+        self.state = make_state(shapes, d.contract.state_dtype, device)
         values = self.state.values
         self.current = 0  # the set holding the state the next step reads
         # per-stream inputs (a timestep, noise maps) are bound once, to every graph
@@ -193,6 +274,21 @@ class OrtStream(Stream):
         for binding in [self.first_binding] + [b for pair in self.bindings.values() for b in pair]:
             for name, value in self.inputs.items():
                 binding.bind_ortvalue_input(name, value)
+        warm = (self.prefix, batch, height, width)
+        if (d.warm_up if d.warm_up is not None else device[0] == "cuda") and warm not in d.warmed:
+            self._warm_up(batch, height, width)
+            d.warmed.add(warm)
+
+    def _warm_up(self, batch: int, height: int, width: int) -> None:
+        """Run the first and the steady graph once on zeros, then zero the state again: the sessions'
+        kernel choices and memory arenas are made before the stream's first real step."""
+        d = self.source
+        zeros = torch.zeros(batch, d.latent_channels, 1, height, width)
+        self._step(zeros, first=True)
+        if "steady" in d.contract.graphs:
+            self._step(zeros.expand(-1, -1, d.chunk_range.opt, -1, -1), first=False)
+        self.state.zero()
+        self.current = 0
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
@@ -286,9 +382,9 @@ class OnnxRuntimeDecoder(ContractDecoder):
     ) -> None:
         super().__init__(contract)
         self.path = Path(path)
-        check_precision(contract)
         backend = contract.backend or {}
         self.providers = check_providers(providers or backend.get("providers") or default_providers())
+        check_precision(contract, self.providers)
         options = session_options(settings or backend.get("session_options"))
         self.sessions = {g: load_session(self.path, f, options, self.providers) for g, f in contract.files.items()}
         for g, session in self.sessions.items():
@@ -296,6 +392,9 @@ class OnnxRuntimeDecoder(ContractDecoder):
             problem = contract.io_problem(g, inputs, {o.name: o.shape for o in session.get_outputs()})
             if problem:
                 raise InputError(f"{self.path}: {problem}; its manifest does not describe its graphs")
+        # warm-up runs at a stream's first start per size: None = where the state is on CUDA
+        self.warm_up: bool | None = None
+        self.warmed: set[tuple] = set()
 
     def stream(self, **options: Any) -> OrtStream:
         self.check_options(options)

@@ -1,7 +1,8 @@
 """The PyTorch backend: a teacher or student module behind the engine API.
 
 With ``kernel="triton"`` (CUDA only) every streaming causal conv runs the fused Triton kernel
-instead of concatenate + conv + slice.
+instead of concatenate + conv + slice. With ``compile`` (``flashvaed.engines.compiled``) a
+stream's steady steps run compiled (torch.compile, CUDA graphs); the first step and odd ones eager.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -17,6 +19,7 @@ from ..models.memory import check_decode
 from ..models.streaming import ANY_CHUNK, StreamingDecoder, model_fingerprint
 from ..models.vae import LatentDecoder
 from .base import Decoder
+from .compiled import SteadyStep, resolve_compile
 
 KERNELS = ("torch", "triton")
 
@@ -28,16 +31,54 @@ class TorchStream(StreamingDecoder):
         return super()._step(latents, first).float().cpu()
 
 
+class CompiledStream(TorchStream):
+    """A stream whose steady steps (see ``compiled``) run its decoder's ``SteadyStep``.
+
+    Every step runs under ``no_grad`` rather than ``inference_mode``: compiled graphs guard on the
+    kind of tensor they are given, and inference tensors would make the second step compile again.
+    """
+
+    def __init__(self, model: LatentDecoder, *, source: TorchDecoder, options: dict, steady: SteadyStep) -> None:
+        super().__init__(model, source=source, options=options)
+        self.steady = steady
+        self.steady_chunk: int | None = None  # the stream's chunk length: its first step after the first
+
+    def reset(self) -> None:
+        super().reset()
+        self.steady_chunk = None
+
+    def _step(self, latents: Tensor, first: bool) -> Tensor:
+        n = latents.shape[2]
+        if not first and self.steady_chunk is None:
+            self.steady_chunk = n
+        p = next(self.model.parameters())
+        x = latents.to(p.device, p.dtype)
+        with torch.no_grad():
+            if first or n != self.steady_chunk or not self.steady.takes(self.position, self.end):
+                clock = {"position": self.position, "end": self.end} if self.steady.clocked else {}
+                frames, self.state = self.model.decode_step(
+                    x, self.state, first=first, clamp=self.clamp, **self.inputs, **clock
+                )
+            else:
+                frames, self.state = self.steady(self, x, self.state, self.inputs, self.position, self.clamp)  # type: ignore[arg-type]
+        return frames.float().cpu()
+
+    def _set_state(self, tensors: list[Tensor]) -> None:
+        super()._set_state([t.detach().clone() for t in tensors])  # plain tensors, whatever mode made them
+
+
 class TorchDecoder(Decoder):
     backend = "torch"
     chunk_range = ANY_CHUNK
 
-    def __init__(self, model: LatentDecoder, kernel: str = "torch") -> None:
+    def __init__(self, model: LatentDecoder, kernel: str = "torch", compile: str | None = None) -> None:
         if kernel not in KERNELS:
             raise InputError(f"unknown {{kernel}} {kernel!r} (use {' or '.join(KERNELS)})", "kernel")
         self.model = model.eval()
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.compile = resolve_compile(compile, p.device)
+        self.steady = SteadyStep(model, self.compile) if self.compile != "none" else None
         self.latent_channels = model.latent_channels
         self.temporal_factor = model.temporal_factor
         self.spatial_factor = model.spatial_factor
@@ -58,6 +99,8 @@ class TorchDecoder(Decoder):
         return self._fingerprint
 
     def stream(self, **options: Any) -> TorchStream:
+        if self.steady is not None:
+            return CompiledStream(self.model, source=self, options=options, steady=self.steady)
         return TorchStream(self.model, source=self, options=options)
 
     def state_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
@@ -71,7 +114,13 @@ class TorchDecoder(Decoder):
             self._fits.add(key)
 
     def describe(self) -> dict:
-        return {**super().describe(), "kernel": self.kernel, "device": str(self.device), "dtype": str(self.dtype)}
+        return {
+            **super().describe(),
+            "kernel": self.kernel,
+            "compile": self.compile,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+        }
 
 
 def use_triton_kernel(model: LatentDecoder) -> int:

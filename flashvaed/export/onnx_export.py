@@ -79,6 +79,10 @@ class ExportOptions:
     # decoder has frame-wide modules (decoders without one tile with the step graphs alone)
     tiling: bool = False
     tiling_frame: str = "1088x1920"  # HxW pixels: the largest whole frame a tiled run takes (frame.J graphs)
+    # decoders with latency: each layer of a step computes only the positions holding frames of the
+    # clip (warm-up and flush cost what they compute; sizes inside the graphs depend on the clock);
+    # False: every layer computes its whole step (static shapes inside, as exports before had)
+    windows: bool = True
 
 
 @dataclass
@@ -196,9 +200,9 @@ def _conditioning(model: LatentDecoder, dtype: torch.dtype, extra: tuple[Tensor,
 class FirstGraph(nn.Module):
     """latents (B, z, 1, h, w) [, conditioning] -> frames (B, 3, 1 or t, s*h, s*w), initial state."""
 
-    def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype, windows: bool = True) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype, self.windows = model, dtype, windows
         self.specs: list[StateSpec] = model.decoder_state_specs()
 
     def forward(self, latents: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
@@ -207,8 +211,10 @@ class FirstGraph(nn.Module):
         zeros = tuple(
             x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
         )
-        # a traced clock is a tensor: the graph keeps every block (idle skipping is for eager streams)
+        # a traced clock is a tensor: with windows, the sizes of the layers' windows are computed in the graph
         clock = {"position": torch.zeros((), dtype=torch.int64), "end": None} if clocked(self.model) else {}
+        if clock and not self.windows:
+            clock["windows"] = False
         inputs = _conditioning(self.model, self.dtype, extra)
         frames, state = self.model.decode_step(x, zeros, first=True, **clock, **inputs)
         return (frames.float(), *state)
@@ -218,9 +224,9 @@ class SteadyGraph(nn.Module):
     """latents (B, z, k, h, w), state [, position [, end]] [, conditioning] -> frames (B, 3, t*k, s*h, s*w),
     next state. ``last`` is this graph with the clip's end as an input."""
 
-    def __init__(self, model: LatentDecoder, dtype: torch.dtype, last: bool = False) -> None:
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype, last: bool = False, windows: bool = True) -> None:
         super().__init__()
-        self.model, self.dtype, self.last = model, dtype, last
+        self.model, self.dtype, self.last, self.windows = model, dtype, last, windows
         self.states = len(model.decoder_state_specs())
 
     def forward(self, latents: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
@@ -228,6 +234,8 @@ class SteadyGraph(nn.Module):
         clock = {}
         if clocked(self.model):
             clock = {"position": rest[0], "end": rest[1] if self.last else None}
+            if not self.windows:
+                clock["windows"] = False
             rest = rest[2 if self.last else 1 :]
         inputs = _conditioning(self.model, self.dtype, rest)
         frames, state = self.model.decode_step(latents.to(self.dtype), state, **clock, **inputs)
@@ -505,7 +513,7 @@ def export(
     if "timestep" in model.step_inputs:
         extra += (torch.full((b,), 0.05),)
     extra += tuple(torch.randn(int(h * s), int(w * s)) for s in model.noise_scales)
-    first = FirstGraph(model, dtype)
+    first = FirstGraph(model, dtype, options.windows)
     state: tuple[Tensor, ...] = ()
 
     def step_args(step: str) -> tuple[Tensor, ...]:
@@ -519,7 +527,7 @@ def export(
         return (latents[:, :, 1:], *state, *clock, *extra)
 
     def step_graph(step: str) -> nn.Module:
-        return first if step == "first" else SteadyGraph(model, dtype, last=step == "last")
+        return first if step == "first" else SteadyGraph(model, dtype, last=step == "last", windows=options.windows)
 
     sizes = {"batch": b, "chunk": k, "height": h, "width": w}
     if contract.tiling is not None:

@@ -33,6 +33,81 @@ def unfold_time(y: Tensor, batch: int) -> Tensor:
     return y.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
+_FAST_PATHS = [True]  # plain_ops() turns them off (process-wide: tests and benchmarks only)
+
+
+@contextmanager
+def plain_ops() -> Iterator[None]:
+    """Within the block, the blocks run their plain ops in the layout they are given: no
+    channels-last, nothing in place. The reference the fast paths are tested against, and the
+    "before" column of benchmarks/student_speed.py. Process-wide, not thread-safe."""
+    _FAST_PATHS.append(False)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.pop()
+
+
+def fast_eager() -> bool:
+    """Whether the in-place, one-pass eager paths apply: no autograd to feed, and no tracer (an
+    exported graph keeps the plain ops, which every runtime maps one to one)."""
+    return (
+        _FAST_PATHS[-1]
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()  # compilers fuse the plain ops (oneDNN's op has no meta kernel)
+    )
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """A (B, C, T, H, W) tensor stored frame-major with channels innermost (``channels_last_3d``):
+    folding time into the batch gives a channels-last 2D view of it, without a copy."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x`` stored as ``channels_last_3d`` for a decoder's eager CPU run: oneDNN's native layout,
+    where per-channel norms reduce over contiguous memory and the small-width, depthwise and 1x1
+    convs of the students run 2-7x faster (benchmarks/RESULTS.md). Values are unchanged; CUDA
+    (unmeasured here) and traced exports keep the layout they were given."""
+    if x.dim() != 5 or x.device.type != "cpu" or torch.jit.is_tracing() or not _FAST_PATHS[-1]:
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def like_layout(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in ``x``'s layout when ``x`` is channels-last: torch runs small convs with its own
+    kernel, whose output is contiguous, and one such conv would turn the rest of a decoder back."""
+    if is_channels_last(x) and not is_channels_last(y) and not torch.jit.is_tracing():
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y
+
+
+def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int, int], groups: int = 1) -> Tensor:
+    """``F.conv3d`` (stride 1); a channels-last fp32 CPU input in fast eager runs goes to oneDNN
+    directly: torch's heuristic sends small inputs (below ~20k rows, e.g. a first chunk's frame at
+    12 channels, or one latent frame through a 1x1 conv) to its own kernel, up to 10x slower and
+    contiguous out."""
+    if (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and is_channels_last(x)
+        and fast_eager()
+        and torch.backends.mkldnn.is_available()
+    ):
+        one = [1, 1, 1]
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), one, one, groups)
+    return F.conv3d(x, weight, bias, padding=padding, groups=groups)
+
+
+def join_history(history: Tensor, x: Tensor) -> Tensor:
+    """``cat(history, x)`` over time, in ``x``'s layout (a channels-last chunk stays channels-last:
+    a contiguous state, e.g. a stream's zero state, is converted, not the chunk)."""
+    if is_channels_last(x) and not torch.jit.is_tracing():
+        history = history.contiguous(memory_format=torch.channels_last_3d)
+    return torch.cat([history, x], dim=2)
+
+
 PADDING_MODES = ("zeros", "replicate")  # spatial padding of the convs here (torch's names)
 HISTORY_MODES = ("zeros", "replicate")  # what precedes a clip's first frame
 
@@ -56,15 +131,18 @@ def streaming_conv3d(
     """The streaming causal conv every implementation must match: conv3d over ``cat(history, x)``
     (no temporal padding; ``padding`` spatially, zeros or the edge values replicated as
     ``padding_mode`` says) and the last ``P`` frames of it as the new history."""
-    joined = torch.cat([history, x], dim=2)
+    joined = join_history(history, x)
     if padding_mode == "zeros":
-        y = F.conv3d(joined, weight, bias, padding=(0, *padding), groups=groups)
+        y = conv3d(joined, weight, bias, (0, *padding), groups)
     elif padding_mode == "replicate":
         ph, pw = padding
         y = F.conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, groups=groups)
     else:
         check_padding_mode(padding_mode)  # raises, naming it
-    return y, joined[:, :, -history.shape[2] :].clone(memory_format=torch.contiguous_format)
+    # the new history in the chunk's layout (channels-last: frames are outermost, so it is one block
+    # of memory to copy, and the next step's join converts nothing); contiguous otherwise
+    keep = torch.preserve_format if is_channels_last(joined) else torch.contiguous_format
+    return like_layout(y, x), joined[:, :, -history.shape[2] :].clone(memory_format=keep)
 
 
 class CausalConv3d(nn.Conv3d, StreamingBlock):
@@ -197,6 +275,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if fast_eager() and xf is x:  # one reduction pass, a divide and an in-place gain (plain: 5 ops)
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+            return torch.div(x, norm).mul_(self.gamma * self.scale)  # x / max(||x||, eps), as documented
         inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24)) * self.scale
         return (xf * inv).to(x.dtype) * self.gamma
 
@@ -291,7 +372,7 @@ class DepthwiseSeparableConv3d(StreamingBlock):
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         y, state = self.depthwise(x, state, first)
-        return self.pointwise(y), state
+        return like_layout(self.pointwise(y), y), state
 
 
 class FrameConv2d(nn.Conv2d, StreamingBlock):
@@ -374,6 +455,13 @@ register_op("dwsep3d", _dwsep3d)
 register_op("spatial2d", _spatial2d)
 
 
+def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
+    """SiLU of ``norm(x)``; in fast eager runs in place on the norm's output when the norm is one of
+    ours (they return a new tensor), which saves a tensor the size of the activation per call."""
+    y = norm(x)
+    return F.silu(y, inplace=fast_eager() and isinstance(norm, (RMSNorm, GroupNorm)) and y is not x)
+
+
 NormFactory = Callable[[int], nn.Module]  # channels -> a norm over dim 1 of (B, C, T, H, W)
 ConvFactory = Callable[[str, int, int], StreamingBlock]  # (op, in, out) -> a conv of operator kind op
 
@@ -414,9 +502,11 @@ class ResidualBlock(StreamingBlock):
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         n1 = self.conv1.num_states
-        h, s1 = self.conv1(F.silu(self.norm1(x)), state[:n1], first)
-        h, s2 = self.conv2(F.silu(self.norm2(h)), state[n1:], first)
+        h, s1 = self.conv1(norm_silu(self.norm1, x), state[:n1], first)
+        h, s2 = self.conv2(norm_silu(self.norm2, h), state[n1:], first)
         skip = x if self.shortcut is None else self.shortcut(x)
+        if fast_eager() and h.shape == skip.shape and h.data_ptr() != x.data_ptr():
+            return h.add_(skip), s1 + s2  # the conv's own output: no third activation-sized tensor
         return h + skip, s1 + s2
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
@@ -509,6 +599,54 @@ def time_factor(temporal: bool | int) -> int:
     return temporal
 
 
+def channels_to_frames(y: Tensor, factor: int) -> Tensor:
+    """(B, f*C, T, H, W) -> (B, C, f*T, H, W): channels [kC:(k+1)C] are the k-th of the f frames
+    that follow each input frame. A channels-last input gives a channels-last output (one copy)."""
+    b, cf, t, h, w = y.shape
+    f, c = factor, cf // factor
+    if is_channels_last(y) and not torch.jit.is_tracing():  # memory (b, t, h, w, f, c) -> (b, t, f, h, w, c)
+        x = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, f, c).permute(0, 1, 4, 2, 3, 5)
+        return x.reshape(b, t * f, h, w, c).permute(0, 4, 1, 2, 3)
+    return y.view(b, f, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, f * t, h, w)
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks or a patched ``forward`` (tiling's probes, calibration): then it
+    must run as itself, not be replaced by an equivalent computation that skips its call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(interpolate(x, 2x nearest), weight, bias, padding=1)`` for a 3x3 kernel, without the
+    upsampled tensor and with 16 of the 36 taps per input pixel: each output phase (row and column
+    parity) is a 2x2 conv of ``x`` whose taps are sums of the kernel's (an even row reads rows m-1
+    and m with taps w0 and w1 + w2; an odd row rows m and m+1 with w0 + w1 and w2; columns alike).
+    The four phases are one conv with 4x the output channels; the result is interleaved from it."""
+    o = weight.shape[0]
+    rows = (
+        torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),
+        torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2),
+    )
+    kernels = [
+        torch.stack(cols, dim=3)
+        for r in rows
+        for cols in (
+            (r[..., 0], r[..., 1] + r[..., 2]),
+            (r[..., 0] + r[..., 1], r[..., 2]),
+        )
+    ]
+    b = bias.repeat(4) if bias is not None else None
+    out = F.conv2d(x, torch.cat(kernels), b, padding=1)  # (N, 4 * o, m + 1, n + 1)
+    n, _, m1, n1 = out.shape
+    phases = out.view(n, 2, 2, o, m1, n1)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    y = torch.empty(n, o, 2 * (m1 - 1), 2 * (n1 - 1), dtype=out.dtype, device=out.device, memory_format=fmt)
+    for a in (0, 1):
+        for c in (0, 1):
+            y[:, :, a::2, c::2] = phases[:, a, c, :, a : a + m1 - 1, c : c + n1 - 1]
+    return y
+
+
 class Upsample(StreamingBlock):
     """Decoder resampling: optional temporal upsampling (``time_conv``), then nearest 2x and a 3x3 conv.
 
@@ -533,9 +671,11 @@ class Upsample(StreamingBlock):
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         if self.time_conv is not None and not first:
             y, state = self.time_conv(x, state)
-            b, cf, t, h, w = y.shape
-            f = self.factor  # channels [kC:(k+1)C] are the k-th of the f frames
-            x = y.view(b, f, cf // f, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, cf // f, f * t, h, w)
+            x = channels_to_frames(y, self.factor)
+        conv = self.conv
+        if fast_eager() and conv.padding == (1, 1) and conv.padding_mode == "zeros" and not observed(conv):
+            # the same numbers as below to float rounding, with 16 of 36 taps (``upsample2x_conv3x3``)
+            return unfold_time(upsample2x_conv3x3(fold_time(x), self.conv.weight, self.conv.bias), x.shape[0]), state
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
 
@@ -630,7 +770,7 @@ class Head(StreamingBlock):
         return self.conv.state_specs(f"{name}.conv", scale)
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        return self.conv(F.silu(x if self.norm is None else self.norm(x)), state, first)
+        return self.conv(F.silu(x) if self.norm is None else norm_silu(self.norm, x), state, first)
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> None:
         flow.consume(stream, f"{path}.conv", stage, norm=None if self.norm is None else f"{path}.norm")

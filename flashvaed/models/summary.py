@@ -68,7 +68,8 @@ def _count_macs(model: torch.nn.Module, latents: torch.Tensor, state: tuple, fir
     clock = {"position": 0 if first else 1 << 20} if clocked(model) else {}
     with FlopCounterMode(display=False) as counter:
         model.decode_step(latents, state, first=first, **clock)
-    counts = {"total": sum(counter.get_flop_counts()["Global"].values()) // 2}
+    # a step can compute nothing (an LTX stream's first step: every position still in its warm-up)
+    counts = {"total": sum(counter.get_flop_counts().get("Global", {}).values()) // 2}
     for name, ops in counter.get_flop_counts().items():
         # names are "<TopClass>.<path>"; keep the path under the decoder
         counts[name.partition(".")[2]] = sum(ops.values()) // 2

@@ -22,7 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
-from ..blocks import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Stage, Upsample
+from ..blocks import (
+    AttentionBlock,
+    CausalConv3d,
+    Downsample,
+    Head,
+    ResidualBlock,
+    Stage,
+    Upsample,
+    to_channels_last,
+)
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..released import tensor_shape
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks, zero_state
@@ -198,7 +207,13 @@ class WanDecoder(nn.Module):
         return [s for name, scale, block in self.stages() for s in block.state_specs(name, scale)]
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        return run_blocks([block for _, _, block in self.stages()], x, state, first)
+        # ``run_blocks`` with every stage's input channels-last (eager CPU, see ``to_channels_last``:
+        # a no-op where it already is), and the usual layout out
+        new_state: list[Tensor] = []
+        for _, _, block in self.stages():
+            x, s = block(to_channels_last(x), state[len(new_state) : len(new_state) + block.num_states], first)
+            new_state.extend(s)
+        return x.contiguous(), tuple(new_state)
 
 
 class WanEncoder(nn.Module):

@@ -24,6 +24,9 @@ the first one, and each layer, knowing the stream position and (once known) the 
 replaces the frames before the clip's start and past its end by copies of its first and last
 frame, which is upstream's replicate padding. The decoder declares the resulting constant: the
 output positions before the first frame, ``output_offset``, and the ``latency`` in latent frames.
+Since the positions outside the clip are never read, each layer of a step computes only its
+*window* (the positions holding frames of the clip, ``blocks.window``): a stream's warm-up and
+flush cost what they compute, in eager streams and in exported graphs alike.
 """
 
 from __future__ import annotations

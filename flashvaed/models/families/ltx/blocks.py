@@ -5,6 +5,7 @@ Streaming the non-causal decoder exactly: see the package docstring."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,20 +20,149 @@ from ...blocks import FrameConv2d
 from ...coupling import ChannelFlow, Group
 from ...streaming import State, StateSpec
 
+Number = int | Tensor  # a clock value: a Python int in eager streams, a 0-d int64 tensor in graphs
+
 
 @dataclass(frozen=True)
 class Clock:
     """Where a step is in its stream: ``position`` latent frames came before it; ``end`` is the
-    clip's length once known. Python ints in eager runs; 0-d int64 tensors in exported graphs.
+    clip's length once known; ``frames`` latent frames are in this step. Python ints in eager runs;
+    0-d int64 tensors in exported graphs (and traced sizes for ``frames``).
 
     ``full``: no stream at all, the step is the whole clip (upstream's one-shot semantics, with
     explicit padding and dropped frames): what calibration and distillation run, since every
     position is then a frame of the clip.
+
+    ``windows``: each layer computes only the positions of its step that hold frames of the clip
+    (its *window*); the others are never read (every temporal conv replaces them by copies of the
+    clip's first or last frame, the stream drops them at the output), so a stream's warm-up and
+    flush cost what they compute. With tensor clocks the window sizes are data-dependent (ONNX
+    Runtime runs such graphs; a static-shape runtime or compiler asks for ``windows=False``: every
+    layer computes its whole step, as before).
     """
 
-    position: int | Tensor = 0
-    end: int | Tensor | None = None
+    position: Number = 0
+    end: Number | None = None
     full: bool = False
+    frames: Number | None = None
+    windows: bool = True
+
+    @property
+    def traced(self) -> bool:
+        """Whether the clock's values are tensors (an exported graph), not Python ints."""
+        return any(isinstance(v, Tensor) for v in (self.position, self.end, self.frames))
+
+    @property
+    def narrow(self) -> bool:
+        """Whether layers compute their windows only (a stream step that knows its length)."""
+        return self.windows and not self.full and self.frames is not None
+
+
+def _t(v: Number) -> Tensor:
+    return v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.int64)
+
+
+def window(clock: Clock, rate: int, offset: int) -> tuple[Number, Number]:
+    """Step-relative positions [lo, hi) of a layer (``rate`` positions per latent frame, its sequence
+    lagging the clip by ``offset``) that hold frames of the clip in this step: the whole step unless
+    ``clock.narrow``. With tensor clocks the window holds at least one position (a traced graph
+    keeps its ops' shapes non-empty; the extra position is never read)."""
+    n = rate * clock.frames  # type: ignore[operator]
+    if not clock.narrow:
+        return 0, n
+    start = offset - rate * clock.position  # the clip's first frame, relative to the step
+    if not clock.traced:
+        lo = min(max(start, 0), n)
+        hi = n if clock.end is None else min(max(start + rate * (clock.end - 1) + 1, lo), n)
+        return lo, hi
+    n_t = _t(n)
+    lo_t = torch.minimum(torch.clamp(_t(start), min=0), n_t - 1)
+    hi_t = n_t
+    if clock.end is not None:
+        hi_t = torch.minimum(torch.maximum(_t(start) + rate * (_t(clock.end) - 1) + 1, lo_t + 1), n_t)
+    return lo_t, hi_t
+
+
+def _positions(lo: Number, hi: Number) -> Tensor | range:
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        return torch.arange(_t(lo), _t(hi))
+    return range(lo, hi)
+
+
+def _is_span(idx: list[int]) -> bool:
+    return all(b == a + 1 for a, b in itertools.pairwise(idx))
+
+
+def gather(
+    history: Tensor | None,
+    x: Tensor,
+    lo: Number,
+    wanted: Tensor | range,
+    clamp: tuple[Number, Number | None] | None = None,
+) -> Tensor:
+    """Frames at step-relative positions ``wanted`` from ``history`` (the positions just before the
+    step, -h .. -1) and ``x`` (the step's window, from position ``lo``); with ``clamp`` = (first,
+    last), positions are first clamped into the clip's frames (replicate padding). Positions held
+    by neither (outside the clip: never read) take any available frame."""
+    h = 0 if history is None else history.shape[2]
+    src = x if history is None else torch.cat([history, x], dim=2)
+    size = src.shape[2]
+    if isinstance(wanted, range) and not isinstance(lo, Tensor) and not (clamp and isinstance(clamp[0], Tensor)):
+        first, last = clamp if clamp else (None, None)
+        idx = []
+        for q in wanted:
+            if first is not None:
+                q = max(q, first)
+            if last is not None:
+                q = min(q, last)
+            i = q + h if q < 0 else h + q - lo
+            idx.append(min(max(i, 0), size - 1))
+        if idx and _is_span(idx):
+            return src.narrow(2, idx[0], len(idx))
+        return src.index_select(2, torch.tensor(idx, dtype=torch.long, device=src.device))
+    q = wanted if isinstance(wanted, Tensor) else torch.arange(wanted.start, wanted.stop)
+    q = q.to(src.device)
+    if clamp:
+        q = torch.maximum(q, _t(clamp[0]).to(src.device))
+        if clamp[1] is not None:
+            q = torch.minimum(q, _t(clamp[1]).to(src.device))
+    i = torch.where(q < 0, q + h, q + h - _t(lo).to(src.device))
+    return src.index_select(2, i.clamp(0, size - 1))
+
+
+def clip_range(clock: Clock, rate: int, offset: int) -> tuple[Number, Number | None]:
+    """Step-relative positions of the clip's first and (once known) last frame at a layer."""
+    first = offset - rate * clock.position
+    last = None if clock.end is None else first + rate * (clock.end - 1)
+    return first, last
+
+
+def take(x: Tensor, lo: Number, hi: Number) -> Tensor:
+    """Frames [lo, hi) of ``x`` (a slice, or a gather when the bounds are tensors)."""
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        return x.index_select(2, torch.arange(_t(lo), _t(hi)).to(x.device).clamp(0, x.shape[2] - 1))
+    return x[:, :, lo:hi]
+
+
+def spread(x: Tensor, lo: Number, hi: Number, n: Number) -> Tensor:
+    """A window's frames [lo, hi) placed in a step of ``n`` positions (zeros elsewhere)."""
+    if not isinstance(lo, Tensor) and not isinstance(hi, Tensor) and not isinstance(n, Tensor):
+        if lo == 0 and hi == n:
+            return x
+        b, c, _, hh, ww = x.shape
+        return torch.cat([x.new_zeros(b, c, lo, hh, ww), x, x.new_zeros(b, c, n - hi, hh, ww)], dim=2)
+    j = torch.arange(_t(n)).to(x.device)
+    inside = (j >= _t(lo).to(x.device)) & (j < _t(hi).to(x.device))
+    src = torch.cat([x, torch.zeros_like(x[:, :, :1])], dim=2)
+    return src.index_select(2, torch.where(inside, j - _t(lo).to(x.device), _t(hi).to(x.device) - _t(lo).to(x.device)))
+
+
+def pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A 1x1x1 conv that also takes an empty window (torch's conv3d refuses zero frames)."""
+    if x.shape[2] or isinstance(x.shape[2], Tensor):
+        return conv(x)
+    b, _, _, h, w = x.shape
+    return x.new_empty(b, conv.out_channels, 0, h, w)
 
 
 def replicate_edges(joined: Tensor, rate: int, offset: int, history: int, clock: Clock) -> Tensor:
@@ -58,20 +188,6 @@ def replicate_edges(joined: Tensor, rate: int, offset: int, history: int, clock:
 
 
 Span = tuple[tuple[int, int], tuple[int, int]]  # (rate, offset) of a block's input and of its output
-
-
-def idle(clock: Clock, span: Span, positions: int) -> bool:
-    """Whether a block's step lies wholly outside the clip, so it can be skipped (eager streams only):
-    every input position before the clip's first frame (its outputs are too, and its state keeps
-    nothing of the clip), or every output position after the clip's last frame (downstream reads
-    copies of the last frame instead, and the block never runs again). A skipped block outputs zeros.
-    This is what keeps a stream's warm-up and flush from costing a full step of every layer."""
-    if clock.full or not isinstance(clock.position, int) or isinstance(clock.end, Tensor):
-        return False
-    (r_in, o_in), (r_out, o_out) = span
-    if r_in * clock.position + positions - 1 - o_in < 0:
-        return True
-    return clock.end is not None and r_out * clock.position - o_out >= r_out * (clock.end - 1) + 1
 
 
 class ReplicateConv3d(nn.Conv3d):
@@ -116,13 +232,21 @@ class ReplicateConv3d(nn.Conv3d):
         return self._conv_forward(self.padded(x), self.weight, self.bias)
 
     def kernel_input(self, args: tuple) -> Tensor:
-        """What the kernel ran on in a call with ``args`` (padded frames, or history then new frames)."""
+        """What the kernel ran on in a call with ``args`` (padded frames, or history then new frames:
+        with windows, those its output window reads)."""
         x, state, clock = (*args, (), None, None)[:3]
+        if isinstance(clock, StepContext):
+            clock = clock.clock
         if not self.history:
             return x
-        if clock is None or clock.full:
+        if not isinstance(clock, Clock) or clock.full:
             return self.padded(x)
-        return replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock)
+        if clock.frames is None:  # a clock without the step's length: the whole step, as ever
+            return replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock)
+        rate, offset = self.timeline
+        lo, _ = window(clock, rate, offset)
+        c, d = window(clock, rate, offset + self.delay)
+        return gather(state[0], x, lo, _positions(c - self.history, d), clip_range(clock, rate, offset))
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:
         """As a stage of its own (``conv_in``): it reads the latents and starts the first stream."""
@@ -146,9 +270,21 @@ class ReplicateConv3d(nn.Conv3d):
             return self._conv_forward(x, self.weight, self.bias), ()
         if clock is not None and clock.full:
             return self.full(x), tuple(state)
-        joined = replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock or Clock())
-        y = self._conv_forward(joined, self.weight, self.bias)
-        return y, (joined[:, :, -self.history :].clone(memory_format=torch.contiguous_format),)
+        if clock is None or clock.frames is None:
+            joined = replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock or Clock())
+            y = self._conv_forward(joined, self.weight, self.bias)
+            return y, (joined[:, :, -self.history :].clone(memory_format=torch.contiguous_format),)
+        joined = self.kernel_input((x, state, clock))
+        if joined.shape[2] > self.history or clock.traced:
+            y = self._conv_forward(joined, self.weight, self.bias)
+        else:  # an empty output window (eager): nothing to compute
+            b, _, _, h, w = x.shape
+            y = x.new_empty(b, self.out_channels, 0, h, w)
+        rate, offset = self.timeline
+        lo, _ = window(clock, rate, offset)
+        n = rate * clock.frames  # type: ignore[operator]
+        history = gather(state[0], x, lo, _positions(n - self.history, n), clip_range(clock, rate, offset))
+        return y, (history.clone(memory_format=torch.contiguous_format),)
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
         self.timeline = (rate, offset)
@@ -173,7 +309,7 @@ class DepthwiseSeparable(nn.Module):
 
     def forward(self, x: Tensor, state: State = (), clock: Clock | None = None) -> tuple[Tensor, State]:
         y, state = self.depthwise(x, state, clock)
-        return self.pointwise(y), state
+        return pointwise(self.pointwise, y), state
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
         return self.depthwise.set_timeline(rate, offset)
@@ -211,6 +347,7 @@ class DelayLine(nn.Module):
         super().__init__()
         self.channels, self.frames = channels, frames
         self.num_states = 1 if frames else 0
+        self.timeline = (1, 0)  # (rate, offset) of its input, set by its block
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return [StateSpec(name, self.channels, self.frames, scale)] if self.frames else []
@@ -218,8 +355,29 @@ class DelayLine(nn.Module):
     def forward(self, x: Tensor, state: State, clock: Clock) -> tuple[Tensor, State]:
         if not self.frames or clock.full:
             return x, tuple(state)
-        joined = torch.cat([state[0], x], dim=2)
-        return joined[:, :, : x.shape[2]], (joined[:, :, -self.frames :].clone(memory_format=torch.contiguous_format),)
+        if not clock.narrow:
+            joined = torch.cat([state[0], x], dim=2)
+            history = joined[:, :, -self.frames :].clone(memory_format=torch.contiguous_format)
+            return joined[:, :, : x.shape[2]], (history,)
+        # windows: the output window's frames, ``frames`` positions earlier (the state, then the input window)
+        rate, offset = self.timeline
+        lo, _ = window(clock, rate, offset)
+        c, d = window(clock, rate, offset + self.frames)
+        y = gather(state[0], x, lo, _positions(c - self.frames, d - self.frames))
+        n = rate * clock.frames  # type: ignore[operator]
+        history = gather(state[0], x, lo, _positions(n - self.frames, n))
+        return y, (history.clone(memory_format=torch.contiguous_format),)
+
+
+def idle(clock: Clock, span: Span, x: Tensor) -> bool:
+    """Whether a block's eager step computes nothing: neither its input nor its output window holds a
+    frame of the clip (every position before the clip's first frame, so its state keeps nothing of
+    the clip; or every output past the clip's last frame, so it never runs again). It then returns
+    an empty window and leaves its state as it was."""
+    if not clock.narrow or clock.traced or x.shape[2]:
+        return False
+    lo, hi = window(clock, *span[1])
+    return lo >= hi
 
 
 def pixel_norm(x: Tensor) -> Tensor:
@@ -340,15 +498,16 @@ class ResBlock(nn.Module):
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
         out = self.conv2.set_timeline(*self.conv1.set_timeline(rate, offset))
+        self.skip.timeline = (rate, offset)
         self.span: Span = ((rate, offset), out)
         return out
 
     def forward(
         self, x: Tensor, state: State, context: StepContext, embedding: Tensor | None = None
     ) -> tuple[Tensor, State]:
-        if idle(context.clock, self.span, x.shape[2]):
-            b, _, t, h, w = x.shape
-            return x.new_zeros(b, self.out_channels, t, h, w), tuple(state)
+        if idle(context.clock, self.span, x):
+            b, _, _, h, w = x.shape
+            return x.new_empty(b, self.out_channels, 0, h, w), tuple(state)
         n1, n2 = self.conv1.num_states, self.conv2.num_states
         h = self.norm1(x)
         if self.scale_shift_table is not None:
@@ -365,7 +524,7 @@ class ResBlock(nn.Module):
             h = h + context.noise[self.noise_index + 1][None, None, None] * self.noise2[None, :, None]
         skip, s3 = self.skip(x, state[n1 + n2 :], context.clock)
         if self.shortcut is not None:
-            skip = self.shortcut(channel_layer_norm(self.norm3, skip))  # type: ignore[misc]
+            skip = pointwise(self.shortcut, channel_layer_norm(self.norm3, skip))  # type: ignore[arg-type]
         return h + skip, s1 + s2 + s3
 
     def full(self, x: Tensor) -> Tensor:

@@ -30,6 +30,9 @@ from .blocks import (
     idle,
     make_conv,
     modulation,
+    spread,
+    take,
+    window,
 )
 from .config import LTXConfig, StageStructure, decoder_structure, teacher_layout
 
@@ -88,14 +91,17 @@ class Upsample(nn.Module):
         start = (rate, offset)
         if self.narrow is not None:
             rate, offset = self.narrow.set_timeline(rate, offset)
+        self.skip.timeline = (rate, offset)
         rate, offset = self.conv.set_timeline(rate, offset)
+        self.conv_out = (rate, offset)
         self.span: Span = (start, (2 * rate, 2 * offset + 1))
         return self.span[1]  # depth-to-space doubles positions; the first frame is dropped: an offset
 
     def forward(self, x: Tensor, state: State, context: StepContext) -> tuple[Tensor, State]:
-        if idle(context.clock, self.span, x.shape[2]):
-            b, _, t, h, w = x.shape
-            return x.new_zeros(b, self.conv.out_channels // 8, 2 * t, 2 * h, 2 * w), tuple(state)
+        clock = context.clock
+        if idle(clock, self.span, x):
+            b, _, _, h, w = x.shape
+            return x.new_empty(b, self.conv.out_channels // 8, 0, 2 * h, 2 * w), tuple(state)
         states: list[Tensor] = []
         i = 0
         if self.narrow is not None:
@@ -109,7 +115,13 @@ class Upsample(nn.Module):
             skip, s = self.skip(x, state[i + self.conv.num_states :], context.clock)
             states.extend(s)
             y = y + depth_to_space(skip).repeat(1, self.repeats, 1, 1, 1)
-        return (y[:, :, 1:] if context.clock.full else y), tuple(states)
+        if clock.full:
+            y = y[:, :, 1:]
+        elif clock.narrow:  # the conv's window [c, d) became positions [2c, 2d): keep the output window's
+            c, _ = window(clock, *self.conv_out)
+            lo, hi = window(clock, *self.span[1])
+            y = take(y, lo - 2 * c, hi - 2 * c)
+        return y, tuple(states)
 
 
 class Stage(nn.Module):
@@ -251,10 +263,10 @@ class Head(nn.Module):
     def forward(self, x: Tensor, state: State, first: bool = False, context: StepContext | None = None):  # type: ignore[no-untyped-def]
         if context is None:
             raise TypeError("an LTX decoder block runs with its decoder's step context (LTXDecoder.context)")
-        if idle(context.clock, self.span, x.shape[2]):
-            b, _, t, h, w = x.shape
+        if idle(context.clock, self.span, x):
+            b, _, _, h, w = x.shape
             conv = self.conv.pointwise if isinstance(self.conv, DepthwiseSeparable) else self.conv
-            return x.new_zeros(b, conv.out_channels, t, h, w), tuple(state)
+            return x.new_empty(b, conv.out_channels, 0, h, w), tuple(state)
         x = self.norm(x)
         if self.embedder is not None:
             embedding = self.embedder(context.timestep, x.dtype)  # type: ignore[arg-type]
@@ -396,8 +408,15 @@ class LTXDecoder(nn.Module):
         full: bool = False,
         timestep: Tensor | None = None,
         noise: Sequence[Tensor] = (),
+        windows: bool = True,
     ) -> tuple[Tensor, State]:
-        context = self.context(x.shape[0], Clock(position, end, full), timestep, noise, x.device)
+        """One step (``full``: the whole clip in upstream's one-shot form). ``windows=False`` makes every
+        layer compute its whole step (static shapes with tensor clocks, for compilers that need them);
+        the frames of the clip are the same either way."""
+        clock = Clock(position, end, full, x.shape[2], windows)
+        context = self.context(x.shape[0], clock, timestep, noise, x.device)
+        if clock.narrow:
+            x = take(x, *window(clock, 1, 0))
         states: list[Tensor] = []
         i = 0
         for _, _, block in self.stages():
@@ -408,4 +427,8 @@ class LTXDecoder(nn.Module):
                 x, s = block(x, state[i : i + n], False, context)
             states.extend(s)
             i += n
-        return unpatchify(x, self.patch_size), tuple(states)
+        frames = unpatchify(x, self.patch_size)
+        if clock.narrow:  # the window's frames in the step's positions (the stream keeps the clip's)
+            rate, offset = self.head.span[1]
+            frames = spread(frames, *window(clock, rate, offset), rate * clock.frames)
+        return frames, tuple(states)

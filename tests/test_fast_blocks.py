@@ -1,0 +1,147 @@
+"""The fast eager paths of the blocks (channels-last layout, one-pass norm, in-place SiLU and
+residual add) give the plain ops' numbers, chunked and one-shot, and keep the layout they are given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashvaed.models import StudentSpec, families
+from flashvaed.models.blocks import (
+    CausalConv3d,
+    DepthwiseSeparableConv3d,
+    ResidualBlock,
+    RMSNorm,
+    Upsample,
+    channels_to_frames,
+    is_channels_last,
+    plain_ops,
+    to_channels_last,
+    upsample2x_conv3x3,
+)
+from flashvaed.models.student import build_student
+
+CL3 = torch.channels_last_3d
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float = 4e-6) -> None:
+    """Equal to float rounding: within ``tol`` of the reference's scale (two fp32 convs in another
+    summation order differ by ~1e-6 of it)."""
+    scale = want.abs().max().clamp_min(1e-30)
+    assert (got - want).abs().max() <= tol * scale, float((got - want).abs().max() / scale)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(2, 24, 5, 12, 10)
+
+
+def test_channels_last_is_a_view_of_frames(x):
+    y = to_channels_last(x)
+    assert is_channels_last(y) and torch.equal(y, x)
+    frames = y.transpose(1, 2).reshape(-1, *y.shape[1:2], *y.shape[3:])  # fold_time
+    assert frames.is_contiguous(memory_format=torch.channels_last)
+    with plain_ops():
+        assert to_channels_last(x) is x
+
+
+@torch.inference_mode()
+def test_rms_norm_one_pass_equals_plain(x):
+    norm = RMSNorm(24)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    with plain_ops():
+        want = norm(x)
+    close(norm(x), want, 1e-6)
+    close(norm(to_channels_last(x)), want, 1e-6)
+    assert is_channels_last(norm(to_channels_last(x)))
+    zeros = torch.zeros(1, 24, 1, 2, 2)
+    assert torch.equal(norm(zeros), zeros)  # a zero vector stays zero, as the clamp says
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("op", ["causal3d", "dwsep3d", "spatial2d"])
+def test_residual_block_channels_last_streaming_equals_plain(x, op):
+    torch.manual_seed(1)
+    block = ResidualBlock(24, 16, op=op).eval()
+    n = block.num_states
+    zero = tuple(torch.zeros(2, c, 2, 12, 10) for c in (24, 16)[:n])
+    with plain_ops():
+        want, want_state = block(x, zero)
+        want_a, state_a = block(x[:, :, :2], zero)
+        want_b, _ = block(x[:, :, 2:], state_a)
+    got, got_state = block(to_channels_last(x), zero)
+    assert is_channels_last(got)
+    close(got, want)
+    for g, w in zip(got_state, want_state, strict=True):
+        assert is_channels_last(g) and w.is_contiguous()  # a state keeps its chunk's layout
+        close(g, w)
+    a, s = block(to_channels_last(x[:, :, :2]), zero)
+    b, _ = block(to_channels_last(x[:, :, 2:]), s)
+    close(torch.cat([a, b], dim=2), torch.cat([want_a, want_b], dim=2))
+    close(torch.cat([a, b], dim=2), want)
+
+
+@torch.inference_mode()
+def test_small_convs_keep_the_layout():
+    """torch runs tiny convs with a kernel whose output is contiguous: the blocks turn it back."""
+    torch.manual_seed(2)
+    conv, sep = CausalConv3d(4, 8, 3), DepthwiseSeparableConv3d(4, 8)
+    x = to_channels_last(torch.randn(1, 4, 2, 3, 3))
+    for block in (conv, sep):
+        y, _ = block(x, (torch.zeros(1, 4, 2, 3, 3),))
+        assert is_channels_last(y)
+        with plain_ops():
+            want, _ = block(x.contiguous(), (torch.zeros(1, 4, 2, 3, 3),))
+        close(y, want)
+
+
+@torch.inference_mode()
+def test_temporal_upsample_channels_last_is_exact(x):
+    y = to_channels_last(x[:, :, :, :6])
+    want = channels_to_frames(x[:, :, :, :6].contiguous(), 3)
+    got = channels_to_frames(y, 3)
+    assert torch.equal(got, want) and is_channels_last(got)
+    torch.manual_seed(3)
+    up = Upsample(8, 4, temporal=3).eval()
+    state = (torch.randn(2, 8, 2, 12, 10),)
+    with plain_ops():
+        want, want_state = up(x[:, :8], state)
+    got, got_state = up(to_channels_last(x[:, :8]), state)
+    close(got, want)
+    close(got_state[0], want_state[0])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_by_phases_equals_upsample_then_conv(layout):
+    torch.manual_seed(5)
+    x = torch.randn(3, 8, 5, 7).contiguous(memory_format=layout)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.inference_mode():
+        got = upsample2x_conv3x3(x, conv.weight, conv.bias)
+    assert got.is_contiguous(memory_format=layout)
+    close(got, want.detach())
+
+
+@pytest.fixture(scope="module")
+def wan_models():
+    torch.manual_seed(0)
+    family = families.get("wan2.1")
+    config = family.tiny_config()
+    teacher = family.teacher_type(config).eval()
+    student = build_student(StudentSpec.load("flash-wan2.1"), config)[0].eval()
+    return {"teacher": teacher, "flash-wan2.1": student}
+
+
+@pytest.mark.parametrize("name", ["teacher", "flash-wan2.1"])
+def test_wan_decode_fast_equals_plain_chunked_and_one_shot(wan_models, name):
+    model = wan_models[name]
+    torch.manual_seed(4)
+    latents = torch.randn(1, model.latent_channels, 4, 6, 5)
+    with plain_ops():
+        want = model.decode(latents)
+    one_shot, chunked = model.decode(latents), model.decode(latents, chunk=1)
+    assert one_shot.is_contiguous()  # the usual layout out
+    close(one_shot, want, 1e-5)
+    close(chunked, want, 1e-5)

@@ -1,0 +1,116 @@
+"""LTX-Video streams cost only what they compute: each layer of a step runs the positions that hold
+frames of the clip (its window), in eager streams (int clocks) and in exported graphs (tensor
+clocks), and the frames stay those of the one-shot decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashvaed import engines
+from flashvaed.export.onnx_export import ExportOptions, export
+from flashvaed.models import StudentSpec, families
+from flashvaed.models.families.ltx.blocks import ReplicateConv3d
+from flashvaed.models.streaming import iter_decode
+from flashvaed.models.student import build_student
+
+FAMILY = families.get("ltx")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    model = FAMILY.teacher_type(FAMILY.tiny_config()).eval()
+    with torch.no_grad():  # the injected noise matters: its scales are zero at init
+        for name, p in model.named_parameters():
+            if "noise" in name:
+                p.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return build_student(StudentSpec.load("flash-ltx"), teacher.config)[0].eval()
+
+
+def stream(model, latents, chunk, **options):
+    return torch.cat(list(iter_decode(model, latents, chunk, clamp=False, **options)), dim=2)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 6])
+def test_streams_equal_the_one_shot_decode(teacher, student, frames):
+    latents = torch.randn(1, teacher.latent_channels, frames, 2, 3)
+    for model in (teacher, student):
+        one_shot = model.decode_clip(latents, clamp=False, seed=1)
+        for chunk in (1, 2, 3):
+            torch.testing.assert_close(stream(model, latents, chunk, seed=1), one_shot, atol=1e-5, rtol=0)
+
+
+def conv_positions(model, run) -> dict[str, int]:
+    """Output positions each temporal conv computed during ``run()``, summed over its calls."""
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ReplicateConv3d) and module.history and name.startswith("decoder."):
+
+            def hook(_m, _args, out, name=name):
+                y = out[0] if isinstance(out, tuple) else out
+                counts[name] = counts.get(name, 0) + int(y.shape[2])
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def test_warm_up_and_flush_compute_only_the_clips_positions(teacher):
+    """A stream of 5 latent frames (latency 7: most of its steps are warm-up or flush) runs each conv
+    on exactly the positions the one-shot decode runs it on; without windows every step computes
+    all of its positions."""
+    latents = torch.randn(1, teacher.latent_channels, 5, 2, 3)
+    one_shot = conv_positions(teacher, lambda: teacher.decode_clip(latents, seed=0))
+    streamed = conv_positions(teacher, lambda: stream(teacher, latents, 2, seed=0))
+    assert streamed == one_shot
+    steps = 1 + 2 + -(-teacher.latency // 2)  # first, two chunks of 2, the flush in chunks of 2
+    whole = {name: 0 for name in one_shot}
+    for name, module in teacher.named_modules():
+        if name in whole:
+            whole[name] = module.timeline[0] * (1 + 2 * (steps - 1))  # rate x latent frames stepped
+    assert sum(whole.values()) > 3 * sum(streamed.values())
+
+
+def test_tensor_clocks_compute_the_same_frames(teacher):
+    """Graph semantics in eager: tensor clocks take the data-dependent windows (at least one
+    position each), and ``windows=False`` computes whole steps; the clip's frames are equal."""
+    latents = torch.randn(1, teacher.latent_channels, 4, 2, 3)
+    expected = teacher.decode_clip(latents, clamp=False, seed=2)
+    inputs = teacher.stream_inputs(1, 2, 3, seed=2)
+    for windows in (True, False):
+        state = tuple(torch.zeros(s) for s in teacher.state_shapes(1, 2, 3))
+        frames, position = [], 0
+        extra = {} if windows else {"windows": False}
+        while position < latents.shape[2] + teacher.latency:
+            z = latents[:, :, position : position + 1]
+            if z.shape[2] == 0:
+                z = torch.zeros_like(latents[:, :, :1])
+            clock = {"position": torch.tensor(position), "end": torch.tensor(latents.shape[2])}
+            with torch.inference_mode():
+                y, state = teacher.decode_step(z, state, clamp=False, **clock, **inputs, **extra)
+            frames.append(y)
+            position += 1
+        got = torch.cat(frames, dim=2)[:, :, teacher.output_offset : teacher.output_offset + expected.shape[2]]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_engines_windowed_graphs_equal_torch(teacher, tmp_path):
+    export(teacher, tmp_path / "e", ExportOptions(chunk="1:2:2", height="64", width="96", batch="1"))
+    engine = engines.load(tmp_path / "e")
+    for frames in (1, 3, 5):
+        latents = torch.randn(1, teacher.latent_channels, frames, 2, 3)
+        expected = teacher.decode(latents, 2, seed=3)
+        for chunk in (1, 2):
+            torch.testing.assert_close(engine.decode(latents, chunk, seed=3), expected, atol=1e-4, rtol=0)
