@@ -473,13 +473,16 @@ def export(
     opset: int | None = None,
     tiling: bool = False,
     tiling_frame: str = "1088x1920",
+    windows: bool = True,
 ) -> ExportResult:
     """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``.
 
     ``opset=None`` writes the lowest opset that supports ``precision`` (18; 22 for bf16).
     ``tiling``: a decoder with frame-wide modules (Wan's attention, group norms) also gets the graphs
     an engine needs to decode frames larger than its tiles, up to ``tiling_frame`` (HxW pixels);
-    decoders without them tile from any export."""
+    decoders without them tile from any export. ``windows`` (decoders with latency, LTX): each layer
+    of a step computes only the clip's positions, sized from the clock inputs; False keeps every
+    shape inside the graphs static (whole steps computed), which static-shape builders need."""
     from .export.onnx_export import ExportOptions
     from .export.onnx_export import export as onnx_export
 
@@ -488,7 +491,7 @@ def export(
     out = check_output(out, directory=True, replaceable=is_ours, what=OURS, inputs=[model])
     options = ExportOptions(
         chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset,
-        tiling=tiling, tiling_frame=tiling_frame,
+        tiling=tiling, tiling_frame=tiling_frame, windows=windows,
     )  # fmt: skip
     return onnx_export(load_model(model), out, options, source=str(model))
 

@@ -583,6 +583,14 @@ def export(
     tiling_frame: Annotated[
         str, typer.Option(help="With --tiling: the largest whole frame (HxW pixels) a tiled run takes.")
     ] = "1088x1920",
+    windows: Annotated[
+        bool,
+        typer.Option(
+            help="Decoders with latency (LTX): each layer of a step computes only the clip's positions, sized "
+            "from the clock inputs (warm-up and flush cost what they compute). --no-windows keeps every shape "
+            "inside the graphs static, computing whole steps (for static-shape builders such as TensorRT)."
+        ),
+    ] = True,
 ) -> None:
     """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
     r = api.export(
@@ -597,6 +605,7 @@ def export(
         opset=opset,
         tiling=tiling,
         tiling_frame=tiling_frame,
+        windows=windows,
     )
     for problem in r.tensorrt_unsupported:
         typer.echo(f"warning: TensorRT's ONNX parser cannot take {problem}", err=True)

@@ -114,3 +114,28 @@ def test_the_engines_windowed_graphs_equal_torch(teacher, tmp_path):
         expected = teacher.decode(latents, 2, seed=3)
         for chunk in (1, 2):
             torch.testing.assert_close(engine.decode(latents, chunk, seed=3), expected, atol=1e-4, rtol=0)
+
+
+def test_export_without_windows_from_the_command_line_equals_torch(tmp_path):
+    """``export --no-windows`` (static shapes inside, for static-shape builders) decodes what torch does."""
+    from typer.testing import CliRunner
+
+    from flashvaed.cli import app
+    from flashvaed.demo import embedded_teacher_path
+    from flashvaed.models import load_model
+
+    path = embedded_teacher_path("ltx")
+    args = ["export", str(path), "-o", str(tmp_path / "e"), "--height", "64", "--width", "64"]
+    r = CliRunner().invoke(app, [*args, "--chunk", "2", "--batch", "1", "--no-windows"])
+    assert r.exit_code == 0, r.output
+    windowed = [a.replace(str(tmp_path / "e"), str(tmp_path / "w")) for a in args]
+    r = CliRunner().invoke(app, [*windowed, "--chunk", "2", "--batch", "1"])
+    assert r.exit_code == 0, r.output
+    import onnx
+
+    nodes = {d: len(onnx.load(str(tmp_path / d / "steady.onnx"), load_external_data=False).graph.node) for d in "ew"}
+    assert nodes["e"] < nodes["w"], nodes  # no window arithmetic in the static graph
+    engine, teacher = engines.load(tmp_path / "e"), load_model(path).eval()
+    latents = torch.randn(1, teacher.latent_channels, 3, 2, 2)
+    expected = teacher.decode(latents, 2)
+    torch.testing.assert_close(engine.decode(latents, 2), expected, atol=1e-4, rtol=0)
