@@ -53,9 +53,9 @@ from .errors import InputError
 from .export.contract import is_manifest_dir, read_manifest
 from .models import StudentConfig, families, load_model, summarize
 from .models.memory import decode_step_bytes
-from .models.streaming import chunk_bounds
+from .models.streaming import chunk_bounds, push_clip
 from .models.student import FlashStudent, StudentSpec, build_student, preset_names
-from .models.vae import LatentDecoder, TeacherVAE
+from .models.vae import LatentDecoder, TeacherVAE, latent_frames
 from .progress import track
 
 __all__ = ["BENCH_FORMAT", "RUNTIMES", "BenchReport", "Row", "bench", "schedule", "speedups"]
@@ -241,10 +241,6 @@ class Source:
         return self.origin
 
 
-def _family_names() -> list[str]:
-    return families.names()
-
-
 def _random_teacher(family: str, config: Any = None) -> TeacherVAE:
     fam = families.get(family)
     torch.manual_seed(0)
@@ -299,7 +295,7 @@ def resolve(name: str, *, teacher: Source | None, smoke: bool, what: str = "mode
     released teacher, random weights) or a preset (built on ``teacher``, else the family's teacher)."""
     if Path(name).exists():
         return _path_source(name)
-    if name in _family_names():
+    if name in families.names():
         return _teacher_source(name, name, smoke)
     if name in preset_names():
         spec = StudentSpec.load(name)
@@ -320,7 +316,7 @@ def resolve(name: str, *, teacher: Source | None, smoke: bool, what: str = "mode
         return Source(name, family, "student", origin, student, teacher_config=config)
     label, params = ("{teacher}", ("teacher",)) if what == "teacher" else ("model", ())
     raise InputError(
-        f"unknown {label} {name!r}: not a file or directory, a family ({', '.join(_family_names())}) "
+        f"unknown {label} {name!r}: not a file or directory, a family ({', '.join(families.names())}) "
         f"or a preset ({', '.join(preset_names())})",
         *params,
     )
@@ -501,31 +497,24 @@ def _sync(device: torch.device) -> None:
 
 
 def time_stream(decoder: engines.Decoder, latents: Tensor, chunk: int, device: torch.device, memory: Memory) -> Run:
-    """One clip through a new stream: the first push alone, steady pushes of ``chunk`` latent frames,
-    then a flush for decoders with latency; each timed as it returns its frames."""
-    t = latents.shape[2]
-    bounds = chunk_bounds(t, chunk)
+    """One clip through a new stream (``push_clip``: the first push alone, steady pushes of ``chunk``
+    latent frames, a flush for decoders with latency); each push timed as it returns its frames."""
+    bounds = chunk_bounds(latents.shape[2], chunk)
     memory.start()
     _sync(device)
     start = time.perf_counter()
-    stream = decoder.stream()
     first_s: float | None = None
     steady_s, steady_frames, frames = 0.0, 0, 0
-    for i, (a, b) in enumerate(bounds):
-        before = time.perf_counter()
-        out = stream.push(latents[:, :, a:b], final=b == t)
+    before = start
+    for i, out in enumerate(push_clip(decoder.stream(), latents, chunk)):  # a push runs when asked for
         now = time.perf_counter()  # frames come back on the CPU: the device is done
         frames += out.shape[2]
         if first_s is None and out.shape[2]:
             first_s = now - start
-        if i > 0 and b - a == chunk:
+        if 0 < i < len(bounds) and bounds[i][1] - bounds[i][0] == chunk:
             steady_s += now - before
             steady_frames += out.shape[2]
-    if decoder.latency:
-        out = stream.close()
-        frames += out.shape[2]
-        if first_s is None and out.shape[2]:
-            first_s = time.perf_counter() - start
+        before = now
     clip_s = time.perf_counter() - start
     return Run(clip_s, clip_s if first_s is None else first_s, steady_s, steady_frames, frames, memory.peak())
 
@@ -615,7 +604,7 @@ def _latent_frames(frames: int | None, temporal: int, chunk: int, steady: int = 
             f"got {frames}",
             what,
         )
-    return 1 + (frames - 1) // temporal
+    return latent_frames(frames, temporal)
 
 
 def check_geometry(spatial: int, temporal: int, height: int, width: int, frames: int | None, chunk: int) -> None:

@@ -122,6 +122,16 @@ def test_frame_wide_modules_are_found_in_run_order():
     assert not plan_tiling(teacher("ltx")).mixing
 
 
+def tiling_case(model, frames: int, seed: int, grid: bool = False):
+    """The untiled decoder of ``model``, a frame and a tile region for its halo (two bands, or a 2x2
+    grid), and random latents of ``frames`` latent frames in the model's dtype."""
+    decoder = TorchDecoder(model)
+    frame, region = frame_for(plan_tiling(model).halo, grid=grid)
+    torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    return decoder, frame, region, torch.randn(1, model.latent_channels, frames, *frame, dtype=dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # exactness, every family
 # --------------------------------------------------------------------------------------------
@@ -129,10 +139,7 @@ def test_frame_wide_modules_are_found_in_run_order():
 def test_tiled_teacher_equals_untiled(name):
     """Tile by tile (whole clips, two chunkings) on two bands that do not divide the frame."""
     model = teacher(name)
-    decoder = TorchDecoder(model)
-    frame, region = frame_for(plan_tiling(model).halo)
-    torch.manual_seed(2)
-    latents = torch.randn(1, model.latent_channels, 3, *frame)
+    decoder, frame, region, latents = tiling_case(model, frames=3, seed=2)
     options = {"timestep": 0.05, "seed": 3} if model.step_inputs else {}
     t = tiled(decoder, region)
     assert t.tiling_report(*frame)["tiles"] == 2
@@ -144,10 +151,7 @@ def test_tiled_teacher_equals_untiled(name):
 def test_tiled_stream_equals_untiled(name):
     """Chunk by chunk (a stream, uneven pushes; LTX's latency flushed by ``close``) on a 2x2 grid."""
     model = teacher(name)
-    decoder = TorchDecoder(model)
-    frame, region = frame_for(plan_tiling(model).halo, grid=True)
-    torch.manual_seed(2)
-    latents = torch.randn(1, model.latent_channels, 3, *frame)
+    decoder, frame, region, latents = tiling_case(model, frames=3, seed=2, grid=True)
     options = {"timestep": 0.05, "seed": 3} if model.step_inputs else {}
     t = tiled(decoder, region)
     assert t.tiling_report(*frame)["tiles"] == 4
@@ -158,10 +162,7 @@ def test_tiling_is_exact_in_float64():
     """Exact in arithmetic: in float64 (the attention's input placed into the frame) tiled frames are
     the untiled ones to one float32 rounding; and a 1-tile grid is the untiled decode itself."""
     model = teacher("wan2.1").double()
-    decoder = TorchDecoder(model)
-    frame, region = frame_for(plan_tiling(model).halo)
-    torch.manual_seed(2)
-    latents = torch.randn(1, model.latent_channels, 2, *frame, dtype=torch.float64)
+    decoder, frame, region, latents = tiling_case(model, frames=2, seed=2)
     reference = decoder.decode(latents, 1)
     assert (tiled(decoder, region).decode(latents, 1) - reference).abs().max() <= ATOL64
     single = tiled(decoder, (frame[0] + 9, frame[1]))
@@ -172,10 +173,7 @@ def test_tiling_is_exact_in_float64():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tiled_student_equals_untiled(name):
     model = student(name)
-    decoder = TorchDecoder(model)
-    frame, region = frame_for(plan_tiling(model).halo)
-    torch.manual_seed(4)
-    latents = torch.randn(1, model.latent_channels, 2, *frame)
+    decoder, _, region, latents = tiling_case(model, frames=2, seed=4)
     options = {"timestep": 0.05} if "timestep" in model.step_inputs else {}
     reference = decoder.decode(latents, 2, **options)
     assert (tiled(decoder, region).decode(latents, 2, **options) - reference).abs().max() <= ATOL32

@@ -39,7 +39,7 @@ class CompiledStream(TorchStream):
     """
 
     def __init__(self, model: LatentDecoder, *, source: TorchDecoder, options: dict, steady: SteadyStep) -> None:
-        super().__init__(model, source=source, options=options)
+        super().__init__(model, source=source, options=options, inference=False)  # no_grad in _step
         self.steady = steady
         self.steady_chunk: int | None = None  # the stream's chunk length: its first step after the first
 
@@ -51,16 +51,12 @@ class CompiledStream(TorchStream):
         n = latents.shape[2]
         if not first and self.steady_chunk is None:
             self.steady_chunk = n
-        p = next(self.model.parameters())
-        x = latents.to(p.device, p.dtype)
         with torch.no_grad():
             if first or n != self.steady_chunk or not self.steady.takes(self.position, self.end):
-                clock = {"position": self.position, "end": self.end} if self.steady.clocked else {}
-                frames, self.state = self.model.decode_step(
-                    x, self.state, first=first, clamp=self.clamp, **self.inputs, **clock
-                )
-            else:
-                frames, self.state = self.steady(self, x, self.state, self.inputs, self.position, self.clamp)  # type: ignore[arg-type]
+                return super()._step(latents, first)  # eager
+            p = next(self.model.parameters())
+            x = latents.to(p.device, p.dtype)
+            frames, self.state = self.steady(self, x, self.state, self.inputs, self.position, self.clamp)  # type: ignore[arg-type]
         return frames.float().cpu()
 
     def _set_state(self, tensors: list[Tensor]) -> None:
