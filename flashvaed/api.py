@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import engines
-from .atomic import atomic_output, check_output
+from .atomic import atomic_output, check_output, final_path
 from .devices import resolve_device, resolve_dtype
 from .distill.evaluate import Evaluation, evaluate
 from .distill.run import distill
@@ -454,7 +454,7 @@ def prune(
     )
     size = (height, width) if height and width else family.default_resolution
     result = prune_teacher(model, spec, latents, criterion=criterion, chunk=chunk, report_size=size, progress=progress)
-    result.report["calibration"]["source"] = str(calib)
+    result.report["calibration"]["source"] = final_path(calib)
     save_student(result.student.cpu(), out, {"prune_report.json": result.report})
     return result.report
 
@@ -493,7 +493,7 @@ def export(
         chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset,
         tiling=tiling, tiling_frame=tiling_frame, windows=windows,
     )  # fmt: skip
-    return onnx_export(load_model(model), out, options, source=str(model))
+    return onnx_export(load_model(model), out, options, source=final_path(model))
 
 
 def build_engine(
@@ -549,6 +549,10 @@ def engine_info(path: str | os.PathLike) -> dict[str, Any]:
     """What ``info`` shows for an export or engine directory: its contract and files."""
     contract = read_manifest(path)
     d = contract.to_dict()
+    if d["model"].get("source"):  # manifests written before sources were recorded by their final names
+        d["model"]["source"] = final_path(d["model"]["source"])
+    if (d.get("backend") or {}).get("source_export"):
+        d["backend"]["source_export"] = final_path(d["backend"]["source_export"])
     opt = contract.shapes
     itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[contract.precision]
     shapes = [t.shape(opt["batch"].opt, opt["height"].opt, opt["width"].opt) for t in contract.state]

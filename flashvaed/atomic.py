@@ -40,6 +40,17 @@ def temp_sibling(final: Path, kind: str) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}{tail}")
 
 
+_TEMP_NAME = re.compile(rf"^\.(.+)\.\d+-[0-9a-f]{{8}}\.{TEMP}")
+
+
+def final_path(path: str | os.PathLike) -> str:
+    """``path`` as it will be once every output being written around it is swapped in: a
+    temporary name (``.NAME.PID-TOKEN.tmp``) anywhere in it becomes NAME. What records where
+    something came from (a manifest's source) records this, never a name that is about to vanish."""
+    parts = Path(path).parts
+    return str(Path(*(m[1] if (m := _TEMP_NAME.match(part)) else part for part in parts))) if parts else str(path)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

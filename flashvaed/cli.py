@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +24,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import FlashVAEDError
 
@@ -67,6 +68,70 @@ def shipped_presets() -> dict[str, list[str]]:
 PRESETS = shipped_presets()
 
 
+def examples(*lines: str) -> str:
+    """A command's "Examples" epilog: real command lines, shown as written at the end of its
+    ``--help`` (a trailing ``  # why`` comment is fine)."""
+    return "\n".join(lines)
+
+
+def _write_examples(epilog: str | None, formatter: Any) -> None:
+    if epilog:  # as written: click would rewrap them into one paragraph
+        with formatter.section("Examples"):
+            for line in epilog.splitlines():
+                formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+
+
+class Command(TyperCommand):
+    """A command whose ``--help`` names every value in capitals, without type words: arguments by
+    their metavar (``LATENTS``, ``MODEL...``), options by theirs (``--out PATH``) or their long name
+    in capitals (``--device DEVICE``); its epilog is its examples."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            flag_like = getattr(param, "is_flag", False) or getattr(param, "count", False)
+            if param.metavar is None and param.name and not flag_like:  # --compile MODE's name: COMPILE
+                longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+                param.metavar = (longs[0][2:] if longs else param.name).upper().replace("_", "-")
+
+    @staticmethod
+    def _argument_name(param: Any) -> str:
+        return param.metavar + ("..." if param.nargs != 1 else "")
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar if param.required else f"[{param.metavar}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((self._argument_name(param), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        _write_examples(self.epilog, formatter)
+
+
+class Group(TyperGroup):
+    """The ``flashvaed`` group: its epilog is examples too."""
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        _write_examples(self.epilog, formatter)
+
+
 app = typer.Typer(
     name="flashvaed",
     help="Fast, exact streaming video VAE decoders (Flash-VAED). MODEL is a path to a VAE of any "
@@ -75,11 +140,38 @@ app = typer.Typer(
     "AutoencoderKLLTXVideo, AutoencoderKLMochi), a .safetensors file, a student "
     "directory, a released Flash-VAED student (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth), or (for decode "
     "and info) an export or engine directory.",
+    epilog=examples(
+        "flashvaed demo",
+        "flashvaed info Wan2.1_VAE.pth",
+        "flashvaed decode latents.pt -m student/ -o video.mp4",
+    ),
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"flashvaed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
 warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
 out_console = Console()
 err_console = Console(stderr=True)
@@ -92,8 +184,11 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def command(fn: F) -> F:
-    """Register ``fn`` and turn its failures into one line and an exit code."""
+def command(fn: F | None = None, *, examples: Sequence[str] = ()) -> Any:
+    """Register ``fn`` (``@command`` or ``@command(examples=[...])``: the command lines its
+    ``--help`` ends with) and turn its failures into one line and an exit code."""
+    if fn is None:
+        return functools.partial(command, examples=examples)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -112,29 +207,42 @@ def command(fn: F) -> F:
                 raise
             raise fail(f"internal error: {type(e).__name__}: {e} (FLASHVAED_DEBUG=1 shows the traceback)", 1) from None
 
-    app.command()(run)
+    app.command(cls=Command, epilog="\n".join(examples) or None)(run)
     return fn
 
 
-Model = Annotated[Path, typer.Option("--model", "-m", help="Model path (see `flashvaed --help`).")]
+Model = Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="Model path (see `flashvaed --help`).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, a line every few seconds in a log)."
+    ),
+]
 
 
-@command
+@command(
+    examples=[
+        "flashvaed info Wan2.1_VAE.pth",
+        "flashvaed info student/ --height 720 --width 1280",
+        "flashvaed info engine/ --json",
+    ]
+)
 def info(
-    model: Annotated[Path, typer.Argument(help="Model path.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Model path.")],
     height: Annotated[
-        int | None, typer.Option(help="Frame height in pixels for MACs and state size (default: the family's).")
+        int | None,
+        typer.Option(metavar="PIXELS", help="Frame height in pixels for MACs and state size (default: the family's)."),
     ] = None,
     width: Annotated[
         int | None,
         typer.Option(
-            help="Frame width in pixels (default: the family's, e.g. 480x832 for Wan2.1; docs/cli.md lists them)."
+            metavar="PIXELS",
+            help="Frame width in pixels (default: the family's, e.g. 480x832 for Wan2.1; docs/cli.md lists them).",
         ),
     ] = None,
-    chunk: Annotated[int, typer.Option(help="Latent frames per steady chunk.")] = 1,
+    chunk: Annotated[int, typer.Option(metavar="N", help="Latent frames per steady chunk.")] = 1,
     dtype: Dtype = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -236,12 +344,19 @@ def print_engine_info(path: Path, d: dict[str, Any], as_json: bool) -> None:
     out_console.print(table)
 
 
-@command
+@command(
+    examples=[
+        "flashvaed decode latents.pt -m Wan2.1_VAE.pth -o video.mp4",
+        "flashvaed decode latents.pt -m student/ -o frames/ --chunk 4",
+        "flashvaed decode latents.pt -m Wan2.1_VAE.pth -o frames.pt --max-memory 8GB",
+    ]
+)
 def decode(
     latents: Annotated[
         Path,
         typer.Argument(
-            help="Normalised latents (B,z,T,h,w): .pt (tensor or dict key 'latents'), .npy or .safetensors."
+            metavar="LATENTS",
+            help="Normalised latents (B,z,T,h,w): .pt (tensor or dict key 'latents'), .npy or .safetensors.",
         ),
     ],
     model: Model,
@@ -250,6 +365,7 @@ def decode(
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="Output: .pt/.npy/.safetensors (raw float32 "
             "frames in [-1,1], key 'frames'), .mp4, or a directory of PNGs.",
         ),
@@ -257,50 +373,58 @@ def decode(
     chunk: Annotated[
         int | None,
         typer.Option(
-            help="Latent frames per streaming step after the first (default: the engine's optimum, 2 for torch)."
+            metavar="N",
+            help="Latent frames per streaming step after the first (default: the engine's optimum, 2 for torch).",
         ),
     ] = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    batch_index: Annotated[int, typer.Option(help="Which sample goes to .mp4/PNG outputs.")] = 0,
-    fps: Annotated[int, typer.Option(help="Frame rate of .mp4 outputs.")] = 16,
+    batch_index: Annotated[int, typer.Option(metavar="N", help="Which sample goes to .mp4/PNG outputs.")] = 0,
+    fps: Annotated[int, typer.Option(metavar="N", help="Frame rate of .mp4 outputs.")] = 16,
     decode_timestep: Annotated[
         float | None,
-        typer.Option(help="Timestep-conditioned models (LTX-Video 0.9.1+): the decoder's timestep (default 0.05)."),
+        typer.Option(
+            metavar="T", help="Timestep-conditioned models (LTX-Video 0.9.1+): the decoder's timestep (default 0.05)."
+        ),
     ] = None,
     decode_noise_scale: Annotated[
         float | None,
         typer.Option(
+            metavar="S",
             help="Timestep-conditioned models: noise mixed into the normalised latents, "
-            "latents*(1-S) + noise*S, as upstream's pipeline does (default 0.025; 0 for none)."
+            "latents*(1-S) + noise*S, as upstream's pipeline does (default 0.025; 0 for none).",
         ),
     ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed of every random draw (decode noise, LTX 0.9.1's injected noise).")
+        int, typer.Option(metavar="N", help="Seed of every random draw (decode noise, LTX 0.9.1's injected noise).")
     ] = 0,
     tile: Annotated[
         str | None,
         typer.Option(
+            metavar="HxW",
             help="Exact spatial tiling: HxW latent pixels each tile decodes, its halo included (e.g. 64x64; "
-            "a tile must exceed twice the model's halo, which `info` shows). Frames equal untiled decoding."
+            "a tile must exceed twice the model's halo, which `info` shows). Frames equal untiled decoding.",
         ),
     ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(
-            help="Exact spatial tiling with the largest tile whose decode fits SIZE (e.g. 8GB, 6GiB; torch models)."
+            metavar="SIZE",
+            help="Exact spatial tiling with the largest tile whose decode fits SIZE (e.g. 8GB, 6GiB; torch models).",
         ),
     ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
-            help="'spatial': under torchrun, split every frame across the ranks (exact; rank 0 writes the output)."
+            metavar="MODE",
+            help="'spatial': under torchrun, split every frame across the ranks (exact; rank 0 writes the output).",
         ),
     ] = None,
     compile: Annotated[
         str | None,
         typer.Option(
             "--compile",
+            metavar="MODE",
             help="Torch models: run the steady streaming steps compiled. none: eager; inductor: torch.compile, "
             "static shapes (CPU, CUDA); cudagraphs: CUDA graph of the eager step (CUDA); max: inductor in a CUDA "
             "graph (CUDA); auto: cudagraphs on CUDA, eager elsewhere. The compile is paid once per shape "
@@ -337,22 +461,48 @@ def decode(
     )
 
 
-@command
+@command(
+    examples=[
+        "flashvaed encode clip.mp4 -m Wan2.1_VAE.pth -o latents.pt",
+        "flashvaed encode clip.mp4 -m Wan2.1_VAE.pth -o latents.pt --height 480 --width 832 --max-frames 81",
+    ]
+)
 def encode(
     video: Annotated[
         Path,
         typer.Argument(
-            help="A video (.mp4/.webm/.mov/.gif/...) or raw frames (B,3,F,H,W) in [-1,1] as .pt/.npy/.safetensors."
+            metavar="VIDEO",
+            help="A video (.mp4/.webm/.mov/.gif/...) or raw frames (B,3,F,H,W) in [-1,1] as .pt/.npy/.safetensors.",
         ),
     ],
     model: Model,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Latents file: .pt (key 'latents'), .npy or .safetensors.")],
-    height: Annotated[int | None, typer.Option(help="Target height (scale to cover, centre crop).")] = None,
-    width: Annotated[int | None, typer.Option(help="Target width (scale to cover, centre crop).")] = None,
-    fit: Annotated[str, typer.Option(help="Without a target size: 'crop' or 'resize' to multiples of 8.")] = "crop",
-    frames: Annotated[str, typer.Option(help="'trim' trailing frames or 'pad' the last to reach 4n+1.")] = "trim",
-    max_frames: Annotated[int | None, typer.Option(help="Read at most this many frames.")] = None,
-    stride: Annotated[int, typer.Option(help="Keep every n-th frame (frame-rate subsampling).")] = 1,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="FILE", help="Latents file: .pt (key 'latents'), .npy or .safetensors."),
+    ],
+    height: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Target height (scale to cover, centre crop).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Target width (scale to cover, centre crop).")
+    ] = None,
+    fit: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="Without a target size: 'crop' or 'resize' to multiples of the model's spatial factor "
+            "(8 for Wan2.1 and Mochi, 16 for Wan2.2, 32 for LTX-Video).",
+        ),
+    ] = "crop",
+    frames: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="'trim' trailing frames or 'pad' the last to reach tn+1 (t: 4 for Wan, 8 for LTX-Video, 6 for Mochi).",
+        ),
+    ] = "trim",
+    max_frames: Annotated[int | None, typer.Option(metavar="N", help="Read at most this many frames.")] = None,
+    stride: Annotated[int, typer.Option(metavar="N", help="Keep every n-th frame (frame-rate subsampling).")] = 1,
     device: Device = "auto",
     dtype: Dtype = "float32",
     quiet: Quiet = False,
@@ -370,15 +520,23 @@ def encode(
     typer.echo(f"encoded video {r.video_shape} -> latents {r.latents_shape} in {r.seconds:.2f} s -> {r.output}")
 
 
-@command
+@command(
+    examples=[
+        "flashvaed convert Flash_VAED_Wan.pth -o flash-wan/",
+        "flashvaed convert Flash_VAED_LTX.pth -o flash-ltx/",
+    ]
+)
 def convert(
     model: Annotated[
         Path,
         typer.Argument(
-            help="A student: a released file (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth) or a student directory."
+            metavar="MODEL",
+            help="A student: a released file (Flash_VAED_Wan.pth, Flash_VAED_LTX.pth) or a student directory.",
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The student directory to write (replaced only if ours).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="The student directory to write (replaced only if ours).")
+    ],
 ) -> None:
     """Write a student (a released Flash-VAED file included) as a flashvaed student directory.
 
@@ -390,34 +548,52 @@ def convert(
     typer.echo(f"{r.name} ({r.family} student, {r.params / 1e6:.2f} M decoder parameters{carries}) -> {r.output}")
 
 
-@command
+@command(
+    examples=[
+        "flashvaed prune -t Wan2.1_VAE.pth --preset flash-wan2.1 -o student/",
+        "flashvaed prune -t Wan2.1_VAE.pth --preset flash-wan2.1 --calib latents/ -o student/",
+        "flashvaed prune -t Wan2.1_VAE.pth --preset flash-wan2.1 --explain",
+    ]
+)
 def prune(
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (any MODEL format).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Student directory to write.")] = None,
+    teacher: Annotated[
+        Path, typer.Option("--teacher", "-t", metavar="TEACHER", help="Teacher checkpoint (any MODEL format).")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="DIR", help="Student directory to write.")] = None,
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Student preset: " + "; ".join(f"{', '.join(names)} ({fam})" for fam, names in PRESETS.items()) + "."
+            metavar="NAME",
+            help="Student preset: " + "; ".join(f"{', '.join(names)} ({fam})" for fam, names in PRESETS.items()) + ".",
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="Student config file (.yaml/.json) instead of a preset.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Student config file (.yaml/.json) instead of a preset.")
+    ] = None,
     calib: Annotated[
-        str, typer.Option(help="Calibration data: a latents file or folder, a video file or folder, or 'synthetic'.")
+        str,
+        typer.Option(
+            metavar="SOURCE", help="Calibration data: a latents file or folder, a video file or folder, or 'synthetic'."
+        ),
     ] = "synthetic",
     criterion: Annotated[
         str, typer.Option(help="'independence' (pivoted selection + compensation) or 'l1' (magnitude baseline).")
     ] = "independence",
-    calib_clips: Annotated[int, typer.Option(help="Synthetic calibration clips.")] = 4,
+    calib_clips: Annotated[int, typer.Option(metavar="N", help="Synthetic calibration clips.")] = 4,
     calib_frames: Annotated[
         int | None,
-        typer.Option(help="Frames per synthetic or video calibration clip (tn+1; default: the family's)."),
+        typer.Option(metavar="N", help="Frames per synthetic or video calibration clip (tn+1; default: the family's)."),
     ] = None,
-    calib_size: Annotated[int, typer.Option(help="Height = width of synthetic or video calibration clips.")] = 64,
-    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step while calibrating.")] = 2,
+    calib_size: Annotated[
+        int, typer.Option(metavar="PIXELS", help="Height = width of synthetic or video calibration clips.")
+    ] = 64,
+    chunk: Annotated[int, typer.Option(metavar="N", help="Latent frames per streaming step while calibrating.")] = 2,
     height: Annotated[
-        int | None, typer.Option(help="Resolution for the report's MACs (default: the family's).")
+        int | None, typer.Option(metavar="PIXELS", help="Resolution for the report's MACs (default: the family's).")
     ] = None,
-    width: Annotated[int | None, typer.Option(help="Resolution for the report's MACs (default: the family's).")] = None,
+    width: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Resolution for the report's MACs (default: the family's).")
+    ] = None,
     device: Device = "auto",
     explain_only: Annotated[
         bool, typer.Option("--explain", help="Print the layout and channel groups, then stop.")
@@ -467,26 +643,48 @@ def prune(
     )
 
 
-@command
+@command(
+    examples=[
+        "flashvaed distill -t Wan2.1_VAE.pth -s student/ -d videos/ -o run/",
+        "flashvaed distill -t Wan2.1_VAE.pth -s student/ -d videos/ -d synthetic -o run/ --config distill.yaml",
+        "flashvaed distill -t Wan2.1_VAE.pth -s student/ -d videos/ -o run/ --resume",
+    ]
+)
 def distill(
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (any MODEL format).")],
-    student: Annotated[Path, typer.Option("--student", "-s", help="Student directory from `flashvaed prune`.")],
+    teacher: Annotated[
+        Path, typer.Option("--teacher", "-t", metavar="TEACHER", help="Teacher checkpoint (any MODEL format).")
+    ],
+    student: Annotated[
+        Path, typer.Option("--student", "-s", metavar="DIR", help="Student directory from `flashvaed prune`.")
+    ],
     data: Annotated[
-        list[str], typer.Option("--data", "-d", help="Videos, latents, folders of them, or 'synthetic'; repeat to mix.")
+        list[str],
+        typer.Option(
+            "--data", "-d", metavar="SOURCE", help="Videos, latents, folders of them, or 'synthetic'; repeat to mix."
+        ),
     ],
     out: Annotated[
         Path,
         typer.Option(
             "--out",
             "-o",
+            metavar="DIR",
             help="Run directory: becomes the trained student (EMA weights) with checkpoint, logs and report.",
         ),
     ],
-    config: Annotated[Path | None, typer.Option(help="Distillation config (.yaml/.json); see docs/distill.md.")] = None,
-    steps_per_phase: Annotated[int | None, typer.Option(help="Override the length of all three phases.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Distillation config (.yaml/.json); see docs/distill.md.")
+    ] = None,
+    steps_per_phase: Annotated[
+        int | None, typer.Option(metavar="N", help="Override the length of all three phases.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    cache_latents: Annotated[Path | None, typer.Option(help="Encode each training clip once and keep it here.")] = None,
-    eval_clips: Annotated[int, typer.Option(help="Held-out clips for the PSNR reported at each phase end.")] = 2,
+    cache_latents: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Encode each training clip once and keep it here.")
+    ] = None,
+    eval_clips: Annotated[
+        int, typer.Option(metavar="N", help="Held-out clips for the PSNR reported at each phase end.")
+    ] = 2,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -514,16 +712,41 @@ def distill(
     )
 
 
-@command
+@command(
+    examples=[
+        "flashvaed evaluate -m run/ -t Wan2.1_VAE.pth -d videos/",
+        "flashvaed evaluate -m run/ -t Wan2.1_VAE.pth -d synthetic --clips 8 --json eval.json",
+    ]
+)
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Student directory (or run directory).")],
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Its teacher.")],
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Videos, latents, folders, or 'synthetic'.")],
-    clips: Annotated[int, typer.Option(help="Clips to evaluate.")] = 4,
-    frames: Annotated[int, typer.Option(help="Frames per clip (4n+1).")] = 17,
-    size: Annotated[int, typer.Option(help="Clip height = width (multiple of 8 for Wan2.1, 16 for Wan2.2).")] = 128,
-    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
-    out_json: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", metavar="STUDENT", help="Student directory (or run directory).")
+    ],
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", metavar="TEACHER", help="Its teacher.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", metavar="SOURCE", help="Videos, latents, folders, or 'synthetic'.")
+    ],
+    clips: Annotated[int, typer.Option(metavar="N", help="Clips to evaluate.")] = 4,
+    frames: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Frames per clip, tn+1 (t: 4 for Wan, 8 for LTX-Video, 6 for Mochi; the default fits Wan and "
+            "LTX-Video, give Mochi e.g. 13 or 19).",
+        ),
+    ] = 17,
+    size: Annotated[
+        int,
+        typer.Option(
+            metavar="PIXELS",
+            help="Clip height = width (a multiple of the spatial factor: 8 for Wan2.1 and Mochi, 16 for Wan2.2, "
+            "32 for LTX-Video).",
+        ),
+    ] = 128,
+    chunk: Annotated[int, typer.Option(metavar="N", help="Latent frames per streaming step.")] = 1,
+    out_json: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the metrics as JSON here.")
+    ] = None,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -543,20 +766,40 @@ def evaluate(
     typer.echo(result.markdown())
 
 
-@command
+@command(
+    examples=[
+        "flashvaed export student/ -o export/",
+        "flashvaed export student/ -o export-fp16/ --precision fp16 --height 480 --width 832 --chunk 2",
+        "flashvaed export Wan2.1_VAE.pth -o export/ --tiling",
+    ]
+)
 def export(
-    model: Annotated[Path, typer.Argument(help="Teacher checkpoint or student directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Export directory: first.onnx, steady.onnx, manifest.json.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Teacher checkpoint or student directory.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="DIR", help="Export directory: first.onnx, steady.onnx, manifest.json."),
+    ],
     chunk: Annotated[
-        str, typer.Option(help="Latent frames per steady chunk: K (static), MIN:MAX or MIN:OPT:MAX (dynamic).")
+        str,
+        typer.Option(
+            metavar="RANGE", help="Latent frames per steady chunk: K (static), MIN:MAX or MIN:OPT:MAX (dynamic)."
+        ),
     ] = "1:2:8",
     height: Annotated[
-        str, typer.Option(help="Frame height in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX.")
+        str,
+        typer.Option(
+            metavar="RANGE", help="Frame height in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX."
+        ),
     ] = ("64:256:1280"),
     width: Annotated[
-        str, typer.Option(help="Frame width in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX.")
+        str,
+        typer.Option(
+            metavar="RANGE", help="Frame width in pixels (multiple of the spatial factor): N, MIN:MAX or MIN:OPT:MAX."
+        ),
     ] = ("64:256:1280"),
-    batch: Annotated[str, typer.Option(help="Streams batched per call: N, MIN:MAX or MIN:OPT:MAX.")] = "1:1:4",
+    batch: Annotated[
+        str, typer.Option(metavar="RANGE", help="Streams batched per call: N, MIN:MAX or MIN:OPT:MAX.")
+    ] = "1:1:4",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (weights and state; I/O stays float32).")] = "fp32",
     plugins: Annotated[
         str,
@@ -568,8 +811,9 @@ def export(
     opset: Annotated[
         int | None,
         typer.Option(
+            metavar="N",
             help="ONNX opset, 18 up to what torch and onnx here can write (default: the lowest that "
-            "supports --precision: 18, 22 for bf16)."
+            "supports --precision: 18, 22 for bf16).",
         ),
     ] = None,
     tiling: Annotated[
@@ -581,7 +825,7 @@ def export(
         ),
     ] = False,
     tiling_frame: Annotated[
-        str, typer.Option(help="With --tiling: the largest whole frame (HxW pixels) a tiled run takes.")
+        str, typer.Option(metavar="HxW", help="With --tiling: the largest whole frame (HxW pixels) a tiled run takes.")
     ] = "1088x1920",
     windows: Annotated[
         bool,
@@ -617,18 +861,29 @@ def export(
     )
 
 
-@command
+@command(
+    examples=[
+        "flashvaed build-engine export/ -o engine/",
+        "flashvaed build-engine export/ -o engine/ --provider CPUExecutionProvider --threads 8",
+        "flashvaed build-engine export/ -o engine-trt/ --backend tensorrt --timing-cache trt.cache",
+    ]
+)
 def build_engine(
-    export_dir: Annotated[Path, typer.Argument(help="Export directory from `flashvaed export`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Engine directory to write.")],
+    export_dir: Annotated[Path, typer.Argument(metavar="EXPORT", help="Export directory from `flashvaed export`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Engine directory to write.")],
     backend: Annotated[str, typer.Option(help="tensorrt or onnxruntime.")] = "onnxruntime",
     provider: Annotated[
         list[str] | None,
-        typer.Option(help="ONNX Runtime execution provider, in order (repeat); default CUDA if present, then CPU."),
+        typer.Option(
+            metavar="NAME",
+            help="ONNX Runtime execution provider, in order (repeat); default CUDA if present, then CPU.",
+        ),
     ] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = all cores).")] = 0,
-    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")] = None,
-    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 4.0,
+    threads: Annotated[int, typer.Option(metavar="N", help="ONNX Runtime intra-op threads (0 = all cores).")] = 0,
+    timing_cache: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="TensorRT timing cache file (read and updated).")
+    ] = None,
+    workspace: Annotated[float, typer.Option(metavar="GIB", help="TensorRT builder workspace in GiB.")] = 4.0,
 ) -> None:
     """Build a TensorRT or ONNX Runtime engine directory from an export."""
     c = api.build_engine(
@@ -643,19 +898,30 @@ def build_engine(
     typer.echo(f"built {backend} engine ({c.precision}, {', '.join(c.backend.get('providers', []) or [])}) -> {out}")
 
 
-@command
+@command(
+    examples=[
+        "flashvaed validate engine/ -r student/ -l latents.pt",
+        "flashvaed validate engine/ -r student/ -l latents.pt -t Wan2.1_VAE.pth --json report.json",
+    ]
+)
 def validate(
-    engine: Annotated[Path, typer.Argument(help="Engine or export directory.")],
-    reference: Annotated[Path, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")],
-    latents: Annotated[Path, typer.Option("--latents", "-l", help="Latents to decode (.pt/.npy/.safetensors).")],
+    engine: Annotated[Path, typer.Argument(metavar="ENGINE", help="Engine or export directory.")],
+    reference: Annotated[
+        Path, typer.Option("--reference", "-r", metavar="MODEL", help="The PyTorch model it was exported from.")
+    ],
+    latents: Annotated[
+        Path, typer.Option("--latents", "-l", metavar="LATENTS", help="Latents to decode (.pt/.npy/.safetensors).")
+    ],
     teacher: Annotated[
         Path | None,
-        typer.Option("--teacher", "-t", help="Teacher for PSNR/SSIM (default: the reference if a teacher)."),
+        typer.Option(
+            "--teacher", "-t", metavar="TEACHER", help="Teacher for PSNR/SSIM (default: the reference if a teacher)."
+        ),
     ] = None,
     chunk: Annotated[
-        int | None, typer.Option(help="Latent frames per steady chunk (default: the engine's optimum).")
+        int | None, typer.Option(metavar="N", help="Latent frames per steady chunk (default: the engine's optimum).")
     ] = None,
-    out_json: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+    out_json: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the full report here.")] = None,
 ) -> None:
     """Compare an engine with its PyTorch model on every chunk (polygraphy); exit 1 if tolerances fail."""
     r = api.validate(engine, reference, latents, teacher=teacher, chunk=chunk, out_json=out_json)
@@ -679,7 +945,13 @@ def validate(
         raise typer.Exit(1)
 
 
-@command
+@command(
+    examples=[
+        "flashvaed bench --smoke",
+        "flashvaed bench flash-wan2.1 --teacher wan2.1 --frames 9 --device cpu",
+        "flashvaed bench student/ --runtime onnxruntime --height 480 --width 832 --json bench.json",
+    ]
+)
 def bench(
     models: Annotated[
         list[str] | None,
@@ -695,6 +967,7 @@ def bench(
         typer.Option(
             "--teacher",
             "-t",
+            metavar="TEACHER",
             help="The teacher speed-ups are computed against (a family name or a teacher path; default: the "
             "one each model identifies).",
         ),
@@ -703,26 +976,35 @@ def bench(
         str, typer.Option(help="torch (eager), compiled, onnxruntime (a static export at the bench size) or tensorrt.")
     ] = "torch",
     compile_mode: Annotated[
-        str, typer.Option("--compile", help="With --runtime compiled: the compile mode (engines.load's compile=).")
+        str,
+        typer.Option(
+            "--compile", metavar="MODE", help="With --runtime compiled: the compile mode (engines.load's compile=)."
+        ),
     ] = "auto",
-    height: Annotated[int | None, typer.Option(help="Frame height in pixels (default 256).")] = None,
-    width: Annotated[int | None, typer.Option(help="Frame width in pixels (default 256).")] = None,
+    height: Annotated[int | None, typer.Option(metavar="PIXELS", help="Frame height in pixels (default 256).")] = None,
+    width: Annotated[int | None, typer.Option(metavar="PIXELS", help="Frame width in pixels (default 256).")] = None,
     frames: Annotated[
         int | None,
-        typer.Option(help="Output frames of the clip, 1 + t*n (default: the first frame + two steady chunks)."),
+        typer.Option(
+            metavar="N", help="Output frames of the clip, 1 + t*n (default: the first frame + two steady chunks)."
+        ),
     ] = None,
-    chunk: Annotated[int, typer.Option(help="Latent frames per steady streaming step.")] = 2,
+    chunk: Annotated[int, typer.Option(metavar="N", help="Latent frames per steady streaming step.")] = 2,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    repeats: Annotated[int, typer.Option(help="Timed whole-clip decodes per model, interleaved (median).")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed decodes per model first.")] = 1,
+    repeats: Annotated[
+        int, typer.Option(metavar="N", help="Timed whole-clip decodes per model, interleaved (median).")
+    ] = 3,
+    warmup: Annotated[int, typer.Option(metavar="N", help="Untimed decodes per model first.")] = 1,
     diffusers: Annotated[
         bool, typer.Option("--diffusers/--no-diffusers", help="Also time diffusers' own VAE class for the family.")
     ] = True,
     smoke: Annotated[
         bool, typer.Option("--smoke", help="The embedded tiny teachers and their flash students, tiny, in seconds.")
     ] = False,
-    out_json: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    out_json: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the report as JSON here.")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Decode speed on this machine: each model vs its teacher on the same runtime and vs diffusers'
@@ -766,25 +1048,45 @@ def bench(
         typer.echo(f"report -> {out_json}")
 
 
-@command
+@command(
+    examples=[
+        "flashvaed demo",
+        "flashvaed demo --family ltx -o demo-ltx/",
+        "flashvaed demo --model Wan2.1_VAE.pth --height 256 --width 256",
+    ]
+)
 def demo(
     family: Annotated[
         str, typer.Option(help="The family whose embedded teacher runs the chain: " + ", ".join(PRESETS) + ".")
     ] = "wan2.1",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")] = Path(
-        "demo-output"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Directory for everything the demo writes.")
+    ] = Path("demo-output"),
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="Your own teacher instead of the embedded one.")
+        Path | None,
+        typer.Option("--model", "-m", metavar="MODEL", help="Your own teacher instead of the embedded one."),
     ] = None,
     frames: Annotated[
-        int | None, typer.Option(help="Frames of the generated clip (tn+1; default 4 latent frames' worth).")
+        int | None,
+        typer.Option(metavar="N", help="Frames of the generated clip (tn+1; default 4 latent frames' worth)."),
     ] = None,
-    height: Annotated[int | None, typer.Option(help="Clip height (default: 128, or a 4-latent grid).")] = None,
-    width: Annotated[int | None, typer.Option(help="Clip width (default: 128, or a 4-latent grid).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generated clip (and of LTX's decode noise).")] = 0,
-    chunk: Annotated[int, typer.Option(help="Latent frames per streaming step.")] = 1,
-    distill_steps: Annotated[int, typer.Option(help="Distillation steps per phase.")] = 30,
+    height: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Clip height (default: 128, or a 4-latent grid).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Clip width (default: 128, or a 4-latent grid).")
+    ] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the generated clip (and of LTX's decode noise).")] = 0,
+    scene: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="The generated clip's scene: shapes, objects, pan, gradient, detail or text "
+            "(default: the family's; docs/demo.md).",
+        ),
+    ] = None,
+    chunk: Annotated[int, typer.Option(metavar="N", help="Latent frames per streaming step.")] = 1,
+    distill_steps: Annotated[int, typer.Option(metavar="N", help="Distillation steps per phase.")] = 30,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -798,12 +1100,63 @@ def demo(
         height=height,
         width=width,
         seed=seed,
+        scene=scene,
         chunk=chunk,
         distill_steps=distill_steps,
         device=device,
         progress=not quiet,
     )
     typer.echo(r.summary())
+
+
+@command(
+    examples=[
+        "flashvaed sample-latents --pipeline wan-pipeline/ --prompts prompts.txt -o latents/",
+        "flashvaed sample-latents --pipeline ltx-pipeline/ --prompts prompts.txt -o latents/ --steps 20 --frames 49",
+        "flashvaed sample-latents --pipeline wan-pipeline/ --prompts more.txt -o latents-2/ --seed 1000  # new seeds",
+    ]
+)
+def sample_latents(
+    pipeline: Annotated[
+        Path, typer.Option(metavar="DIR", help="A diffusers pipeline folder (model_index.json); nothing downloads.")
+    ],
+    prompts: Annotated[Path, typer.Option(metavar="FILE", help="Prompts, one per line (blank lines skipped).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write: NNNN.safetensors per prompt.")
+    ],
+    steps: Annotated[int, typer.Option(metavar="N", help="Denoising steps per prompt.")] = 30,
+    height: Annotated[
+        int | None, typer.Option(metavar="PIXELS", help="Video height (default: the pipeline's).")
+    ] = None,
+    width: Annotated[int | None, typer.Option(metavar="PIXELS", help="Video width (default: the pipeline's).")] = None,
+    frames: Annotated[int | None, typer.Option(metavar="N", help="Video frames (default: the pipeline's).")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the first prompt; the i-th takes N + i.")] = 0,
+    guidance_scale: Annotated[
+        float | None, typer.Option("--guidance", metavar="SCALE", help="Guidance scale (default: the pipeline's).")
+    ] = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    quiet: Quiet = False,
+) -> None:
+    """Sample diffusion latents with a pipeline, one file per prompt: the best calibration data for
+    `prune --calib` and training data for `distill -d` (normalised latents, (1, z, T, h, w))."""
+    from .sample_latents import sample_latents as sample
+
+    files = sample(
+        pipeline,
+        prompts,
+        out,
+        steps=steps,
+        height=height,
+        width=width,
+        frames=frames,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        device=device,
+        dtype=dtype,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote {len(files)} latents files and prompts.json to {out}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,7 +1,8 @@
 """``FlashVAE``: any flashvaed model or engine as the ``vae`` of a diffusers pipeline.
 
-    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    pipe.vae = FlashVAE.from_pretrained("flash-wan21-engine/", teacher="Wan2.1_VAE.pth")
+    vae = FlashVAE.from_pretrained("flash-wan21-engine/", teacher="Wan2.1_VAE.pth")
+    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", vae=vae)
+    pipe.save_pretrained("my-pipeline/")  # my-pipeline/vae: the FlashVAE, which loads back as one
 
 The pipelines of a family's VAE (``Family.pipelines``: ``WanPipeline``, ``LTXPipeline``, ...) read a
 handful of facts from their VAE — config fields, compression ratios, latent statistics,
@@ -16,31 +17,49 @@ across the ranks of a ``torchrun`` job (``flashvaed.engines.sharded``). LTX-Vide
 0.9.1's noise injection is drawn from the global torch generator of the decoding device in the
 order diffusers' ``AutoencoderKLLTXVideo`` draws it, so with the same ``torch.manual_seed`` the
 drop-in over the teacher reproduces diffusers' frames.
+
+FlashVAE is a diffusers ``ModelMixin`` (what pipelines save, load and accept as components) with its
+own ``from_pretrained`` (paths, Hugging Face repo ids through huggingface_hub's cache, ``subfolder``,
+``torch_dtype``) and ``save_pretrained`` (a self-contained folder); it is none of diffusers' VAE classes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+try:  # diffusers' base of the models its pipelines save, load and check: FlashVAE is one of them
+    from diffusers import ModelMixin  # a name of this module: the pipeline loader looks it up here
+except ImportError as e:  # pragma: no cover - the test extra installs diffusers
+    raise ImportError("flashvaed.diffusers needs diffusers: pip install 'flashvaed[diffusers]'") from e
+
 from . import engines
-from .devices import resolve_device, resolve_dtype
+from .atomic import atomic_output
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .engines.base import ContractDecoder
 from .engines.tiled import TiledDecoder, choose_tile, parse_memory, parse_tile, tiled
 from .errors import CheckpointError, FlashVAEDError, InputError
+from .export.contract import is_manifest_dir
 from .models import families
-from .models.checkpoint import load_teacher
+from .models.checkpoint import STUDENT_WEIGHTS, is_student_dir, load_teacher, save_teacher
 from .models.streaming import check_latents
+from .models.student import FlashStudent
 from .models.vae import LatentDecoder
 from .safeload import check_stored, work_budget
 
-__all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE"]
+__all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE", "resolve_pretrained"]
 
 
 class FamilyMismatchError(FlashVAEDError):
@@ -105,7 +124,7 @@ class FlashVAEConfig(dict):
         raise AttributeError(f"FlashVAE config has no field {name!r}")
 
 
-class FlashVAE(nn.Module):
+class FlashVAE(ModelMixin):
     """A diffusers-compatible VAE over a flashvaed teacher, student, export or engine.
 
     Decoding streams chunk by chunk, so memory does not grow with the clip; ``enable_tiling()``
@@ -147,24 +166,59 @@ class FlashVAE(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        model: str | os.PathLike,
+        model: str | os.PathLike | LatentDecoder,
         teacher: str | os.PathLike | LatentDecoder | None = None,
         *,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        force_download: bool = False,
         device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
         providers: list[str] | None = None,
         chunk: int | None = None,
         compile: str | None = None,
+        **loader: Any,
     ) -> FlashVAE:
-        """MODEL: a teacher checkpoint (any layout), a student, export or engine directory.
+        """MODEL: a teacher checkpoint (any layout), a student, export or engine directory, a folder
+        ``save_pretrained`` wrote, or a Hugging Face repo id (``org/name``, from the cache or the Hub:
+        ``revision``, ``local_files_only``, ``cache_dir``, ``token``, ``force_download`` as in diffusers).
 
+        ``subfolder``: a folder (or file) inside MODEL, e.g. ``"vae"`` of a pipeline's folder or repo.
         ``teacher`` supplies ``encode`` (image-to-video pipelines) where MODEL has no encoder.
-        ``device``/``dtype``/``compile`` apply to torch models (``compile``: see ``engines.load``,
-        paid once per shape); engines take ``providers`` and run float32 I/O.
+        ``torch_dtype`` (diffusers' name) or ``dtype``: torch models compute in it, engines compute in
+        float32 and hand frames over in it; ``vae.dtype`` reports it (default float32).
+        ``device``/``compile`` apply to torch models (``compile``: see ``engines.load``, paid once
+        per shape); engines take ``providers``. The options diffusers' pipeline loader passes
+        (``low_cpu_mem_usage``, ``use_safetensors``, ...) are accepted; those that would ask for
+        something FlashVAE does not do (``device_map``, ``quantization_config``, ...) are refused.
         """
+        device = _device_of_map(loader.pop("device_map", None), device)
+        _check_loader_options(loader)
+        dt = _requested_dtype(torch_dtype, dtype)
         dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
-        decoder = engines.load(model, device=dev, dtype=dt, providers=providers, compile=compile)
+        path: Path | None = None
+        if not isinstance(model, LatentDecoder):  # a loaded model is taken as it is
+            path = resolve_pretrained(
+                model,
+                subfolder=subfolder,
+                revision=revision,
+                local_files_only=local_files_only,
+                cache_dir=cache_dir,
+                token=token,
+                force_download=force_download,
+            )
+        saved = _read_saved(path) if path is not None else {}
+        if teacher is None and saved.get("teacher"):
+            teacher = path / saved["teacher"]  # type: ignore[operator]
+        if chunk is None:
+            chunk = saved.get("chunk")
+        compute = dt or torch.float32
+        source = model if path is None else path
+        decoder = engines.load(source, device=dev, dtype=compute, providers=providers, compile=compile)
         if isinstance(decoder, engines.TorchDecoder):
             family, config = decoder.model.family, decoder.model.family_config
             mean, std = decoder.model.latents_mean, decoder.model.latents_std
@@ -174,22 +228,71 @@ class FlashVAE(nn.Module):
         else:
             contract = decoder.contract  # type: ignore[attr-defined]
             family = contract.model["family"]
-            config = _manifest_config(family, contract.model.get("config"), str(model))
+            config = _manifest_config(family, contract.model.get("config"), str(path))
             mean = torch.tensor(contract.model["latents_mean"])
             std = torch.tensor(contract.model["latents_std"])
             sf = contract.model.get("scaling_factor", 1.0)
         if teacher is not None and not isinstance(teacher, nn.Module):  # a path
-            teacher = load_teacher(teacher).to(dev, dt)
+            teacher = load_teacher(teacher).to(dev, compute)
         if teacher is not None and teacher.family != family:
             raise FamilyMismatchError(f"the teacher is a {teacher.family} VAE, the model is {family}")
         vae = cls(decoder, family, mean, std, teacher, chunk, config=config, scaling_factor=sf)
+        vae._source = path
         if isinstance(decoder, engines.TorchDecoder):
-            vae._device, vae._dtype = dev, dt
+            vae._device, vae._dtype = dev, compute
+        elif dt is not None:
+            vae._dtype = dt  # what the pipeline casts latents to and gets frames in
         return vae
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **ignored: Any,
+    ) -> Path:
+        """Write a folder ``from_pretrained`` reads back, self-contained: the model (a teacher in the
+        diffusers layout, a student directory, or a copy of the export or engine directory), the
+        teacher that ``encode`` uses where it is another model (``teacher/``), and ``flashvae.json``
+        (the chunk). ``pipe.save_pretrained(dir)`` calls this for ``dir/vae``. Written aside, then
+        swapped in: an old folder there is replaced whole or not at all.
+
+        ``safe_serialization`` and ``variant`` are diffusers' (the weights are always safetensors);
+        ``push_to_hub`` is refused (flashvaed never uploads)."""
+        if push_to_hub:
+            raise InputError("FlashVAE.save_pretrained does not upload; push the folder with huggingface_hub")
+        if variant is not None:
+            raise InputError(f"FlashVAE.save_pretrained writes one set of weights, not a {variant!r} variant")
+        out = Path(save_directory)
+        self._take_over_layer_offload()  # weights back from accelerate's sequential offload, if it hooked us
+        model = self.decoder.model if isinstance(self.decoder, engines.TorchDecoder) else None
+        source = getattr(self, "_source", None)
+        with atomic_output(out, directory=True, replaceable=_replaceable, what="a model folder") as tmp:
+            if isinstance(model, FlashStudent):
+                (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                from safetensors.torch import save_file
+
+                save_file(state, str(tmp / STUDENT_WEIGHTS))
+            elif model is not None:
+                save_teacher(model, tmp, layout="diffusers")  # type: ignore[arg-type]
+            elif source is not None and Path(source).is_dir():
+                _copy_folder(Path(source), tmp)
+            else:
+                raise InputError("this FlashVAE was not loaded from a folder: there is nothing to save")
+            record: dict[str, Any] = {"format": SAVED_FORMAT, "version": 1, "chunk": self.chunk, "teacher": None}
+            if self.teacher is not None and self.teacher is not model:
+                save_teacher(self.teacher, tmp / "teacher", layout="diffusers")  # type: ignore[arg-type]
+                record["teacher"] = "teacher"
+            (tmp / SAVED_FILE).write_text(json.dumps(record, indent=2))
+        return out
 
     # --- what pipelines read -----------------------------------------------------------------
     _device: torch.device = torch.device("cpu")
     _dtype: torch.dtype = torch.float32
+    _source: Path | None = None  # the folder or file it was loaded from
     _tiling: _Tiling | None = None  # on: enable_tiling's request
     _last_tiling: _Tiling | None = None  # kept by disable_tiling, for an enable_tiling() without sizes
     _sharded: engines.Decoder | None = None  # on: the decoder across ranks
@@ -225,7 +328,8 @@ class FlashVAE(nn.Module):
                 dtype = arg
             elif isinstance(arg, (str, torch.device)):
                 device = arg
-        super().to(*args, **kwargs)
+        nn.Module.to(self, *args, **kwargs)  # not ModelMixin.to: its quantisation checks do not apply, and it warns of
+        # float32 modules (none here) on every cast
         if isinstance(self.decoder, engines.TorchDecoder):
             self.decoder.model.to(device=device, dtype=dtype)
             if device is not None:
@@ -416,16 +520,58 @@ class FlashVAE(nn.Module):
     def disable_slicing(self) -> None:
         """A no-op (see ``enable_slicing``)."""
 
-    def _offload_hook(self) -> None:
-        """What diffusers' ``apply_forward_hook`` does: let model CPU offload move us first."""
+    @contextmanager
+    def _offload_hooks(self) -> Iterator[None]:
+        """What diffusers' ``apply_forward_hook`` does for ``decode``/``encode``, which are no
+        ``forward``: let model CPU offload move us first (``enable_model_cpu_offload``). Under
+        sequential CPU offload (``enable_sequential_cpu_offload``), accelerate hooks every layer to
+        fetch its weights for its own ``forward``; streaming decoders also read weights and buffers
+        outside those calls, so FlashVAE takes the layers' hooks off and offloads as one: the whole
+        model moves to the execution device for the call and back to the CPU after it."""
         hook = getattr(self, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self)
+        if hook is not None and hasattr(hook, "pre_forward") and any(True for _ in self.parameters()):
+            hook.pre_forward(self)  # (an engine has no torch weights to move, and accelerate needs one)
+        self._take_over_layer_offload()
+        device = self._sequential_device
+        if device is None or not self._on_torch:
+            yield
+            return
+        self.to(device)
+        try:
+            yield
+        finally:
+            self.to("cpu")
+
+    _sequential_device: torch.device | None = None  # under sequential CPU offload: where calls run
+
+    def _take_over_layer_offload(self) -> None:
+        layers = [m for m in self.modules() if m is not self and _offloading(getattr(m, "_hf_hook", None))]
+        device = None
+        for m in layers:
+            hook = _offloading(m._hf_hook)
+            device = device or hook.execution_device
+            for name, tensor in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                if tensor.device.type == "meta" and name in hook.weights_map:  # back from accelerate's CPU copy
+                    value = hook.weights_map[name]
+                    if name in m._parameters:
+                        m._parameters[name] = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    else:
+                        m._buffers[name] = value
+            del m._hf_hook  # what accelerate's remove_hook_from_module does, without putting weights on devices
+            if hasattr(m, "_old_forward"):
+                m.forward = m._old_forward
+                del m._old_forward
+        if layers:
+            self._sequential_device = torch.device(device) if device is not None else None
+            self.to("cpu")
 
     # --- decode / encode ---------------------------------------------------------------------
     def decode(self, z: Tensor, temb: Tensor | None = None, return_dict: bool = True) -> Any:
         """Frames (B, 3, F, H, W) in [-1, 1] from de-normalised latents (what pipelines pass)."""
-        self._offload_hook()
+        with self._offload_hooks():
+            return self._decode(z, temb, return_dict)
+
+    def _decode(self, z: Tensor, temb: Tensor | None, return_dict: bool) -> Any:
         z, decoder = self._checked(z)
         latents = z.float().to(self._mean.device) - self._mean  # pipelines de-normalised them
         if self.scaling_factor != 1.0:
@@ -486,13 +632,12 @@ class FlashVAE(nn.Module):
     def encode(self, x: Tensor, return_dict: bool = True) -> Any:
         """The teacher's posterior of frames in [-1, 1] (mean and log-variance, in the VAE's own latent
         space), as diffusers' VAE returns it: ``sample(generator)`` draws as diffusers' does."""
-        self._offload_hook()
         if self.teacher is None:
             raise EncoderMissingError(
                 "this FlashVAE's model has no encoder; pass teacher=<the teacher checkpoint> to "
                 "FlashVAE.from_pretrained for image-to-video pipelines"
             )
-        with torch.no_grad():
+        with torch.no_grad(), self._offload_hooks():
             mean, logvar = self.teacher.posterior(x)
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -504,6 +649,270 @@ class FlashVAE(nn.Module):
 
     def forward(self, z: Tensor, temb: Tensor | None = None) -> Tensor:
         return self.decode(z, temb, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained: where a model is, and the folder FlashVAE writes
+# ---------------------------------------------------------------------------------------------
+SAVED_FILE = "flashvae.json"  # beside the model in a folder save_pretrained wrote
+SAVED_FORMAT = "flashvaed-flashvae"
+PIPELINE_INDEX = "model_index.json"  # what marks a diffusers pipeline's root folder
+
+# what diffusers' pipeline loader passes every ModelMixin component (pipeline_loading_utils.load_sub_model):
+# the values it passes by default are accepted; anything else asks for what FlashVAE does not do
+_LOADER_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "device_map": (None,),
+    "max_memory": (None,),
+    "offload_folder": (None,),
+    "offload_state_dict": (None, False, True),
+    "variant": (None,),
+    "use_safetensors": (None, False, True),
+    "low_cpu_mem_usage": (None, False, True),
+    "use_flashpack": (None, False),
+    "disable_mmap": (None, False, True),
+    "quantization_config": (None,),
+    "proxies": (None,),
+    "output_loading_info": (None, False),
+}
+
+
+def _check_loader_options(options: dict[str, Any]) -> None:
+    for name, value in options.items():
+        if name not in _LOADER_DEFAULTS:
+            raise TypeError(f"FlashVAE.from_pretrained() got an unexpected keyword argument {name!r}")
+        if not any(value is v or (v is not None and value == v) for v in _LOADER_DEFAULTS[name]):
+            raise InputError(f"FlashVAE.from_pretrained does not take {name}={value!r:.60} (diffusers' option)")
+
+
+def _device_of_map(device_map: Any, device: str | torch.device) -> str | torch.device:
+    """diffusers' ``device_map`` for one component, where it names one device (a pipeline loaded with
+    ``device_map="cuda"`` passes ``{"": "cuda"}``); a map that splits a model is refused."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"
+    if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "sequential"):
+        return device_map if isinstance(device_map, torch.device) else str(device_map)
+    raise InputError(f"FlashVAE.from_pretrained takes a device_map that names one device, not {device_map!r:.60}")
+
+
+def _requested_dtype(torch_dtype: torch.dtype | str | None, dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch_dtype`` (diffusers' name) or ``dtype`` (flashvaed's), as a torch dtype; None: neither."""
+    chosen = []
+    for name, value in (("torch_dtype", torch_dtype), ("dtype", dtype)):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = resolve_dtype(value.removeprefix("torch."))
+        if value not in DTYPES.values():
+            raise InputError(f"{name} must be one of {', '.join(DTYPES)}, got {value}")
+        chosen.append(value)
+    if len(chosen) == 2 and chosen[0] != chosen[1]:
+        raise InputError(f"torch_dtype={chosen[0]} and dtype={chosen[1]} disagree: give one")
+    return chosen[0] if chosen else None
+
+
+def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
+    """The parts of a ``subfolder``, which must stay inside the folder it is looked up in."""
+    if subfolder is None:
+        return ()
+    if not isinstance(subfolder, str):
+        raise InputError(f"subfolder must be a relative path, got {subfolder!r:.60}")
+    posix = PurePosixPath(subfolder.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(subfolder).is_absolute() or PureWindowsPath(subfolder).drive:
+        raise InputError(f"subfolder must be a path inside the model folder, not an absolute path ({subfolder!r:.80})")
+    parts = tuple(p for p in posix.parts if p != ".")
+    if ".." in parts:
+        raise InputError(f"subfolder must stay inside the model folder, got {subfolder!r:.80}")
+    if not parts:
+        raise InputError("subfolder is empty; leave it out to load the folder itself")
+    return parts
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_]$")
+
+
+def _is_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_snapshot(
+    repo_id: str,
+    parts: tuple[str, ...],
+    *,
+    revision: str | None,
+    local_files_only: bool | None,
+    cache_dir: str | os.PathLike | None,
+    token: str | bool | None,
+    force_download: bool,
+) -> Path:
+    """The local snapshot of ``repo_id`` (the subfolder's files only, where one is given), from the
+    Hugging Face cache or downloaded into it; one line for any failure, naming the repo."""
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise InputError(f"{repo_id} is no local path, and huggingface_hub (to read repos) is not installed") from None
+    offline = bool(local_files_only) or _env_true("HF_HUB_OFFLINE") or hub.constants.HF_HUB_OFFLINE
+    if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
+        cache_dir = os.environ["HF_HUB_CACHE"]  # set after huggingface_hub read its environment
+    at = f" at revision {revision}" if revision else ""
+
+    def snapshot(patterns: list[str] | None) -> Path:
+        try:
+            folder = hub.snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=offline,
+                token=token,
+                force_download=force_download,
+                allow_patterns=patterns,
+                library_name="flashvaed",
+            )
+        except LocalEntryNotFoundError:
+            where = "offline: local_files_only" if local_files_only else "offline (HF_HUB_OFFLINE)"
+            if not offline:
+                where = "the Hub could not be reached"
+            raise InputError(
+                f"{repo_id}{at} is neither a local path nor in the Hugging Face cache ({where}); "
+                "download it once online, or give a local folder"
+            ) from None
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{repo_id}{at}: {first[:200]}") from None
+        return Path(folder)
+
+    if parts:
+        inside = "/".join(parts)
+        return snapshot([inside, f"{inside}/*"])
+    root = snapshot([PIPELINE_INDEX])  # a pipeline's repo is refused before its weights are fetched
+    if (root / PIPELINE_INDEX).is_file():
+        return root
+    return snapshot(None)
+
+
+def resolve_pretrained(
+    model: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> Path:
+    """The local path ``FlashVAE.from_pretrained`` loads: ``model`` (a path, else a Hugging Face
+    repo id), then ``subfolder`` inside it. A pipeline's root folder without ``subfolder`` is
+    refused in one line that says to pass ``subfolder="vae"``."""
+    parts = _subfolder_parts(subfolder)
+    root = Path(model)
+    if not root.exists() and not root.is_symlink():
+        if not _is_repo_id(str(model)):
+            raise CheckpointError(f"model not found: {model}")
+        root = _hub_snapshot(
+            str(model),
+            parts,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=force_download,
+        )
+    if parts:
+        if not root.is_dir():
+            raise InputError(f"{model} is a file; subfolder={subfolder!r} needs a folder")
+        path = root.joinpath(*parts)
+        if not path.exists():
+            raise CheckpointError(f"{model} has no {'/'.join(parts)}")
+        return path
+    if root.is_dir() and (root / PIPELINE_INDEX).is_file() and not _is_model_dir(root):
+        vaes = _pipeline_vaes(root)
+        raise InputError(
+            f"{model} is a diffusers pipeline folder ({PIPELINE_INDEX}); pass "
+            + " or ".join(f'subfolder="{v}"' for v in vaes)
+            + " to load its VAE"
+        )
+    return root
+
+
+def _pipeline_vaes(root: Path) -> list[str]:
+    """The components of a pipeline folder that hold its VAE (``vae`` when the index does not say)."""
+    try:
+        index = json.loads((root / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return ["vae"]
+    found = [
+        name
+        for name, value in index.items()
+        if isinstance(value, list) and len(value) == 2 and str(value[1]).startswith(("AutoencoderKL", "FlashVAE"))
+    ]
+    return found or ["vae"]
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A folder FlashVAE loads or may replace: ours, a student, an export or engine, a diffusers model."""
+    return (
+        (path / SAVED_FILE).is_file()
+        or is_student_dir(path)
+        or is_manifest_dir(path)
+        or (path / "config.json").is_file()
+    )
+
+
+def _replaceable(path: Path) -> bool:
+    return _is_model_dir(path) and not (path / PIPELINE_INDEX).is_file()
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """``flashvae.json`` of a folder ``save_pretrained`` wrote ({} elsewhere), checked."""
+    file = path / SAVED_FILE
+    if not path.is_dir() or not file.is_file():
+        return {}
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not readable JSON ({e})"[:300]) from None
+    if not isinstance(record, dict) or record.get("format") != SAVED_FORMAT:
+        raise CheckpointError(f"{file} is not a FlashVAE record (format {SAVED_FORMAT})")
+    if record.get("version", 1) != 1:
+        raise CheckpointError(f"{file} was written by a newer flashvaed (version {record.get('version')!r:.20})")
+    chunk, teacher = record.get("chunk"), record.get("teacher")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise CheckpointError(f"{file}: chunk must be a positive whole number or null, got {chunk!r:.40}")
+    if teacher is not None and (teacher != "teacher" or not (path / teacher).is_dir()):
+        raise CheckpointError(f"{file}: teacher must name the folder teacher/ beside it, got {teacher!r:.60}")
+    return record
+
+
+def _copy_folder(source: Path, into: Path) -> None:
+    """Copy an export or engine folder (not a previous save's record and teacher: written anew)."""
+    skip = {SAVED_FILE, "teacher"}
+    for entry in source.iterdir():
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, into / entry.name)
+        else:
+            shutil.copy2(entry, into / entry.name)
+
+
+def _offloading(hook: Any) -> Any:
+    """The accelerate hook (of a chain) that keeps its layer's weights elsewhere between calls, if any."""
+    if hook is None:
+        return None
+    if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+        return hook
+    for h in getattr(hook, "hooks", ()):
+        if _offloading(h) is not None:
+            return _offloading(h)
+    return None
 
 
 def _manifest_config(family: str, recorded: Any, where: str) -> Any:
@@ -534,3 +943,17 @@ def _set_global_rng_state(device: torch.device, state: Tensor) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+class _TypeNoticeFilter(logging.Filter):
+    """Drops one diffusers log line: "Expected types for vae: (AutoencoderKLWan,), got FlashVAE", which
+    ``DiffusionPipeline.from_pretrained(..., vae=FlashVAE)`` logs because it checks components against
+    the ``__init__`` annotations (``isinstance``). FlashVAE stands in for those classes by design and
+    checks the pairing itself (``FamilyMismatchError``); every other line passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for ") and message.endswith(f"got {FlashVAE!r}."))
+
+
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_TypeNoticeFilter())

@@ -423,7 +423,8 @@ def test_flash_preset_on_a_small_random_teacher_is_not_degenerate_and_distils(fa
                             (t_layout.middle, *t_layout.up), strict=True):  # fmt: skip
         assert ours.width >= min(4, theirs.width), (ours, theirs)
         assert all(h >= min(4, t) for h, t in zip(ours.hidden, theirs.hidden, strict=True))
-    assert any("raised to the floor of 4" in note for note in result.notes), result.notes
+    # the embedded LTX teacher (decoder base 16 since issue 24) is wide enough for flash-ltx without a floor
+    assert family == "ltx" or any("raised to the floor of 4" in note for note in result.notes), result.notes
     cfg = quick_config(
         batch_size=2, clip_frames=frames, clip_size=size, synthetic_clips=16, log_every=10, checkpoint_every=100,
         **{p: {"steps": 8} for p in ("align", "transfer", "refine")},

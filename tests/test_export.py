@@ -231,3 +231,19 @@ def test_device_state_decodes_and_saves_like_host_state(exported, monkeypatch):
     resumed.load_state(saved)
     torch.testing.assert_close(resumed.push(latents[:, :, 3:]), tail, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([head, tail], dim=2), expected, rtol=0, atol=1e-5)
+
+
+def test_upsampling_convs_export_as_transposed_convs(models, monkeypatch, tmp_path):
+    """From ``EXPORT_TRANSPOSED_FROM`` input channels on, nearest 2x + 3x3 conv is exported as one
+    ConvTranspose (no Resize): the same frames as the plain ops, at sizes it was not traced at."""
+    from flashvaed.models import blocks
+
+    monkeypatch.setattr(blocks, "EXPORT_TRANSPOSED_FROM", 1)
+    export(models["teacher"], tmp_path / "t", SMALL)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "t" / "steady.onnx"), load_external_data=False).graph.node}
+    assert "ConvTranspose" in ops and "Resize" not in ops
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 4, 3, 5)
+    with blocks.plain_ops(), torch.no_grad():
+        expected = models["teacher"].decode(latents).numpy()
+    np.testing.assert_allclose(contract_decode(tmp_path / "t", latents.numpy(), 2), expected, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import pytest
@@ -218,6 +218,9 @@ REFUSED = {
     ("ltx", "diffusers", "t.safetensors"),
     ("mochi", "flashvaed", "t.pth"),  # widths only in the metadata (a diffusers state dict's shapes say them)
 }
+# the embedded LTX teacher is conditioned on the timestep and narrows inside its up blocks, which
+# diffusers' AutoencoderKLLTXVideo cannot hold (its up block's timestep embedder takes the input width)
+REFUSED_TEACHERS = {("embedded-ltx", "diffusers", "t")}
 NO_LAYOUT = {("mochi", "original")}  # Mochi has diffusers and flashvaed layouts only: genmo's files are converted
 ROUND_TRIP_TEACHERS = (
     *FLOOR_TEACHERS,
@@ -259,10 +262,10 @@ def test_the_embedded_ltx_teacher_is_the_reported_layout():
     config = load_teacher(embedded_teacher_path("ltx")).config
     assert config.encoder_blocks != config.decoder_blocks
     assert (config.encoder_blocks[-1].kind, config.encoder_blocks[-1].multiplier) == ("compress_all_res", 1)
-    written = families.get("ltx").diffusers_config(config)
+    written = families.get("ltx").diffusers_config(replace(config, timestep_conditioning=False))
     assert written["layers_per_block"][-1] == 0 and len(written["down_block_types"]) == 4
     assert LTXConfig(**config_from_diffusers(written), latents_mean=config.latents_mean,
-                     latents_std=config.latents_std) == config  # fmt: skip
+                     latents_std=config.latents_std) == replace(config, timestep_conditioning=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(("layout", "target"), FORMS, ids=[f"{layout}-{t}" for layout, t in FORMS])
@@ -276,7 +279,7 @@ def test_every_teacher_round_trips_through_every_layout(references, name, layout
             save_teacher(teacher, path, layout)
         assert not path.exists() and not list(tmp_path.iterdir())
         return
-    if (teacher.family, layout, target) in REFUSED:
+    if (teacher.family, layout, target) in REFUSED or (name, layout, target) in REFUSED_TEACHERS:
         with pytest.raises(InputError, match="cannot write this"):
             save_teacher(teacher, path, layout)
         assert not path.exists() and not list(tmp_path.iterdir())

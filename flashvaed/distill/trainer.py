@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -35,6 +33,7 @@ from ..errors import InputError
 from ..metrics import psnr
 from ..models.student import FlashStudent
 from ..models.vae import TeacherVAE
+from ..progress import progress_bar
 from ..safeload import load_weights_only
 from .config import DistillConfig
 from .data import ClipDataset, batch_items, collate
@@ -298,26 +297,11 @@ class Distiller:
         report.phases = list(records.values())
         log = open(self.run_dir / "log.jsonl", "a") if self.topology.main else None
         writer = self._tensorboard() if self.topology.main else None
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        bar = Progress(
-            *columns,
-            console=Console(stderr=True),
-            transient=True,
-            disable=not (self.show_progress and self.topology.main),
-        )
+        shown = self.show_progress and self.topology.main
         start_step, start_time = self.step, time.perf_counter()
         phase_start = time.perf_counter()
         try:
-            with bar:
-                task = bar.add_task("distill", total=total, completed=self.step, info="")
+            with progress_bar("distill", total, shown, completed=self.step, info=True) as bar:
                 while self.step < total:
                     step = self.step
                     name, loss, parts, lr = self.train_step(step)
@@ -325,7 +309,7 @@ class Distiller:
                     record.first_loss = loss if record.first_loss is None else record.first_loss
                     record.last_loss = loss
                     self.step = step + 1
-                    bar.update(task, advance=1, description=f"{name:8s}", info=f"loss {loss:.4f} lr {lr:.2e}")
+                    bar.update(description=f"distill {name:8s}", info=f"loss {loss:.4f} lr {lr:.2e}")
                     if log is not None and (step % cfg.log_every == 0 or self.step == total):
                         entry = {"step": step, "phase": name, "loss": loss, "lr": lr, **parts}
                         log.write(json.dumps(entry) + "\n")

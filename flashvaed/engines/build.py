@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, final_path
 from ..errors import InputError
 from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, OURS, Contract, is_ours, read_manifest
 from .ort_backend import (
@@ -69,7 +69,9 @@ def build_engine(
             contract.backend = build(export_dir, contract, tmp, cache, workspace_gib)
             contract.files = dict(contract.backend["plan_files"])  # the engine directory holds plans
         contract.format = ENGINE_FORMAT
-        contract.backend["source_export"] = str(export_dir)
+        contract.backend["source_export"] = final_path(export_dir)
+        if contract.model.get("source"):  # an export written before sources were recorded by their final names
+            contract.model["source"] = final_path(contract.model["source"])
         (tmp / "manifest.json").write_text(contract.to_json())
     return contract
 

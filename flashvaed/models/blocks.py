@@ -59,6 +59,12 @@ def fast_eager() -> bool:
     )
 
 
+def exporting() -> bool:
+    """Whether an ONNX export is tracing the model: graph forms of the fast paths apply (standard
+    ops that every runtime maps one to one, cheaper than the plain ops they equal)."""
+    return _FAST_PATHS[-1] and torch.onnx.is_in_onnx_export()
+
+
 def is_channels_last(x: Tensor) -> bool:
     """A (B, C, T, H, W) tensor stored frame-major with channels innermost (``channels_last_3d``):
     folding time into the batch gives a channels-last 2D view of it, without a copy."""
@@ -616,18 +622,15 @@ def observed(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
-def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``conv2d(interpolate(x, 2x nearest), weight, bias, padding=1)`` for a 3x3 kernel, without the
-    upsampled tensor and with 16 of the 36 taps per input pixel: each output phase (row and column
-    parity) is a 2x2 conv of ``x`` whose taps are sums of the kernel's (an even row reads rows m-1
-    and m with taps w0 and w1 + w2; an odd row rows m and m+1 with w0 + w1 and w2; columns alike).
-    The four phases are one conv with 4x the output channels; the result is interleaved from it."""
-    o = weight.shape[0]
+def phase_kernels(weight: Tensor) -> list[Tensor]:
+    """The 2x2 kernels of the four output phases of a nearest 2x upsampling followed by ``weight``
+    (3x3), in phase order (row parity, column parity): an even row reads rows m-1 and m with taps
+    w0 and w1 + w2, an odd row rows m and m+1 with w0 + w1 and w2; columns alike."""
     rows = (
         torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),
         torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2),
     )
-    kernels = [
+    return [
         torch.stack(cols, dim=3)
         for r in rows
         for cols in (
@@ -635,16 +638,29 @@ def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
             (r[..., 0] + r[..., 1], r[..., 2]),
         )
     ]
-    b = bias.repeat(4) if bias is not None else None
-    out = F.conv2d(x, torch.cat(kernels), b, padding=1)  # (N, 4 * o, m + 1, n + 1)
-    n, _, m1, n1 = out.shape
-    phases = out.view(n, 2, 2, o, m1, n1)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    y = torch.empty(n, o, 2 * (m1 - 1), 2 * (n1 - 1), dtype=out.dtype, device=out.device, memory_format=fmt)
-    for a in (0, 1):
-        for c in (0, 1):
-            y[:, :, a::2, c::2] = phases[:, a, c, :, a : a + m1 - 1, c : c + n1 - 1]
-    return y
+
+
+def upsample_kernel(weight: Tensor) -> Tensor:
+    """``weight`` (O, I, 3, 3) after a nearest 2x upsampling, as the kernel (I, O, 4, 4) of a
+    transposed conv with stride 2 and padding 1: output row 2m + a (a the parity) takes input row
+    m + a - 1 + u (u = 0, 1) through kernel row 3 - a - 2u, so the phase kernels' taps fill the 4x4
+    kernel exactly once each (columns alike)."""
+    o, i = weight.shape[:2]
+    phases = torch.stack(phase_kernels(weight)).view(2, 2, o, i, 2, 2)  # (a, c, O, I, u, v)
+    return phases.permute(3, 2, 4, 0, 5, 1).reshape(i, o, 4, 4).flip(2, 3)  # row index 2u + a, reversed
+
+
+def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(interpolate(x, 2x nearest), weight, bias, padding=1)`` for a 3x3 kernel as one
+    transposed conv (``upsample_kernel``): no upsampled tensor, 16 of the 36 taps per input pixel,
+    and one kernel call (oneDNN's deconvolution on CPU, in ``x``'s layout)."""
+    return F.conv_transpose2d(x, upsample_kernel(weight), bias, stride=2, padding=1)
+
+
+# In exports, the transposed conv replaces ``Resize`` + the 3x3 conv from this many input channels
+# on (ONNX Runtime CPU, 2 cores: 1.4-2.2x faster at 192-384 channels into 32-192; at 32-128 its
+# col2im scatter loses to the plain pair, benchmarks/RESULTS.md, issue 23)
+EXPORT_TRANSPOSED_FROM = 192
 
 
 class Upsample(StreamingBlock):
@@ -673,9 +689,13 @@ class Upsample(StreamingBlock):
             y, state = self.time_conv(x, state)
             x = channels_to_frames(y, self.factor)
         conv = self.conv
-        if fast_eager() and conv.padding == (1, 1) and conv.padding_mode == "zeros" and not observed(conv):
-            # the same numbers as below to float rounding, with 16 of 36 taps (``upsample2x_conv3x3``)
-            return unfold_time(upsample2x_conv3x3(fold_time(x), self.conv.weight, self.conv.bias), x.shape[0]), state
+        if (
+            conv.padding == (1, 1)
+            and conv.padding_mode == "zeros"
+            and not observed(conv)
+            and (fast_eager() or (exporting() and conv.in_channels >= EXPORT_TRANSPOSED_FROM))
+        ):  # the same numbers as below to float rounding, with 16 of 36 taps (``upsample2x_conv3x3``)
+            return unfold_time(upsample2x_conv3x3(fold_time(x), conv.weight, conv.bias), x.shape[0]), state
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
 

@@ -235,7 +235,10 @@ def save_teacher(model: TeacherVAE, path: str | os.PathLike, layout: str = "flas
     tensors = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(family.config_tensors(model.config, layout))
     if layout == "diffusers" and path.suffix != ".safetensors":
-        config = family.diffusers_config(model.config)
+        try:
+            config = family.diffusers_config(model.config)
+        except CheckpointError as e:
+            raise InputError(f"cannot write this {family.title} to {path.name} in the {layout} layout: {e}") from None
         _check_readable(model, tensors, config, layout, path)
         path.mkdir(parents=True, exist_ok=True)
         _write(path / DIFFUSERS_WEIGHTS, tensors)

@@ -374,7 +374,9 @@ def diffusers_config(config: LTXConfig) -> dict[str, Any]:
         up = run[i] if run[i].kind == "compress_all" else None
         i += up is not None
         f = up.multiplier if up else 1
-        if narrow is not None and f != 1:
+        if narrow is not None and (f != 1 or config.timestep_conditioning):
+            # diffusers sizes an up block's timestep embedder by the block's input width, which its
+            # resnets (at the narrowed width) cannot take: no released decoder narrows in a conditioned block
             raise unfit
         out = output // (narrow.multiplier if narrow else 1) // f
         dboc.append(out * f)
