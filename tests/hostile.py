@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,17 +14,23 @@ import torch
 from flashvaed import api
 from flashvaed.demo import embedded_teacher_path
 from flashvaed.models import load_vae, save_teacher
+from flashvaed.models.families.ltx import LTXVAE
 
 
 def build_world(d: Path) -> Path:
     """The files hostile cases tamper with: the embedded Wan2.1 teacher (a .safetensors file with its
-    metadata, and as a diffusers directory), the embedded LTX teacher in three layouts, a student
-    pruned from the Wan2.1 teacher, its export and ONNX Runtime engine, latents and frames."""
+    metadata, and as a diffusers directory), the embedded LTX teacher in three layouts (diffusers':
+    unconditioned), a student pruned from the Wan2.1 teacher, its export and ONNX Runtime engine,
+    latents and frames."""
     wan, ltx = load_vae(embedded_teacher_path()), load_vae(embedded_teacher_path("ltx"))
     save_teacher(wan, d / "teacher.safetensors")  # our layout: the configuration is in the metadata
     save_teacher(wan, d / "dd", "diffusers")
     shutil.copy(embedded_teacher_path("ltx"), d / "ltx.safetensors")
-    save_teacher(ltx, d / "ltx_dd", "diffusers")
+    # diffusers cannot hold the embedded LTX teacher's conditioned, narrowing up blocks: its directory
+    # holds the same teacher without the timestep conditioning (its other weights as they are)
+    unconditioned = LTXVAE(replace(ltx.config, timestep_conditioning=False)).eval()
+    unconditioned.load_state_dict(ltx.state_dict(), strict=False)
+    save_teacher(unconditioned, d / "ltx_dd", "diffusers")
     save_teacher(ltx, d / "ltx_original.safetensors", "original")
     torch.manual_seed(0)
     torch.save({"latents": torch.randn(1, 16, 3, 4, 4)}, d / "z.pt")
