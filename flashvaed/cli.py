@@ -728,13 +728,13 @@ def evaluate(
     ],
     clips: Annotated[int, typer.Option(metavar="N", help="Clips to evaluate.")] = 4,
     frames: Annotated[
-        int,
+        int | None,
         typer.Option(
             metavar="N",
-            help="Frames per clip, tn+1 (t: 4 for Wan, 8 for LTX-Video, 6 for Mochi; the default fits Wan and "
-            "LTX-Video, give Mochi e.g. 13 or 19).",
+            help="Frames per clip, tn+1 (t: 4 for Wan, 8 for LTX-Video, 6 for Mochi; default: the fewest from "
+            "17 on, 17 for Wan and LTX-Video, 19 for Mochi).",
         ),
-    ] = 17,
+    ] = None,
     size: Annotated[
         int,
         typer.Option(

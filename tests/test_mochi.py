@@ -179,3 +179,15 @@ def test_the_export_plan_of_a_teacher_reads_its_decoder_only(work):
     plan = plugin_plan(teacher, "all")
     assert plan.fallback == [] and plan.plain == 0
     assert len(plan.nodes) == len(streaming_convs(teacher.decoder)) > 0
+
+
+def test_evaluate_takes_mochi_clips_by_default(work, students, tmp_path):
+    """evaluate's default clip length is the family's: 1 + 6n from 17 on (19), not Wan's 17."""
+    from flashvaed.distill.evaluate import default_frames, evaluate
+    from flashvaed.models import save_student
+
+    d, _, _, _ = work
+    assert [default_frames(t) for t in (4, 8, 6)] == [17, 17, 19]
+    save_student(students["lite-mochi"].student, tmp_path / "s")
+    result = evaluate(tmp_path / "s", d / "mochi", ["synthetic"], clips=1, size=16, device="cpu")
+    assert result.frames == 19 and result.metrics["psnr_student_teacher"] is not None

@@ -54,13 +54,19 @@ class Evaluation:
         return "\n".join(rows)
 
 
+def default_frames(temporal_factor: int, at_least: int = 17) -> int:
+    """Frames per evaluated clip: 1 + t*n, the fewest that reach ``at_least`` (17 for Wan and
+    LTX-Video, 19 for Mochi's t = 6)."""
+    return 1 + temporal_factor * -(-(at_least - 1) // temporal_factor)
+
+
 def evaluate(
     model: str | os.PathLike,
     teacher: str | os.PathLike,
     data: list[str | os.PathLike],
     *,
     clips: int = 4,
-    frames: int = 17,
+    frames: int | None = None,
     size: int = 128,
     chunk: int = 1,
     device: str = "auto",
@@ -79,6 +85,8 @@ def evaluate(
     student_model = load_student_for(model, teacher_model).to(dev)
     if not data:
         raise InputError("no {data} given (videos, latents, folders of them, or 'synthetic')", "data")
+    if frames is None:  # the shortest clip of at least 17 frames the family decodes: 1 + t*n
+        frames = default_frames(teacher_model.temporal_factor)
     dataset = ClipDataset(list(data), teacher_model, ClipSpec(frames, size), seed=seed)
     kept = 3 * clips * 3 * frames * size * size * 4  # truth, teacher and student frames of every clip
     check_work(
