@@ -53,11 +53,11 @@ from .engines.tiled import TiledDecoder, choose_tile, parse_memory, parse_tile, 
 from .errors import CheckpointError, FlashVAEDError, InputError
 from .export.contract import is_manifest_dir
 from .models import families
-from .models.checkpoint import STUDENT_WEIGHTS, is_student_dir, load_teacher, save_teacher
+from .models.checkpoint import is_student_dir, load_teacher, save_teacher, write_student
 from .models.streaming import check_latents
 from .models.student import FlashStudent
 from .models.vae import LatentDecoder
-from .safeload import check_stored, work_budget
+from .safeload import check_stored, load_config, work_budget
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE", "resolve_pretrained"]
 
@@ -271,11 +271,7 @@ class FlashVAE(ModelMixin):
         source = getattr(self, "_source", None)
         with atomic_output(out, directory=True, replaceable=_replaceable, what="a model folder") as tmp:
             if isinstance(model, FlashStudent):
-                (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-                from safetensors.torch import save_file
-
-                save_file(state, str(tmp / STUDENT_WEIGHTS))
+                write_student(model, tmp)
             elif model is not None:
                 save_teacher(model, tmp, layout="diffusers")  # type: ignore[arg-type]
             elif source is not None and Path(source).is_dir():
@@ -845,8 +841,10 @@ def resolve_pretrained(
 def _pipeline_vaes(root: Path) -> list[str]:
     """The components of a pipeline folder that hold its VAE (``vae`` when the index does not say)."""
     try:
-        index = json.loads((root / PIPELINE_INDEX).read_text())
-    except (OSError, ValueError):
+        index = load_config(root / PIPELINE_INDEX, CheckpointError, "pipeline index")
+    except CheckpointError:
+        return ["vae"]
+    if not isinstance(index, dict):
         return ["vae"]
     found = [
         name
@@ -875,10 +873,7 @@ def _read_saved(path: Path) -> dict[str, Any]:
     file = path / SAVED_FILE
     if not path.is_dir() or not file.is_file():
         return {}
-    try:
-        record = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is not readable JSON ({e})"[:300]) from None
+    record = load_config(file, CheckpointError, "FlashVAE record")  # size-capped, malformed in one line
     if not isinstance(record, dict) or record.get("format") != SAVED_FORMAT:
         raise CheckpointError(f"{file} is not a FlashVAE record (format {SAVED_FORMAT})")
     if record.get("version", 1) != 1:

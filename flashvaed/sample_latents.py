@@ -30,11 +30,13 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .io import TENSOR_SUFFIXES
 from .progress import track
+from .safeload import check_file
 
 __all__ = ["MAX_PROMPTS", "MAX_PROMPT_CHARS", "read_prompts", "sample_latents"]
 
 MAX_PROMPTS = 10_000  # a calibration or distillation set; more is a mistake (a wrong file)
 MAX_PROMPT_CHARS = 2_000  # text encoders truncate far below this (Wan 512 tokens, LTX 128)
+MAX_PROMPTS_BYTES = MAX_PROMPTS * (MAX_PROMPT_CHARS + 1) * 4  # every prompt at its longest, 4 bytes a character
 RECORD = "prompts.json"
 
 
@@ -42,10 +44,11 @@ def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     """The prompts of a file (one per line, blank lines skipped) or a list, checked."""
     if isinstance(prompts, (str, os.PathLike)):
         path = Path(prompts)
-        if not path.is_file():
-            raise InputError(f"prompts file not found: {path}", "prompts")
+        size = check_file(path, InputError, "prompts file")  # refused unopened: missing, a pipe, a device
+        if size > MAX_PROMPTS_BYTES:
+            raise InputError(f"{path} is {size} bytes; a prompts file is at most {MAX_PROMPTS_BYTES} bytes")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_bytes().decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise InputError(f"{path} is not UTF-8 text (one prompt per line)") from None
         where = str(path)

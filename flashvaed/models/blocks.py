@@ -650,11 +650,13 @@ def upsample_kernel(weight: Tensor) -> Tensor:
     return phases.permute(3, 2, 4, 0, 5, 1).reshape(i, o, 4, 4).flip(2, 3)  # row index 2u + a, reversed
 
 
-def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: Tensor | None = None) -> Tensor:
     """``conv2d(interpolate(x, 2x nearest), weight, bias, padding=1)`` for a 3x3 kernel as one
-    transposed conv (``upsample_kernel``): no upsampled tensor, 16 of the 36 taps per input pixel,
-    and one kernel call (oneDNN's deconvolution on CPU, in ``x``'s layout)."""
-    return F.conv_transpose2d(x, upsample_kernel(weight), bias, stride=2, padding=1)
+    transposed conv (``upsample_kernel``, or ``kernel`` where the caller keeps it): no upsampled
+    tensor, 16 of the 36 taps per input pixel, and one kernel call (oneDNN's deconvolution on CPU,
+    in ``x``'s layout)."""
+    kernel = upsample_kernel(weight) if kernel is None else kernel
+    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
 
 # In exports, the transposed conv replaces ``Resize`` + the 3x3 conv from this many input channels
@@ -678,6 +680,18 @@ class Upsample(StreamingBlock):
         self.time_conv = CausalConv3d(dim, dim * factor, (3, 1, 1)) if factor > 1 else None
         self.conv = nn.Conv2d(dim, out_dim, 3, padding=1)
         self.num_states = 1 if factor > 1 else 0
+        self._kernel: tuple[tuple, Tensor] | None = None  # (what it was derived from, upsample_kernel)
+
+    def transposed_kernel(self) -> Tensor:
+        """``upsample_kernel`` of the conv's weight, derived once per weight version, device and
+        dtype rather than in every streaming step (a 384x192 kernel costs ~8 ms to derive on a CPU)."""
+        w = self.conv.weight
+        if w.is_inference():  # no version counter to tell an in-place change: derived each time
+            return upsample_kernel(w)
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._kernel is None or self._kernel[0] != key:
+            self._kernel = key, upsample_kernel(w.detach())
+        return self._kernel[1]
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         if self.time_conv is None:
@@ -695,7 +709,8 @@ class Upsample(StreamingBlock):
             and not observed(conv)
             and (fast_eager() or (exporting() and conv.in_channels >= EXPORT_TRANSPOSED_FROM))
         ):  # the same numbers as below to float rounding, with 16 of 36 taps (``upsample2x_conv3x3``)
-            return unfold_time(upsample2x_conv3x3(fold_time(x), conv.weight, conv.bias), x.shape[0]), state
+            kernel = self.transposed_kernel() if fast_eager() else None  # an export derives it in its graph
+            return unfold_time(upsample2x_conv3x3(fold_time(x), conv.weight, conv.bias, kernel), x.shape[0]), state
         y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
         return unfold_time(self.conv(y), x.shape[0]), state
 

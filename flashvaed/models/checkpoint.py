@@ -336,11 +336,16 @@ def save_student(model: FlashStudent, out_dir: str | os.PathLike, extra: dict[st
     """
     out_dir = Path(out_dir)
     with atomic_output(out_dir, directory=True, replaceable=is_student_dir, what=STUDENT_DIR) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / STUDENT_WEIGHTS))
-        for name, content in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2))
+        write_student(model, tmp, extra)
     return out_dir
+
+
+def write_student(model: FlashStudent, folder: Path, extra: dict[str, object] | None = None) -> None:
+    """A student directory's files, into ``folder`` (one a caller is writing aside)."""
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / STUDENT_WEIGHTS))
+    for name, content in (extra or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
