@@ -13,8 +13,9 @@ Part 3 (``--flush``): what a short clip's stream costs against its one-shot deco
 the ONNX Runtime engine in the same run: torch streams (``model.decode``, chunks of ``--chunk``)
 vs ``model.decode_clip`` (upstream's whole-clip pass); the engine (a static export for this size
 and chunk) vs a one-shot graph of the same model (the whole clip in one ONNX Runtime run). Layers
-compute only the positions holding frames of the clip (their windows), so warm-up and flush steps
-cost what they compute.
+compute only the positions holding frames of the clip (their windows; an idle layer's convs are
+skipped inside the graphs), so warm-up and flush steps cost what they compute, and the engine runs
+the final chunk and the whole latency in one ``flush`` graph run.
 
     python benchmarks/ltx_streaming.py                        # memory, 5 vs 21 latent frames
     python benchmarks/ltx_streaming.py --speed --generation 0.9.1

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
+from .allocator import tune_allocator
 from .errors import FlashVAEDError
 
 
@@ -259,7 +260,11 @@ def info(
     if s.kind == "student":
         layout = s.config["layout"]
         named = {"middle": layout["middle"], **{f"up.{i}": st for i, st in enumerate(layout["up"])}}
-        parts = [f"{name} {st['op']} {st['width']}ch" for name, st in named.items()]
+        upsample = {n: st.resample for n, st in zip((c.name for c in s.stages), s.stages, strict=True)}
+        parts = [
+            f"{name} {st['op']} {st['width']}ch" + (f" ({upsample[name]} upsample)" if upsample[name] != "conv" else "")
+            for name, st in named.items()
+        ]
         head.add_row("student", f"{s.config['name']}: {', '.join(parts)}, head {layout['head_op']}")
         shown = {k: v for k, v in s.config["teacher"].items() if v is not None and not k.startswith("latents_")}
         head.add_row("teacher config", ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -1050,9 +1055,9 @@ def bench(
 
 @command(
     examples=[
-        "flashvaed demo",
         "flashvaed demo --family ltx -o demo-ltx/",
         "flashvaed demo --model Wan2.1_VAE.pth --height 256 --width 256",
+        "flashvaed demo --family wan2.2 --student flash-wan2.2-fast -o demo-fast/  # compare students",
     ]
 )
 def demo(
@@ -1065,6 +1070,13 @@ def demo(
     model: Annotated[
         Path | None,
         typer.Option("--model", "-m", metavar="MODEL", help="Your own teacher instead of the embedded one."),
+    ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PRESET",
+            help="The student to prune and distil: a preset or a config file (default: the family's flash- preset).",
+        ),
     ] = None,
     frames: Annotated[
         int | None,
@@ -1096,6 +1108,7 @@ def demo(
         out,
         family=family,
         model=model,
+        student=student,
         frames=frames,
         height=height,
         width=width,
@@ -1185,6 +1198,7 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 def main() -> None:
     """The console script: SIGTERM handled like Ctrl-C; usage errors in one line, exit 2."""
     signal.signal(signal.SIGTERM, _terminate)
+    tune_allocator()  # our own process: freed activation buffers are reused (flashvaed/allocator.py)
     try:
         code = app(standalone_mode=False)
     except _usage_errors() as e:

@@ -43,7 +43,7 @@ from .metrics import psnr, ssim
 from .models import families, load_model, load_teacher
 from .models.memory import clip_bytes
 from .models.streaming import iter_decode
-from .models.student import preset_names
+from .models.student import StudentSpec, preset_names
 from .safeload import check_work, json_format
 from .synthetic import scene_description, scene_names, synthetic_clip, synthetic_clip_bytes
 
@@ -166,12 +166,12 @@ def describe_teacher(teacher: Any, embedded: bool) -> str:
     return text
 
 
-def full_size_macs(teacher: Any, preset: str, embedded: bool = True) -> dict[str, Any] | None:
+def full_size_macs(teacher: Any, preset: str | Any, embedded: bool = True) -> dict[str, Any] | None:
     """MACs per frame of the family's released VAE and of ``preset`` built on it, at the family's
     default resolution, counted on the meta device (nothing allocated): what the student saves
     where decoding costs, unlike the demo's tiny sizes where a step's fixed overhead dominates.
     A full-size ``teacher`` (not the embedded one) is counted as it is."""
-    from .models.student import StudentSpec, build_student
+    from .models.student import build_student
     from .models.summary import summarize
 
     fam = families.get(teacher.family)
@@ -183,7 +183,8 @@ def full_size_macs(teacher: Any, preset: str, embedded: bool = True) -> dict[str
     try:
         with torch.device("meta"):
             full = fam.teacher_type(config)
-            student, _ = build_student(StudentSpec.load(preset), config)
+            spec = StudentSpec.load(preset) if isinstance(preset, str) else preset
+            student, _ = build_student(spec, config)
         teacher_macs = summarize(full, height, width).macs_per_frame
         student_macs = summarize(student, height, width).macs_per_frame
     except (InputError, ValueError):
@@ -288,6 +289,7 @@ def demo(
     *,
     family: str = "wan2.1",
     model: str | os.PathLike | None = None,
+    student: str | os.PathLike | None = None,
     scene: str | None = None,
     frames: int | None = None,
     height: int | None = None,
@@ -301,7 +303,8 @@ def demo(
 ) -> DemoResult:
     """Run the whole chain on a generated clip of ``scene`` (default: the family's) with
     ``family``'s embedded teacher (or ``model``) and write what it produced into ``out_dir``; see
-    the module docstring."""
+    the module docstring. ``student`` is a preset or a student config file (default: the
+    family's ``flash-`` preset): the demo is also how students are compared on equal terms."""
     from . import engines
     from .distill.run import distill
 
@@ -314,6 +317,9 @@ def demo(
         if value < low:
             raise InputError(f"{{{name}}} must be >= {low}, got {value}", name)
     check_fps(fps)
+    spec = StudentSpec.load(student) if student is not None else None  # a bad name or file fails first
+    if spec is not None and model is None and spec.family not in (None, family):
+        raise InputError(f"student {spec.name!r} is for {spec.family} teachers, not {family}", "student")
     dev = resolve_device(device)
     stages = Stages(progress)
     total_start = time.perf_counter()
@@ -351,15 +357,19 @@ def demo(
             one_shot = teacher.decode(z, **options).cpu()
         streaming_diff = (teacher_frames - one_shot).abs().max().item()
 
-    preset = f"flash-{family}"
-    if preset not in preset_names(family):
+    preset = f"flash-{family}" if spec is None else spec.name
+    if spec is None and preset not in preset_names(family):
         raise InputError(f"no {preset} preset ships for {family} teachers (presets: {', '.join(preset_names())})")
+    if spec is not None and spec.family not in (None, family):
+        raise InputError(f"student {spec.name!r} is for {spec.family} teachers, not {family}", "student")
+    is_preset = student is not None and str(student) in preset_names()
     with atomic_output(out_dir, directory=True, replaceable=is_demo_dir, what=DEMO_DIR) as tmp:
         with stages.run("prune", f"prune: {preset} from the teacher (independence-aware channel selection)"):
             prune_report = api.prune(
                 model_path,
                 tmp / "student-pruned",
-                preset=preset,
+                preset=preset if spec is None or is_preset else None,
+                config=None if spec is None or is_preset else student,
                 calib_clips=4,
                 calib_frames=train_frames,
                 calib_size=train_size,
@@ -430,7 +440,7 @@ def demo(
             write_video(labelled_side_by_side(panels), tmp / "comparison.mp4", fps=fps)
             contact_sheet(clip, teacher_frames, engine_frames).save(tmp / "contact_sheet.png")
             cost = prune_report["totals"]  # decoder parameters and MACs per frame at the clip's size
-            full_size = full_size_macs(teacher, preset, embedded=model is None)
+            full_size = full_size_macs(teacher, spec or preset, embedded=model is None)
             report = {
                 "format": DEMO_FORMAT,
                 "family": family,

@@ -109,6 +109,19 @@ def test_an_unknown_scene_is_refused(tmp_path):
     assert all(name in shown for name in scene_names())  # the help lists every scene
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--student", "flash-wan9"], "unknown preset or missing config file 'flash-wan9'"),
+        (["--family", "wan2.1", "--student", "flash-wan2.2-fast"], "is for wan2.2 teachers, not wan2.1"),
+    ],
+)
+def test_a_student_that_cannot_run_is_refused_before_any_work(tmp_path, args, needle):
+    r = runner.invoke(app, ["demo", "-o", str(tmp_path / "d"), *args])
+    assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+
+
 def test_the_colour_bar_says_its_scale():
     bar = colour_bar(128)
     left, right = bar.getpixel((5, 6)), bar.getpixel((122, 6))
@@ -180,9 +193,16 @@ def test_demo_outputs_are_what_they_say(wan21_demo):
 @pytest.mark.parametrize("family", [f for f in demo_families() if f != "wan2.1"])
 def test_demo_of_every_other_family(family, tmp_path):
     frames, size = SMALLEST[family]
-    result = demo(tmp_path / "d", family=family, frames=frames, height=size, width=size, distill_steps=1, device="cpu")
+    student = "flash-wan2.2-fast" if family == "wan2.2" else None  # another student than the default
+    result = demo(
+        tmp_path / "d", family=family, student=student, frames=frames, height=size, width=size, distill_steps=1,
+        device="cpu",
+    )  # fmt: skip
     r = result.report
     assert r["family"] == family and r["validate"]["passed"]
+    assert r["student"]["preset"] == (student or f"flash-{family}")
+    if student:
+        assert r["full_size"]["macs_ratio"] > 30 and "flash-wan2.2-fast" in result.summary()
     assert r["clip"]["scene"] == demo_scene(family)
     assert r["full_size"]["macs_ratio"] > 5
     if family == "ltx":  # decoded as the pipelines do; the report says what the teacher is

@@ -99,8 +99,11 @@ def test_info_reports_the_latency(work):
     assert r.exit_code == 0 and "latency" in r.output and "latent frames" in r.output
 
 
-def reader_decode(export_dir, latents: np.ndarray, chunk: int, timestep: float, seed: int) -> np.ndarray:
-    """Decode with onnxruntime alone, following the contract in the graphs' metadata (clock rule)."""
+def reader_decode(
+    export_dir, latents: np.ndarray, chunk: int, timestep: float, seed: int, flush: bool = False
+) -> np.ndarray:
+    """Decode with onnxruntime alone, following the contract in the graphs' metadata (clock rule;
+    ``flush``: the chunk holding the clip's last latent frame runs 'flush', FLUSH_RULE)."""
     first = onnx.load(str(export_dir / "first.onnx"), load_external_data=False)
     contract = json.loads({p.key: p.value for p in first.metadata_props}["flashvaed.contract"])
     model = contract["model"]
@@ -108,7 +111,7 @@ def reader_decode(export_dir, latents: np.ndarray, chunk: int, timestep: float, 
         g: ort.InferenceSession(str(export_dir / spec["file"]), providers=["CPUExecutionProvider"])
         for g, spec in contract["graphs"].items()
     }
-    assert set(sessions) == {"first", "steady", "last"}
+    assert set(sessions) == {"first", "steady", "last", "flush"}  # an export with windows (the default)
     state_in = [s["input"] for s in contract["state"]]
     b, _, t, h, w = latents.shape
     extra = {"timestep": np.full((b,), timestep, np.float32)}
@@ -125,6 +128,12 @@ def reader_decode(export_dir, latents: np.ndarray, chunk: int, timestep: float, 
         graph = "steady" if position + piece.shape[2] < t else "last"  # the last real chunk knows the end
         if graph == "last":
             feed["end"] = np.array(t)
+        if graph == "last" and flush:  # the clip's frames still held back, from this position on; no state
+            (held,) = sessions["flush"].run(None, feed)
+            start = max(0, model["temporal_factor"] * position - model["output_offset"])
+            done = np.concatenate(frames, axis=2)[:, :, model["output_offset"] :]
+            assert done.shape[2] == start and start + held.shape[2] == model["temporal_factor"] * (t - 1) + 1
+            return np.concatenate([done, held], axis=2)
         outs = sessions[graph].run(None, feed)
         frames.append(outs[0])
         state, position = outs[1:], position + piece.shape[2]
@@ -162,11 +171,12 @@ def test_onnx_runtime_equals_pytorch_over_chunkings(exports, name):
         engine.decode(latents, 2, temperature=1)
 
 
-def test_metadata_only_reader_drives_the_ltx_graphs(exports):
+@pytest.mark.parametrize("flush", [False, True], ids=["last-chunk-by-chunk", "flush"])
+def test_metadata_only_reader_drives_the_ltx_graphs(exports, flush):
     model = load_model(exports / "student")
     latents = torch.randn(1, LTX_LATENT, 4, 2, 3)
     expected = torch.cat(list(iter_decode(model, latents, 2, timestep=0.05, seed=7)), dim=2)
-    got = reader_decode(exports / "export-student", latents.numpy(), 2, timestep=0.05, seed=7)
+    got = reader_decode(exports / "export-student", latents.numpy(), 2, timestep=0.05, seed=7, flush=flush)
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
 
 

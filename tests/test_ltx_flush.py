@@ -4,10 +4,15 @@ clocks), and the frames stay those of the one-shot decode."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 
 from flashvaed import engines
+from flashvaed.engines.build import build_engine
+from flashvaed.errors import InputError
 from flashvaed.export.onnx_export import ExportOptions, export
 from flashvaed.models import StudentSpec, families
 from flashvaed.models.families.ltx.blocks import ReplicateConv3d
@@ -106,14 +111,32 @@ def test_tensor_clocks_compute_the_same_frames(teacher):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_the_engines_windowed_graphs_equal_torch(teacher, tmp_path):
+def test_the_engines_windowed_graphs_equal_torch(teacher, tmp_path, monkeypatch):
+    """The engine's stream: first, steady chunks, then one ``flush`` run for the final chunk and the whole
+    latency (idle layers' convs skipped inside the graphs); a stream closed without a final push flushes
+    with ``last`` runs. The frames are torch's."""
+    import onnxruntime as ort
+
     export(teacher, tmp_path / "e", ExportOptions(chunk="1:2:2", height="64", width="96", batch="1"))
     engine = engines.load(tmp_path / "e")
+    assert "flush" in engine.contract.files and engine.contract.windows is True
     for frames in (1, 3, 5):
         latents = torch.randn(1, teacher.latent_channels, frames, 2, 3)
         expected = teacher.decode(latents, 2, seed=3)
         for chunk in (1, 2):
             torch.testing.assert_close(engine.decode(latents, chunk, seed=3), expected, atol=1e-4, rtol=0)
+    runs = []
+    run = ort.InferenceSession.run_with_iobinding
+    monkeypatch.setattr(
+        ort.InferenceSession, "run_with_iobinding", lambda s, *a, **k: runs.append(1) or run(s, *a, **k)
+    )
+    latents = torch.randn(1, teacher.latent_channels, 5, 2, 3)
+    expected = teacher.decode(latents, 2, seed=3)
+    torch.testing.assert_close(engine.decode(latents, 2, seed=3), expected, atol=1e-4, rtol=0)
+    assert len(runs) == 3  # first, steady (2 latent frames), flush (2 and the latency of 7): not 1 + 2 + 4
+    stream = engine.stream(seed=3)
+    got = [stream.push(latents[:, :, :1]), stream.push(latents[:, :, 1:3]), stream.push(latents[:, :, 3:])]
+    torch.testing.assert_close(torch.cat([*got, stream.close()], dim=2), expected, atol=1e-4, rtol=0)
 
 
 def test_export_without_windows_from_the_command_line_equals_torch(tmp_path):
@@ -139,3 +162,20 @@ def test_export_without_windows_from_the_command_line_equals_torch(tmp_path):
     latents = torch.randn(1, teacher.latent_channels, 3, 2, 2)
     expected = teacher.decode(latents, 2)
     torch.testing.assert_close(engine.decode(latents, 2), expected, atol=1e-4, rtol=0)
+    # the manifests say which graphs compute windows; TensorRT cannot build those (data-dependent
+    # sizes): refused in one line, before TensorRT is imported, with the way to export one it can
+    manifests = {d: json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ew"}
+    assert (manifests["e"]["windows"], manifests["w"]["windows"]) == (False, True)
+    assert "flush" in manifests["w"]["graphs"] and "flush" not in manifests["e"]["graphs"]
+    with pytest.raises(InputError, match="--no-windows") as refused:
+        build_engine(tmp_path / "w", tmp_path / "trt", backend="tensorrt")
+    assert "\n" not in str(refused.value) and not (tmp_path / "trt").exists()
+    if importlib.util.find_spec("tensorrt") is None:  # a static export gets as far as asking for TensorRT
+        with pytest.raises(InputError, match="needs TensorRT"):
+            build_engine(tmp_path / "e", tmp_path / "trt", backend="tensorrt")
+    # a manifest from before windows were recorded (and flush graphs written): its graphs tell
+    del manifests["w"]["windows"]
+    manifests["w"]["graphs"].pop("flush")
+    (tmp_path / "w" / "manifest.json").write_text(json.dumps(manifests["w"]))
+    with pytest.raises(InputError, match="--no-windows"):
+        build_engine(tmp_path / "w", tmp_path / "trt", backend="tensorrt")

@@ -405,11 +405,12 @@ def test_old_student_directory_with_boolean_temporal_loads(tmp_path):
     save_student(student, tmp_path / "s")
     path = tmp_path / "s" / "config.json"
     data = json.loads(path.read_text())
-    assert data["version"] == STUDENT_VERSION == 3
+    assert data["version"] == STUDENT_VERSION == 4
     assert [st["temporal"] for st in data["layout"]["up"]] == [2, 2, 1, 1]
     data["version"] = 2
     for st in data["layout"]["up"]:
         st["temporal"] = st["temporal"] == 2
+        assert (st.pop("resample_conv"), st.pop("resample_rank")) == ("conv", 1)  # version 4: older lack them
     path.write_text(json.dumps(data))
     loaded = load_student(tmp_path / "s")
     assert loaded.config.layout == student.config.layout

@@ -37,9 +37,9 @@ def teacher(name: str):
     return fam.teacher_type(fam.tiny_config()).eval()
 
 
-def student(name: str):
+def student(name: str, preset: str | None = None):
     torch.manual_seed(1)
-    return build_student(StudentSpec.load(PRESET[name]), families.get(name).tiny_config())[0].eval()
+    return build_student(StudentSpec.load(preset or PRESET[name]), families.get(name).tiny_config())[0].eval()
 
 
 def frame_for(halo: tuple[int, int], grid: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -170,9 +170,12 @@ def test_tiling_is_exact_in_float64():
     assert torch.equal(single.decode(latents, 1), reference)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_tiled_student_equals_untiled(name):
-    model = student(name)
+STUDENTS = [(name, PRESET[name]) for name in FAMILIES] + [("wan2.2", "flash-wan2.2-fast")]  # + a separable upsampler
+
+
+@pytest.mark.parametrize(("name", "preset"), STUDENTS, ids=[p for _, p in STUDENTS])
+def test_tiled_student_equals_untiled(name, preset):
+    model = student(name, preset)
     decoder, _, region, latents = tiling_case(model, frames=2, seed=4)
     options = {"timestep": 0.05} if "timestep" in model.step_inputs else {}
     reference = decoder.decode(latents, 2, **options)

@@ -5,10 +5,16 @@ and prunes through the DupUp link on its narrowed stream."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
+from flashvaed.errors import InputError
 from flashvaed.models import StreamingDecoder, StudentSpec, families, zero_state
+from flashvaed.models.blocks import Upsample, plain_ops
 from flashvaed.models.families.wan22 import Wan22Config
 from flashvaed.models.student import build_student, preset_names
 from flashvaed.models.summary import summarize
@@ -16,7 +22,7 @@ from flashvaed.prune.calibration import calibration_latents
 from flashvaed.prune.pipeline import prune_teacher
 
 FAMILY = families.get("wan2.2")
-PRESETS = ["flash-wan2.2", "flash-wan2.2-narrow", "lite-wan2.2"]
+PRESETS = ["flash-wan2.2", "flash-wan2.2-fast", "flash-wan2.2-narrow", "lite-wan2.2"]
 EMBEDDED_LIKE = Wan22Config(base_dim=8, decoder_base_dim=8)  # the embedded teacher's widths: 32/32/32/16/8
 
 
@@ -30,7 +36,7 @@ def released():
     config = Wan22Config()
     with torch.device("meta"):
         teacher = FAMILY.teacher_type(config)
-        students = {name: build_student(StudentSpec.load(name), config) for name in PRESETS[:2]}
+        students = {name: build_student(StudentSpec.load(name), config) for name in PRESETS[:3]}
     costs = {name: summarize(student, 704, 1280) for name, (student, _) in students.items()}
     return summarize(teacher, 704, 1280), students, costs
 
@@ -118,3 +124,113 @@ def test_pruning_gathers_the_dupup_sources_from_a_narrowed_stream():
     with torch.no_grad():
         out = StreamingDecoder(result.student, clamp=False).push(z)
     assert torch.isfinite(out).all() and out.shape == (1, 3, 9, 32, 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise-separable upsample convs (``resample: dwsep``)
+# ---------------------------------------------------------------------------------------------
+def dwsep_spec(**stages: dict) -> StudentSpec:
+    """Every stage the teacher's operator at full width, but for ``stages``' settings."""
+    names = ["middle", "up0", "up1", "up2", "up3"]
+    layout = {n: {"op": "causal3d", **stages.get(n, {})} for n in names}
+    return StudentSpec.from_dict({"name": "dwsep-test", "family": "wan2.2", "stages": layout})
+
+
+@pytest.mark.parametrize(("fast", "rank"), [(True, 1), (False, 1), (True, 3)], ids=["fast", "plain", "rank3"])
+def test_separable_upsample_conv_is_nearest_2x_then_a_low_rank_dense_conv(fast, rank):
+    """The oracle is the dense upsampler (nearest 2x, then a 3x3 conv) whose kernel is, for each
+    output channel, the sum over its r pointwise rows times their depthwise filters: the pointwise
+    conv may run before the upsampling because a 1x1 conv commutes with it."""
+    torch.manual_seed(0)
+    sep, dense = Upsample(6, 5, 2, conv="dwsep", rank=rank).double(), Upsample(6, 5, 2).double()
+    with torch.no_grad():
+        dense.time_conv.load_state_dict(sep.time_conv.state_dict())
+        p = sep.conv.pointwise.weight[:, :, 0, 0].view(5, rank, 6)  # output o's rows: o * r + k
+        d = sep.conv.depthwise.weight  # (5, r, 3, 3)
+        dense.conv.weight.copy_(torch.einsum("oki,okyx->oiyx", p, d))
+        dense.conv.bias.copy_(sep.conv.depthwise.bias)
+    x, history = torch.randn(1, 6, 3, 4, 7, dtype=torch.float64), torch.randn(1, 6, 2, 4, 7, dtype=torch.float64)
+    with torch.no_grad(), contextlib.nullcontext() if fast else plain_ops():
+        (y, (h,)), (want, (wh,)) = sep(x, (history,)), dense(x, (history,))
+    assert y.shape == (1, 5, 6, 8, 14)
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h, wh, atol=0, rtol=0)
+    assert sum(p.numel() for p in sep.conv.parameters()) == rank * (6 * 5 + 5 * 9) + 5  # dense: 6 * 5 * 9 + 5
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_pruning_recovers_a_separable_upsample_conv_exactly(rank):
+    """Where the teacher's upsample conv is a rank-r kernel per output channel, the fit finds it:
+    the student then decodes the teacher's frames (every other layer is the teacher's own)."""
+    torch.manual_seed(0)
+    config = FAMILY.tiny_config()
+    teacher = FAMILY.teacher_type(config).eval()
+    conv = teacher.decoder.up[1].resample.conv
+    with torch.no_grad():
+        rows, filters = torch.randn(conv.out_channels, rank, conv.in_channels), torch.randn(conv.out_channels, rank, 9)
+        conv.weight.copy_(torch.einsum("oki,okt->oit", rows, filters).view_as(conv.weight))
+    calib = calibration_latents("synthetic", teacher, clips=1, frames=5, size=32)
+    settings = {"resample": "dwsep", **({"resample_rank": rank} if rank > 1 else {})}
+    result = prune_teacher(teacher, dwsep_spec(up1=settings), calib)
+    (sub,) = result.substitutions
+    assert (sub.conv, sub.op) == ("decoder.up.1.resample.conv", "dwsep2x")
+    assert min(sub.errors.values()) < 1e-10
+    assert result.student.config.layout.up[1].resample_conv == "dwsep"
+    z = torch.randn(1, config.z_dim, 3, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(result.student.decode(z), teacher.decode(z), atol=1e-5, rtol=0)
+
+
+def test_fast_preset_makes_up1s_upsample_conv_separable(released):
+    """At 704x1280 up1's upsample conv (1024 -> 1024, 3x3 at twice the latent resolution) is 2/3
+    of flash-wan2.2's MACs; flash-wan2.2-fast makes it separable (~1/36 of that): 1/30.5 of the
+    teacher's MACs, with everything else flash-wan2.2's."""
+    teacher, students, costs = released
+    fast, wide = (students[n][0].config.layout for n in ("flash-wan2.2-fast", "flash-wan2.2"))
+    assert [st.resample_conv for st in fast.up] == ["conv", "dwsep", "conv", "conv"]
+    assert fast == replace(wide, up=(wide.up[0], replace(wide.up[1], resample_conv="dwsep"), *wide.up[2:]))
+    cost = costs["flash-wan2.2-fast"]
+    assert 30 < teacher.macs_steady / cost.macs_steady < 31
+    dense = {s.name: s.macs for s in costs["flash-wan2.2"].stages}
+    separable = {s.name: s.macs for s in cost.stages}
+    assert dense["up.1"] - separable["up.1"] > 0.6 * costs["flash-wan2.2"].macs_steady
+    assert cost.state_bytes == costs["flash-wan2.2"].state_bytes  # the upsample conv keeps no state
+
+
+@pytest.mark.parametrize(
+    ("stages", "family", "message"),
+    [
+        ({"up3": {"resample": "dwsep"}}, "wan2.2", "up3 does not upsample"),
+        ({"up1": {"resample": "pixelshuffle"}}, "wan2.2", "resample must be one of conv, dwsep"),
+        ({"up1": {"resample": "dwsep"}}, "ltx", "ltx decoders do not build"),
+        ({"up1": {"resample": "dwsep"}}, "mochi", "mochi decoders do not build"),
+        ({"up1": {"resample_rank": 2}}, "wan2.2", "resample_rank needs resample: dwsep"),
+        ({"up1": {"resample": "dwsep", "resample_rank": 10}}, "wan2.2", "resample_rank must be an integer from 1 to 9"),
+    ],
+)
+def test_resample_settings_are_checked(stages, family, message):
+    spec = {"name": "bad", "stages": {n: {"op": "causal3d", **s} for n, s in stages.items()}}
+    fam = families.get(family)
+    with pytest.raises(InputError, match=message):
+        StudentSpec.from_dict(spec).resolve(fam.teacher_layout(fam.tiny_config()), family)
+
+
+def test_separable_upsample_student_exports_and_saves(tmp_path):
+    """A student with separable upsample convs saves and loads strictly, and its exported graphs,
+    driven by their metadata alone in ONNX Runtime, decode its frames at an untraced size."""
+    from test_export import SMALL, contract_decode, perturbed
+
+    from flashvaed.export.onnx_export import export
+    from flashvaed.models.checkpoint import load_student, save_student
+
+    spec = dwsep_spec(up0={"resample": "dwsep"}, up1={"resample": "dwsep"})
+    student = perturbed(build_student(spec, EMBEDDED_LIKE)[0])
+    save_student(student, tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    assert [st.resample_conv for st in loaded.config.layout.up] == ["dwsep", "dwsep", "conv", "conv"]
+    export(loaded, tmp_path / "e", SMALL)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 48, 4, 3, 5)
+    with torch.no_grad():
+        expected = student.decode(latents).numpy()
+    np.testing.assert_allclose(contract_decode(tmp_path / "e", latents.numpy(), 2), expected, atol=1e-4, rtol=0)

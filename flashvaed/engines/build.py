@@ -56,8 +56,9 @@ def build_engine(
     if backend == "onnxruntime":
         check_precision(contract)  # an engine its decoder would refuse to load is not written
     if backend == "tensorrt":
-        from .tensorrt_backend import require_tensorrt
+        from .tensorrt_backend import refuse_windows, require_tensorrt
 
+        refuse_windows(export_dir, contract)  # what no TensorRT builds, refused where TensorRT is absent too
         require_tensorrt()  # fail before any output exists
     with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp:
         if backend == "onnxruntime":

@@ -237,6 +237,36 @@ def make_state(shapes: list[tuple[int, ...]], dtype: str, device: tuple[str, int
     return TensorState(shapes, dtype, device) if torch_holds(device) else DeviceState(shapes, dtype, *device)
 
 
+class StreamBuffers:
+    """What a stream of one size allocates when it starts: both state sets and the IO bindings that bind
+    them, and a reusable buffer for the positions of warm-up and flush steps that are not frames of the
+    clip. A closed stream hands them to the next (``OnnxRuntimeDecoder.spares``)."""
+
+    def __init__(self, stream: OrtStream, batch: int, height: int, width: int, device: tuple[str, int]) -> None:
+        d, prefix = stream.source, stream.prefix
+        self.state = make_state(d.state_shapes(batch, height, width), d.contract.state_dtype, device)
+        values = self.state.values
+        # state is bound once: ``first`` writes set 0; steady (and last) binding i reads set i, writes the other
+        self.first = d.sessions[prefix + "first"].io_binding()
+        for i, t in enumerate(d.contract.state):
+            self.first.bind_ortvalue_output(t.output, values[0][i])
+        self.steps: dict[str, list] = {}
+        for graph in d.contract.graphs[1:]:
+            self.steps[graph] = []
+            for src in (0, 1):
+                binding = d.sessions[prefix + graph].io_binding()
+                for i, t in enumerate(d.contract.state):
+                    binding.bind_ortvalue_input(t.input, values[src][i])
+                    binding.bind_ortvalue_output(t.output, values[1 - src][i])
+                self.steps[graph].append(binding)
+        self._frames: dict[tuple[int, ...], np.ndarray] = {}
+
+    def frames(self, shape: tuple[int, ...]) -> np.ndarray:
+        if shape not in self._frames:
+            self._frames[shape] = np.empty(shape, np.float32)
+        return self._frames[shape]
+
+
 class OrtStream(Stream):
     source: OnnxRuntimeDecoder
     prefix = ""  # of the step graphs' names: "tile." for a tile of a tiled run (``OrtTileStream``)
@@ -244,33 +274,24 @@ class OrtStream(Stream):
     def __init__(self, source: OnnxRuntimeDecoder, options: dict[str, Any] | None = None) -> None:
         super().__init__(source)
         self.options = dict(options or {})
+        self.held: Tensor | None = None  # the frames a flush made with the final chunk, for close()
+        self.buffers: StreamBuffers | None = None
 
     def _start(self, batch: int, height: int, width: int) -> None:
         d = self.source
-        shapes = d.state_shapes(batch, height, width)
         session = d.sessions[self.prefix + "first"]
         device = state_device(session.get_providers(), session.get_provider_options())
-        self.state = make_state(shapes, d.contract.state_dtype, device)
-        values = self.state.values
+        self._release()
+        self.spare_key = (self.prefix, batch, height, width, device)
+        spares = d.spares.setdefault(self.spare_key, [])
+        self.buffers = spares.pop() if spares else StreamBuffers(self, batch, height, width, device)
+        self.state, self.first_binding, self.bindings = self.buffers.state, self.buffers.first, self.buffers.steps
         self.current = 0  # the set holding the state the next step reads
-        # per-stream inputs (a timestep, noise maps) are bound once, to every graph
+        # per-stream inputs (a timestep, noise maps) are bound to every graph when the stream starts
         self.inputs = {
             k: ort.OrtValue.ortvalue_from_numpy(v)
             for k, v in d.stream_inputs(batch, height, width, self.options).items()
         }
-        # state is bound once: ``first`` writes set 0; steady (and last) binding i reads set i, writes the other
-        self.first_binding = d.sessions[self.prefix + "first"].io_binding()
-        for i, t in enumerate(d.contract.state):
-            self.first_binding.bind_ortvalue_output(t.output, values[0][i])
-        self.bindings: dict[str, list] = {}
-        for graph in d.contract.graphs[1:]:
-            self.bindings[graph] = []
-            for src in (0, 1):
-                binding = d.sessions[self.prefix + graph].io_binding()
-                for i, t in enumerate(d.contract.state):
-                    binding.bind_ortvalue_input(t.input, values[src][i])
-                    binding.bind_ortvalue_output(t.output, values[1 - src][i])
-                self.bindings[graph].append(binding)
         for binding in [self.first_binding] + [b for pair in self.bindings.values() for b in pair]:
             for name, value in self.inputs.items():
                 binding.bind_ortvalue_input(name, value)
@@ -293,11 +314,19 @@ class OrtStream(Stream):
     def _step(self, latents: Tensor, first: bool) -> Tensor:
         d = self.source
         graph = d.step_graph(first, self.end)
+        final = graph == "last" and self.position < self.end <= self.position + latents.shape[2]  # type: ignore[operator]
+        if final and self.prefix + "flush" in d.sessions:  # the chunk holding the clip's last latent frame
+            return self._final_step(latents)
         binding = self.first_binding if first else self.bindings[graph][self.current]
         b, _, k, h, w = latents.shape
         s = d.spatial_factor
         n = d.step_frames(first, k)
-        frames = np.empty((b, 3, n, h * s, w * s), np.float32)
+        shape = (b, 3, n, h * s, w * s)
+        lo, hi = self._clip_positions(n)
+        # a step whose positions the stream keeps writes fresh memory (the caller's frames); the positions
+        # of a warm-up or flush step that are not frames of the clip go to a buffer reused step after step
+        # (fresh pages cost a page fault each: on a small model, more than the step's compute)
+        frames = np.empty(shape, np.float32) if (lo, hi) == (0, n) else self.buffers.frames(shape)
         binding.bind_ortvalue_input("latents", ort.OrtValue.ortvalue_from_numpy(latents_array(latents)))
         binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))
         if clocked(d) and not first:
@@ -308,10 +337,79 @@ class OrtStream(Stream):
         d.sessions[self.prefix + graph].run_with_iobinding(binding)
         if not first:
             self.current = 1 - self.current
-        return torch.from_numpy(frames)
+        if (lo, hi) == (0, n):
+            return torch.from_numpy(frames)
+        out = torch.empty(shape)  # the stream keeps positions lo..hi only (``Stream._advance``)
+        out[:, :, lo:hi] = torch.from_numpy(frames[:, :, lo:hi])
+        return out
+
+    def _clip_positions(self, n: int) -> tuple[int, int]:
+        """Positions [lo, hi) of a step of ``n`` positions that the stream keeps (all unless clocked)."""
+        d = self.source
+        if not clocked(d):
+            return 0, n
+        start = d.temporal_factor * self.position - d.output_offset
+        lo = min(max(0, -start), n)
+        hi = n if self.end is None else max(lo, min(n, 1 + d.temporal_factor * (self.end - 1) - start))
+        return lo, hi
+
+    def _release(self) -> None:
+        """Hand this stream's buffers to the next stream of the same size (a closed stream's state is
+        never read again: ``first`` writes it before any step reads it)."""
+        buffers, self.buffers = getattr(self, "buffers", None), None
+        if buffers is not None:
+            self.source.spares.setdefault(self.spare_key, []).append(buffers)
 
     def _bind_more(self, binding: Any) -> None:
         """Bind a step's further inputs (a tile's contexts)."""
+
+    def close(self) -> Tensor:
+        """End the stream. With a ``flush`` graph (the contract's FLUSH_RULE) the chunk holding the clip's
+        last latent frame made every frame it still holds back in one run; a stream never told its end
+        (no ``final`` push) flushes in ``last`` runs, a chunk at a time."""
+        held, self.held = self.held, None
+        if held is None:
+            return super().close()
+        self.reset()
+        return held
+
+    def reset(self) -> None:
+        super().reset()
+        self.held = None
+        self._release()
+
+    def _run_flush(self, latents: Tensor) -> Tensor:
+        """The ``flush`` graph on the chunk holding the clip's last latent frame: every frame still held back."""
+        d = self.source
+        session = d.sessions[self.prefix + "flush"]
+        binding = session.io_binding()
+        feeds = {
+            "latents": ort.OrtValue.ortvalue_from_numpy(latents_array(latents)),
+            "position": ort.OrtValue.ortvalue_from_numpy(np.array(self.position, np.int64)),
+            "end": ort.OrtValue.ortvalue_from_numpy(np.array(self.end, np.int64)),
+            **self.inputs,
+        }
+        for t, value in zip(d.contract.state, self.state.values[self.current], strict=True):
+            feeds[t.input] = value
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("frames")  # its length depends on the clock: ONNX Runtime allocates it
+        session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+
+    def _final_step(self, latents: Tensor) -> Tensor:
+        """The chunk holding the clip's last latent frame through ``flush``: its positions' frames now
+        (as a step's), the rest of the clip held for ``close``."""
+        d = self.source
+        clip = self._run_flush(latents)
+        b, _, k, h, w = latents.shape
+        tf, s = d.temporal_factor, d.spatial_factor
+        lo = max(0, d.output_offset - tf * self.position)  # the step's position of the first frame it holds
+        here = max(0, min(tf * k - lo, clip.shape[2]))
+        frames = torch.empty(b, 3, tf * k, h * s, w * s)  # the stream keeps positions lo .. lo + here only
+        frames[:, :, lo : lo + here] = clip[:, :, :here]
+        self.held = clip[:, :, here:]
+        return frames
 
     def _state(self) -> tuple[list[str], list[Tensor]]:
         return [t.name for t in self.source.contract.state], self.state.read(self.current)
@@ -394,6 +492,8 @@ class OnnxRuntimeDecoder(ContractDecoder):
                 raise InputError(f"{self.path}: {problem}; its manifest does not describe its graphs")
         # warm-up runs at a stream's first start per size: None = where the state is on CUDA
         self.warm_up: bool | None = None
+        # buffers of closed streams, by (graph prefix, batch, height, width, state device), for the next
+        self.spares: dict[tuple, list[StreamBuffers]] = {}
         self.warmed: set[tuple] = set()
 
     def stream(self, **options: Any) -> OrtStream:

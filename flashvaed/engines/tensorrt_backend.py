@@ -41,6 +41,33 @@ def require_tensorrt() -> Any:
     return tensorrt
 
 
+def computes_windows(export_dir: Path, contract: Contract) -> bool:
+    """Whether an export's graphs compute windows (``ExportOptions.windows``): recorded in its manifest;
+    in a manifest from before it was recorded, a clocked ``steady`` graph with a ``Range`` (a window's
+    positions, sized from ``position``) has them."""
+    if contract.windows is not None or not contract.clocked:
+        return bool(contract.windows)
+    import onnx
+
+    graph = onnx.load(
+        str(member_file(export_dir, contract.files["steady"], InputError, "graph")), load_external_data=False
+    )
+    return any(node.op_type == "Range" for node in graph.graph.node)
+
+
+def refuse_windows(export_dir: Path, contract: Contract) -> None:
+    """Refuse, in one line and before TensorRT is imported, an export whose graphs compute windows: the
+    sizes of their tensors depend on the values of ``position`` and ``end``, which this backend binds
+    as device tensors (not shape tensors, whose values TensorRT reads on the host with a profile of
+    each), and their ``flush`` graph returns a number of frames known only once it has run."""
+    if computes_windows(export_dir, contract):
+        raise InputError(
+            f"{export_dir} computes windows (tensor sizes inside its graphs depend on the clock inputs), which "
+            "TensorRT cannot build: export it again without them (flashvaed export --no-windows, or "
+            "ExportOptions(windows=False))"
+        )
+
+
 def profile_sizes(contract: Contract, graph: str) -> list[dict[str, int]]:
     """The sizes of ``graph``'s min, opt and max profile: the manifest's shape ranges; for a tiled
     run's ``frame.J`` graphs, its tiling frame and the frames module J sees in any step."""

@@ -51,6 +51,7 @@ ENGINE_FORMAT = "flashvaed-engine"
 CONTRACT_VERSION = 1
 METADATA_KEY = "flashvaed.contract"
 GRAPHS = ("first", "steady", "last")
+FLUSH = "flush"  # exports with windows of decoders with latency: the rest of the latency in one step (FLUSH_RULE)
 TILED = ("tile", "capture", "frame")  # graph name prefixes of exports made for tiling (TILING_RULE)
 SHAPES = ("batch", "chunk", "height", "width")
 STEP_INPUTS = {"timestep", "noise"}
@@ -106,6 +107,14 @@ CLOCK_RULE = (
     "Output position p is frame p - model.output_offset of the clip; keep "
     "frames 0 .. temporal_factor*(T-1). 'timestep' (float32, one per sample) and 'noise/i' (float32 maps of "
     "the latent grid scaled by model.noise_scales[i]) are per-stream inputs, the same for every chunk."
+)
+
+FLUSH_RULE = (
+    "Graph 'flush' (exports with windows) ends a stream in one run: run it instead of 'last' on the chunk "
+    "holding the clip's last latent frame (its inputs are 'last''s): it runs that chunk and model.latency "
+    "latent frames past it and returns only the frames of the clip still held back, frames "
+    "max(0, temporal_factor*position - model.output_offset) .. temporal_factor*(T-1) of the clip, and no next "
+    "state; no chunk follows it."
 )
 
 
@@ -235,7 +244,7 @@ class Tiling:
 def graph_kind(graph: str) -> tuple[str, str, int]:
     """(kind, step, module) of a graph's name: ("step", "steady", -1), ("tile", "first", -1),
     ("capture", "steady", 2) for capture.2.steady, ("frame", "", 0) for frame.0."""
-    if graph in GRAPHS:
+    if graph in GRAPHS or graph == FLUSH:
         return "step", graph, -1
     parts = graph.split(".")
     if len(parts) == 2 and parts[0] == "tile" and parts[1] in GRAPHS:
@@ -310,6 +319,9 @@ class Contract:
     plugin_convs: dict[str, Any] | None = None
     # exports made for tiling a decoder with frame-wide modules: the extra graphs' facts (TILING_RULE)
     tiling: Tiling | None = None
+    # clocked decoders: whether each layer of a step computes only its window (sizes inside the graphs
+    # depend on the clock inputs) or its whole step; None: not clocked, or a manifest from before it was recorded
+    windows: bool | None = None
 
     # facts of the model ---------------------------------------------------------------------
     @property
@@ -374,8 +386,13 @@ class Contract:
         return tuple(names)
 
     @property
+    def flush(self) -> bool:
+        """Whether the export has a ``flush`` graph (FLUSH_RULE): decoders with latency, exported with windows."""
+        return bool(self.latency and self.windows)
+
+    @property
     def all_graphs(self) -> tuple[str, ...]:
-        return self.graphs + self.tiling_graphs
+        return self.graphs + ((FLUSH,) if self.flush else ()) + self.tiling_graphs
 
     @property
     def state_dtype(self) -> str:
@@ -457,16 +474,18 @@ class Contract:
         def state(io: str) -> list[dict[str, Any]]:
             return [{"name": getattr(t, io), "shape": t.shape(b, h, w), "dtype": self.state_dtype} for t in self.state]
 
+        if graph == FLUSH:  # the clip's frames still held back, however many; no next state
+            frames["shape"][2] = "flush_frames"
         inputs = [latents] if graph == "first" else [latents, *state("input")]
         if self.clocked and graph != "first":
             inputs.append({"name": "position", "shape": [], "dtype": "int64"})
-        if graph == "last":
+        if graph in ("last", FLUSH):
             inputs.append({"name": "end", "shape": [], "dtype": "int64"})
         if "timestep" in self.step_inputs:
             inputs.append({"name": "timestep", "shape": [b], "dtype": "float32"})
         for i, scale in enumerate(self.noise_scales):
             inputs.append({"name": f"noise/{i}", "shape": [scaled(h, scale), scaled(w, scale)], "dtype": "float32"})
-        return {"inputs": inputs, "outputs": [frames, *state("output")]}
+        return {"inputs": inputs, "outputs": [frames] if graph == FLUSH else [frames, *state("output")]}
 
     def io_problem(self, graph: str, inputs: dict[str, list], outputs: dict[str, list]) -> str | None:
         """How a loaded graph's inputs and outputs (name -> shape, sizes or symbols) contradict
@@ -500,7 +519,10 @@ class Contract:
             "plugins": self.plugins,
             **({"plugin_convs": self.plugin_convs} if self.plugin_convs is not None else {}),
             "opset": self.opset,
-            "chunk_rule": CHUNK_RULE + (" " + CLOCK_RULE if self.clocked else ""),
+            "chunk_rule": CHUNK_RULE
+            + (" " + CLOCK_RULE if self.clocked else "")
+            + (" " + FLUSH_RULE if self.flush else ""),
+            **({"windows": self.windows} if self.windows is not None else {}),
             "shapes": {k: r.to_dict() for k, r in self.shapes.items()},
             "graphs": {g: {"file": self.files[g], **self._frames_of(g), **self.io(g)} for g in self.all_graphs},
             "state": [
@@ -556,13 +578,18 @@ class Contract:
                 files={
                     g: spec["file"]
                     for g, spec in d["graphs"].items()
-                    if g in GRAPHS or (tiling is not None and isinstance(g, str) and g.split(".")[0] in TILED)
+                    if g in GRAPHS
+                    or g == FLUSH
+                    or (tiling is not None and isinstance(g, str) and g.split(".")[0] in TILED)
                 },
                 format=d["format"],
                 backend=d.get("backend"),
                 plugin_convs=d.get("plugin_convs"),
                 tiling=None if tiling is None else Tiling.from_dict(tiling, d["graphs"]),
+                windows=d.get("windows"),  # absent before it was recorded
             )
+            if contract.windows is not None and not isinstance(contract.windows, bool):
+                raise ValueError(f"windows must be true, false or absent, got {contract.windows!r}"[:200])
             for module in contract.tiling.modules if contract.tiling is not None else ():
                 problem = module.problem()  # before the graphs it implies are counted
                 if problem:

@@ -197,6 +197,11 @@ def _conditioning(model: LatentDecoder, dtype: torch.dtype, extra: tuple[Tensor,
     return inputs
 
 
+def _float(frames: Tensor) -> Tensor:
+    """Frames as float32: a Cast only where they are not (a traced ``.float()`` copies them)."""
+    return frames if frames.dtype == torch.float32 else frames.float()
+
+
 class FirstGraph(nn.Module):
     """latents (B, z, 1, h, w) [, conditioning] -> frames (B, 3, 1 or t, s*h, s*w), initial state."""
 
@@ -211,13 +216,15 @@ class FirstGraph(nn.Module):
         zeros = tuple(
             x.new_zeros((b, s.channels, s.frames, _scaled(h, s.scale), _scaled(w, s.scale))) for s in self.specs
         )
-        # a traced clock is a tensor: with windows, the sizes of the layers' windows are computed in the graph
-        clock = {"position": torch.zeros((), dtype=torch.int64), "end": None} if clocked(self.model) else {}
-        if clock and not self.windows:
-            clock["windows"] = False
+        # the first step's windows are known (position 0, any end: the stream applies the end later): an int
+        # clock computes them here, and idle layers leave no ops in the graph; without windows, a tensor clock
+        clock: dict[str, Any] = {}
+        if clocked(self.model):
+            clock = {"position": 0, "end": None} if self.windows else {"position": torch.zeros((), dtype=torch.int64)}
+            clock.update({} if self.windows else {"end": None, "windows": False})
         inputs = _conditioning(self.model, self.dtype, extra)
         frames, state = self.model.decode_step(x, zeros, first=True, **clock, **inputs)
-        return (frames.float(), *state)
+        return (_float(frames), *state)
 
 
 class SteadyGraph(nn.Module):
@@ -239,7 +246,113 @@ class SteadyGraph(nn.Module):
             rest = rest[2 if self.last else 1 :]
         inputs = _conditioning(self.model, self.dtype, rest)
         frames, state = self.model.decode_step(latents.to(self.dtype), state, **clock, **inputs)
-        return (frames.float(), *state)
+        return (_float(frames), *state)
+
+
+class FlushGraph(nn.Module):
+    """latents (B, z, k, h, w), state, position, end [, conditioning] -> every frame of the clip the
+    stream still holds back (B, 3, F, s*h, s*w): the chunk holding the clip's last latent frame and the
+    decoder's latency in one step (``latency`` more latent frames, never read), whose layers compute only
+    their windows (exports with windows). Every window holds frames of the clip then (none is empty: its
+    convs need no ``If``, and ONNX Runtime fuses them as in a one-shot graph). No next state."""
+
+    def __init__(self, model: LatentDecoder, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.states = len(model.decoder_state_specs())
+
+    def forward(self, latents: Tensor, *rest: Tensor) -> Tensor:
+        state, rest = rest[: self.states], rest[self.states :]
+        clock = {"position": rest[0], "end": rest[1], "clip_only": True}
+        inputs = _conditioning(self.model, self.dtype, rest[2:])
+        b, z, _, h, w = latents.shape
+        x = torch.cat([latents, latents.new_zeros(b, z, self.model.latency, h, w)], dim=2)
+        frames, _ = self.model.decode_step(x.to(self.dtype), state, **clock, **inputs)
+        return _float(frames)
+
+
+def allow_empty(path: Path, convs: bool) -> None:
+    """Let the windowed graph at ``path`` take empty windows: its reshapes of computed sizes read a 0 as an
+    empty window's size (``allowzero``), not as "copy the input's"; with ``convs``, every Conv runs only
+    when its output is not empty (an ONNX ``If``, whose else branch gives the empty output), since ONNX
+    Runtime's Conv refuses an empty output: idle layers compute nothing instead of a placeholder position."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = []
+    for n, node in enumerate(graph.node if convs else ()):
+        weight = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight is None:  # only convs whose kernel is known here
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = list(weight.dims[2:])
+        rank = len(kernel)
+        pads = list(attrs.get("pads", [0] * 2 * rank))
+        strides = list(attrs.get("strides", [1] * rank))
+        dilations = list(attrs.get("dilations", [1] * rank))
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            nodes.append(node)
+            continue
+        p = f"/skip_empty/{n}"
+        spans = enumerate(zip(dilations, kernel, strict=True))
+        reach = [d * (k - 1) + 1 - pads[i] - pads[i + rank] for i, (d, k) in spans]  # input frames a position reads
+        const = {
+            f"{p}/least": ([1, 0, *reach], [2 + rank]),  # from the input sizes: all >= 0 iff the output is not empty
+            f"{p}/reach": (reach, [rank]),
+            f"{p}/strides": (strides, [rank]),
+            f"{p}/channels": ([weight.dims[0]], [1]),
+            f"{p}/starts": ([2], [1]),
+            f"{p}/ends": ([2 + rank], [1]),
+            f"{p}/zero": ([0], [1]),
+            f"{p}/one": ([1], [1]),
+            f"{p}/minus_one": ([-1], []),
+        }
+        for name, (values, dims) in const.items():
+            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, dims, values))
+        x, out = node.input[0], node.output[0]
+        pre = [  # a batch of 0, or a span of input sizes shorter than the kernel reaches: an empty output
+            helper.make_node("Shape", [x], [f"{p}/shape"]),
+            helper.make_node("Sub", [f"{p}/shape", f"{p}/least"], [f"{p}/spare"]),
+            helper.make_node("ReduceMin", [f"{p}/spare"], [f"{p}/fewest"], keepdims=0),
+            helper.make_node("Less", [f"{p}/minus_one", f"{p}/fewest"], [f"{p}/nonempty"]),
+        ]
+        then_out = helper.make_tensor_value_info(f"{p}/then", weight.data_type, None)
+        else_out = helper.make_tensor_value_info(f"{p}/else", weight.data_type, None)
+        conv = helper.make_node("Conv", list(node.input), [f"{p}/then"], name=node.name, **attrs)
+        empty = [  # sizes (D + pads - dilation*(k-1) - 1) // stride + 1, at least 0
+            helper.make_node("Slice", [f"{p}/shape", f"{p}/zero", f"{p}/one"], [f"{p}/batch"]),
+            helper.make_node("Slice", [f"{p}/shape", f"{p}/starts", f"{p}/ends"], [f"{p}/dims"]),
+            helper.make_node("Sub", [f"{p}/dims", f"{p}/reach"], [f"{p}/span"]),
+            helper.make_node("Div", [f"{p}/span", f"{p}/strides"], [f"{p}/steps"]),
+            helper.make_node("Add", [f"{p}/steps", f"{p}/one"], [f"{p}/sizes"]),
+            helper.make_node("Max", [f"{p}/sizes", f"{p}/zero"], [f"{p}/clamped"]),
+            helper.make_node("Concat", [f"{p}/batch", f"{p}/channels", f"{p}/clamped"], [f"{p}/out_shape"], axis=0),
+            helper.make_node("ConstantOfShape", [f"{p}/out_shape"], [f"{p}/zeros"]),
+            helper.make_node("CastLike", [f"{p}/zeros", node.input[1]], [f"{p}/else"]),
+        ]
+        branch = helper.make_node(
+            "If",
+            [f"{p}/nonempty"],
+            [out],
+            name=f"{node.name}/if_not_empty",
+            then_branch=helper.make_graph([conv], f"{p}/conv", [], [then_out]),
+            else_branch=helper.make_graph(empty, f"{p}/empty", [], [else_out]),
+        )
+        nodes += [*pre, branch]
+    if convs:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    for node in graph.node:  # reshapes of computed sizes: 0 is an empty window's size, not "copy"
+        if node.op_type == "Reshape" and node.input[1] not in inits:
+            for a in node.attribute:
+                if a.name == "allowzero":
+                    a.i = 1
+            if not any(a.name == "allowzero" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("allowzero", 1))
+    onnx.save(model, str(path))
 
 
 class _Stop(Exception):  # not an error: a capture graph ends at its module
@@ -490,7 +603,10 @@ def export(
         shapes=shapes,
         state=[StateTensor.from_spec(s) for s in model.decoder_state_specs()],
         files={"first": "first.onnx", "steady": "steady.onnx", **({"last": "last.onnx"} if model.latency else {})},
+        windows=options.windows if clocked(model) else None,
     )
+    if model.latency and options.windows:  # the flush in one step costs what it computes
+        contract.files["flush"] = "flush.onnx"
     frame_wide: list[tuple[nn.Module, FrameWideModule]] = []
     if options.tiling:
         try:
@@ -522,11 +638,15 @@ def export(
             return (latents[:, :, :1], *extra)
         state = state or first(latents[:, :, :1], *extra)[1:]
         clock: tuple[Tensor, ...] = ()
-        if clocked(model):  # a stream 3 latent frames in; for 'last', a clip of 4 ending in it
-            clock = (torch.tensor(3),) + ((torch.tensor(4),) if step == "last" else ())
+        if clocked(model):  # a stream past its warm-up (with windows, every layer's window then holds frames
+            # of the clip: no traced size is 0 or 1); for 'last' and 'flush', a clip ending in the chunk
+            at = model.latency + 1 if options.windows else 3
+            clock = (torch.tensor(at),) + ((torch.tensor(at + k),) if step in ("last", "flush") else ())
         return (latents[:, :, 1:], *state, *clock, *extra)
 
     def step_graph(step: str) -> nn.Module:
+        if step == "flush":
+            return FlushGraph(model, dtype)
         return first if step == "first" else SteadyGraph(model, dtype, last=step == "last", windows=options.windows)
 
     sizes = {"batch": b, "chunk": k, "height": h, "width": w}
@@ -554,6 +674,8 @@ def export(
                     args += tuple(_example_input(t) for t in contract.io(graph, sizes)["inputs"][len(args) :])
             with nullcontext() if contract.plugins == "none" else plugin_nodes(model, contract.plugins, plan):
                 _trace(module, args, tmp / contract.files[graph], contract.io(graph), opset)
+            if contract.windows and kind != "frame":  # steady, last: their idle layers compute nothing
+                allow_empty(tmp / contract.files[graph], convs=step in ("steady", "last"))
             if kind == "capture":  # a graph that stops at its module reads no later input: ONNX drops those
                 traced = onnx.load(str(tmp / contract.files[graph]), load_external_data=False)
                 contract.tiling.capture_inputs[graph] = [i.name for i in traced.graph.input]  # type: ignore[union-attr]

@@ -665,20 +665,59 @@ def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: T
 EXPORT_TRANSPOSED_FROM = 192
 
 
+MAX_RESAMPLE_RANK = 9  # a 3x3 kernel's taps: at rank 9 a separable upsample conv is the dense one
+
+
+class SeparableUpsampleConv(nn.Module):
+    """Nearest 2x upsampling and a 3x3 conv, made depthwise-separable: a pointwise conv at the
+    input's resolution (a 1x1 conv commutes with nearest upsampling, so it runs on a quarter of the
+    pixels), then the upsampling and a depthwise 3x3 conv. Per input pixel that is r*I*O + 36*r*O
+    MACs against the dense conv's 36*I*O: where a stage keeps a wide stream (Wan2.2's 1024 channels
+    at twice the latent resolution), the dense upsample conv is most of a student's cost.
+
+    ``rank`` r: each output channel sums r depthwise filters over r pointwise combinations of the
+    input (its kernel, an I x 9 matrix in the dense conv, has rank r; 9 is the dense conv exactly).
+    ``forward`` maps (N, I, H, W) to (N, O, 2H, 2W); pruning fits it to the dense conv it replaces
+    (``prune.substitute``: a rank-r split of each output channel's kernel, depthwise taps refitted).
+    """
+
+    substitutes_as = "dwsep2x"  # the operator kind a fit makes of a nearest-2x + 3x3 conv pair
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int = 1) -> None:
+        super().__init__()
+        if not 1 <= rank <= MAX_RESAMPLE_RANK:
+            raise ValueError(f"a separable upsample conv's rank is between 1 and {MAX_RESAMPLE_RANK}, got {rank}")
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.pointwise = nn.Conv2d(in_channels, out_channels * rank, 1, bias=False)
+        self.depthwise = nn.Conv2d(out_channels * rank, out_channels, 3, padding=1, groups=out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.pointwise(x)
+        return self.depthwise(F.interpolate(z, scale_factor=2.0, mode="nearest"))
+
+
+RESAMPLE_CONVS = ("conv", "dwsep")  # an upsampler's conv: the teacher's dense 3x3, or ``SeparableUpsampleConv``
+
+
 class Upsample(StreamingBlock):
     """Decoder resampling: optional temporal upsampling (``time_conv``), then nearest 2x and a 3x3 conv.
 
     ``temporal`` is the time factor (1: none; a boolean reads as 2 or 1). ``time_conv`` multiplies
     the channels by it and its output is read as ``temporal`` frames per input frame. On the first
     chunk it does not run at all: the single frame passes through and its history stays zero, so
-    the next chunk sees zeros in front (the reference's first-chunk rule).
+    the next chunk sees zeros in front (the reference's first-chunk rule). ``conv`` is the spatial
+    conv's kind (``RESAMPLE_CONVS``): "dwsep" makes it a ``SeparableUpsampleConv`` of ``rank``.
     """
 
-    def __init__(self, dim: int, out_dim: int, temporal: bool | int = 1) -> None:
+    def __init__(self, dim: int, out_dim: int, temporal: bool | int = 1, conv: str = "conv", rank: int = 1) -> None:
         super().__init__()
+        if conv not in RESAMPLE_CONVS:
+            raise ValueError(f"unknown upsample conv {conv!r} (expected one of {', '.join(RESAMPLE_CONVS)})")
         self.factor = factor = time_factor(temporal)
         self.time_conv = CausalConv3d(dim, dim * factor, (3, 1, 1)) if factor > 1 else None
-        self.conv = nn.Conv2d(dim, out_dim, 3, padding=1)
+        self.conv: nn.Module = (
+            nn.Conv2d(dim, out_dim, 3, padding=1) if conv == "conv" else SeparableUpsampleConv(dim, out_dim, rank)
+        )
         self.num_states = 1 if factor > 1 else 0
         self._kernel: tuple[tuple, Tensor] | None = None  # (what it was derived from, upsample_kernel)
 
@@ -703,6 +742,8 @@ class Upsample(StreamingBlock):
             y, state = self.time_conv(x, state)
             x = channels_to_frames(y, self.factor)
         conv = self.conv
+        if isinstance(conv, SeparableUpsampleConv):
+            return unfold_time(conv(fold_time(x)), x.shape[0]), state
         if (
             conv.padding == (1, 1)
             and conv.padding_mode == "zeros"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .blocks import OPS, time_factor
+from .blocks import MAX_RESAMPLE_RANK, OPS, RESAMPLE_CONVS, time_factor
 
 MAX_WIDTH = 1 << 16  # far past any released VAE: an untrusted config asking for more is refused
 
@@ -31,7 +31,9 @@ class StageLayout:
     student format 2 and earlier wrote it, reads as 2 or 1); ``shortcut`` gives
     every block a 1x1x1 shortcut (otherwise only blocks whose widths change have one); ``causal``
     makes the stage's own convs read no future frame in a decoder that otherwise does (a family
-    whose convs are all causal ignores it).
+    whose convs are all causal ignores it); ``resample_conv`` is the upsampler's spatial conv
+    (``blocks.RESAMPLE_CONVS``: the teacher's dense "conv", or "dwsep", depthwise-separable of
+    rank ``resample_rank``).
     """
 
     op: str
@@ -42,9 +44,20 @@ class StageLayout:
     temporal: int = 1
     shortcut: bool = False
     causal: bool = False
+    resample_conv: str = "conv"
+    resample_rank: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))
+        if self.resample_conv not in RESAMPLE_CONVS:
+            raise ValueError(f"unknown upsample conv {self.resample_conv!r} (one of {', '.join(RESAMPLE_CONVS)})")
+        if self.resample_conv != "conv" and self.resample_width is None:
+            raise ValueError(f"a stage that does not upsample has no upsample conv to make {self.resample_conv}")
+        rank = self.resample_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RESAMPLE_RANK:
+            raise ValueError(f"resample_rank must be an integer in [1, {MAX_RESAMPLE_RANK}], got {rank!r}"[:200])
+        if rank != 1 and self.resample_conv != "dwsep":
+            raise ValueError("resample_rank is the rank of a dwsep upsample conv; this stage's is not one")
         object.__setattr__(self, "temporal", time_factor(self.temporal))
         if self.op not in OPS:  # any registered operator kind (``blocks.register_op``)
             raise ValueError(f"unknown operator {self.op!r} (expected one of {', '.join(OPS)})")

@@ -23,16 +23,17 @@ import yaml
 from ..errors import InputError
 from ..safeload import load_config
 from . import families
-from .blocks import OPS
+from .blocks import MAX_RESAMPLE_RANK, OPS, RESAMPLE_CONVS
 from .layout import DecoderLayout, StageLayout, channel_spaces
 from .vae import LatentDecoder
 
 STUDENT_FORMAT = "flashvaed-student"
-STUDENT_VERSION = 3  # 2: LTX stages honour `shortcut` and `causal`; 3: a stage's `temporal` is a factor (int)
+# 2: LTX stages honour `shortcut` and `causal`; 3: `temporal` is a factor (int); 4: `resample_conv`, `resample_rank`
+STUDENT_VERSION = 4
 SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "min_width", "multiple_of", "causal"}
 MIN_WIDTH = 4  # below this a stage degenerates: an RMS norm over one channel is a sign function
 MULTIPLE_OF = 4  # ratio-derived widths round to multiples of this (vector loads, tensor-core tiles)
-STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut", "causal"}
+STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut", "causal", "resample", "resample_rank"}
 STAGE_NAME = re.compile(r"middle|head|up\d+")
 
 
@@ -52,6 +53,8 @@ class StageSpec:
     hidden: float | int | str | None = None
     shortcut: str | None = None  # "auto" | "always"; None: always for spatial2d, auto otherwise
     causal: bool | None = None  # the stage's convs read no future frame (dwsep3d in a non-causal decoder)
+    resample: str | None = None  # the upsampler's spatial conv: "conv" (the teacher's, default) or "dwsep"
+    resample_rank: int | None = None  # a dwsep upsample conv's rank (1 to 9; default 1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,15 @@ class StudentSpec:
                 raise InputError(f"{source}: stage {key!r}: shortcut must be 'auto' or 'always'")
             if spec.causal not in (None, True, False):
                 raise InputError(f"{source}: stage {key!r}: causal must be true or false")
+            if spec.resample not in (None, *RESAMPLE_CONVS):
+                raise InputError(f"{source}: stage {key!r}: resample must be one of {', '.join(RESAMPLE_CONVS)}")
+            rank = spec.resample_rank
+            if rank is not None and (
+                isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RESAMPLE_RANK
+            ):
+                raise InputError(f"{source}: stage {key!r}: resample_rank must be an integer from 1 to 9, got {rank!r}")
+            if rank is not None and spec.resample != "dwsep":
+                raise InputError(f"{source}: stage {key!r}: resample_rank needs resample: dwsep")
             if spec.causal and spec.op == "conv3d":
                 raise InputError(f"{source}: stage {key!r} is causal but asks for conv3d, which reads a future frame")
             if name == "head" and spec.causal is not None:
@@ -160,6 +172,11 @@ class StudentSpec:
                     raise InputError(
                         f"student '{self.name}': stage {name} asks for operator {st.op}, which {family} decoders "
                         f"do not build (they build {', '.join(ops)})"
+                    )
+                if st.resample not in (None, "conv") and st.resample not in families.get(family).resample_convs:
+                    raise InputError(
+                        f"student '{self.name}': stage {name} asks for a {st.resample} upsample conv, which "
+                        f"{family} decoders do not build (they build {', '.join(families.get(family).resample_convs)})"
                     )
                 if self.causal and st.op == "conv3d":
                     raise InputError(
@@ -245,7 +262,10 @@ class StudentSpec:
             resample = size[spaces[f"{name}.resample_width"]] if t.resample_width is not None else None
             stream = size[spaces[f"{name}.width"]]
             causal = bool(s.causal) and s.op != "spatial2d"  # a per-frame conv reads no other frame anyway
-            return StageLayout(s.op, in_width, stream, hidden, resample, t.temporal, shortcut, causal)
+            if s.resample not in (None, "conv") and resample is None:
+                raise InputError(f"student '{self.name}': stage {key} does not upsample, so it takes no 'resample'")
+            conv, rank = s.resample or "conv", s.resample_rank or 1
+            return StageLayout(s.op, in_width, stream, hidden, resample, t.temporal, shortcut, causal, conv, rank)
 
         middle = stage("middle", teacher.middle, "middle")
         ups = tuple(stage(f"up{i}", t, f"up.{i}") for i, t in enumerate(teacher.up))

@@ -27,6 +27,7 @@ class StageCost:
     params: int
     macs: int  # per steady chunk
     state_bytes: int
+    resample: str = "conv"  # the stage's upsample conv: "conv", or "dwsep" (rank r: "dwsep rank r")
 
 
 @dataclass
@@ -104,9 +105,14 @@ def summarize(
     plan = None if next(model.parameters()).is_meta else plan_tiling(model)  # the probe decode needs weights
     itemsize = torch.empty((), dtype=dtype).element_size()
     ops = model.decoder.stage_ops()
+    layouts = getattr(getattr(model.config, "layout", None), "stages", {})  # a student's (a teacher's convs are dense)
     stages = []
     for name, _, block in model.decoder.stages():
         owned = [s for s in specs if s.name == name or s.name.startswith(name + ".")]
+        st = layouts.get(name)
+        resample = "conv" if st is None else st.resample_conv
+        if st is not None and st.resample_rank > 1:
+            resample += f" rank {st.resample_rank}"
         stages.append(
             StageCost(
                 name=name,
@@ -114,6 +120,7 @@ def summarize(
                 params=sum(p.numel() for p in block.parameters()),
                 macs=steady.get(name, 0),
                 state_bytes=state_nbytes(owned, 1, h, w, itemsize),
+                resample=resample,
             )
         )
     return DecoderSummary(

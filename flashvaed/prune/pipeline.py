@@ -29,7 +29,7 @@ from .calibration import input_grams, norm_ratios
 from .groups import D2S_ROWS, ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
 from .norms import NormSpec, is_norm, norm_spec
 from .select import Compensation, Selection, compensation, fold_into_consumer, independence_select, l1_select
-from .substitute import Substitution, fit_substitutions, padding_of, substitutable
+from .substitute import Substitution, fit_substitutions, padding_of, replaceable
 
 CRITERIA = ("independence", "l1")
 IDENTICAL_PSNR = 100.0  # dB, reported for frames equal to the teacher's
@@ -82,7 +82,10 @@ def pruned_layout(layout: DecoderLayout, teacher: DecoderLayout) -> DecoderLayou
     return replace(
         layout,
         middle=replace(layout.middle, op=teacher.middle.op, shortcut=False),
-        up=tuple(replace(st, op=t.op, shortcut=False) for st, t in zip(layout.up, teacher.up, strict=True)),
+        up=tuple(
+            replace(st, op=t.op, shortcut=False, resample_conv=t.resample_conv, resample_rank=t.resample_rank)
+            for st, t in zip(layout.up, teacher.up, strict=True)
+        ),
         head_op=teacher.head_op,
         causal=teacher.causal,
     )
@@ -267,7 +270,7 @@ def stage_channels(graph: ChannelGraph, decisions: list[GroupDecision]) -> dict[
 def substitution_targets(pruned: nn.Module, student: nn.Module, notes: list[str] | None = None) -> dict[str, str]:
     """Conv path -> operator, wherever the student has a cheaper operator (its class declares
     ``substitutes_as``, the kind a fit makes of it) than the pruned teacher's dense 3x3x3 conv
-    (``substitute.SubstitutableConv``).
+    (``substitute.SubstitutableConv``) or upsampler's 3x3 conv (``substitute.upsample_conv``).
 
     The fit pads as the teacher conv does, so the student's operator should too (the family builds
     it with the conv's ``padding_mode`` and ``history``); where it declares another padding, a line
@@ -277,7 +280,7 @@ def substitution_targets(pruned: nn.Module, student: nn.Module, notes: list[str]
     for path, module in student.named_modules():
         op = getattr(type(module), "substitutes_as", None)
         conv = pruned.get_submodule(path) if op is not None else None
-        if conv is None or not substitutable(conv):
+        if conv is None or not replaceable(conv, op):
             continue
         targets[path] = op
         theirs, ours = padding_of(conv), padding_of(module)
@@ -385,7 +388,8 @@ def prune_teacher(
     pruned.eval()
     student = student_of(spec.name, layout, stage_channels(graph, decisions))
     targets = substitution_targets(pruned, student, notes)
-    subs = fit_substitutions(pruned, targets, latents, chunk=chunk, progress=progress)
+    options = {p: {"rank": student.get_submodule(p).rank} for p, op in targets.items() if op == "dwsep2x"}
+    subs = fit_substitutions(pruned, targets, latents, options=options, chunk=chunk, progress=progress)
     state = student_state_dict(student, pruned, subs)
     realign_taps(student, pruned, state)
     student.load_state_dict(state, strict=True)

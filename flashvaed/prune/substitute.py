@@ -11,6 +11,11 @@ teacher-forced layer by layer, padded as the conv pads (spatially ``padding_mode
 - ``dwsep3d`` (depthwise 3x3x3 then pointwise): a rank-1 SVD of each input channel's
   (out x 27) kernel slice gives the depthwise filter and a pointwise column; the pointwise
   conv is then refitted by least squares on the depthwise outputs; the better one is kept.
+- ``dwsep2x`` (an upsampler's nearest 2x + dense 3x3 conv made pointwise at the low resolution,
+  then depthwise 3x3 after the upsampling, ``blocks.SeparableUpsampleConv`` of rank r): a rank-r
+  SVD of each output channel's (in x 9) kernel slice gives its r pointwise rows and depthwise
+  filters; the depthwise taps and bias are then refitted by least squares, channel by channel
+  (9r + 1 unknowns each); the better one is kept.
 
 Errors are relative: ||y - y_student||^2 / ||y||^2 over calibration features.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 from .calibration import run
 
 MAX_ROWS = 32768
+UPSAMPLE_ROWS = 4096  # pixels per call an upsample conv's fit samples (each of its channels solves 9r + 1 unknowns)
 PAD_MODES = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect", "circular": "circular"}
 
 
@@ -60,6 +66,19 @@ def substitutable(module: nn.Module) -> bool:
         return False
     dense = getattr(module, "groups", 1) == 1
     return dense and module.weight.dim() == 5 and tuple(module.weight.shape[2:]) == (3, 3, 3)
+
+
+def upsample_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a dense 3x3 2D conv padded by one zero pixel: an upsampler's conv, which
+    runs on the nearest-upsampled frames (``blocks.Upsample``) and a ``dwsep2x`` fit can replace."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and tuple(module.kernel_size) == (3, 3)
+        and tuple(module.padding) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.padding_mode == "zeros"
+    )
 
 
 def padding_of(module: nn.Module) -> tuple[str | None, str | None]:
@@ -193,27 +212,108 @@ class _DepthwiseFit:
         return Substitution(path, "dwsep3d", choice, errors, params, self.padding_mode, self.history)
 
 
-FITS: dict[str, Callable[[SubstitutableConv, torch.Generator], _SpatialFit | _DepthwiseFit]] = {
+class _UpsampleFit:
+    """Statistics for replacing an upsampler's dense 3x3 conv (on nearest-2x frames) by a pointwise
+    conv at the low resolution and a depthwise 3x3 conv after the upsampling."""
+
+    def __init__(self, conv: nn.Conv2d, generator: torch.Generator, rank: int = 1) -> None:
+        w = conv.weight.detach().double()  # (out, in, 3, 3)
+        cout, r = w.shape[0], rank
+        # (an SVD weighted by the inputs' second moments fits the calibration features better, layer
+        # by layer, but gave a worse student, before and after distillation: benchmarks/RESULTS.md)
+        u, s, vh = torch.linalg.svd(w.flatten(2), full_matrices=False)  # per output channel: (in, 9)
+        root = s[:, :r].sqrt()  # the rank-r split: pointwise rows o*r + k, depthwise filters (o, k)
+        rows = u[:, :, :r] * root[:, None]
+        self.pointwise = rows.transpose(1, 2).reshape(cout * r, -1)[..., None, None]
+        self.depthwise_svd = (vh[:, :r, :] * root[..., None]).reshape(cout, r, 3, 3)
+        self.bias = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(cout)
+        self.rank, n = r, 9 * r + 1  # per output channel: 9 taps of each of its r channels, and the bias
+        self.ztz = torch.zeros(cout, n, n, dtype=torch.float64)
+        self.zty = torch.zeros(cout, n, dtype=torch.float64)
+        self.yty = torch.zeros(cout, dtype=torch.float64)
+        self.generator = generator
+
+    def observe(self, x: Tensor, y: Tensor) -> None:
+        """x: the conv's input, nearest-upsampled frames (N, Cin, H, W); y: its output (N, Cout, H, W).
+
+        Each output channel has only 9r + 1 unknowns, so a few thousand sampled pixels per call do:
+        their 3x3 neighbourhoods are gathered (never an unfolded copy of a wide activation)."""
+        n, _, h, w = x.shape
+        rows = n * h * w
+        idx = torch.randperm(rows, generator=self.generator)[:UPSAMPLE_ROWS] if rows > UPSAMPLE_ROWS else None
+        idx = torch.arange(rows) if idx is None else idx
+        b, yy, xx = idx // (h * w), idx % (h * w) // w, idx % w
+        padded = F.pad(x, (1, 1, 1, 1))
+        neighbourhoods = torch.stack(
+            [padded[b, :, yy + dy, xx + dx] for dy in range(3) for dx in range(3)], dim=-1
+        ).double()  # (rows, Cin, 9)
+        c = self.bias.shape[0]
+        pointwise = self.pointwise.flatten(1)  # (Cout * r, Cin): a 1x1 conv commutes with the upsampling
+        taps = torch.einsum("ki,nit->knt", pointwise, neighbourhoods)  # (Cout * r, rows, 9)
+        taps = taps.reshape(c, self.rank, -1, 9).transpose(1, 2).reshape(c, -1, 9 * self.rank)
+        ys = y[b, :, yy, xx].double().T  # (Cout, rows)
+        taps = torch.cat([taps, torch.ones(*taps.shape[:2], 1, dtype=torch.float64)], dim=2)
+        self.ztz += taps.transpose(1, 2) @ taps
+        self.zty += (taps.transpose(1, 2) @ ys[..., None])[..., 0]
+        self.yty += (ys**2).sum(1)
+
+    def _error(self, p: Tensor) -> float:
+        quad = (p[:, None, :] @ self.ztz @ p[:, :, None]).flatten()
+        resid = self.yty - 2 * (p * self.zty).sum(1) + quad
+        return float(resid.clamp(min=0).sum()) / max(float(self.yty.sum()), 1e-30)
+
+    def result(self, path: str) -> Substitution:
+        svd = torch.cat([self.depthwise_svd.flatten(1), self.bias[:, None]], dim=1)  # (out, 9r + 1)
+        lam = 1e-6 * torch.diagonal(self.ztz, dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+        eye = torch.eye(self.ztz.shape[1], dtype=torch.float64)
+        ls = torch.linalg.solve(self.ztz + lam[:, None, None] * eye, self.zty[..., None])[..., 0]
+        errors = {"svd": self._error(svd), "svd+least_squares": self._error(ls)}
+        choice = min(errors, key=errors.__getitem__)
+        p = svd if choice == "svd" else ls
+        params = {
+            "pointwise.weight": self.pointwise.float(),
+            "depthwise.weight": p[:, :-1].reshape(-1, self.rank, 3, 3).float(),
+            "depthwise.bias": p[:, -1].float(),
+        }
+        return Substitution(path, "dwsep2x", choice, errors, params)
+
+
+Fit = _SpatialFit | _DepthwiseFit | _UpsampleFit
+FITS: dict[str, Callable[..., Fit]] = {
     "spatial2d": _SpatialFit,
     "dwsep3d": _DepthwiseFit,
+    "dwsep2x": _UpsampleFit,
 }
+
+
+def replaceable(module: nn.Module, op: str) -> bool:
+    """Whether a fit can make operator kind ``op`` of ``module`` (a dense 3x3x3 conv for the 3D
+    kinds, an upsampler's 3x3 conv for ``dwsep2x``)."""
+    return upsample_conv(module) if op == "dwsep2x" else substitutable(module)
 
 
 @torch.inference_mode()
 def fit_substitutions(
-    model: nn.Module, targets: dict[str, str], latents: list[Tensor], *, chunk: int = 2, progress: bool = False
+    model: nn.Module,
+    targets: dict[str, str],
+    latents: list[Tensor],
+    *,
+    options: dict[str, dict[str, Any]] | None = None,
+    chunk: int = 2,
+    progress: bool = False,
 ) -> list[Substitution]:
-    """Fit each conv in ``targets`` (path -> op) on calibration data decoded by ``model``."""
+    """Fit each conv in ``targets`` (path -> op) on calibration data decoded by ``model``;
+    ``options`` (path -> keywords) shape a fit (a separable upsample conv's ``rank``)."""
     generator = torch.Generator().manual_seed(0)
-    fits: dict[str, _SpatialFit | _DepthwiseFit] = {}
+    fits: dict[str, Fit] = {}
     handles = []
     for path, op in targets.items():
         conv = model.get_submodule(path)
-        if not substitutable(conv):
-            raise TypeError(f"{path}: {type(conv).__name__} is not a dense 3x3x3 conv pruning can substitute")
         if op not in FITS:
             raise ValueError(f"{path}: no fit makes operator kind {op!r} (fits: {', '.join(FITS)})")
-        fit = FITS[op](conv, generator)
+        if not replaceable(conv, op):
+            raise TypeError(f"{path}: {type(conv).__name__} is not a conv pruning can make {op} of")
+        fit = FITS[op](conv, generator, **(options or {}).get(path, {}))
         fits[path] = fit
         handles.append(conv.register_forward_hook(_observer(conv, fit)))
     try:
@@ -224,8 +324,11 @@ def fit_substitutions(
     return [fit.result(path) for path, fit in fits.items()]
 
 
-def _observer(conv: nn.Module, fit: _SpatialFit | _DepthwiseFit) -> Callable:
-    def hook(_module: nn.Module, args: tuple, output: tuple) -> None:
+def _observer(conv: nn.Module, fit: Fit) -> Callable:
+    def hook(_module: nn.Module, args: tuple, output: tuple | Tensor) -> None:
+        if isinstance(fit, _UpsampleFit):  # a plain conv: its output is the tensor
+            fit.observe(args[0], output)
+            return
         y = output[0]
         if isinstance(fit, _SpatialFit):
             fit.observe(args[0], y)

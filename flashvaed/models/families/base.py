@@ -173,6 +173,7 @@ class Family:
     teacher_type: ClassVar[type]  # the TeacherVAE subclass
     default_resolution: ClassVar[tuple[int, int]] = (480, 832)  # for MACs reports: (height, width) pixels
     ops: ClassVar[tuple[str, ...]] = ("causal3d", "dwsep3d", "spatial2d")  # operator kinds its decoders build
+    resample_convs: ClassVar[tuple[str, ...]] = ("conv",)  # upsample convs its decoders build (blocks.RESAMPLE_CONVS)
     # frames of a calibration (prune) or training (distill) clip when none are given: a tn+1 length for
     # the family's temporal factor t (9 fits 4x and 8x families; a 6x family takes 13)
     clip_frames: ClassVar[int] = 9

@@ -179,7 +179,9 @@ class WanDecoder(nn.Module):
             ResidualBlock(st.in_width if j == 0 else st.width, st.width, hidden, st.op, st.shortcut)
             for j, hidden in enumerate(st.hidden)
         ]
-        resample = Upsample(st.width, st.resample_width, st.temporal) if st.resample_width else None
+        resample = None
+        if st.resample_width:
+            resample = Upsample(st.width, st.resample_width, st.temporal, st.resample_conv, st.resample_rank)
         return Stage(blocks, resample)
 
     def stages(self) -> list[tuple[str, Fraction, StreamingBlock]]:
@@ -545,6 +547,7 @@ class WanFamily(Family):
     )
     embedded_teacher: ClassVar[str | None] = "wan21-tiny.safetensors"
     order: ClassVar[int] = 10
+    resample_convs: ClassVar[tuple[str, ...]] = ("conv", "dwsep")
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -409,10 +410,13 @@ class LTXDecoder(nn.Module):
         timestep: Tensor | None = None,
         noise: Sequence[Tensor] = (),
         windows: bool = True,
+        clip_only: bool = False,
     ) -> tuple[Tensor, State]:
         """One step (``full``: the whole clip in upstream's one-shot form). ``windows=False`` makes every
         layer compute its whole step (static shapes with tensor clocks, for compilers that need them);
-        the frames of the clip are the same either way."""
+        the frames of the clip are the same either way. ``clip_only``: return only the step's frames of
+        the clip (its output window), not placed among its positions: a flush that runs the rest of a
+        stream's latency in one step returns its few frames, not zeros for every position."""
         clock = Clock(position, end, full, x.shape[2], windows)
         context = self.context(x.shape[0], clock, timestep, noise, x.device)
         if clock.narrow:
@@ -428,7 +432,9 @@ class LTXDecoder(nn.Module):
             states.extend(s)
             i += n
         frames = unpatchify(x, self.patch_size)
-        if clock.narrow:  # the window's frames in the step's positions (the stream keeps the clip's)
-            rate, offset = self.head.span[1]
+        rate, offset = self.head.span[1]
+        if clip_only and not full and not clock.narrow:  # the whole step was computed: keep the clip's part
+            frames = take(frames, *window(replace(clock, windows=True), rate, offset))
+        elif clock.narrow and not clip_only:  # the window's frames in the step's positions (the stream keeps those)
             frames = spread(frames, *window(clock, rate, offset), rate * clock.frames)
         return frames, tuple(states)
