@@ -263,3 +263,23 @@ def test_tensorrt_plans_are_checked_against_their_manifest(built):
     assert contract.io_problem("steady", *engine_io(trt, fake_engine("steady"))) is None
     problem = contract.io_problem("steady", *engine_io(trt, fake_engine("steady", 7)))
     assert problem is not None and contract.state[0].input in problem
+
+
+def test_closed_streams_lend_their_buffers_to_a_few_recent_sizes(built):
+    """A closed stream's state buffers go to the next stream of its size; a decoder that sees many
+    sizes keeps them for the most recent few only (a long-lived server must not hoard them)."""
+    from flashvaed.engines.ort_backend import MAX_SPARE_SIZES, MAX_SPARES_PER_SIZE
+
+    d, _ = built
+    decoder = engines.load(d / "engine")
+    torch.manual_seed(5)
+    for size in ((2, 2), (3, 4), (4, 4), (3, 4), (2, 3)):
+        latents = torch.randn(1, 16, 3, *size)
+        streams = [decoder.stream() for _ in range(3)]  # three open at once, then all closed
+        outs = [torch.cat([s.push(latents[:, :, :1]), s.push(latents[:, :, 1:])], dim=2) for s in streams]
+        for s in streams:
+            s.close()
+        assert all(torch.equal(o, outs[0]) for o in outs)  # reused buffers never leak one stream's state
+        assert len(decoder.spares) <= MAX_SPARE_SIZES
+        assert all(len(kept) <= MAX_SPARES_PER_SIZE for kept in decoder.spares.values())
+    assert [key[2:4] for key in decoder.spares] == [(3, 4), (2, 3)]

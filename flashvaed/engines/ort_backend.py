@@ -237,6 +237,10 @@ def make_state(shapes: list[tuple[int, ...]], dtype: str, device: tuple[str, int
     return TensorState(shapes, dtype, device) if torch_holds(device) else DeviceState(shapes, dtype, *device)
 
 
+MAX_SPARES_PER_SIZE = 2  # closed streams' buffers kept for reuse, per (batch, size, device) ...
+MAX_SPARE_SIZES = 2  # ... and for so many sizes (a tiled run's interior and edge tiles)
+
+
 class StreamBuffers:
     """What a stream of one size allocates when it starts: both state sets and the IO bindings that bind
     them, and a reusable buffer for the positions of warm-up and flush steps that are not frames of the
@@ -283,8 +287,10 @@ class OrtStream(Stream):
         device = state_device(session.get_providers(), session.get_provider_options())
         self._release()
         self.spare_key = (self.prefix, batch, height, width, device)
-        spares = d.spares.setdefault(self.spare_key, [])
-        self.buffers = spares.pop() if spares else StreamBuffers(self, batch, height, width, device)
+        try:  # list.pop is atomic: two threads never take the same buffers
+            self.buffers = d.spares.get(self.spare_key, []).pop()
+        except IndexError:
+            self.buffers = StreamBuffers(self, batch, height, width, device)
         self.state, self.first_binding, self.bindings = self.buffers.state, self.buffers.first, self.buffers.steps
         self.current = 0  # the set holding the state the next step reads
         # per-stream inputs (a timestep, noise maps) are bound to every graph when the stream starts
@@ -357,8 +363,15 @@ class OrtStream(Stream):
         """Hand this stream's buffers to the next stream of the same size (a closed stream's state is
         never read again: ``first`` writes it before any step reads it)."""
         buffers, self.buffers = getattr(self, "buffers", None), None
-        if buffers is not None:
-            self.source.spares.setdefault(self.spare_key, []).append(buffers)
+        if buffers is None:
+            return
+        spares = self.source.spares
+        kept = spares.pop(self.spare_key, [])  # re-inserted last: the most recently used size
+        if len(kept) < MAX_SPARES_PER_SIZE:
+            kept.append(buffers)
+        spares[self.spare_key] = kept
+        while len(spares) > MAX_SPARE_SIZES:  # a long-lived decoder of many sizes keeps only recent ones
+            spares.pop(next(iter(spares), None), None)  # (another thread may have dropped it already)
 
     def _bind_more(self, binding: Any) -> None:
         """Bind a step's further inputs (a tile's contexts)."""
