@@ -328,7 +328,7 @@ class OrtStream(Stream):
         s = d.spatial_factor
         n = d.step_frames(first, k)
         shape = (b, 3, n, h * s, w * s)
-        lo, hi = self._clip_positions(n)
+        lo, hi = self.clip_positions(n)
         # a step whose positions the stream keeps writes fresh memory (the caller's frames); the positions
         # of a warm-up or flush step that are not frames of the clip go to a buffer reused step after step
         # (fresh pages cost a page fault each: on a small model, more than the step's compute)
@@ -348,16 +348,6 @@ class OrtStream(Stream):
         out = torch.empty(shape)  # the stream keeps positions lo..hi only (``Stream._advance``)
         out[:, :, lo:hi] = torch.from_numpy(frames[:, :, lo:hi])
         return out
-
-    def _clip_positions(self, n: int) -> tuple[int, int]:
-        """Positions [lo, hi) of a step of ``n`` positions that the stream keeps (all unless clocked)."""
-        d = self.source
-        if not clocked(d):
-            return 0, n
-        start = d.temporal_factor * self.position - d.output_offset
-        lo = min(max(0, -start), n)
-        hi = n if self.end is None else max(lo, min(n, 1 + d.temporal_factor * (self.end - 1) - start))
-        return lo, hi
 
     def _release(self) -> None:
         """Hand this stream's buffers to the next stream of the same size (a closed stream's state is
@@ -416,12 +406,11 @@ class OrtStream(Stream):
         d = self.source
         clip = self._run_flush(latents)
         b, _, k, h, w = latents.shape
-        tf, s = d.temporal_factor, d.spatial_factor
-        lo = max(0, d.output_offset - tf * self.position)  # the step's position of the first frame it holds
-        here = max(0, min(tf * k - lo, clip.shape[2]))
-        frames = torch.empty(b, 3, tf * k, h * s, w * s)  # the stream keeps positions lo .. lo + here only
-        frames[:, :, lo : lo + here] = clip[:, :, :here]
-        self.held = clip[:, :, here:]
+        n, s = d.step_frames(False, k), d.spatial_factor
+        lo, hi = self.clip_positions(n)  # the step's positions that hold frames of the clip: its first ones
+        frames = torch.empty(b, 3, n, h * s, w * s)  # the stream keeps positions lo .. hi only
+        frames[:, :, lo:hi] = clip[:, :, : hi - lo]
+        self.held = clip[:, :, hi - lo :]
         return frames
 
     def _state(self) -> tuple[list[str], list[Tensor]]:

@@ -402,6 +402,18 @@ class Stream:
             raise InputError("this stream was pushed its final chunk; close() it and start a new one")
         return latents
 
+    def clip_positions(self, positions: int) -> tuple[int, int]:
+        """The output positions [lo, hi) of the next step (``positions`` of them) that are frames of the
+        clip: all of them for a decoder without a clock; a clocked one drops its warm-up and flush."""
+        src = self.source
+        if not clocked(src):
+            return 0, positions
+        tf = src.temporal_factor
+        start = tf * self.position - src.output_offset  # the clip's frame index of this step's first position
+        lo = min(max(0, -start), positions)
+        hi = positions if self.end is None else max(lo, min(positions, 1 + tf * (self.end - 1) - start))
+        return lo, hi
+
     def _advance(self, latents: Tensor, first: bool) -> Tensor:
         """One step; for a clocked decoder, the output positions of the clip only."""
         src = self.source
@@ -409,11 +421,7 @@ class Stream:
         self.chunk = max(self.chunk, n)
         frames = self._step(latents, first)
         if clocked(src):
-            tf = src.temporal_factor
-            start = tf * self.position - src.output_offset  # the clip's frame index of this step's first position
-            total = 1 + tf * (self.end - 1) if self.end is not None else None
-            lo = max(0, -start)
-            hi = tf * n if total is None else max(lo, min(tf * n, total - start))
+            lo, hi = self.clip_positions(src.temporal_factor * n)
             frames = frames[:, :, lo:hi]
         self.position += n
         return frames
