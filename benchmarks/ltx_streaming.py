@@ -155,6 +155,7 @@ def flush(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
     from flashvaed import engines
+    from flashvaed.engines.ort_backend import session_options
     from flashvaed.export.onnx_export import ExportOptions, export
 
     torch.manual_seed(0)
@@ -180,7 +181,8 @@ def flush(args: argparse.Namespace) -> None:
             graph = f"{tmp}/oneshot{n}.onnx"
             with torch.no_grad():
                 torch.onnx.export(OneShot(model, inputs), (latents,), graph, input_names=["latents"], dynamo=False)
-            session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+            # the engine's session options (threads, no spinning between runs): the same runtime either way
+            session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
             feed = {"latents": latents.numpy()}
             with torch.inference_mode():
                 ref = model.decode_clip(latents, **opts)

@@ -14,10 +14,22 @@ warnings.filterwarnings("ignore", message=".*NumPy.*")
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs ``-n 2``) each worker computes on one thread, and so do
     the processes it starts: two workers fill two cores. Tiny models gain nothing from a second
-    thread, and threads that spin on a core another worker holds cost minutes."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    thread, and threads that spin on a core another worker holds cost minutes.
+
+    With no more cores than workers, each worker (and what it starts) is also pinned to a core of
+    its own: ONNX Runtime sizes its sessions' thread pools from the cores a process may use
+    (``ort_backend.physical_cores``; no environment variable sets it), and an unpinned worker's
+    sessions spin a second thread on the other worker's core after every op (test_engines.py: 31%
+    more CPU time). Pinned, the CLI and doc processes a test starts follow too; torchrun's two ranks
+    then share their worker's core, which costs them nothing measurable (tiny steps, gloo waits)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
         torch.set_num_threads(1)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+        if 1 < len(cpus) <= workers:
+            os.sched_setaffinity(0, {cpus[int(worker.removeprefix("gw")) % len(cpus)]})
 
 
 def perturb(vae):
@@ -312,10 +324,28 @@ def diffusers_to_ltx_original(state: dict, generation: str) -> dict:
 
 @pytest.fixture(scope="session")
 def hostile_world(tmp_path_factory):
-    """The world the hostile-input suites tamper with (tests/hostile.py), built once per session."""
+    """The world the hostile-input suites tamper with (tests/hostile.py), built once per run: under
+    pytest-xdist the workers share one copy in the run's common temporary folder (test_fuzz.py and
+    test_fuzz_config.py may land on different workers, and the build is a prune, an export and an
+    engine). Tests only read it; hostile_copy gives each case its own copy to tamper with."""
+    import fcntl
+
     from hostile import build_world
 
-    return build_world(tmp_path_factory.mktemp("hostile-world"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gwN's parent: this run's folder, shared by its workers
+    world, done = root / "hostile-world", root / "hostile-world.done"
+    with open(root / "hostile-world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds; the other waits, then reads
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(world, ignore_errors=True)  # a half-built world of a worker that died
+            world.mkdir()
+            build_world(world)
+            done.touch()
+    return world
 
 
 @pytest.fixture

@@ -132,8 +132,10 @@ def test_resume_after_sigkill_is_exact(pair, tmp_path):
         tmp_path / "cfg.yaml", quick_config(**{p: {"steps": 4} for p in ("align", "transfer", "refine")})
     )
     common = [*distill_args(d), "--config", str(cfg)]
-    whole = cli(*common, "-o", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+    # the uninterrupted reference runs in-process (the same command, one torch import fewer); the
+    # killed run and its resumption are real processes
+    whole = runner.invoke(app, [*common, "-o", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -181,8 +183,9 @@ def test_ddp_two_processes_match_the_averaged_gradient_run(pair, tmp_path):
     ddp_cfg = write_config(tmp_path / "ddp.yaml", quick_config(batch_size=1, **steps))
     common = [*distill_args(d), "--eval-clips", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = cli(*common, "--config", str(single_cfg), "-o", str(tmp_path / "single"), env=env)
-    assert single.returncode == 0, single.stderr
+    # the one-process reference runs in-process (one torch import fewer); the DDP run is torchrun's
+    single = runner.invoke(app, [*common, "--config", str(single_cfg), "-o", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
     torchrun = Path(sys.executable).with_name("torchrun")
     ddp = subprocess.run(
         [

@@ -1117,28 +1117,60 @@ def run_on_a_full_disk(d: Path, argv: list, out: str, kib: int = 16) -> tuple[su
     return r, left
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private tmpfs")
-@pytest.mark.parametrize(
-    "out, command",
-    [
-        ("frames.safetensors", "decode"),
-        ("clip.mp4", "decode"),
-        ("frames", "decode"),
-        ("export", "export"),
-    ],
-)
-def test_a_full_disk_is_one_line_and_leaves_nothing(d, out, command):
-    torch.save({"latents": torch.randn(1, 16, 3, 16, 16)}, d / "wide.pt")
-    if command == "decode":
-        argv = ["decode", d / "wide.pt", "-m", d / "teacher.safetensors", "-q"]
-    else:
-        argv = ["export", d / "student", "--chunk", "1", "--height", "32", "--width", "32"]
-    r, left = run_on_a_full_disk(d, argv, out)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == DISK_FULL, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: no space left on "), r.stderr
-    assert f"while writing {d / 'small' / out}" in lines[0], lines[0]
+FULL_DISK_DECODES = ("frames.safetensors", "clip.mp4", "frames")  # each writer of `decode`
+
+
+@pytest.fixture(scope="module")
+def full_disk_decodes(hostile_world, tmp_path_factory) -> dict[str, tuple[dict, Path, str]]:
+    """`decode` into each FULL_DISK_DECODES output on its own fresh 16-KiB tmpfs, every case in one
+    process (one torch import; RUN_JOBS) in one private mount namespace: name -> (its result, the
+    output path, what its tmpfs held afterwards). The real console script meets a full disk in
+    test_a_full_disk_is_one_line_and_leaves_nothing[export]."""
+    root = tmp_path_factory.mktemp("full-disk")
+    jobs, mounts = [], {}
+    for i, out in enumerate(FULL_DISK_DECODES):
+        d = shutil.copytree(hostile_world, root / f"w{i}", symlinks=True)
+        torch.save({"latents": torch.randn(1, 16, 3, 16, 16)}, d / "wide.pt")
+        mounts[out] = d / "small"
+        mounts[out].mkdir()
+        argv = ["decode", d / "wide.pt", "-m", d / "teacher.safetensors", "-q", "-o", mounts[out] / out]
+        jobs.append({"name": out, "argv": [str(a) for a in argv], "env": {}})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    script = "".join(f'mount -t tmpfs -o size=16k none "{m}" || exit 99\n' for m in mounts.values())
+    script += '"$@"; code=$?\n'
+    script += "".join(f'echo "LEFT {out}:$(ls -A "{m}" | tr "\\n" " ")"\n' for out, m in mounts.items())
+    script += "exit $code\n"
+    run = [sys.executable, "-c", RUN_JOBS, str(root / "jobs.json"), str(root / "results.json")]
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *run], capture_output=True, text=True, timeout=300)
+    if r.returncode == 99 or "unshare:" in r.stderr:
+        pytest.skip(f"no private tmpfs mounts here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((root / "results.json").read_text())
+    left = {line.partition(":")[0][5:]: line.partition(":")[2].strip() for line in r.stdout.splitlines()}
+    return {out: (results[out], mounts[out] / out, left[out]) for out in FULL_DISK_DECODES}
+
+
+def assert_full_disk_refusal(code: int, output: str, out: Path, left: str) -> None:
+    lines = output.strip().splitlines()
+    assert code == DISK_FULL, output
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on "), output
+    assert f"while writing {out}" in lines[0], lines[0]
     assert left == "", f"left behind: {left}"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private tmpfs")
+@pytest.mark.parametrize("out", FULL_DISK_DECODES)
+def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk_decodes, out):
+    result, path, left = full_disk_decodes[out]
+    assert_full_disk_refusal(result["code"], result["output"], path, left)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private tmpfs")
+def test_a_full_disk_is_one_line_and_leaves_nothing_export(d):
+    """The real console script (its own process, stderr alone: export prints progress on stdout)."""
+    argv = ["export", d / "student", "--chunk", "1", "--height", "32", "--width", "32"]
+    r, left = run_on_a_full_disk(d, argv, "export")
+    assert_full_disk_refusal(r.returncode, r.stderr, d / "small" / "export", left)
 
 
 def test_a_full_disk_in_any_writer_is_reported_the_same(d, monkeypatch):

@@ -201,11 +201,21 @@ def test_fast_preset_makes_up1s_upsample_conv_separable(released):
     ("stages", "family", "message"),
     [
         ({"up3": {"resample": "dwsep"}}, "wan2.2", "up3 does not upsample"),
-        ({"up1": {"resample": "pixelshuffle"}}, "wan2.2", "resample must be one of conv, dwsep"),
+        ({"up1": {"resample": "pixelshuffle"}}, "wan2.2", "resample must be one of conv, dwsep, lowrank"),
         ({"up1": {"resample": "dwsep"}}, "ltx", "ltx decoders do not build"),
         ({"up1": {"resample": "dwsep"}}, "mochi", "mochi decoders do not build"),
-        ({"up1": {"resample_rank": 2}}, "wan2.2", "resample_rank needs resample: dwsep"),
+        ({"up1": {"resample_rank": 2}}, "wan2.2", "resample_rank needs resample: dwsep or lowrank"),
         ({"up1": {"resample": "dwsep", "resample_rank": 10}}, "wan2.2", "resample_rank must be an integer from 1 to 9"),
+        ({"up1": {"resample": "lowrank"}}, "ltx", "ltx decoders do not build"),
+        ({"up1": {"resample": "lowrank"}}, "mochi", "mochi decoders do not build"),
+        ({"up1": {"resample": "lowrank", "resample_rank": [2]}}, "wan2.2", "a ratio of its width"),
+        (
+            {"up1": {"resample": "lowrank", "resample_rank": "2/1"}},
+            "wan2.2",
+            r"resample_rank ratio 2/1 must be in \(0, 1\]",
+        ),
+        ({"up1": {"resample": "lowrank", "resample_rank": 17}}, "wan2.2", "between 1 and the teacher's 16"),
+        ({"up1": {"resample": "lowrank", "resample_rank": "a quarter"}}, "wan2.2", "is not a ratio"),
     ],
 )
 def test_resample_settings_are_checked(stages, family, message):
@@ -216,21 +226,106 @@ def test_resample_settings_are_checked(stages, family, message):
 
 
 def test_separable_upsample_student_exports_and_saves(tmp_path):
-    """A student with separable upsample convs saves and loads strictly, and its exported graphs,
-    driven by their metadata alone in ONNX Runtime, decode its frames at an untraced size."""
+    """A student with separable and low-rank upsample convs saves and loads
+    strictly, and its exported graphs, driven by their metadata alone in ONNX Runtime, decode its
+    frames at an untraced size."""
     from test_export import SMALL, contract_decode, perturbed
 
     from flashvaed.export.onnx_export import export
     from flashvaed.models.checkpoint import load_student, save_student
 
-    spec = dwsep_spec(up0={"resample": "dwsep"}, up1={"resample": "dwsep"})
+    spec = dwsep_spec(up0={"resample": "dwsep"}, up1={"resample": "lowrank"}, up2={"resample": "dwsep"})
     student = perturbed(build_student(spec, EMBEDDED_LIKE)[0])
     save_student(student, tmp_path / "s")
     loaded = load_student(tmp_path / "s")
-    assert [st.resample_conv for st in loaded.config.layout.up] == ["dwsep", "dwsep", "conv", "conv"]
+    assert [st.resample_conv for st in loaded.config.layout.up] == ["dwsep", "lowrank", "dwsep", "conv"]
+    assert loaded.config.layout.up[1].resample_rank == 8
     export(loaded, tmp_path / "e", SMALL)
     torch.manual_seed(0)
     latents = torch.randn(1, 48, 4, 3, 5)
     with torch.no_grad():
         expected = student.decode(latents).numpy()
     np.testing.assert_allclose(contract_decode(tmp_path / "e", latents.numpy(), 2), expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-rank upsample convs (``resample: lowrank``)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fast", "in_channels"), [(True, 6), (False, 6), (True, 200)], ids=["fast", "plain", "wide"])
+def test_low_rank_upsample_conv_is_nearest_2x_then_a_dense_conv_of_that_rank(fast, in_channels):
+    """The oracle is the dense upsampler whose 3x3 kernel is the 1x1 expansion times the r-channel
+    3x3 kernel (and whose bias is the expansion of the 3x3 conv's bias, plus its own): the fast
+    path runs the 3x3 part as one transposed conv, and its output never leaves r channels."""
+    torch.manual_seed(0)
+    low, dense = Upsample(in_channels, 5, 2, conv="lowrank", rank=2).double(), Upsample(in_channels, 5, 2).double()
+    with torch.no_grad():
+        dense.time_conv.load_state_dict(low.time_conv.state_dict())
+        expand = low.conv.expand.weight[:, :, 0, 0]  # (5, 2)
+        dense.conv.weight.copy_(torch.einsum("or,rikl->oikl", expand, low.conv.conv.weight))
+        dense.conv.bias.copy_(expand @ low.conv.conv.bias + low.conv.expand.bias)
+    x = torch.randn(1, in_channels, 3, 4, 7, dtype=torch.float64)
+    history = torch.randn(1, in_channels, 2, 4, 7, dtype=torch.float64)
+    with torch.no_grad(), contextlib.nullcontext() if fast else plain_ops():
+        (y, (h,)), (want, (wh,)) = low(x, (history,)), dense(x, (history,))
+    assert y.shape == (1, 5, 6, 8, 14)
+    torch.testing.assert_close(y, want, atol=1e-10, rtol=0)
+    torch.testing.assert_close(h, wh, atol=0, rtol=0)
+    directions = y.transpose(0, 1).reshape(5, -1) - low.conv.expand.bias.view(5, 1)
+    assert torch.linalg.matrix_rank(directions).item() == 2
+    assert sum(p.numel() for p in low.conv.parameters()) == in_channels * 2 * 9 + 2 + 2 * 5 + 5
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_pruning_recovers_a_low_rank_upsample_conv_exactly(rank):
+    """Where the teacher's upsample conv maps into r directions (its kernel and bias in the span of
+    r output vectors), the fit finds them from the outputs alone: the student then decodes the
+    teacher's frames (every other layer is the teacher's own), and the report says nothing was lost."""
+    torch.manual_seed(0)
+    config = FAMILY.tiny_config()
+    teacher = FAMILY.teacher_type(config).eval()
+    conv = teacher.decoder.up[1].resample.conv
+    with torch.no_grad():
+        directions = torch.randn(conv.out_channels, rank)
+        conv.weight.copy_(torch.einsum("or,rikl->oikl", directions, torch.randn(rank, conv.in_channels, 3, 3)))
+        conv.bias.copy_(directions @ torch.randn(rank))
+    calib = calibration_latents("synthetic", teacher, clips=1, frames=5, size=32)
+    result = prune_teacher(teacher, dwsep_spec(up1={"resample": "lowrank", "resample_rank": rank}), calib)
+    (sub,) = result.substitutions
+    assert (sub.conv, sub.op) == ("decoder.up.1.resample.conv", "lowrank2x")
+    assert sub.errors["principal_directions"] < 1e-10
+    assert result.student.config.layout.up[1].resample_rank == rank
+    z = torch.randn(1, config.z_dim, 3, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(result.student.decode(z), teacher.decode(z), atol=1e-5, rtol=0)
+    # a rank below the teacher's loses what its dropped directions carried, and says so
+    fewer = prune_teacher(teacher, dwsep_spec(up1={"resample": "lowrank", "resample_rank": rank - 1}), calib)
+    assert fewer.substitutions[0].errors["principal_directions"] > 1e-3
+
+
+def test_low_rank_ratio_rounds_like_a_width_without_the_floor():
+    """``resample_rank: 1/4`` of the embedded teacher's 32-wide upsample conv is 8 channels (a
+    width there would be raised to its floor of 16); a count is taken as written."""
+    teacher = FAMILY.teacher_layout(EMBEDDED_LIKE)
+    layout, notes = dwsep_spec(up1={"resample": "lowrank"}).resolve(teacher, "wan2.2")
+    assert (layout.up[1].resample_conv, layout.up[1].resample_rank) == ("lowrank", 8) and notes == []
+    layout, _ = dwsep_spec(up0={"resample": "lowrank", "resample_rank": 3}).resolve(teacher, "wan2.2")
+    assert layout.up[0].resample_rank == 3
+    with pytest.raises(ValueError, match="resample_rank must be an integer in"):
+        replace(layout.up[0], resample_rank=33)  # more directions than outputs: a hostile config
+
+
+def test_low_rank_up1_on_the_released_teacher(released):
+    """flash-wan2.2 with up1's upsample conv at rank 1/4 (256 of 1024 directions): 1/20.5 of the
+    teacher's MACs at 704x1280 (benchmarks/RESULTS.md, issue 23's fourth round)."""
+    teacher, students, _ = released
+    wide = students["flash-wan2.2"][0].config.layout
+    spec = StudentSpec.load("flash-wan2.2").to_dict()
+    spec["stages"]["up1"] = {**spec["stages"]["up1"], "resample": "lowrank"}
+    with torch.device("meta"):
+        student, notes = build_student(StudentSpec.from_dict(spec), Wan22Config())
+    layout = student.config.layout
+    assert notes == [] and layout.up[1].resample_rank == 256
+    assert layout == replace(
+        wide, up=(wide.up[0], replace(wide.up[1], resample_conv="lowrank", resample_rank=256), *wide.up[2:])
+    )
+    assert 20 < teacher.macs_steady / summarize(student, 704, 1280).macs_steady < 21

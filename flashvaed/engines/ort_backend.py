@@ -9,8 +9,9 @@ tensors bound as zero-copy OrtValues through DLPack, which holds every state dty
 (float32, float16 and bfloat16, which numpy lacks) on either device, one code path for both.
 
 Sessions are tuned (``session_options``): every graph optimisation, intra-op threads = the
-physical cores this process may run on, sequential execution, unless an engine manifest's
-``session_options`` say otherwise. On CUDA a stream's first start per size runs both step graphs
+physical cores this process may run on, sequential execution, workers that stop spinning when a run
+ends (the next run is often another session's), unless an engine manifest's ``session_options`` say
+otherwise. On CUDA a stream's first start per size runs both step graphs
 once (``warm_up``: kernel selection and memory arenas) so that its first steps run at speed.
 """
 
@@ -133,6 +134,9 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1  # one graph at a time: a step's ops run in order
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # a stream alternates sessions (first, steady, last or flush; tiles): each session's workers would spin
+    # on for ~20 ms after its run, on the cores the next session's run needs. They spin within a run only.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     return options
 
@@ -396,9 +400,13 @@ class OrtStream(Stream):
             feeds[t.input] = value
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("frames")  # its length depends on the clock: ONNX Runtime allocates it
+        # its length depends on the clock (FLUSH_RULE): written straight into the caller's frames, no copy
+        b, _, _, h, w = latents.shape
+        s = d.spatial_factor
+        frames = np.empty((b, 3, d.contract.flush_frames(self.position, self.end), h * s, w * s), np.float32)  # type: ignore[arg-type]
+        binding.bind_ortvalue_output("frames", ort.OrtValue.ortvalue_from_numpy(frames))
         session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+        return torch.from_numpy(frames)
 
     def _final_step(self, latents: Tensor) -> Tensor:
         """The chunk holding the clip's last latent frame through ``flush``: its positions' frames now

@@ -390,6 +390,12 @@ class Contract:
         """Whether the export has a ``flush`` graph (FLUSH_RULE): decoders with latency, exported with windows."""
         return bool(self.latency and self.windows)
 
+    def flush_frames(self, position: int, end: int) -> int:
+        """Frames the ``flush`` graph returns run at ``position`` on a clip of ``end`` latent frames
+        (FLUSH_RULE): a driver can bind its output before the run."""
+        tf = self.temporal_factor
+        return max(0, tf * (end - 1) + 1 - max(0, tf * position - self.output_offset))
+
     @property
     def all_graphs(self) -> tuple[str, ...]:
         return self.graphs + ((FLUSH,) if self.flush else ()) + self.tiling_graphs

@@ -322,17 +322,33 @@ def allow_empty(path: Path, convs: bool) -> None:
         then_out = helper.make_tensor_value_info(f"{p}/then", weight.data_type, None)
         else_out = helper.make_tensor_value_info(f"{p}/else", weight.data_type, None)
         conv = helper.make_node("Conv", list(node.input), [f"{p}/then"], name=node.name, **attrs)
-        empty = [  # sizes (D + pads - dilation*(k-1) - 1) // stride + 1, at least 0
-            helper.make_node("Slice", [f"{p}/shape", f"{p}/zero", f"{p}/one"], [f"{p}/batch"]),
-            helper.make_node("Slice", [f"{p}/shape", f"{p}/starts", f"{p}/ends"], [f"{p}/dims"]),
-            helper.make_node("Sub", [f"{p}/dims", f"{p}/reach"], [f"{p}/span"]),
-            helper.make_node("Div", [f"{p}/span", f"{p}/strides"], [f"{p}/steps"]),
-            helper.make_node("Add", [f"{p}/steps", f"{p}/one"], [f"{p}/sizes"]),
-            helper.make_node("Max", [f"{p}/sizes", f"{p}/zero"], [f"{p}/clamped"]),
-            helper.make_node("Concat", [f"{p}/batch", f"{p}/channels", f"{p}/clamped"], [f"{p}/out_shape"], axis=0),
-            helper.make_node("ConstantOfShape", [f"{p}/out_shape"], [f"{p}/zeros"]),
-            helper.make_node("CastLike", [f"{p}/zeros", node.input[1]], [f"{p}/else"]),
-        ]
+        zero = helper.make_tensor(f"{p}/zero_value", weight.data_type, [1], [0])  # of the output's type
+        if strides == [1] * rank and reach[1:] == [1] * (rank - 1):  # "same" in space (LTX's convs): fewer nodes
+            graph.initializer.extend(
+                [  # (batch, channels, frames, ...) -> (batch, out channels, max(frames - reach + 1, 0), ...)
+                    helper.make_tensor(f"{p}/keep", TensorProto.INT64, [2 + rank], [1, 0] + [1] * rank),
+                    helper.make_tensor(
+                        f"{p}/add", TensorProto.INT64, [2 + rank], [0, weight.dims[0], 1 - reach[0]] + [0] * (rank - 1)
+                    ),
+                ]
+            )
+            empty = [
+                helper.make_node("Mul", [f"{p}/shape", f"{p}/keep"], [f"{p}/kept"]),
+                helper.make_node("Add", [f"{p}/kept", f"{p}/add"], [f"{p}/sizes"]),
+                helper.make_node("Max", [f"{p}/sizes", f"{p}/zero"], [f"{p}/out_shape"]),
+                helper.make_node("ConstantOfShape", [f"{p}/out_shape"], [f"{p}/else"], value=zero),
+            ]
+        else:
+            empty = [  # sizes (D + pads - dilation*(k-1) - 1) // stride + 1, at least 0
+                helper.make_node("Slice", [f"{p}/shape", f"{p}/zero", f"{p}/one"], [f"{p}/batch"]),
+                helper.make_node("Slice", [f"{p}/shape", f"{p}/starts", f"{p}/ends"], [f"{p}/dims"]),
+                helper.make_node("Sub", [f"{p}/dims", f"{p}/reach"], [f"{p}/span"]),
+                helper.make_node("Div", [f"{p}/span", f"{p}/strides"], [f"{p}/steps"]),
+                helper.make_node("Add", [f"{p}/steps", f"{p}/one"], [f"{p}/sizes"]),
+                helper.make_node("Max", [f"{p}/sizes", f"{p}/zero"], [f"{p}/clamped"]),
+                helper.make_node("Concat", [f"{p}/batch", f"{p}/channels", f"{p}/clamped"], [f"{p}/out_shape"], axis=0),
+                helper.make_node("ConstantOfShape", [f"{p}/out_shape"], [f"{p}/else"], value=zero),
+            ]
         branch = helper.make_node(
             "If",
             [f"{p}/nonempty"],

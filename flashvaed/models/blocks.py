@@ -696,7 +696,34 @@ class SeparableUpsampleConv(nn.Module):
         return self.depthwise(F.interpolate(z, scale_factor=2.0, mode="nearest"))
 
 
-RESAMPLE_CONVS = ("conv", "dwsep")  # an upsampler's conv: the teacher's dense 3x3, or ``SeparableUpsampleConv``
+class LowRankUpsampleConv(nn.Module):
+    """Nearest 2x upsampling and a 3x3 conv whose output is confined to ``rank`` directions: the
+    3x3 conv makes ``rank`` channels, a 1x1 conv expands them to the output width. Per input pixel
+    that is 36*I*r + 4*r*O MACs against the dense conv's 36*I*O, and unlike a depthwise split it
+    keeps every output's full spatial view of every input channel: an upsample conv's outputs
+    span few directions (they feed a narrow next stage), so a rank of a quarter of the width
+    loses little. ``forward`` maps upsampled frames (N, I, 2H, 2W) to (N, O, 2H, 2W) as the dense
+    conv does; ``Upsample`` runs the 3x3 part as one transposed conv where it runs its own so.
+    Pruning fits it to the conv it replaces (``prune.substitute``: the principal directions of
+    that conv's outputs on calibration features).
+    """
+
+    substitutes_as = "lowrank2x"
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= out_channels:
+            raise ValueError(f"a low-rank upsample conv's rank is between 1 and its {out_channels} outputs, got {rank}")
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.conv = nn.Conv2d(in_channels, rank, 3, padding=1)
+        self.expand = nn.Conv2d(rank, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.expand(self.conv(x))
+
+
+# an upsampler's conv: the teacher's dense 3x3, ``SeparableUpsampleConv`` or ``LowRankUpsampleConv``
+RESAMPLE_CONVS = ("conv", "dwsep", "lowrank")
 
 
 class Upsample(StreamingBlock):
@@ -706,7 +733,8 @@ class Upsample(StreamingBlock):
     the channels by it and its output is read as ``temporal`` frames per input frame. On the first
     chunk it does not run at all: the single frame passes through and its history stays zero, so
     the next chunk sees zeros in front (the reference's first-chunk rule). ``conv`` is the spatial
-    conv's kind (``RESAMPLE_CONVS``): "dwsep" makes it a ``SeparableUpsampleConv`` of ``rank``.
+    conv's kind (``RESAMPLE_CONVS``): "dwsep" makes it a ``SeparableUpsampleConv`` of ``rank``,
+    "lowrank" a ``LowRankUpsampleConv`` of ``rank`` channels.
     """
 
     def __init__(self, dim: int, out_dim: int, temporal: bool | int = 1, conv: str = "conv", rank: int = 1) -> None:
@@ -715,16 +743,21 @@ class Upsample(StreamingBlock):
             raise ValueError(f"unknown upsample conv {conv!r} (expected one of {', '.join(RESAMPLE_CONVS)})")
         self.factor = factor = time_factor(temporal)
         self.time_conv = CausalConv3d(dim, dim * factor, (3, 1, 1)) if factor > 1 else None
-        self.conv: nn.Module = (
-            nn.Conv2d(dim, out_dim, 3, padding=1) if conv == "conv" else SeparableUpsampleConv(dim, out_dim, rank)
-        )
+        self.conv: nn.Module
+        if conv == "conv":
+            self.conv = nn.Conv2d(dim, out_dim, 3, padding=1)
+        elif conv == "dwsep":
+            self.conv = SeparableUpsampleConv(dim, out_dim, rank)
+        else:
+            self.conv = LowRankUpsampleConv(dim, out_dim, rank)
         self.num_states = 1 if factor > 1 else 0
         self._kernel: tuple[tuple, Tensor] | None = None  # (what it was derived from, upsample_kernel)
 
-    def transposed_kernel(self) -> Tensor:
-        """``upsample_kernel`` of the conv's weight, derived once per weight version, device and
-        dtype rather than in every streaming step (a 384x192 kernel costs ~8 ms to derive on a CPU)."""
-        w = self.conv.weight
+    def transposed_kernel(self, conv: nn.Conv2d) -> Tensor:
+        """``upsample_kernel`` of ``conv``'s weight (the stage's one 3x3 conv), derived once per
+        weight version, device and dtype rather than in every streaming step (a 384x192 kernel
+        costs ~8 ms to derive on a CPU)."""
+        w = conv.weight
         if w.is_inference():  # no version counter to tell an in-place change: derived each time
             return upsample_kernel(w)
         key = (w.data_ptr(), w._version, w.device, w.dtype)
@@ -744,16 +777,23 @@ class Upsample(StreamingBlock):
         conv = self.conv
         if isinstance(conv, SeparableUpsampleConv):
             return unfold_time(conv(fold_time(x)), x.shape[0]), state
+        if isinstance(conv, LowRankUpsampleConv) and not observed(conv):
+            return unfold_time(conv.expand(self.upsample_conv(fold_time(x), conv.conv)), x.shape[0]), state
+        if isinstance(conv, LowRankUpsampleConv):  # probed: it runs as itself, on the upsampled frames
+            return unfold_time(conv(F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")), x.shape[0]), state
+        return unfold_time(self.upsample_conv(fold_time(x), conv), x.shape[0]), state
+
+    def upsample_conv(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        """``conv`` (3x3) on ``x`` upsampled 2x, nearest."""
         if (
             conv.padding == (1, 1)
             and conv.padding_mode == "zeros"
             and not observed(conv)
             and (fast_eager() or (exporting() and conv.in_channels >= EXPORT_TRANSPOSED_FROM))
         ):  # the same numbers as below to float rounding, with 16 of 36 taps (``upsample2x_conv3x3``)
-            kernel = self.transposed_kernel() if fast_eager() else None  # an export derives it in its graph
-            return unfold_time(upsample2x_conv3x3(fold_time(x), conv.weight, conv.bias, kernel), x.shape[0]), state
-        y = F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")
-        return unfold_time(self.conv(y), x.shape[0]), state
+            kernel = self.transposed_kernel(conv) if fast_eager() else None  # an export derives it in its graph
+            return upsample2x_conv3x3(x, conv.weight, conv.bias, kernel)
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         if self.time_conv is not None:  # read as ``factor`` frames of the same channels

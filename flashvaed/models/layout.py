@@ -32,8 +32,9 @@ class StageLayout:
     every block a 1x1x1 shortcut (otherwise only blocks whose widths change have one); ``causal``
     makes the stage's own convs read no future frame in a decoder that otherwise does (a family
     whose convs are all causal ignores it); ``resample_conv`` is the upsampler's spatial conv
-    (``blocks.RESAMPLE_CONVS``: the teacher's dense "conv", or "dwsep", depthwise-separable of
-    rank ``resample_rank``).
+    (``blocks.RESAMPLE_CONVS``: the teacher's dense "conv"; "dwsep", depthwise-separable of rank
+    ``resample_rank`` (1-9); or "lowrank", a 3x3 conv to ``resample_rank`` channels and a 1x1 conv
+    back to ``resample_width``).
     """
 
     op: str
@@ -53,17 +54,18 @@ class StageLayout:
             raise ValueError(f"unknown upsample conv {self.resample_conv!r} (one of {', '.join(RESAMPLE_CONVS)})")
         if self.resample_conv != "conv" and self.resample_width is None:
             raise ValueError(f"a stage that does not upsample has no upsample conv to make {self.resample_conv}")
-        rank = self.resample_rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RESAMPLE_RANK:
-            raise ValueError(f"resample_rank must be an integer in [1, {MAX_RESAMPLE_RANK}], got {rank!r}"[:200])
-        if rank != 1 and self.resample_conv != "dwsep":
-            raise ValueError("resample_rank is the rank of a dwsep upsample conv; this stage's is not one")
         object.__setattr__(self, "temporal", time_factor(self.temporal))
         if self.op not in OPS:  # any registered operator kind (``blocks.register_op``)
             raise ValueError(f"unknown operator {self.op!r} (expected one of {', '.join(OPS)})")
         widths = [self.in_width, self.width, *self.hidden] + ([self.resample_width] if self.resample_width else [])
         if any(isinstance(w, bool) or int(w) != w or not 1 <= w <= MAX_WIDTH for w in widths):
             raise ValueError(f"every width must be an integer in [1, {MAX_WIDTH}], got {widths}")
+        rank = self.resample_rank
+        top = self.resample_width or 1 if self.resample_conv == "lowrank" else MAX_RESAMPLE_RANK
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+            raise ValueError(f"resample_rank must be an integer in [1, {top}], got {rank!r}"[:200])
+        if rank != 1 and self.resample_conv == "conv":
+            raise ValueError("resample_rank is a dwsep or lowrank upsample conv's; this stage's is dense")
 
     @property
     def out_width(self) -> int:

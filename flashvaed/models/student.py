@@ -33,6 +33,7 @@ STUDENT_VERSION = 4
 SPEC_KEYS = {"name", "family", "description", "stages", "at_least_one_channel", "min_width", "multiple_of", "causal"}
 MIN_WIDTH = 4  # below this a stage degenerates: an RMS norm over one channel is a sign function
 MULTIPLE_OF = 4  # ratio-derived widths round to multiples of this (vector loads, tensor-core tiles)
+LOWRANK_DEFAULT = "1/4"  # a lowrank upsample conv's channels, as a ratio of its output width
 STAGE_SPEC_KEYS = {"op", "width", "hidden", "shortcut", "causal", "resample", "resample_rank"}
 STAGE_NAME = re.compile(r"middle|head|up\d+")
 
@@ -53,8 +54,10 @@ class StageSpec:
     hidden: float | int | str | None = None
     shortcut: str | None = None  # "auto" | "always"; None: always for spatial2d, auto otherwise
     causal: bool | None = None  # the stage's convs read no future frame (dwsep3d in a non-causal decoder)
-    resample: str | None = None  # the upsampler's spatial conv: "conv" (the teacher's, default) or "dwsep"
-    resample_rank: int | None = None  # a dwsep upsample conv's rank (1 to 9; default 1)
+    resample: str | None = None  # the upsampler's spatial conv: "conv" (the teacher's, default), "dwsep", "lowrank"
+    # a dwsep upsample conv's rank (1 to 9; default 1), or a lowrank one's channels (a ratio of its
+    # width or a count; default 1/4)
+    resample_rank: float | int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,18 @@ class StudentSpec:
             if spec.resample not in (None, *RESAMPLE_CONVS):
                 raise InputError(f"{source}: stage {key!r}: resample must be one of {', '.join(RESAMPLE_CONVS)}")
             rank = spec.resample_rank
-            if rank is not None and (
+            if rank is not None and spec.resample == "lowrank":
+                if isinstance(rank, bool) or not isinstance(rank, (int, float, str)):
+                    raise InputError(
+                        f"{source}: stage {key!r}: a lowrank upsample conv's resample_rank is a ratio of its "
+                        f"width ('1/4') or a channel count, got {rank!r}"[:300]
+                    )
+            elif rank is not None and (
                 isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RESAMPLE_RANK
             ):
                 raise InputError(f"{source}: stage {key!r}: resample_rank must be an integer from 1 to 9, got {rank!r}")
-            if rank is not None and spec.resample != "dwsep":
-                raise InputError(f"{source}: stage {key!r}: resample_rank needs resample: dwsep")
+            if rank is not None and spec.resample not in ("dwsep", "lowrank"):
+                raise InputError(f"{source}: stage {key!r}: resample_rank needs resample: dwsep or lowrank")
             if spec.causal and spec.op == "conv3d":
                 raise InputError(f"{source}: stage {key!r} is causal but asks for conv3d, which reads a future frame")
             if name == "head" and spec.causal is not None:
@@ -197,7 +206,7 @@ class StudentSpec:
         # width-changing block stays one)
         narrowest = min(w for st in teacher.stages.values() for w in (st.in_width, st.width, *st.hidden) if w > 0)
 
-        def width(key: str, what: str, value: float | int | str, full: int) -> int:
+        def width(key: str, what: str, value: float | int | str, full: int, floored: bool = True) -> int:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise InputError(f"{key}: {what} must be a ratio (0.25, '1/4') or a channel count, got {value!r}")
             if isinstance(value, int):
@@ -212,7 +221,7 @@ class StudentSpec:
                 raise InputError(f"{key}: {what} ratio {value} must be in (0, 1]")
             exact = ratio * full
             n = round(exact)
-            floor = min(-(-self.min_width * full // narrowest), full)
+            floor = min(-(-self.min_width * full // narrowest), full) if floored else 1
             if n < max(floor, 1):
                 if floor < 1 and not self.at_least_one_channel:
                     raise InputError(f"{key}: {what} {full} x {value} = {float(exact):.3g} rounds to 0 channels")
@@ -265,6 +274,9 @@ class StudentSpec:
             if s.resample not in (None, "conv") and resample is None:
                 raise InputError(f"student '{self.name}': stage {key} does not upsample, so it takes no 'resample'")
             conv, rank = s.resample or "conv", s.resample_rank or 1
+            if conv == "lowrank":
+                given = s.resample_rank if s.resample_rank is not None else LOWRANK_DEFAULT
+                rank = width(key, "resample_rank", given, resample, floored=False)  # no norm over these channels
             return StageLayout(s.op, in_width, stream, hidden, resample, t.temporal, shortcut, causal, conv, rank)
 
         middle = stage("middle", teacher.middle, "middle")

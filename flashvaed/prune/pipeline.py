@@ -29,7 +29,7 @@ from .calibration import input_grams, norm_ratios
 from .groups import D2S_ROWS, ROWS, TIME_ROWS, V_ROWS, ChannelGraph, ChannelGroup, channel_graph, channel_groups
 from .norms import NormSpec, is_norm, norm_spec
 from .select import Compensation, Selection, compensation, fold_into_consumer, independence_select, l1_select
-from .substitute import Substitution, fit_substitutions, padding_of, replaceable
+from .substitute import UPSAMPLE_FITS, Substitution, fit_substitutions, padding_of, replaceable
 
 CRITERIA = ("independence", "l1")
 IDENTICAL_PSNR = 100.0  # dB, reported for frames equal to the teacher's
@@ -388,7 +388,7 @@ def prune_teacher(
     pruned.eval()
     student = student_of(spec.name, layout, stage_channels(graph, decisions))
     targets = substitution_targets(pruned, student, notes)
-    options = {p: {"rank": student.get_submodule(p).rank} for p, op in targets.items() if op == "dwsep2x"}
+    options = {p: {"rank": student.get_submodule(p).rank} for p, op in targets.items() if op in UPSAMPLE_FITS}
     subs = fit_substitutions(pruned, targets, latents, options=options, chunk=chunk, progress=progress)
     state = student_state_dict(student, pruned, subs)
     realign_taps(student, pruned, state)

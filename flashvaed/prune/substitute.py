@@ -16,6 +16,10 @@ teacher-forced layer by layer, padded as the conv pads (spatially ``padding_mode
   SVD of each output channel's (in x 9) kernel slice gives its r pointwise rows and depthwise
   filters; the depthwise taps and bias are then refitted by least squares, channel by channel
   (9r + 1 unknowns each); the better one is kept.
+- ``lowrank2x`` (an upsampler's 3x3 conv confined to r output directions, then a 1x1 conv back to
+  its width, ``blocks.LowRankUpsampleConv``): the top r principal directions of the conv's
+  outputs on calibration features (their mean goes to the 1x1 conv's bias), which is the best
+  rank-r fit when the 3x3 part is free.
 
 Errors are relative: ||y - y_student||^2 / ||y||^2 over calibration features.
 """
@@ -278,18 +282,59 @@ class _UpsampleFit:
         return Substitution(path, "dwsep2x", choice, errors, params)
 
 
-Fit = _SpatialFit | _DepthwiseFit | _UpsampleFit
+class _LowRankUpsampleFit:
+    """Statistics for confining an upsampler's dense 3x3 conv to ``rank`` output directions: the
+    principal directions of its outputs. With the 3x3 part free, the best rank-r map from the
+    conv's input neighbourhoods to its outputs (least squares) projects the outputs themselves
+    onto their top r principal directions, so the fit needs only their mean and covariance."""
+
+    def __init__(self, conv: nn.Conv2d, generator: torch.Generator, rank: int = 1) -> None:
+        self.weight = conv.weight.detach().double()  # (out, in, 3, 3)
+        cout = self.weight.shape[0]
+        self.bias = conv.bias.detach().double() if conv.bias is not None else self.weight.new_zeros(cout)
+        self.rank = rank
+        self.count = 0
+        self.total = torch.zeros(cout, dtype=torch.float64)
+        self.yty = torch.zeros(cout, cout, dtype=torch.float64)
+
+    def observe(self, x: Tensor, y: Tensor) -> None:
+        """y: the conv's output (N, Cout, H, W) on nearest-upsampled frames; its input is not needed."""
+        rows = y.transpose(0, 1).reshape(y.shape[1], -1).double()  # (Cout, pixels)
+        self.count += rows.shape[1]
+        self.total += rows.sum(1)
+        self.yty += rows @ rows.T
+
+    def result(self, path: str) -> Substitution:
+        mean = self.total / max(self.count, 1)
+        covariance = self.yty / max(self.count, 1) - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending
+        u = vectors[:, -self.rank :].flip(1)  # (Cout, r): the top directions, largest first
+        energy = float(torch.diagonal(self.yty).sum()) / max(self.count, 1)
+        dropped = float(values[: -self.rank].clamp(min=0).sum()) if self.rank < len(values) else 0.0
+        errors = {"principal_directions": dropped / max(energy, 1e-30)}
+        params = {
+            "conv.weight": torch.einsum("or,oikl->rikl", u, self.weight).float(),
+            "conv.bias": (u.T @ (self.bias - mean)).float(),
+            "expand.weight": u[..., None, None].float(),
+            "expand.bias": mean.float(),
+        }
+        return Substitution(path, "lowrank2x", "principal_directions", errors, params)
+
+
+Fit = _SpatialFit | _DepthwiseFit | _UpsampleFit | _LowRankUpsampleFit
 FITS: dict[str, Callable[..., Fit]] = {
     "spatial2d": _SpatialFit,
     "dwsep3d": _DepthwiseFit,
     "dwsep2x": _UpsampleFit,
+    "lowrank2x": _LowRankUpsampleFit,
 }
+UPSAMPLE_FITS = ("dwsep2x", "lowrank2x")  # fits of an upsampler's 3x3 conv (``upsample_conv``), each of a rank
 
 
 def replaceable(module: nn.Module, op: str) -> bool:
     """Whether a fit can make operator kind ``op`` of ``module`` (a dense 3x3x3 conv for the 3D
-    kinds, an upsampler's 3x3 conv for ``dwsep2x``)."""
-    return upsample_conv(module) if op == "dwsep2x" else substitutable(module)
+    kinds, an upsampler's 3x3 conv for ``dwsep2x`` and ``lowrank2x``)."""
+    return upsample_conv(module) if op in UPSAMPLE_FITS else substitutable(module)
 
 
 @torch.inference_mode()
@@ -326,7 +371,7 @@ def fit_substitutions(
 
 def _observer(conv: nn.Module, fit: Fit) -> Callable:
     def hook(_module: nn.Module, args: tuple, output: tuple | Tensor) -> None:
-        if isinstance(fit, _UpsampleFit):  # a plain conv: its output is the tensor
+        if isinstance(fit, (_UpsampleFit, _LowRankUpsampleFit)):  # a plain conv: its output is the tensor
             fit.observe(args[0], output)
             return
         y = output[0]

@@ -547,7 +547,7 @@ class WanFamily(Family):
     )
     embedded_teacher: ClassVar[str | None] = "wan21-tiny.safetensors"
     order: ClassVar[int] = 10
-    resample_convs: ClassVar[tuple[str, ...]] = ("conv", "dwsep")
+    resample_convs: ClassVar[tuple[str, ...]] = ("conv", "dwsep", "lowrank")
     config_type: ClassVar[type] = WanConfig
     teacher_type: ClassVar[type] = WanVAE
     residual: ClassVar[bool] = False  # Wan2.2: residual up/down stages, patchified

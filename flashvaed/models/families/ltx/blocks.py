@@ -5,12 +5,13 @@ Streaming the non-causal decoder exactly: see the package docstring."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,12 @@ class Clock:
     # windows computed in this step, by (rate, offset): every layer on one timeline shares them (a traced
     # graph computes each once instead of once per call: fewer nodes, less per-step overhead)
     windows_seen: dict = field(init=False, repr=False, compare=False)
+    # tensor clocks: every gather index of the step, computed at once (``StepPlan``, set by the decoder)
+    plan: StepPlan | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows_seen", {})
+        object.__setattr__(self, "plan", None)
 
     @property
     def traced(self) -> bool:
@@ -142,6 +146,142 @@ def gather(
             q = torch.minimum(q, _t(clamp[1]).to(src.device))
     i = torch.where(q < 0, q + h, q + h - _t(lo).to(src.device))
     return src.index_select(2, i.clamp(0, size - 1))
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A gather of a windowed step: the frames at positions q in [a, b) of a tensor holding ``h``
+    history frames, then the frames of window 1 (a layer at ``r1`` positions per latent frame, its
+    sequence lagging the clip by ``o1``). The bounds are sums of the step's numbers: ``a`` is
+    a[0]*lo2 + a[1]*n1 + a[2]*lo1 + a[3], with [lo1, hi1) window 1, [lo2, hi2) window 2 (``r2``, ``o2``),
+    n1 = r1 * frames; ``b`` the same with hi2 for lo2. ``clamp``: positions first clamped into the
+    clip at window 1's layer (replicate padding); ``relative``: index q + h - lo1 for q >= 0 (the
+    window's frames), else q + h (history); never outside the tensor, whose frames are
+    h + size[0] * (hi1 - lo1) + size[1] * n1. What ``gather`` and ``take`` compute, as numbers."""
+
+    r1: int
+    o1: int
+    r2: int
+    o2: int
+    a: tuple[int, int, int, int]
+    b: tuple[int, int, int, int]
+    h: int = 0
+    clamp: bool = False
+    relative: bool = True
+    size: tuple[int, int] = (1, 0)
+
+    @classmethod
+    def conv_input(cls, h: int, rate: int, offset: int, delay: int) -> Site:
+        """A temporal conv's kernel input: its output window's positions and ``h`` before them, clamped."""
+        return cls(rate, offset, rate, offset + delay, (1, 0, 0, -h), (1, 0, 0, 0), h, clamp=True)
+
+    @classmethod
+    def history(cls, h: int, rate: int, offset: int, clamp: bool) -> Site:
+        """The last ``h`` positions of the step (the next step's history)."""
+        return cls(rate, offset, rate, offset, (0, 1, 0, -h), (0, 1, 0, 0), h, clamp=clamp)
+
+    @classmethod
+    def delayed(cls, frames: int, rate: int, offset: int) -> Site:
+        """A delay line's output window: its positions, ``frames`` earlier."""
+        return cls(rate, offset, rate, offset + frames, (1, 0, 0, -frames), (1, 0, 0, -frames), frames)
+
+    @classmethod
+    def window_of(cls, rate: int, offset: int) -> Site:
+        """The window's frames of a whole step's tensor."""
+        return cls(rate, offset, rate, offset, (1, 0, 0, 0), (1, 0, 0, 0), relative=False, size=(0, 1))
+
+    @classmethod
+    def doubled(cls, conv: tuple[int, int], out: tuple[int, int]) -> Site:
+        """Depth-to-space: a conv's window [c, d) became positions [2c, 2d); the output window's of those."""
+        return cls(*conv, *out, (1, 0, -2, 0), (1, 0, -2, 0), relative=False, size=(2, 0))
+
+
+class _Split(torch.autograd.Function):
+    """``torch.split`` by sizes held in a tensor: one ONNX ``Split`` node (opset 13+), whatever the sizes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.clone() for t in torch.split(x, [int(v) for v in sizes]))
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, sizes: Any) -> Any:
+        n = sizes.type().sizes()[0]
+        return g.op("Split", x, sizes, axis_i=0, outputs=n)
+
+
+_FAR = 1 << 40  # a bound no position reaches: sites that do not clamp
+
+
+class StepPlan:
+    """Every gather index of a step with tensor clocks (an exported graph), computed at once: the
+    windows of all layers as vectors, each site's index range laid end to end in one vector and split
+    (a few dozen graph nodes, where computing them layer by layer took thousands). Equal, index for
+    index, to what ``gather`` and ``take`` compute for each site alone."""
+
+    def __init__(self, clock: Clock, sites: Sequence[Site], device: torch.device | str = "cpu") -> None:
+        self.sites = {site: i for i, site in enumerate(sites)}
+        self.index: tuple[Tensor, ...] = ()
+        if not sites:
+            return
+        col = list(zip(*(dataclasses.astuple(s) for s in sites), strict=True))
+
+        def const(values: Sequence[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        r1, o1, r2, o2 = (const(v) for v in col[:4])
+        a, b = (const(v) for v in col[4:6])  # (S, 4)
+        h, clamp, relative = const(col[6]), const(col[7]).bool(), const(col[8]).bool()
+        size = const(col[9])
+        position, k = _t(clock.position).to(device), _t(clock.frames).to(device)
+        end = None if clock.end is None else _t(clock.end).to(device)
+
+        def windows(rate: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            n = rate * k
+            start = offset - rate * position
+            lo = torch.minimum(start.clamp(min=0), n)
+            hi = n if end is None else torch.minimum(torch.maximum(start + rate * (end - 1) + 1, lo), n)
+            return start, lo, hi
+
+        n1 = r1 * k
+        start1, lo1, hi1 = windows(r1, o1)
+        _, lo2, hi2 = windows(r2, o2)
+        lo_terms = torch.stack([lo2, n1, lo1, torch.ones_like(n1)], dim=1)
+        hi_terms = torch.stack([hi2, n1, lo1, torch.ones_like(n1)], dim=1)
+        first = (lo_terms * a).sum(1)
+        lengths = ((hi_terms * b).sum(1) - first).clamp(min=0)
+        top = h + size[:, 0] * (hi1 - lo1) + size[:, 1] * n1 - 1
+        low = torch.where(clamp, start1, -_FAR)
+        high = torch.where(clamp, start1 + r1 * (end - 1), _FAR) if end is not None else torch.full_like(low, _FAR)
+        base = torch.where(relative, lo1, 0)
+        # each site's positions end to end (site s's from entry ends[s] - lengths[s]), each entry with its
+        # site's numbers: their differences placed where each site starts, summed (no per-entry gather)
+        ends = lengths.cumsum(0)
+        t = torch.arange(ends[-1] + 1, device=device)
+        params = torch.stack([first - (ends - lengths), low, high, h, base, top], dim=1)
+        steps = torch.cat([params[:1], params[1:] - params[:-1]])
+        at = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])[:, None].expand_as(steps)
+        placed = torch.zeros(1, params.shape[1], dtype=torch.int64, device=device).expand(t.shape[0], -1)
+        shift, low_t, high_t, h_t, base_t, top_t = placed.scatter_add(0, at, steps).cumsum(0)[:-1].unbind(1)
+        t = t[:-1]
+        q = torch.minimum(torch.maximum(t + shift, low_t), high_t)
+        i = torch.where(q < 0, q + h_t, q + h_t - base_t)
+        i = torch.maximum(torch.minimum(i, top_t), torch.zeros_like(i))
+        self.index = _Split.apply(i, lengths)
+
+    def get(self, site: Site) -> Tensor | None:
+        """The site's indices into its tensor, None where the step did not plan it."""
+        i = self.sites.get(site)
+        return None if i is None else self.index[i]
+
+
+def planned(clock: Clock, site: Site) -> Tensor | None:
+    """``site``'s indices from the step's plan (tensor clocks), None without one."""
+    return None if clock.plan is None else clock.plan.get(site)
+
+
+def with_history(history: Tensor | None, x: Tensor) -> Tensor:
+    """History frames, then the window's: what a site's indices index."""
+    return x if history is None else torch.cat([history, x], dim=2)
 
 
 def clip_range(clock: Clock, rate: int, offset: int) -> tuple[Number, Number | None]:
@@ -260,9 +400,19 @@ class ReplicateConv3d(nn.Conv3d):
         if clock.frames is None:  # a clock without the step's length: the whole step, as ever
             return replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock)
         rate, offset = self.timeline
+        index = planned(clock, Site.conv_input(self.history, rate, offset, self.delay))
+        if index is not None:
+            return with_history(state[0], x).index_select(2, index)
         lo, _ = window(clock, rate, offset)
         c, d = window(clock, rate, offset + self.delay)
         return gather(state[0], x, lo, _positions(c - self.history, d), clip_range(clock, rate, offset))
+
+    def index_sites(self) -> list[Site]:
+        """The gathers of its windowed steps (``StepPlan``)."""
+        if not self.history:
+            return []
+        rate, offset = self.timeline
+        return [Site.conv_input(self.history, rate, offset, self.delay), Site.history(self.history, rate, offset, True)]
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:
         """As a stage of its own (``conv_in``): it reads the latents and starts the first stream."""
@@ -297,9 +447,13 @@ class ReplicateConv3d(nn.Conv3d):
             b, _, _, h, w = x.shape
             y = x.new_empty(b, self.out_channels, 0, h, w)
         rate, offset = self.timeline
-        lo, _ = window(clock, rate, offset)
-        n = rate * clock.frames  # type: ignore[operator]
-        history = gather(state[0], x, lo, _positions(n - self.history, n), clip_range(clock, rate, offset))
+        index = planned(clock, Site.history(self.history, rate, offset, True))
+        if index is not None:
+            history = with_history(state[0], x).index_select(2, index)
+        else:
+            lo, _ = window(clock, rate, offset)
+            n = rate * clock.frames  # type: ignore[operator]
+            history = gather(state[0], x, lo, _positions(n - self.history, n), clip_range(clock, rate, offset))
         return y, (history.clone(memory_format=torch.contiguous_format),)
 
     def set_timeline(self, rate: int, offset: int) -> tuple[int, int]:
@@ -368,6 +522,13 @@ class DelayLine(nn.Module):
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return [StateSpec(name, self.channels, self.frames, scale)] if self.frames else []
 
+    def index_sites(self) -> list[Site]:
+        """The gathers of its windowed steps (``StepPlan``)."""
+        if not self.frames:
+            return []
+        rate, offset = self.timeline
+        return [Site.delayed(self.frames, rate, offset), Site.history(self.frames, rate, offset, False)]
+
     def forward(self, x: Tensor, state: State, clock: Clock) -> tuple[Tensor, State]:
         if not self.frames or clock.full:
             return x, tuple(state)
@@ -377,6 +538,11 @@ class DelayLine(nn.Module):
             return joined[:, :, : x.shape[2]], (history,)
         # windows: the output window's frames, ``frames`` positions earlier (the state, then the input window)
         rate, offset = self.timeline
+        index = planned(clock, Site.delayed(self.frames, rate, offset))
+        if index is not None:
+            both = with_history(state[0], x)
+            history = both.index_select(2, planned(clock, Site.history(self.frames, rate, offset, False)))  # type: ignore[arg-type]
+            return both.index_select(2, index), (history.clone(memory_format=torch.contiguous_format),)
         lo, _ = window(clock, rate, offset)
         c, d = window(clock, rate, offset + self.frames)
         y = gather(state[0], x, lo, _positions(c - self.frames, d - self.frames))
@@ -433,8 +599,9 @@ def modulation(embedding: Tensor, table: Tensor, index: Tensor | None, parts: in
     embedder keeps the teacher's width) split in ``parts``, plus each part's table row."""
     if index is not None:
         embedding = embedding.index_select(1, index)
-    ada = embedding.unflatten(1, (parts, -1)) + table[None].to(embedding.dtype)
-    return [a[:, :, None, None, None] for a in ada.unbind(dim=1)]
+    # one add, reshape and split (an exported step computes these every step, from its timestep input)
+    ada = (embedding + table.flatten().to(embedding.dtype)).view(-1, table.numel(), 1, 1, 1)
+    return list(ada.split(table.shape[1], dim=1))
 
 
 class TimestepEmbedder(nn.Module):
@@ -531,13 +698,13 @@ class ResBlock(nn.Module):
             h = h * (1 + scale1) + shift1
         h, s1 = self.conv1(F.silu(h), state[:n1], context.clock)
         if self.noise1 is not None and context.noise:
-            h = h + context.noise[self.noise_index][None, None, None] * self.noise1[None, :, None]
+            h = h + self.noise1[None, :, None] * context.noise[self.noise_index]  # (H, W) maps broadcast: no reshapes
         h = self.norm2(h)
         if self.scale_shift_table is not None:
             h = h * (1 + scale2) + shift2
         h, s2 = self.conv2(F.silu(h), state[n1 : n1 + n2], context.clock)
         if self.noise2 is not None and context.noise:
-            h = h + context.noise[self.noise_index + 1][None, None, None] * self.noise2[None, :, None]
+            h = h + self.noise2[None, :, None] * context.noise[self.noise_index + 1]
         skip, s3 = self.skip(x, state[n1 + n2 :], context.clock)
         if self.shortcut is not None:
             skip = pointwise(self.shortcut, channel_layer_norm(self.norm3, skip))  # type: ignore[arg-type]

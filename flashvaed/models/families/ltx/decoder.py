@@ -25,12 +25,15 @@ from .blocks import (
     PixelNorm,
     ReplicateConv3d,
     ResBlock,
+    Site,
     Span,
     StepContext,
+    StepPlan,
     TimestepEmbedder,
     idle,
     make_conv,
     modulation,
+    planned,
     spread,
     take,
     window,
@@ -98,6 +101,10 @@ class Upsample(nn.Module):
         self.span: Span = (start, (2 * rate, 2 * offset + 1))
         return self.span[1]  # depth-to-space doubles positions; the first frame is dropped: an offset
 
+    def index_sites(self) -> list[Site]:
+        """The gather of its windowed steps (``StepPlan``): the output window of depth-to-space's positions."""
+        return [Site.doubled(self.conv_out, self.span[1])]
+
     def forward(self, x: Tensor, state: State, context: StepContext) -> tuple[Tensor, State]:
         clock = context.clock
         if idle(clock, self.span, x):
@@ -119,6 +126,9 @@ class Upsample(nn.Module):
         if clock.full:
             y = y[:, :, 1:]
         elif clock.narrow:  # the conv's window [c, d) became positions [2c, 2d): keep the output window's
+            index = planned(clock, Site.doubled(self.conv_out, self.span[1]))
+            if index is not None:
+                return y.index_select(2, index), tuple(states)
             c, _ = window(clock, *self.conv_out)
             lo, hi = window(clock, *self.span[1])
             y = take(y, lo - 2 * c, hi - 2 * c)
@@ -419,8 +429,12 @@ class LTXDecoder(nn.Module):
         stream's latency in one step returns its few frames, not zeros for every position."""
         clock = Clock(position, end, full, x.shape[2], windows)
         context = self.context(x.shape[0], clock, timestep, noise, x.device)
+        if clock.narrow and clock.traced:  # every gather index of the step at once
+            sites = {s for m in self.modules() if hasattr(m, "index_sites") for s in m.index_sites()}
+            object.__setattr__(clock, "plan", StepPlan(clock, sorted(sites | {Site.window_of(1, 0)}), x.device))
         if clock.narrow:
-            x = take(x, *window(clock, 1, 0))
+            index = planned(clock, Site.window_of(1, 0))
+            x = take(x, *window(clock, 1, 0)) if index is None else x.index_select(2, index)
         states: list[Tensor] = []
         i = 0
         for _, _, block in self.stages():
