@@ -329,3 +329,28 @@ def test_low_rank_up1_on_the_released_teacher(released):
         wide, up=(wide.up[0], replace(wide.up[1], resample_conv="lowrank", resample_rank=256), *wide.up[2:])
     )
     assert 20 < teacher.macs_steady / summarize(student, 704, 1280).macs_steady < 21
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_dupup_shortcut_fast_paths_equal_the_plain_ops(channels_last):
+    """The full-width DupUp (each channel nearest-upsampled in time and space) is added into the
+    stage's output in place, and a pruned one gathers its sources along the innermost axis of a
+    channels-last input: both give the plain sum exactly, in either layout."""
+    from flashvaed.models.families.wan22 import DupUp3D
+
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(1, 6, 2, 3, 4).contiguous(memory_format=layout)
+    y = torch.randn(1, 6, 4, 6, 8).contiguous(memory_format=layout)
+    identity = DupUp3D(6, 6, 2, 2, repeats=8)
+    pruned = DupUp3D(8, 4, 1, 2, repeats=2)  # reads 4 x 4 / 2 = 8 of 8 channels; narrowed below
+    pruned.reads, pruned.sources = 8, torch.tensor([7, 0, 3, 3, 5, 1, 2, 6])
+    with torch.inference_mode():
+        want = y + identity(x, False)
+        got = identity.add_to(y.clone(memory_format=layout), x, False)
+        z = torch.randn(1, 8, 2, 3, 4).contiguous(memory_format=layout)
+        gathered = pruned(z, False)
+    with plain_ops():
+        plain = pruned(z.contiguous(), False)
+    assert torch.equal(got, want)
+    assert torch.equal(gathered, plain)

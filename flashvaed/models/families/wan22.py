@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
-from ..blocks import Downsample, ResidualBlock, Stage
+from ..blocks import Downsample, ResidualBlock, Stage, fast_eager, is_channels_last, observed
 from ..coupling import ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StreamingBlock, run_blocks
@@ -104,7 +104,9 @@ class DupUp3D(nn.Module):
         return [(out_channel * self.factor + k) // self.repeats for k in range(0, self.factor, self.repeats)]
 
     def forward(self, x: Tensor, first: bool) -> Tensor:
-        if self.sources is not None:
+        if self.sources is not None and is_channels_last(x):  # gather along the innermost axis: no
+            x = x.permute(0, 2, 3, 4, 1).index_select(4, self.sources).permute(0, 4, 1, 2, 3)  # contiguous copy
+        elif self.sources is not None:
             x = x.index_select(1, self.sources)
         b, c, t, h, w = x.shape
         ft, fs = self.factor_t, self.factor_s
@@ -112,6 +114,24 @@ class DupUp3D(nn.Module):
         x = x.reshape(b, self.out_channels, ft, fs, fs, t, h, w)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_channels, t * ft, h * fs, w * fs)
         return x[:, :, ft - 1 :] if first else x
+
+    def add_to(self, y: Tensor, x: Tensor, first: bool) -> Tensor:
+        """``y + self(x, first)``, possibly written into ``y`` (which nothing else may hold). Where
+        every output channel reads its own input channel in every slot (Wan2.2's full-width stream:
+        a nearest upsampling in time and space) and nothing needs gradients, ``x`` is added in place
+        through a broadcast view of ``y``: no upsampled copy, which at up1 is two 128 MB passes per
+        chunk (the same sums, exactly)."""
+        b, c, t, h, w = x.shape
+        ft, fs = self.factor_t, self.factor_s
+        identity = self.sources is None and self.repeats == self.factor and self.out_channels == c
+        if not (identity and fast_eager() and not first and y.shape == (b, c, t * ft, h * fs, w * fs)):
+            return y + self(x, first)
+        try:
+            grid = y.view(b, c, t, ft, h, fs, w, fs)  # y's own memory: contiguous or channels-last
+        except RuntimeError:  # another layout: the plain sum
+            return y + self(x, first)
+        grid.add_(x[:, :, :, None, :, None, :, None])
+        return y
 
 
 class ResidualUpStage(Stage):
@@ -123,7 +143,11 @@ class ResidualUpStage(Stage):
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
         y, state = run_blocks(self.sequence(), x, state, first)
-        return (y if self.shortcut is None else y + self.shortcut(x, first)), state
+        if self.shortcut is None:
+            return y, state
+        if any(observed(m) for m in self.sequence()[-1].modules()):  # a hook may hold y: no writing into it
+            return y + self.shortcut(x, first), state
+        return self.shortcut.add_to(y, x, first), state
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         out = super().channel_flow(flow, path, stage, stream)
