@@ -774,14 +774,16 @@ class Upsample(StreamingBlock):
         if self.time_conv is not None and not first:
             y, state = self.time_conv(x, state)
             x = channels_to_frames(y, self.factor)
-        conv = self.conv
+        conv, frames = self.conv, fold_time(x)
         if isinstance(conv, SeparableUpsampleConv):
-            return unfold_time(conv(fold_time(x)), x.shape[0]), state
-        if isinstance(conv, LowRankUpsampleConv) and not observed(conv):
-            return unfold_time(conv.expand(self.upsample_conv(fold_time(x), conv.conv)), x.shape[0]), state
-        if isinstance(conv, LowRankUpsampleConv):  # probed: it runs as itself, on the upsampled frames
-            return unfold_time(conv(F.interpolate(fold_time(x), scale_factor=2.0, mode="nearest")), x.shape[0]), state
-        return unfold_time(self.upsample_conv(fold_time(x), conv), x.shape[0]), state
+            y = conv(frames)
+        elif isinstance(conv, LowRankUpsampleConv) and observed(conv):  # probed: it runs as itself
+            y = conv(F.interpolate(frames, scale_factor=2.0, mode="nearest"))
+        elif isinstance(conv, LowRankUpsampleConv):
+            y = conv.expand(self.upsample_conv(frames, conv.conv))
+        else:
+            y = self.upsample_conv(frames, conv)
+        return unfold_time(y, x.shape[0]), state
 
     def upsample_conv(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
         """``conv`` (3x3) on ``x`` upsampled 2x, nearest."""

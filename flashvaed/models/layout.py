@@ -61,7 +61,7 @@ class StageLayout:
         if any(isinstance(w, bool) or int(w) != w or not 1 <= w <= MAX_WIDTH for w in widths):
             raise ValueError(f"every width must be an integer in [1, {MAX_WIDTH}], got {widths}")
         rank = self.resample_rank
-        top = self.resample_width or 1 if self.resample_conv == "lowrank" else MAX_RESAMPLE_RANK
+        top = (self.resample_width or 1) if self.resample_conv == "lowrank" else MAX_RESAMPLE_RANK
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
             raise ValueError(f"resample_rank must be an integer in [1, {top}], got {rank!r}"[:200])
         if rank != 1 and self.resample_conv == "conv":

@@ -115,16 +115,20 @@ class DupUp3D(nn.Module):
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_channels, t * ft, h * fs, w * fs)
         return x[:, :, ft - 1 :] if first else x
 
+    @property
+    def nearest(self) -> bool:
+        """Every output channel reads its own input channel in every slot: a nearest upsampling in
+        time and space (Wan2.2's full-width stream)."""
+        return self.sources is None and self.repeats == self.factor and self.out_channels == self.in_channels
+
     def add_to(self, y: Tensor, x: Tensor, first: bool) -> Tensor:
-        """``y + self(x, first)``, possibly written into ``y`` (which nothing else may hold). Where
-        every output channel reads its own input channel in every slot (Wan2.2's full-width stream:
-        a nearest upsampling in time and space) and nothing needs gradients, ``x`` is added in place
-        through a broadcast view of ``y``: no upsampled copy, which at up1 is two 128 MB passes per
-        chunk (the same sums, exactly)."""
+        """``y + self(x, first)``, possibly written into ``y`` (which nothing else may hold). Where the
+        shortcut is ``nearest`` and nothing needs gradients, ``x`` is added in place through a
+        broadcast view of ``y``: no upsampled copy, which at up1 is two 128 MB passes per chunk (the
+        same sums, exactly)."""
         b, c, t, h, w = x.shape
         ft, fs = self.factor_t, self.factor_s
-        identity = self.sources is None and self.repeats == self.factor and self.out_channels == c
-        if not (identity and fast_eager() and not first and y.shape == (b, c, t * ft, h * fs, w * fs)):
+        if not (self.nearest and fast_eager() and not first and y.shape == (b, c, t * ft, h * fs, w * fs)):
             return y + self(x, first)
         try:
             grid = y.view(b, c, t, ft, h, fs, w, fs)  # y's own memory: contiguous or channels-last
@@ -145,9 +149,9 @@ class ResidualUpStage(Stage):
         y, state = run_blocks(self.sequence(), x, state, first)
         if self.shortcut is None:
             return y, state
-        if any(observed(m) for m in self.sequence()[-1].modules()):  # a hook may hold y: no writing into it
-            return y + self.shortcut(x, first), state
-        return self.shortcut.add_to(y, x, first), state
+        if self.shortcut.nearest and not any(observed(m) for m in self.sequence()[-1].modules()):
+            return self.shortcut.add_to(y, x, first), state  # no hook holds y: it may be written into
+        return y + self.shortcut(x, first), state
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         out = super().channel_flow(flow, path, stage, stream)
