@@ -474,6 +474,7 @@ def export(
     tiling: bool = False,
     tiling_frame: str = "1088x1920",
     windows: bool = True,
+    progress: bool = False,
 ) -> ExportResult:
     """Export MODEL (teacher or student) to ``first.onnx`` + ``steady.onnx`` + ``manifest.json``.
 
@@ -493,7 +494,7 @@ def export(
         chunk=chunk, height=height, width=width, batch=batch, precision=precision, plugins=plugins, opset=opset,
         tiling=tiling, tiling_frame=tiling_frame, windows=windows,
     )  # fmt: skip
-    return onnx_export(load_model(model), out, options, source=final_path(model))
+    return onnx_export(load_model(model), out, options, source=final_path(model), progress=progress)
 
 
 def build_engine(
@@ -505,12 +506,14 @@ def build_engine(
     threads: int = 0,
     timing_cache: str | os.PathLike | None = None,
     workspace_gib: float = 4.0,
+    progress: bool = False,
 ) -> Contract:
-    """Build an engine directory for ``backend`` from an export directory."""
+    """Build an engine directory for ``backend`` from an export directory (``progress``: a bar, one
+    step per graph)."""
     from .engines.build import build_engine as engines_build
 
     out = check_output(out, directory=True, replaceable=is_ours, what=OURS, inputs=[export_dir, timing_cache])
-    return engines_build(export_dir, out, backend, providers, threads, timing_cache, workspace_gib)
+    return engines_build(export_dir, out, backend, providers, threads, timing_cache, workspace_gib, progress)
 
 
 def validate(

@@ -840,6 +840,7 @@ def export(
             "inside the graphs static, computing whole steps (for static-shape builders such as TensorRT)."
         ),
     ] = True,
+    quiet: Quiet = False,
 ) -> None:
     """Export a teacher or student to two streaming ONNX graphs (first, steady) and their I/O contract."""
     r = api.export(
@@ -855,6 +856,7 @@ def export(
         tiling=tiling,
         tiling_frame=tiling_frame,
         windows=windows,
+        progress=not quiet,
     )
     for problem in r.tensorrt_unsupported:
         typer.echo(f"warning: TensorRT's ONNX parser cannot take {problem}", err=True)
@@ -889,6 +891,7 @@ def build_engine(
         Path | None, typer.Option(metavar="FILE", help="TensorRT timing cache file (read and updated).")
     ] = None,
     workspace: Annotated[float, typer.Option(metavar="GIB", help="TensorRT builder workspace in GiB.")] = 4.0,
+    quiet: Quiet = False,
 ) -> None:
     """Build a TensorRT or ONNX Runtime engine directory from an export."""
     c = api.build_engine(
@@ -899,6 +902,7 @@ def build_engine(
         threads=threads,
         timing_cache=timing_cache,
         workspace_gib=workspace,
+        progress=not quiet,
     )
     typer.echo(f"built {backend} engine ({c.precision}, {', '.join(c.backend.get('providers', []) or [])}) -> {out}")
 

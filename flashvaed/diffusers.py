@@ -56,7 +56,7 @@ from .models import families
 from .models.checkpoint import is_student_dir, load_teacher, save_teacher, write_student
 from .models.streaming import check_latents
 from .models.student import FlashStudent
-from .models.vae import LatentDecoder
+from .models.vae import LatentDecoder, TeacherVAE
 from .safeload import check_stored, load_config, work_budget
 
 __all__ = ["EncoderMissingError", "FamilyMismatchError", "FlashVAE", "resolve_pretrained"]
@@ -217,7 +217,7 @@ class FlashVAE(ModelMixin):
         if chunk is None:
             chunk = saved.get("chunk")
         compute = dt or torch.float32
-        source = model if path is None else path
+        source = model if path is None else path / saved.get("model", ".")
         decoder = engines.load(source, device=dev, dtype=compute, providers=providers, compile=compile)
         if isinstance(decoder, engines.TorchDecoder):
             family, config = decoder.model.family, decoder.model.family_config
@@ -270,18 +270,19 @@ class FlashVAE(ModelMixin):
         model = self.decoder.model if isinstance(self.decoder, engines.TorchDecoder) else None
         source = getattr(self, "_source", None)
         with atomic_output(out, directory=True, replaceable=_replaceable, what="a model folder") as tmp:
+            record: dict[str, Any] = {"format": SAVED_FORMAT, "version": 1, "chunk": self.chunk, "teacher": None}
             if isinstance(model, FlashStudent):
                 write_student(model, tmp)
             elif model is not None:
-                save_teacher(model, tmp, layout="diffusers")  # type: ignore[arg-type]
+                written = _write_teacher(model, tmp, "model")  # type: ignore[arg-type]
+                if written != ".":
+                    record["model"] = written
             elif source is not None and Path(source).is_dir():
                 _copy_folder(Path(source), tmp)
             else:
                 raise InputError("this FlashVAE was not loaded from a folder: there is nothing to save")
-            record: dict[str, Any] = {"format": SAVED_FORMAT, "version": 1, "chunk": self.chunk, "teacher": None}
             if self.teacher is not None and self.teacher is not model:
-                save_teacher(self.teacher, tmp / "teacher", layout="diffusers")  # type: ignore[arg-type]
-                record["teacher"] = "teacher"
+                record["teacher"] = _write_teacher(self.teacher, tmp, "teacher")  # type: ignore[arg-type]
             (tmp / SAVED_FILE).write_text(json.dumps(record, indent=2))
         return out
 
@@ -878,17 +879,41 @@ def _read_saved(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is not a FlashVAE record (format {SAVED_FORMAT})")
     if record.get("version", 1) != 1:
         raise CheckpointError(f"{file} was written by a newer flashvaed (version {record.get('version')!r:.20})")
-    chunk, teacher = record.get("chunk"), record.get("teacher")
+    chunk, teacher, model = record.get("chunk"), record.get("teacher"), record.get("model")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise CheckpointError(f"{file}: chunk must be a positive whole number or null, got {chunk!r:.40}")
-    if teacher is not None and (teacher != "teacher" or not (path / teacher).is_dir()):
-        raise CheckpointError(f"{file}: teacher must name the folder teacher/ beside it, got {teacher!r:.60}")
+    # the names save_pretrained writes, and nothing else: a folder teacher/ or a file beside this record
+    folder_teacher = teacher == "teacher" and (path / "teacher").is_dir()
+    if teacher is not None and not (folder_teacher or (teacher == TEACHER_FILE and _plain_file(path / teacher))):
+        raise CheckpointError(f"{file}: teacher must name teacher/ or {TEACHER_FILE} beside it, got {teacher!r:.60}")
+    if model is not None and not (model == MODEL_FILE and _plain_file(path / model)):
+        raise CheckpointError(f"{file}: model must be absent or name {MODEL_FILE} beside it, got {model!r:.60}")
     return record
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+MODEL_FILE, TEACHER_FILE = "model.safetensors", "teacher.safetensors"
+
+
+def _write_teacher(model: TeacherVAE, folder: Path, name: str) -> str:
+    """Write a teacher into ``folder`` in the diffusers layout (``name`` "model": the folder itself;
+    else the subfolder ``name``), or, where its configuration has no diffusers form (the embedded
+    LTX teacher's), as one flashvaed-layout file ``name.safetensors``. Returns what was written,
+    relative to ``folder``."""
+    try:
+        save_teacher(model, folder if name == "model" else folder / name, layout="diffusers")
+        return "." if name == "model" else name
+    except InputError:  # "cannot write this ... in the diffusers layout": nothing was written
+        save_teacher(model, folder / f"{name}.safetensors", layout="flashvaed")
+        return f"{name}.safetensors"
 
 
 def _copy_folder(source: Path, into: Path) -> None:
     """Copy an export or engine folder (not a previous save's record and teacher: written anew)."""
-    skip = {SAVED_FILE, "teacher"}
+    skip = {SAVED_FILE, "teacher", TEACHER_FILE}
     for entry in source.iterdir():
         if entry.name in skip or entry.name.startswith("."):
             continue

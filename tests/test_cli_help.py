@@ -192,6 +192,23 @@ def test_decode_prune_and_distill_report_progress_in_a_log(teacher_file, monkeyp
     assert "loss " in steps[0] and "eta " in steps[0] and steps[-1].split(", ")[-2] == "done", steps
 
 
+def test_export_and_build_engine_report_each_graph(teacher_file, tmp_path, monkeypatch):
+    """A full-size teacher traces for minutes: export and build-engine say which graph they are at."""
+    d = teacher_file
+    monkeypatch.setenv("FLASHVAED_PROGRESS_INTERVAL", "0")
+    shapes = ["--chunk", "1:1:2", "--height", "16:16:32", "--width", "16:16:32", "--batch", "1"]
+    r = runner.invoke(app, ["export", str(d / "teacher.pth"), "-o", str(tmp_path / "e"), *shapes])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("exporting: ")]
+    assert lines[0].startswith("exporting: 0/2 (0%)") and lines[0].endswith("first"), lines  # being traced
+    assert lines[1].startswith("exporting: 1/2 (50%)") and lines[1].endswith("steady"), lines
+    assert lines[-1].startswith("exporting: 2/2 (100%)") and lines[-1].endswith("done"), lines
+    r = runner.invoke(app, ["build-engine", str(tmp_path / "e"), "-o", str(tmp_path / "g"), "-q"])
+    assert r.exit_code == 0 and r.output.startswith("built onnxruntime engine"), r.output
+    r = runner.invoke(app, ["build-engine", str(tmp_path / "e"), "-o", str(tmp_path / "g2")])
+    assert "building onnxruntime: 2/2 (100%)" in r.output, r.output
+
+
 # ---------------------------------------------------------------------------------------------
 # sources are recorded by their final names
 # ---------------------------------------------------------------------------------------------

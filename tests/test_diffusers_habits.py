@@ -164,6 +164,37 @@ def test_save_pretrained_replaces_only_a_model_folder(made, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "vae"]  # no temporaries left
 
 
+def test_save_pretrained_keeps_a_teacher_diffusers_cannot_describe(tmp_path):
+    """The embedded LTX teacher narrows inside its up blocks (no diffusers config says that): it is
+    saved as one flashvaed-layout file, as model and as the teacher beside a student, and loads back."""
+    from flashvaed.demo import embedded_teacher_path
+    from flashvaed.models import StudentSpec, load_model
+    from flashvaed.models.student import build_student
+
+    teacher = load_model(embedded_teacher_path("ltx"))
+    vae = FlashVAE.from_pretrained(teacher, device="cpu")
+    vae.save_pretrained(tmp_path / "vae")
+    record = json.loads((tmp_path / "vae" / "flashvae.json").read_text())
+    assert record["model"] == "model.safetensors" and sorted(p.name for p in (tmp_path / "vae").iterdir()) == [
+        "flashvae.json", "model.safetensors"
+    ]  # fmt: skip
+    back = FlashVAE.from_pretrained(tmp_path / "vae", device="cpu").decoder.model  # (its decode draws noise)
+    assert back.config == teacher.config
+    for (name, a), b in zip(teacher.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    student = build_student(StudentSpec.load("flash-ltx"), teacher.config)[0]
+    paired = FlashVAE.from_pretrained(student, teacher, device="cpu")
+    paired.save_pretrained(tmp_path / "paired")
+    assert json.loads((tmp_path / "paired" / "flashvae.json").read_text())["teacher"] == "teacher.safetensors"
+    again = FlashVAE.from_pretrained(tmp_path / "paired", device="cpu")
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    torch.testing.assert_close(again.encode(video).latent_dist.mean, paired.encode(video).latent_dist.mean)
+    (tmp_path / "paired" / "flashvae.json").write_text(json.dumps({**record, "model": "../model.safetensors"}))
+    with pytest.raises(CheckpointError, match="model must be absent or name model.safetensors"):
+        FlashVAE.from_pretrained(tmp_path / "paired", device="cpu")
+
+
 def test_passing_vae_to_pipeline_from_pretrained_logs_no_type_warning(made):
     lines: list[str] = []
     handler = logging.Handler()

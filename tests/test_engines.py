@@ -218,7 +218,7 @@ def test_a_tensorrt_engine_directory_lists_its_plans(built, tmp_path, monkeypatc
     from flashvaed.engines import tensorrt_backend
     from flashvaed.export.contract import read_manifest
 
-    def fake_build(export_dir, contract, out_dir, timing_cache, workspace_gib):
+    def fake_build(export_dir, contract, out_dir, timing_cache, workspace_gib, bar):
         plans = {g: f"{g}.plan" for g in contract.files}
         for name in plans.values():
             (out_dir / name).write_bytes(b"plan")

@@ -39,7 +39,19 @@ def teacher(name: str):
 
 def student(name: str, preset: str | None = None):
     torch.manual_seed(1)
-    return build_student(StudentSpec.load(preset or PRESET[name]), families.get(name).tiny_config())[0].eval()
+    spec = LOWRANK if preset == LOWRANK.name else StudentSpec.load(preset or PRESET[name])
+    return build_student(spec, families.get(name).tiny_config())[0].eval()
+
+
+def lowrank_spec() -> StudentSpec:
+    """flash-wan2.2-fast with its up1 upsample conv low-rank (``resample: lowrank``) instead."""
+    spec = StudentSpec.load("flash-wan2.2-fast").to_dict()
+    spec["name"] = "flash-wan2.2-lowrank"
+    spec["stages"]["up1"] = {**spec["stages"]["up1"], "resample": "lowrank"}
+    return StudentSpec.from_dict(spec)
+
+
+LOWRANK = lowrank_spec()
 
 
 def frame_for(halo: tuple[int, int], grid: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -170,7 +182,8 @@ def test_tiling_is_exact_in_float64():
     assert torch.equal(single.decode(latents, 1), reference)
 
 
-STUDENTS = [(name, PRESET[name]) for name in FAMILIES] + [("wan2.2", "flash-wan2.2-fast")]  # + a separable upsampler
+# + a separable and a low-rank upsampler
+STUDENTS = [(name, PRESET[name]) for name in FAMILIES] + [("wan2.2", "flash-wan2.2-fast"), ("wan2.2", LOWRANK.name)]
 
 
 @pytest.mark.parametrize(("name", "preset"), STUDENTS, ids=[p for _, p in STUDENTS])

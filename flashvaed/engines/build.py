@@ -16,6 +16,7 @@ import onnxruntime as ort
 from ..atomic import atomic_output, final_path
 from ..errors import InputError
 from ..export.contract import ENGINE_FORMAT, EXPORT_FORMAT, OURS, Contract, is_ours, read_manifest
+from ..progress import Bar, progress_bar
 from .ort_backend import (
     MAX_THREADS,
     check_precision,
@@ -40,8 +41,10 @@ def build_engine(
     threads: int = 0,
     timing_cache: str | os.PathLike | None = None,
     workspace_gib: float = 4.0,
+    progress: bool = False,
 ) -> Contract:
-    """Build ``out_dir`` from the export in ``export_dir``; returns the engine's contract."""
+    """Build ``out_dir`` from the export in ``export_dir``; returns the engine's contract.
+    ``progress``: a bar on stderr, one step per graph (TensorRT builds take minutes each)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (use {' or '.join(BACKENDS)})")
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
@@ -60,14 +63,17 @@ def build_engine(
 
         refuse_windows(export_dir, contract)  # what no TensorRT builds, refused where TensorRT is absent too
         require_tensorrt()  # fail before any output exists
-    with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp:
+    with (
+        atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp,
+        progress_bar(f"building {backend}", len(contract.files), progress, info=True) as bar,
+    ):
         if backend == "onnxruntime":
-            contract.backend = _build_onnxruntime(export_dir, contract, tmp, providers, threads)
+            contract.backend = _build_onnxruntime(export_dir, contract, tmp, providers, threads, bar)
         else:
             from .tensorrt_backend import build
 
             cache = Path(timing_cache) if timing_cache else None
-            contract.backend = build(export_dir, contract, tmp, cache, workspace_gib)
+            contract.backend = build(export_dir, contract, tmp, cache, workspace_gib, bar)
             contract.files = dict(contract.backend["plan_files"])  # the engine directory holds plans
         contract.format = ENGINE_FORMAT
         contract.backend["source_export"] = final_path(export_dir)
@@ -78,11 +84,12 @@ def build_engine(
 
 
 def _build_onnxruntime(
-    export_dir: Path, contract: Contract, out: Path, providers: list[str] | None, threads: int
+    export_dir: Path, contract: Contract, out: Path, providers: list[str] | None, threads: int, bar: Bar
 ) -> dict:
     providers = check_providers(providers or default_providers())
     files = {}
-    for graph, name in contract.files.items():
+    for i, (graph, name) in enumerate(contract.files.items()):
+        bar.update(1 if i else 0, info=graph)  # the graph being built
         options = session_options({"graph_optimization_level": SAVE_LEVEL, "intra_op_num_threads": threads})
         files[graph] = f"{graph}.optimized.onnx"
         options.optimized_model_filepath = str(out / files[graph])
@@ -94,6 +101,7 @@ def _build_onnxruntime(
                 f"ONNX Runtime could not start {', '.join(failed)} here (no GPU or its libraries are missing); "
                 f"it ran with {', '.join(started)}"
             )
+    bar.update(info="")
     contract.files = files
     return {
         "name": "onnxruntime",

@@ -141,6 +141,14 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
     return options
 
 
+def rewrites_on(settings: dict | None) -> bool:
+    """Whether CPU sessions load graphs through ``ort_rewrites`` (session option ``rewrites``, default on)."""
+    value = (settings or {}).get("rewrites", True)
+    if not isinstance(value, bool):
+        raise InputError(f"session option rewrites must be true or false, got {value!r}"[:200])
+    return value
+
+
 def check_backend(backend: dict, where: str) -> None:
     """Refuse an engine manifest's ``backend`` section ONNX Runtime would choke on, when the manifest
     is read (``info`` starts no session). Providers must be names ONNX Runtime knows; whether this
@@ -155,20 +163,37 @@ def check_backend(backend: dict, where: str) -> None:
             raise InputError(f"{where}: backend.providers names {unknown[0]!r}, which ONNX Runtime does not know"[:300])
     try:
         session_options(backend.get("session_options"))
+        rewrites_on(backend.get("session_options"))
     except InputError as e:
         raise InputError(f"{where}: in backend.session_options, {e}"[:300]) from None
 
 
 def load_session(folder: Path, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """A session for the graph ``folder/name``, whose external data must stay inside ``folder``."""
+    """A session for the graph ``folder/name`` as it is (its external data must stay inside ``folder``)."""
+    return open_graph(folder, name, options, providers, rewrites=False)[0]
+
+
+def open_graph(
+    folder: Path, name: str, options: ort.SessionOptions, providers: list[str], rewrites: bool
+) -> tuple[ort.InferenceSession, bool]:
+    """A session for the graph ``folder/name``, whose external data must stay inside ``folder``, and
+    whether it runs rewritten: with ``rewrites``, a session that runs on the CPU first loads the
+    graph through ``ort_rewrites`` (its slow CPU patterns as faster equivalent ops)."""
     path = member_file(folder, name, InputError, "graph")
     check_external_data(path)
     ort.set_default_logger_severity(4)  # failures become our one-line errors, not ORT's log lines
+    rewritten = None
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        if rewrites and providers[0] == "CPUExecutionProvider":
+            from .ort_rewrites import rewrite_for_cpu
+
+            rewritten = rewrite_for_cpu(path, options.intra_op_num_threads)
+        if rewritten is None:
+            return ort.InferenceSession(str(path), options, providers=providers), False
     except Exception as e:  # ONNX Runtime's own exception types are not importable by a stable name
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"cannot load graph {path}: {first[:300]}") from None
+    return ort.InferenceSession(rewritten, options, providers=providers), True  # a failure here is our bug
 
 
 def state_device(providers: list[str], provider_options: dict[str, dict[str, Any]]) -> tuple[str, int]:
@@ -493,8 +518,13 @@ class OnnxRuntimeDecoder(ContractDecoder):
         backend = contract.backend or {}
         self.providers = check_providers(providers or backend.get("providers") or default_providers())
         check_precision(contract, self.providers)
-        options = session_options(settings or backend.get("session_options"))
-        self.sessions = {g: load_session(self.path, f, options, self.providers) for g, f in contract.files.items()}
+        settings = settings or backend.get("session_options")
+        options, rewrites = session_options(settings), rewrites_on(settings)
+        self.sessions, self.rewritten = {}, []  # rewritten: the graphs that run through ort_rewrites
+        for g, f in contract.files.items():
+            self.sessions[g], rewritten = open_graph(self.path, f, options, self.providers, rewrites)
+            if rewritten:
+                self.rewritten.append(g)
         for g, session in self.sessions.items():
             inputs = {i.name: i.shape for i in session.get_inputs()}
             problem = contract.io_problem(g, inputs, {o.name: o.shape for o in session.get_outputs()})
@@ -521,4 +551,4 @@ class OnnxRuntimeDecoder(ContractDecoder):
         return torch.from_numpy(self.sessions[f"frame.{index}"].run(None, {"input": x})[0])
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers, "rewritten_graphs": self.rewritten}

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..export.contract import Contract, graph_kind
 from ..models.streaming import clocked
+from ..progress import Bar
 from ..safeload import member_file
 from .base import ContractDecoder, Stream
 
@@ -190,8 +191,16 @@ def with_padding_modes(path: Path) -> bytes | None:
     return model.SerializeToString()
 
 
-def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Path | None, workspace_gib: float) -> dict:
-    """Parse every graph (plugins registered), build strongly typed plans, write them into ``out_dir``."""
+def build(
+    export_dir: Path,
+    contract: Contract,
+    out_dir: Path,
+    timing_cache: Path | None,
+    workspace_gib: float,
+    bar: Bar | None = None,
+) -> dict:
+    """Parse every graph (plugins registered), build strongly typed plans, write them into ``out_dir``
+    (``bar``: told of each graph as it starts and ends)."""
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network
 
@@ -205,7 +214,9 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
             check_plugin_layout(export_dir / name)
     logger = trt.Logger(trt.Logger.WARNING)
     files = {}
-    for graph, name in contract.files.items():
+    for i, (graph, name) in enumerate(contract.files.items()):
+        if bar is not None:
+            bar.update(1 if i else 0, info=graph)  # the graph being built
         profile = Profile()
         for input_name, (lo, opt, hi) in _profile_shapes(contract, graph).items():
             profile.add(input_name, min=lo, opt=opt, max=hi)
@@ -222,6 +233,8 @@ def build(export_dir: Path, contract: Contract, out_dir: Path, timing_cache: Pat
         )
         files[graph] = f"{graph}.plan"
         (out_dir / files[graph]).write_bytes(plan)
+    if bar is not None:
+        bar.update(info="")
     return {"name": "tensorrt", "tensorrt_version": trt.__version__, "plan_files": files}
 
 

@@ -39,6 +39,7 @@ from ..models.memory import decode_step_bytes
 from ..models.streaming import StateSpec, clocked, model_fingerprint
 from ..models.tiling import TilingError, plan_tiling
 from ..models.vae import LatentDecoder
+from ..progress import progress_bar
 from ..safeload import check_work
 from .contract import (
     LIMITS,
@@ -595,10 +596,15 @@ def _finish(path: Path, graph: str, contract: Contract) -> list[str]:
 
 @torch.no_grad()
 def export(
-    model: LatentDecoder, out_dir: str | os.PathLike, options: ExportOptions | None = None, source: str | None = None
+    model: LatentDecoder,
+    out_dir: str | os.PathLike,
+    options: ExportOptions | None = None,
+    source: str | None = None,
+    progress: bool = False,
 ) -> ExportResult:
     """Write ``first.onnx``, ``steady.onnx`` (``last.onnx`` with latency), the graphs of a tiled run
-    (``tiling``, decoders with frame-wide modules) and ``manifest.json`` into ``out_dir`` (atomically)."""
+    (``tiling``, decoders with frame-wide modules) and ``manifest.json`` into ``out_dir`` (atomically).
+    ``progress``: a bar on stderr, one step per graph (a full-size teacher takes minutes to trace)."""
     options = options or ExportOptions()
     shapes, opset = _check_options(options, model)
     tiling_frame = _frame_range(options.tiling_frame, model.spatial_factor) if options.tiling else {}
@@ -673,9 +679,15 @@ def export(
         sizes.update(frame_height=fh, frame_width=fw)
     out_dir = Path(out_dir)
     unsupported: set[str] = set()
-    with atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp, warnings.catch_warnings():
+    graphs = contract.all_graphs
+    with (
+        atomic_output(out_dir, directory=True, replaceable=is_ours, what=OURS) as tmp,
+        warnings.catch_warnings(),
+        progress_bar("exporting", len(graphs), progress, info=True) as bar,
+    ):
         warnings.simplefilter("ignore")  # tracer notes on constants we mean to be constant
-        for graph in contract.all_graphs:
+        for i, graph in enumerate(graphs):
+            bar.update(1 if i else 0, info=graph)  # the graph being traced
             kind, step, j = graph_kind(graph)
             module: nn.Module
             if kind == "frame":
@@ -695,7 +707,8 @@ def export(
             if kind == "capture":  # a graph that stops at its module reads no later input: ONNX drops those
                 traced = onnx.load(str(tmp / contract.files[graph]), load_external_data=False)
                 contract.tiling.capture_inputs[graph] = [i.name for i in traced.graph.input]  # type: ignore[union-attr]
-        for graph in contract.all_graphs:  # the contract is complete: into every graph's metadata
+        bar.update(info="")
+        for graph in graphs:  # the contract is complete: into every graph's metadata
             unsupported.update(_finish(tmp / contract.files[graph], graph, contract))
         (tmp / "manifest.json").write_text(contract.to_json())
     return ExportResult(out_dir, contract, sorted(unsupported))
