@@ -14,9 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 from flashvaed import engines
 from flashvaed.engines.ort_backend import OnnxRuntimeDecoder, check_backend, rewrites_on
 from flashvaed.engines.ort_rewrites import (
+    MIN_PHASE_OUTPUTS,
     band_kernel,
     banded_time_convs,
     channel_sums_as_convs,
+    phase_convs,
     rewrite_for_cpu,
 )
 from flashvaed.errors import InputError
@@ -146,6 +148,40 @@ def test_other_sums_stay(what, nodes, axes):
     assert "ReduceSum" in ops(model)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_phase_convs_are_the_transposed_conv(bias):
+    rng = np.random.default_rng(2)
+    c_out = MIN_PHASE_OUTPUTS
+    x = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    w = rng.standard_normal((5, c_out, 4, 4)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32)
+    inputs = ["x", "w", *(["b"] if bias else [])]
+    up = helper.make_node("ConvTranspose", inputs, ["y"], strides=[2, 2], pads=[1, 1, 1, 1], kernel_shape=[4, 4])
+    model = model_of([up], {"x": ("n", 5, "h", "w")}, "y", {"w": w, **({"b": b} if bias else {})})
+    assert phase_convs(model) == 1
+    assert ops(model) == ["Conv"] * 4 + ["Concat", "DepthToSpace"]
+    expected = F.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b) if bias else None,
+                                  stride=2, padding=1)  # fmt: skip
+    np.testing.assert_allclose(run(model, {"x": x}), expected.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "what,c_out,attrs",
+    [
+        ("too few outputs (four small GEMMs lose)", MIN_PHASE_OUTPUTS - 1, {}),
+        ("another padding", MIN_PHASE_OUTPUTS, {"pads": [0, 0, 0, 0]}),
+        ("an output padding", MIN_PHASE_OUTPUTS, {"output_padding": [1, 1]}),
+        ("stride 3", MIN_PHASE_OUTPUTS, {"strides": [3, 3]}),
+    ],
+)
+def test_other_transposed_convs_stay(what, c_out, attrs):
+    w = np.ones((3, c_out, 4, 4), np.float32)
+    up = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **{"strides": [2, 2], "pads": [1, 1, 1, 1], **attrs})
+    model = model_of([up], {"x": (1, 3, 4, 4)}, "y", {"w": w})
+    assert phase_convs(model) == 0, what
+    assert ops(model) == ["ConvTranspose"]
+
+
 # ---------------------------------------------------------------------------------------------
 # a real export: the rewrites find their patterns behind plugin nodes and shape arithmetic
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +213,25 @@ def test_rewritten_export_decodes_as_torch(static_export):
         torch.testing.assert_close(decoder.decode(latents), reference, rtol=1e-4, atol=1e-5)
     assert set(rewritten.rewritten) == {"first", "steady"} and plain.rewritten == []
     assert rewritten.describe()["rewritten_graphs"] == rewritten.rewritten
+
+
+def test_export_with_phase_convs_decodes_as_torch(static_export, monkeypatch, tmp_path):
+    """The tiny student's upsamplers are far narrower than the released ones: exported as transposed
+    convs and rewritten as phase convs from one output channel on, it decodes the same."""
+    from flashvaed.engines import ort_rewrites
+    from flashvaed.models import blocks
+
+    student, _ = static_export
+    monkeypatch.setattr(blocks, "EXPORT_TRANSPOSED_FROM", 1)
+    monkeypatch.setattr(ort_rewrites, "MIN_PHASE_OUTPUTS", 1)
+    out = tmp_path / "transposed"
+    export(student, out, ExportOptions(chunk="2", height="32", width="48", batch="1"))
+    assert "ConvTranspose" in ops(onnx.load(str(out / "steady.onnx")))
+    rewritten = onnx.load_from_string(rewrite_for_cpu(out / "steady.onnx"))
+    assert "ConvTranspose" not in ops(rewritten) and "DepthToSpace" in ops(rewritten)
+    latents = torch.randn(1, 16, 5, 4, 6)
+    decoded = OnnxRuntimeDecoder(out, read_manifest(out), ["CPUExecutionProvider"]).decode(latents)
+    torch.testing.assert_close(decoded, engines.load(student).decode(latents), rtol=1e-4, atol=1e-5)
 
 
 def test_dynamic_export_rewrites_its_norms(static_export, tmp_path):
