@@ -34,6 +34,7 @@ sums) 1.12x faster per step in a stream, flash-wan2.2's 1.48x. ``session_options
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,25 @@ def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], tensors: list[onnx.TensorProto]) -> None:
+Replacement = tuple[list[onnx.NodeProto], list[onnx.TensorProto]]
+
+
+def rewrite_nodes(model: onnx.ModelProto, replace: Callable[[onnx.NodeProto], Replacement | None]) -> int:
+    """Put the nodes (and new constants) ``replace`` returns for a node in its place, in order;
+    ``replace`` returns None for nodes that stay. Returns how many were replaced."""
+    nodes, tensors, count = [], [], 0
+    for node in model.graph.node:
+        replacement = replace(node)
+        if replacement is None:
+            nodes.append(node)
+            continue
+        nodes += replacement[0]
+        tensors += replacement[1]
+        count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(tensors)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +171,10 @@ def bandable(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
 def banded_time_convs(model: onnx.ModelProto) -> int:
     """Rewrite each bandable 3D conv as Reshape -> banded 2D Conv -> Reshape; returns how many."""
     shapes, consts = static_shapes(model), constants(model)
-    nodes, tensors, count = [], [], 0
-    for node in model.graph.node:
+
+    def replace(node: onnx.NodeProto) -> Replacement | None:
         if not bandable(node, shapes, consts):
-            nodes.append(node)
-            continue
+            return None
         b, c_in, window, h, w = shapes[node.input[0]]
         weight = consts[node.input[1]]
         c_out, kt = weight.shape[0], weight.shape[2]
@@ -167,7 +182,7 @@ def banded_time_convs(model: onnx.ModelProto) -> int:
         a = attributes(node)
         pads = list(a.get("pads", [0] * 6))
         name = f"{node.name or node.output[0]}/banded"
-        tensors += [
+        tensors = [
             numpy_helper.from_array(np.array([b, c_in * window, h, w], np.int64), f"{name}/input_shape"),
             numpy_helper.from_array(band_kernel(weight, a.get("group", 1), frames), f"{name}/weight"),
             numpy_helper.from_array(np.array([b, c_out, frames, h, w], np.int64), f"{name}/output_shape"),
@@ -177,67 +192,64 @@ def banded_time_convs(model: onnx.ModelProto) -> int:
         if len(node.input) > 2 and node.input[2]:
             tensors.append(numpy_helper.from_array(np.repeat(consts[node.input[2]], frames), f"{name}/bias"))
             conv_inputs.append(f"{name}/bias")
-        nodes += [
+        nodes = [
             helper.make_node("Reshape", [node.input[0], f"{name}/input_shape"], [f"{name}/input"]),
             helper.make_node("Conv", conv_inputs, [f"{name}/output"], name=name, group=a.get("group", 1), pads=pads_2d),
             helper.make_node("Reshape", [f"{name}/output", f"{name}/output_shape"], [node.output[0]]),
         ]
-        count += 1
-    replace_nodes(model, nodes, tensors)
-    return count
+        return nodes, tensors
+
+    return rewrite_nodes(model, replace)
 
 
 # ---------------------------------------------------------------------------------------------
 # ReduceSum(x * x) over one axis -> a 1x1 conv with a weight of ones
 # ---------------------------------------------------------------------------------------------
+def summed_axis(node: onnx.NodeProto, producers: dict, shapes: dict, consts: dict) -> int | None:
+    """The axis ``node`` sums ``x * x`` over, if it is ``ReduceSum(Mul(x, x), axes=[a], keepdims=1)``
+    with that axis's size known; else None."""
+    if node.op_type != "ReduceSum" or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    squares, shape = producers.get(node.input[0]), shapes.get(node.input[0])
+    axes = consts.get(node.input[1]) if len(node.input) > 1 else attributes(node).get("axes")  # opset < 13
+    if squares is None or squares.op_type != "Mul" or squares.input[0] != squares.input[1] or not shape:
+        return None
+    if axes is None or np.size(axes) != 1 or attributes(node).get("keepdims", 1) != 1:
+        return None
+    axis = int(np.asarray(axes).reshape(-1)[0]) % len(shape)
+    return axis if shape[axis] is not None else None
+
+
 def channel_sums_as_convs(model: onnx.ModelProto) -> int:
     """Rewrite ``ReduceSum(Mul(x, x), axes=[a], keepdims=1)`` over an axis of known size as a conv
     summing it (axis 1 of a 3-5D tensor directly; another axis as the channels of (P, C, Q) rows and
     back); returns how many. Only the reduced axis needs a static size, so dynamic exports gain too."""
     shapes, consts = known_shapes(model), constants(model)
     producers = {out: node for node in model.graph.node for out in node.output}
-    nodes, tensors, count = [], [], 0
-    for node in model.graph.node:
-        squares = producers.get(node.input[0]) if node.input else None
-        shape = shapes.get(node.input[0]) if node.input else None
-        axes = consts.get(node.input[1]) if len(node.input) > 1 else attributes(node).get("axes")  # opset < 13
-        axes = None if axes is None else np.asarray(axes)
-        if (
-            node.op_type != "ReduceSum"
-            or node.domain not in ("", "ai.onnx")
-            or squares is None
-            or squares.op_type != "Mul"
-            or squares.input[0] != squares.input[1]
-            or shape is None
-            or axes is None
-            or axes.size != 1
-            or attributes(node).get("keepdims", 1) != 1
-            or shape[int(axes.reshape(-1)[0]) % max(len(shape), 1)] is None
-        ):
-            nodes.append(node)
-            continue
-        axis = int(axes.reshape(-1)[0]) % len(shape)
-        channels, source = shape[axis], node.input[0]
-        name = f"{node.name or node.output[0]}/as_conv"
+
+    def replace(node: onnx.NodeProto) -> Replacement | None:
+        axis = summed_axis(node, producers, shapes, consts)
+        if axis is None:
+            return None
+        source = node.input[0]
+        shape = shapes[source]
+        channels, name = shape[axis], f"{node.name or node.output[0]}/as_conv"
         if axis == 1 and 3 <= len(shape) <= 5:
-            tensors.append(numpy_helper.from_array(np.ones((1, channels, *[1] * (len(shape) - 2)), np.float32), name))
-            nodes.append(helper.make_node("Conv", [source, name], list(node.output), name=name))
-            count += 1
-            continue
+            ones = numpy_helper.from_array(np.ones((1, channels, *[1] * (len(shape) - 2)), np.float32), name)
+            return [helper.make_node("Conv", [source, name], list(node.output), name=name)], [ones]
         # (P, C, Q) rows: Flatten at the axis, then split its channels off; a 1D conv sums them
-        tensors += [
+        tensors = [
             numpy_helper.from_array(np.ones((1, channels, 1), np.float32), f"{name}/ones"),
             numpy_helper.from_array(np.array([0, channels, -1], np.int64), f"{name}/rows"),
         ]
-        nodes += [
+        nodes = [
             helper.make_node("Flatten", [source], [f"{name}/flat"], axis=axis),
             helper.make_node("Reshape", [f"{name}/flat", f"{name}/rows"], [f"{name}/input"]),
             helper.make_node("Conv", [f"{name}/input", f"{name}/ones"], [f"{name}/output"], name=name),
         ]
         if None not in shape:  # back to the kept shape: a constant, or the input's shape with the axis at 1
-            tensors.append(
-                numpy_helper.from_array(np.array([*shape[:axis], 1, *shape[axis + 1 :]], np.int64), f"{name}/kept")
-            )
+            kept = np.array([*shape[:axis], 1, *shape[axis + 1 :]], np.int64)
+            tensors.append(numpy_helper.from_array(kept, f"{name}/kept"))
         else:
             tensors += [
                 numpy_helper.from_array(np.array([1], np.int64), f"{name}/one"),
@@ -250,9 +262,9 @@ def channel_sums_as_convs(model: onnx.ModelProto) -> int:
                 ),
             ]
         nodes.append(helper.make_node("Reshape", [f"{name}/output", f"{name}/kept"], list(node.output)))
-        count += 1
-    replace_nodes(model, nodes, tensors)
-    return count
+        return nodes, tensors
+
+    return rewrite_nodes(model, replace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,15 +302,14 @@ def phaseable(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
 def phase_convs(model: onnx.ModelProto) -> int:
     """Rewrite each wide 2x upsampling ConvTranspose as its four phase convs; returns how many."""
     shapes, consts = known_shapes(model), constants(model)
-    nodes, tensors, count = [], [], 0
-    for node in model.graph.node:
+
+    def replace(node: onnx.NodeProto) -> Replacement | None:
         if not phaseable(node, shapes, consts):
-            nodes.append(node)
-            continue
+            return None
         weight = consts[node.input[1]]
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
         name = f"{node.name or node.output[0]}/phases"
-        phases = []
+        nodes, tensors, phases = [], [], []
         for a in (0, 1):
             for b in (0, 1):  # DepthToSpace (DCR) reads channel (2a + b) * C_out + o as output (o, 2m + a, 2n + b)
                 kernel = f"{name}/kernel{a}{b}"
@@ -312,6 +323,6 @@ def phase_convs(model: onnx.ModelProto) -> int:
             helper.make_node("Concat", phases, [f"{name}/all"], axis=1),
             helper.make_node("DepthToSpace", [f"{name}/all"], list(node.output), blocksize=2, mode="DCR"),
         ]
-        count += 1
-    replace_nodes(model, nodes, tensors)
-    return count
+        return nodes, tensors
+
+    return rewrite_nodes(model, replace)
