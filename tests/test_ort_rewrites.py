@@ -247,6 +247,30 @@ def test_dynamic_export_rewrites_its_norms(static_export, tmp_path):
     torch.testing.assert_close(decoded, engines.load(student).decode(latents), rtol=1e-4, atol=1e-5)
 
 
+def test_a_failed_basic_pass_loads_the_graph_as_it_is(static_export, monkeypatch, tmp_path):
+    """No room for the basic-level pass's file: the engine loads unrewritten. A graph ORT refuses is
+    still reported as the user's (one line, exit 2), not as a failed rewrite."""
+    from flashvaed.engines import ort_rewrites
+
+    _, out = static_export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ort_rewrites.tempfile, "TemporaryDirectory", full_disk)
+        decoder = OnnxRuntimeDecoder(out, read_manifest(out), ["CPUExecutionProvider"])
+    assert decoder.rewritten == []
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "steady.onnx").write_bytes(b"not a graph")
+    assert rewrite_for_cpu(broken / "steady.onnx") is None
+    with pytest.raises(InputError, match="cannot load graph .*steady.onnx"):
+        OnnxRuntimeDecoder(broken, read_manifest(broken), ["CPUExecutionProvider"])
+
+
 def test_rewrites_setting_is_checked():
     assert rewrites_on(None) and rewrites_on({}) and not rewrites_on({"rewrites": False})
     with pytest.raises(InputError, match="rewrites must be true or false"):

@@ -183,17 +183,17 @@ def open_graph(
     check_external_data(path)
     ort.set_default_logger_severity(4)  # failures become our one-line errors, not ORT's log lines
     rewritten = None
-    try:
-        if rewrites and providers[0] == "CPUExecutionProvider":
-            from .ort_rewrites import rewrite_for_cpu
+    if rewrites and providers[0] == "CPUExecutionProvider":
+        from .ort_rewrites import rewrite_for_cpu
 
-            rewritten = rewrite_for_cpu(path, options.intra_op_num_threads)
-        if rewritten is None:
-            return ort.InferenceSession(str(path), options, providers=providers), False
+        rewritten = rewrite_for_cpu(path, options.intra_op_num_threads)
+    if rewritten is not None:
+        return ort.InferenceSession(rewritten, options, providers=providers), True  # a failure here is our bug
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers), False
     except Exception as e:  # ONNX Runtime's own exception types are not importable by a stable name
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"cannot load graph {path}: {first[:300]}") from None
-    return ort.InferenceSession(rewritten, options, providers=providers), True  # a failure here is our bug
 
 
 def state_device(providers: list[str], provider_options: dict[str, dict[str, Any]]) -> tuple[str, int]:

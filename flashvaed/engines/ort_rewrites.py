@@ -67,17 +67,22 @@ def graph_bytes(path: Path) -> int:
 
 def rewrite_for_cpu(path: Path, threads: int = 1) -> bytes | None:
     """The graph at ``path`` with its slow CPU patterns rewritten, serialized; None where nothing
-    matched (or the graph is too large to hold in one protobuf). ``path`` must load in ORT."""
-    if graph_bytes(path) > MAX_GRAPH_BYTES:
+    matched, the graph is too large to hold in one protobuf, or the basic-level pass could not run
+    (a graph ORT refuses, a full temporary folder): the caller's plain load then says what, if
+    anything, is wrong with the graph. Errors of the rewrites themselves are raised."""
+    try:
+        if graph_bytes(path) > MAX_GRAPH_BYTES:
+            return None
+        with tempfile.TemporaryDirectory(prefix="flashvaed-ort-") as tmp:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+            options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            model = onnx.load(options.optimized_model_filepath)
+    except Exception:  # ORT's exception types are not importable by a stable name; OSError, DecodeError
         return None
-    with tempfile.TemporaryDirectory(prefix="flashvaed-ort-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        model = onnx.load(options.optimized_model_filepath)
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     changed = banded_time_convs(model) + channel_sums_as_convs(model) + phase_convs(model)
     return model.SerializeToString() if changed else None
