@@ -253,18 +253,21 @@ def test_a_failed_basic_pass_loads_the_graph_as_it_is(static_export, monkeypatch
     from flashvaed.engines import ort_rewrites
 
     _, out = static_export
+    copies = {}
+    for name in ("full", "broken"):  # files this process has not rewritten yet (no cached rewrite)
+        copies[name] = tmp_path / name
+        copies[name].mkdir()
+        for f in out.iterdir():
+            (copies[name] / f.name).write_bytes(f.read_bytes())
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
         patch.setattr(ort_rewrites.tempfile, "TemporaryDirectory", full_disk)
-        decoder = OnnxRuntimeDecoder(out, read_manifest(out), ["CPUExecutionProvider"])
+        decoder = OnnxRuntimeDecoder(copies["full"], read_manifest(out), ["CPUExecutionProvider"])
     assert decoder.rewritten == []
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in out.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = copies["broken"]
     (broken / "steady.onnx").write_bytes(b"not a graph")
     assert rewrite_for_cpu(broken / "steady.onnx") is None
     with pytest.raises(InputError, match="cannot load graph .*steady.onnx"):
