@@ -186,7 +186,7 @@ def open_graph(
     if rewrites and providers[0] == "CPUExecutionProvider":
         from .ort_rewrites import rewrite_for_cpu
 
-        rewritten = rewrite_for_cpu(path, options.intra_op_num_threads)
+        rewritten = rewrite_for_cpu(path)  # one thread: the pass only optimises and saves
     if rewritten is not None:
         return ort.InferenceSession(rewritten, options, providers=providers), True  # a failure here is our bug
     try:
