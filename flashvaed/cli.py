@@ -904,7 +904,15 @@ def build_engine(
         workspace_gib=workspace,
         progress=not quiet,
     )
-    typer.echo(f"built {backend} engine ({c.precision}, {', '.join(c.backend.get('providers', []) or [])}) -> {out}")
+    providers = c.backend.get("providers", []) or []
+    typer.echo(f"built {backend} engine ({c.precision}, {', '.join(providers)}) -> {out}")
+    dynamic = [k for k in ("chunk", "height", "width") if not c.shapes[k].static]
+    if backend == "onnxruntime" and providers[:1] == ["CPUExecutionProvider"] and dynamic:
+        typer.echo(
+            f"note: {', '.join(dynamic)} dynamic: on a CPU an export of one --chunk, --height and --width runs "
+            "faster (its temporal convs are rewritten too; docs/runtimes.md)",
+            err=True,
+        )
 
 
 @command(
