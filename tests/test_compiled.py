@@ -10,6 +10,7 @@ runs real inductor for every case (docs/runtimes.md).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 
@@ -18,6 +19,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from flashvaed import engines
 from flashvaed.engines import compiled, ort_backend
@@ -226,3 +229,47 @@ def test_api_and_cli_take_compile(wan, tmp_path):
     r = CliRunner().invoke(app, [*argv, "--device", "cpu", "--compile", "max"])
     assert r.exit_code == 2 and "--compile max runs on CUDA devices only" in r.output, r.output
     assert not (tmp_path / "p.pt").exists()
+
+
+class HostTensors(TorchDispatchMode):
+    """Records every op that leaves a tensor on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = out if isinstance(out, tuple | list) else (out,)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("name", ["ltx", "flash-ltx"])
+def test_a_tensor_clock_step_makes_nothing_on_the_host(name):
+    """The steady step compiled and CUDA-graph streams run (a 0-d tensor clock, the whole step)
+    creates no tensor on the host: a CUDA graph cannot capture a copy from pageable host memory
+    (on an H200 the LTX step once fell back to uncaptured for that). Run on the meta device, where
+    any host tensor stands out."""
+    if name == "ltx":
+        model = teacher("ltx")
+    else:
+        torch.manual_seed(0)
+        model = build_student(StudentSpec.load(name), families.get("ltx").tiny_config())[0].eval()
+    z = latents_for(model, "ltx")
+    decoder = engines.load(model, compile="inductor")
+    steady = decoder.steady
+    stream = decoder.stream()
+    stream.push(z[:, :, : 1 + 2 * steady.warmup])  # eager, past the warm-up
+    meta = torch.device("meta")
+    on_meta = copy.deepcopy(model).to(meta)
+    state = tuple(t.to(meta) for t in stream.state)
+    inputs = tree_map(lambda v: v.to(meta) if isinstance(v, torch.Tensor) else v, stream.inputs)
+    clock = {"position": torch.tensor(stream.position, device=meta), **steady.extra}
+    latents = z[:, :, :2].to(meta)
+    record = HostTensors()
+    with torch.no_grad(), record:
+        frames, _ = compiled._steady(on_meta, latents, state, stream.clamp, inputs, clock)
+    assert frames.device == meta and frames.shape[2] > 0
+    assert record.ops == []

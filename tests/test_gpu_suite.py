@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness")
+SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_smoke_report(smoke: tuple[subprocess.CompletedProcess, Path]) -> None:
         assert sec["status"] == "ok" or sec["reason"], name
         for row in sec.get("rows", []):
             assert not str(row.get("status", "ok")).startswith("failed"), (name, row)
-    for name in ("decode", "onnxruntime", "fidelity", "memory", "exactness"):  # nothing there needs CUDA
+    for name in ("decode", "onnxruntime", "fidelity", "memory", "exactness", "runtimes"):  # none needs CUDA
         assert sections[name]["status"] == "ok", name
 
     # every mode has a row per model; compile runs on the CPU, CUDA graphs say why they cannot
@@ -70,6 +70,11 @@ def test_smoke_report(smoke: tuple[subprocess.CompletedProcess, Path]) -> None:
     assert all(status == "ok" for (_, mode), status in modes.items() if mode in ("eager", "compile"))
     assert all(status.startswith("skipped: ") for (_, mode), status in modes.items() if mode == "cudagraph")
     assert all(r["max_abs_vs_eager"] < 1e-5 for r in decode if r["mode"] == "compile")
+
+    # the production compile modes: on the CPU, inductor (traced by --compile-backend) for the first student
+    runtimes = sections["runtimes"]["rows"]
+    assert [(r["model"], r["compile"]) for r in runtimes] == [("flash-wan2.1", "inductor")]
+    assert all(r["max_abs_vs_eager"] <= 1e-5 and r["repeat_max_abs"] <= 1e-5 for r in runtimes)
 
     found = dict(ratios(report))
     present = {path.rsplit(".", 1)[1] for path, v in found.items() if v is not None}

@@ -21,9 +21,11 @@ Needs triton >= 3.4 (``TRITON_MIN_VERSION``); an older one is refused at import,
 
 Dense (groups 1) and depthwise (groups = channels) convs; stride 1, "same" spatial padding with
 zeros or the edge values replicated (``padding_mode``; replicate clamps the input indices), odd
-spatial kernels; fp32 accumulation for fp32, fp16 and bf16 tensors. fp32 products are exact
-(IEEE) unless torch allows TF32 for convs on that CUDA device (``torch.backends.cudnn.allow_tf32``,
-on by default, as for ``F.conv3d``); the ahead-of-time TensorRT kernel always uses IEEE fp32.
+spatial kernels; fp32 accumulation for fp32, fp16 and bf16 tensors. fp32 products are always
+exact (IEEE), whatever ``torch.backends.cudnn.allow_tf32`` says: on an H200 (triton 3.6.0) the TF32
+dot gave wrong frames at some sizes (relative error 2e-2 to 1e-1 against float64 at 60x104, 24x24
+and 9x9, where IEEE fp32 gave 2e-6 and cuDNN's TF32 3e-4; benchmarks/RESULTS.md, issue 23's GPU
+lease). The ahead-of-time TensorRT kernel uses IEEE fp32 too.
 """
 
 from __future__ import annotations  # also keeps the kernel's tl.constexpr annotations lazy without triton
@@ -332,9 +334,9 @@ def _launch(
 
 
 def _dot_precision(x: Tensor) -> str:
-    """TF32 for fp32 where torch's own CUDA convs would use it (only fp32 operands look at this)."""
-    tf32 = x.dtype != torch.float32 or (x.device.type == "cuda" and torch.backends.cudnn.allow_tf32)
-    return "tf32" if tf32 else "ieee"
+    """IEEE for fp32 (TF32 miscompiled at some sizes: see the module's docstring); half operands
+    ignore it."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 # Weights repacked with output channels innermost, so a program's weight tile for one tap is one

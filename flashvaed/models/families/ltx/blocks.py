@@ -72,6 +72,12 @@ def _t(v: Number) -> Tensor:
     return v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.int64)
 
 
+def _on(v: Number, device: torch.device) -> Tensor:
+    """``v`` as a tensor on ``device``; a number is filled there, not copied from the host (a copy
+    from pageable memory cannot be captured in a CUDA graph)."""
+    return v.to(device) if isinstance(v, Tensor) else torch.full((), v, dtype=torch.int64, device=device)
+
+
 def window(clock: Clock, rate: int, offset: int) -> tuple[Number, Number]:
     """Step-relative positions [lo, hi) of a layer (``rate`` positions per latent frame, its sequence
     lagging the clip by ``offset``) that hold frames of the clip in this step: the whole step unless
@@ -138,13 +144,13 @@ def gather(
         if idx and _is_span(idx):
             return src.narrow(2, idx[0], len(idx))
         return src.index_select(2, torch.tensor(idx, dtype=torch.long, device=src.device))
-    q = wanted if isinstance(wanted, Tensor) else torch.arange(wanted.start, wanted.stop)
-    q = q.to(src.device)
+    dev = src.device
+    q = wanted.to(dev) if isinstance(wanted, Tensor) else torch.arange(wanted.start, wanted.stop, device=dev)
     if clamp:
-        q = torch.maximum(q, _t(clamp[0]).to(src.device))
+        q = torch.maximum(q, _on(clamp[0], dev))
         if clamp[1] is not None:
-            q = torch.minimum(q, _t(clamp[1]).to(src.device))
-    i = torch.where(q < 0, q + h, q + h - _t(lo).to(src.device))
+            q = torch.minimum(q, _on(clamp[1], dev))
+    i = torch.where(q < 0, q + h, q + h - _on(lo, dev))
     return src.index_select(2, i.clamp(0, size - 1))
 
 
@@ -305,11 +311,12 @@ def spread(x: Tensor, lo: Number, hi: Number, n: Number) -> Tensor:
             return x
         b, c, _, hh, ww = x.shape
         return torch.cat([x.new_zeros(b, c, lo, hh, ww), x, x.new_zeros(b, c, n - hi, hh, ww)], dim=2)
-    j = torch.arange(_t(n)).to(x.device)
-    inside = (j >= _t(lo).to(x.device)) & (j < _t(hi).to(x.device))
+    j = torch.arange(n, device=x.device) if not isinstance(n, Tensor) else torch.arange(_t(n)).to(x.device)
+    lo_d, hi_d = _on(lo, x.device), _on(hi, x.device)
+    inside = (j >= lo_d) & (j < hi_d)
     b, c, _, hh, ww = x.shape  # the window may be empty: the zero frame is not sliced from it
     src = torch.cat([x, x.new_zeros(b, c, 1, hh, ww)], dim=2)
-    return src.index_select(2, torch.where(inside, j - _t(lo).to(x.device), _t(hi).to(x.device) - _t(lo).to(x.device)))
+    return src.index_select(2, torch.where(inside, j - lo_d, hi_d - lo_d))
 
 
 def pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:
