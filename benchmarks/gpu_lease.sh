@@ -2,7 +2,8 @@
 # Issue 23's GPU checks in one short lease of a CUDA machine (about 9 minutes on an H200), each part
 # under its own timeout so one that hangs leaves the others their time:
 #   1. the production API's bench, Wan2.1 teacher vs flash-wan2.1 at 480x832, 81 frames, bf16:
-#      compiled (auto: CUDA graphs of the steady step, with diffusers' AutoencoderKLWan beside), then eager;
+#      compiled (auto: CUDA graphs of the steady step, with diffusers' AutoencoderKLWan beside), then
+#      compiled and eager with the frames kept on the GPU (--frames-on device, what FlashVAE does);
 #   2. gpu_suite: exactness, every family's compiled streams vs eager, and the streaming decode per mode;
 #   3. gpu_suite: the Triton kernel vs cuDNN, half-precision fidelity and peak memory (17 frames).
 # Usage: OUT=folder bash benchmarks/gpu_lease.sh   (diffusers may come as wheels in .whl/, see below)
@@ -23,14 +24,17 @@ log=$OUT/lease.log
     echo "== bench: compiled (auto) with diffusers"
     timeout 170 python3 -m flashvaed bench flash-wan2.1 --teacher wan2.1 --runtime compiled "${size[@]}" \
         --repeats 3 -q --json "$OUT/bench_compiled.json"
-    echo "== bench: torch eager"
-    timeout 80 python3 -m flashvaed bench flash-wan2.1 --teacher wan2.1 --runtime torch "${size[@]}" \
-        --repeats 3 --no-diffusers -q --json "$OUT/bench_torch.json"
+    echo "== bench: compiled (auto), frames kept on the GPU"
+    timeout 70 python3 -m flashvaed bench flash-wan2.1 --teacher wan2.1 --runtime compiled "${size[@]}" \
+        --frames-on device --repeats 3 --no-diffusers -q --json "$OUT/bench_device.json"
+    echo "== bench: torch eager, frames kept on the GPU"
+    timeout 70 python3 -m flashvaed bench flash-wan2.1 --teacher wan2.1 --runtime torch "${size[@]}" \
+        --frames-on device --repeats 3 --no-diffusers -q --json "$OUT/bench_torch.json"
     echo "== gpu_suite: exactness, runtimes, decode"
-    timeout 235 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
-        --modes eager,cudagraph,compile-ro --budget-s 205 --out "$OUT/decode"
+    timeout 200 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
+        --modes eager,cudagraph,compile-ro --budget-s 175 --out "$OUT/decode"
     echo "== gpu_suite: kernel, fidelity, memory (17 frames)"
-    timeout 90 python3 benchmarks/gpu_suite.py --sections kernel,fidelity,memory --frames 17 \
-        --budget-s 75 --out "$OUT/small"
+    timeout 70 python3 benchmarks/gpu_suite.py --sections kernel,fidelity,memory --frames 17 \
+        --budget-s 55 --out "$OUT/small"
     echo "== done"
 } 2>&1 | tee "$log"

@@ -49,6 +49,7 @@ from torch import Tensor
 from . import engines
 from .atomic import atomic_output, check_output
 from .devices import resolve_device, resolve_dtype
+from .engines.torch_backend import check_frames_on
 from .errors import InputError
 from .export.contract import is_manifest_dir, read_manifest
 from .models import StudentConfig, families, load_model, summarize
@@ -404,6 +405,7 @@ def load_runtime(
     chunk: int,
     workdir: Path,
     compile_mode: str = "auto",
+    frames_on: str = "cpu",
 ) -> engines.Decoder:
     """``source`` as a decoder on ``runtime``: a torch model loaded (compiled) or exported to an
     engine of the bench's exact shape (static: batch 1, ``chunk``, ``height`` x ``width``);
@@ -417,9 +419,9 @@ def load_runtime(
         return engines.load(source.engine, providers=_providers(device) if runtime == "onnxruntime" else None)
     assert source.model is not None
     if runtime == "torch":
-        return engines.load(source.model, device=device, dtype=dtype)
+        return engines.load(source.model, device=device, dtype=dtype, frames_on=frames_on)
     if runtime == "compiled":
-        return engines.load(source.model, device=device, dtype=dtype, compile=compile_mode)  # type: ignore[call-arg]
+        return engines.load(source.model, device=device, dtype=dtype, compile=compile_mode, frames_on=frames_on)
     from .export.onnx_export import ExportOptions
     from .export.onnx_export import export as onnx_export
 
@@ -507,7 +509,8 @@ def time_stream(decoder: engines.Decoder, latents: Tensor, chunk: int, device: t
     steady_s, steady_frames, frames = 0.0, 0, 0
     before = start
     for i, out in enumerate(push_clip(decoder.stream(), latents, chunk)):  # a push runs when asked for
-        now = time.perf_counter()  # frames come back on the CPU: the device is done
+        _sync(device)  # frames on the CPU: the device is done already; frames left on it: wait for them
+        now = time.perf_counter()
         frames += out.shape[2]
         if first_s is None and out.shape[2]:
             first_s = now - start
@@ -640,6 +643,7 @@ def bench(
     warmup: int = 1,
     compare_diffusers: bool = True,
     compile_mode: str = "auto",
+    frames_on: str = "cpu",
     smoke: bool = False,
     json_path: str | os.PathLike | None = None,
     progress: bool = False,
@@ -650,12 +654,16 @@ def bench(
     weights) or presets (built on ``teacher``, else their family's released teacher). ``teacher``:
     a family name or a teacher path (default: the one each model identifies; none known, no
     speed-up). ``frames``: output frames of the clip (1 + t*n; default two steady chunks after the
-    first frame). ``height``/``width``: pixels (default 256). ``smoke``: the embedded tiny teachers
-    and their flash students at 4x4 latent pixels, one repeat (seconds; ``models`` default
-    ``flash-wan2.1``). ``json_path``: also write the report there (atomically).
+    first frame). ``height``/``width``: pixels (default 256). ``frames_on``: where torch runtimes
+    hand frames back (``engines.load``; "device" is what a GPU pipeline's FlashVAE does).
+    ``smoke``: the embedded tiny teachers and their flash students at 4x4 latent pixels, one repeat
+    (seconds; ``models`` default ``flash-wan2.1``). ``json_path``: also write the report there (atomically).
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     label = check_runtime(runtime, dev, compile_mode)
+    check_frames_on(frames_on)
+    if frames_on != "cpu" and runtime not in ("torch", "compiled"):
+        raise InputError(f"{{frames_on}} {frames_on} applies to the torch and compiled runtimes", "frames_on")
     _check_int(chunk, "chunk", 1)
     _check_int(repeats, "repeats", 1)
     _check_int(warmup, "warmup", 0)
@@ -720,7 +728,7 @@ def bench(
                 estimate = decode_step_bytes(arch, 1, chunk, height // sf, width // sf, dt)
             decoder = load_runtime(
                 source, runtime, device=dev, dtype=dt, height=height, width=width, chunk=chunk,
-                workdir=Path(tmp), compile_mode=compile_mode,
+                workdir=Path(tmp), compile_mode=compile_mode, frames_on=frames_on,
             )  # fmt: skip
             if runtime in ("onnxruntime", "tensorrt"):  # exported: the torch weights are not needed any more
                 source.model = None
@@ -777,7 +785,7 @@ def bench(
     speedups(rows)
     report = BenchReport(
         settings=_settings(runtime, label, dev, dt, height, width, frames, chunk, repeats, warmup, compile_mode, smoke,
-                           teacher, list(models), time.perf_counter() - started),
+                           teacher, list(models), time.perf_counter() - started, frames_on),
         rows=rows,
         skipped=skipped,
         notes=notes,
@@ -796,7 +804,7 @@ def _diffusers_version() -> str:
 def _settings(
     runtime: str, label: str, device: torch.device, dtype: torch.dtype, height: int, width: int, frames: int | None,
     chunk: int, repeats: int, warmup: int, compile_mode: str, smoke: bool, teacher: str | None, models: list[str],
-    seconds: float,
+    seconds: float, frames_on: str = "cpu",
 ) -> dict[str, Any]:  # fmt: skip
     machine: dict[str, Any] = {
         "platform": platform.platform(),
@@ -815,6 +823,7 @@ def _settings(
     return {
         "models": models, "teacher": teacher, "runtime": runtime,
         "compile": compile_mode if runtime == "compiled" else None, "runtime_label": label, "device": str(device),
+        "frames_on": frames_on,
         "dtype": str(dtype).removeprefix("torch."), "height": height, "width": width, "frames": frames, "chunk": chunk,
         "repeats": repeats, "warmup": warmup, "smoke": smoke, "seconds": seconds,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,

@@ -998,6 +998,15 @@ def bench(
             "--compile", metavar="MODE", help="With --runtime compiled: the compile mode (engines.load's compile=)."
         ),
     ] = "auto",
+    frames_on: Annotated[
+        str,
+        typer.Option(
+            "--frames-on",
+            metavar="WHERE",
+            help="torch and compiled runtimes: hand frames back on the cpu (every engine's contract) or keep them "
+            "on the device (what FlashVAE does in a GPU pipeline: no host copy per step).",
+        ),
+    ] = "cpu",
     height: Annotated[int | None, typer.Option(metavar="PIXELS", help="Frame height in pixels (default 256).")] = None,
     width: Annotated[int | None, typer.Option(metavar="PIXELS", help="Frame width in pixels (default 256).")] = None,
     frames: Annotated[
@@ -1040,6 +1049,7 @@ def bench(
         warmup=warmup,
         compare_diffusers=diffusers,
         compile_mode=compile_mode,
+        frames_on=frames_on,
         smoke=smoke,
         json_path=out_json,
         progress=not quiet,

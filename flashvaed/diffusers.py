@@ -218,7 +218,11 @@ class FlashVAE(ModelMixin):
             chunk = saved.get("chunk")
         compute = dt or torch.float32
         source = model if path is None else path / saved.get("model", ".")
-        decoder = engines.load(source, device=dev, dtype=compute, providers=providers, compile=compile)
+        # torch models hand their frames back where they run: a GPU pipeline's frames never visit the host
+        frames_on = "cpu" if isinstance(source, Path) and is_manifest_dir(source) else "device"
+        decoder = engines.load(
+            source, device=dev, dtype=compute, providers=providers, compile=compile, frames_on=frames_on
+        )
         if isinstance(decoder, engines.TorchDecoder):
             family, config = decoder.model.family, decoder.model.family_config
             mean, std = decoder.model.latents_mean, decoder.model.latents_std

@@ -120,6 +120,8 @@ def test_cli_model_that_is_its_own_teacher(tmp_path):
         (["flash-wan2.1", "--frames", "8"], "--frames must be 1 + 4n output frames"),
         (["flash-wan2.1", "--runtime", "tvm"], "unknown --runtime 'tvm'"),
         (["flash-wan2.1", "--height", "30"], "--height and --width must be multiples of 8"),
+        (["flash-wan2.1", "--frames-on", "gpu"], "--frames-on must be cpu or device, got 'gpu'"),
+        (["wan2.1", "--runtime", "onnxruntime", "--frames-on", "device"], "--frames-on device applies to the torch"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -158,8 +160,9 @@ def test_compiled_smoke(monkeypatch):
 
     monkeypatch.setattr(compiled, "BACKEND", "eager")  # dynamo traces, nothing is compiled: seconds
     report = bench(["wan2.1"], smoke=True, device="cpu", runtime="compiled", compile_mode="inductor",
-                   compare_diffusers=False)  # fmt: skip
+                   compare_diffusers=False, frames_on="device")  # fmt: skip
     (row,) = report.rows
     assert row.runtime == "compiled (inductor)" and row.role == "model+teacher" and row.speedup_vs_teacher == 1.0
     assert report.settings["compile"] == "inductor" and row.warmup_seconds is not None
+    assert report.settings["frames_on"] == "device"
     assert check_runtime("compiled", torch.device("cpu"), "auto") == "compiled (none)"  # auto: eager on a CPU

@@ -273,3 +273,35 @@ def test_a_tensor_clock_step_makes_nothing_on_the_host(name):
         frames, _ = compiled._steady(on_meta, latents, state, stream.clamp, inputs, clock)
     assert frames.device == meta and frames.shape[2] > 0
     assert record.ops == []
+
+
+@pytest.mark.parametrize("name", ["wan2.1", "ltx"])
+@pytest.mark.parametrize("compile_mode", ["none", "inductor"])
+def test_frames_on_the_device_never_touch_the_host(name, compile_mode, wan):
+    """``frames_on="device"``: every piece a stream hands back (steps, a clocked decoder's
+    warm-up and flush) stays on the model's device. On the meta device any host copy fails (and
+    the default, frames on the CPU, does fail there), so passing here means no copy was made."""
+    model = wan if name == "wan2.1" else teacher(name)
+    z = latents_for(model, name)
+    on_meta = copy.deepcopy(model).to("meta")
+    decoder = engines.load(on_meta, device="meta", compile=compile_mode, frames_on="device")
+    decoder.check_memory = lambda *a, **k: None  # meta tensors have no memory to measure, no values to hash
+    decoder._fingerprint = "meta"
+    assert decoder.describe()["frames_on"] == "device"
+    pieces = list(decoder.iter_decode(z, chunk=2))  # host latents: each step moves its chunk
+    assert pieces and all(p.device.type == "meta" and p.dtype == torch.float32 for p in pieces)
+    assert sum(p.shape[2] for p in pieces) == 1 + model.temporal_factor * (z.shape[2] - 1)
+    host = engines.load(on_meta, device="meta")
+    host.check_memory, host._fingerprint = (lambda *a, **k: None), "meta"
+    with pytest.raises(NotImplementedError):  # the contract's default copies to the host: impossible from meta
+        list(host.iter_decode(z, chunk=2))
+
+
+def test_frames_on_is_checked_and_refused_for_engines(wan, export_dir):
+    with pytest.raises(InputError, match="frames_on.*cpu or device") as e:
+        engines.load(wan, frames_on="gpu")
+    assert e.value.render(lambda p: "--" + p.replace("_", "-")).startswith("--frames-on must be")
+    with pytest.raises(InputError, match="frames_on.* device applies to torch models; ONNX Runtime engines"):
+        engines.load(export_dir, frames_on="device")
+    frames = engines.load(wan, frames_on="device").decode(latents_for(wan, "wan2.1"), chunk=2)
+    torch.testing.assert_close(frames, engines.load(wan).decode(latents_for(wan, "wan2.1"), chunk=2), rtol=0, atol=0)

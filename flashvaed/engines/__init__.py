@@ -19,7 +19,7 @@ from ..models import load_model
 from ..models.vae import LatentDecoder
 from .base import Decoder, Stream, StreamState
 from .compiled import COMPILE_MODES, refuse_for_engine, resolve_compile
-from .torch_backend import TorchDecoder
+from .torch_backend import TorchDecoder, check_frames_on
 
 __all__ = ["COMPILE_MODES", "Decoder", "Stream", "StreamState", "TorchDecoder", "check_backend", "load"]
 
@@ -50,27 +50,38 @@ def load(
     kernel: str = "torch",
     providers: list[str] | None = None,
     compile: str | None = None,
+    frames_on: str = "cpu",
 ) -> Decoder:
-    """A decoder for ``source``; ``device``/``dtype``/``kernel``/``compile`` apply to torch models,
-    ``providers`` to ONNX Runtime (default: CUDA when present, then CPU).
+    """A decoder for ``source``; ``device``/``dtype``/``kernel``/``compile``/``frames_on`` apply to
+    torch models, ``providers`` to ONNX Runtime (default: CUDA when present, then CPU).
 
     ``compile`` (``compiled.COMPILE_MODES``): None/"none" eager; "inductor" (torch.compile, static
     shapes), "cudagraphs" and "max" (CUDA) run a stream's steady steps compiled, paying the compile
     once per shape; "auto" is the measured fastest safe choice for the device (docs/runtimes.md).
+
+    ``frames_on``: "cpu" (every engine's contract: frames float32 on the host) or "device" (float32
+    on the model's device: no host copy and no wait for the GPU per step, what a GPU pipeline wants).
     """
+    check_frames_on(frames_on)
     if isinstance(source, LatentDecoder):
         resolve_compile(compile, device)  # refused before a copy of the model is made
         p = next(source.parameters())
         if p.dtype != dtype or p.device != torch.device(device):  # convert a copy, not the caller's model
             source = copy.deepcopy(source).to(device, dtype)
-        return TorchDecoder(source, kernel, compile)
+        return TorchDecoder(source, kernel, compile, frames_on)
     path = Path(source)
     if not is_manifest_dir(path):
         resolve_compile(compile, device)  # refused before the checkpoint is read
-        return TorchDecoder(load_model(path).to(device, dtype), kernel, compile)
+        return TorchDecoder(load_model(path).to(device, dtype), kernel, compile, frames_on)
     contract = read_manifest(path)
     backend = (contract.backend or {}).get("name", "onnxruntime") if contract.format == ENGINE_FORMAT else "onnxruntime"
     refuse_for_engine(compile, "TensorRT" if backend == "tensorrt" else "ONNX Runtime")
+    if frames_on != "cpu":
+        runtime = "TensorRT" if backend == "tensorrt" else "ONNX Runtime"
+        raise InputError(
+            f"{{frames_on}} {frames_on} applies to torch models; {runtime} engines hand frames back on the CPU",
+            "frames_on",
+        )
     if backend == "onnxruntime":
         from .ort_backend import OnnxRuntimeDecoder
 

@@ -22,13 +22,29 @@ from .base import Decoder
 from .compiled import SteadyStep, resolve_compile
 
 KERNELS = ("torch", "triton")
+FRAMES_ON = ("cpu", "device")
+
+
+def check_frames_on(frames_on: str) -> None:
+    if frames_on not in FRAMES_ON:
+        raise InputError(f"{{frames_on}} must be cpu or device, got {frames_on!r}", "frames_on")
 
 
 class TorchStream(StreamingDecoder):
-    """A torch model's stream, handing frames back as float32 on the CPU like every engine."""
+    """A torch model's stream, handing frames back as float32 on the CPU like every engine, or on
+    the model's device (``frames_on="device"``)."""
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:
-        return super()._step(latents, first).float().cpu()
+        return self.hand_back(super()._step(latents, first))
+
+    def hand_back(self, frames: Tensor) -> Tensor:
+        frames = frames.float()
+        return frames if self.source.frames_on == "device" else frames.cpu()
+
+    def _flush(self) -> Tensor:
+        frames = super()._flush()  # empty: placed, not copied
+        # the model's device now, not at load: an offloading pipeline moves it between steps
+        return frames.to(next(self.model.parameters()).device) if self.source.frames_on == "device" else frames
 
 
 class CompiledStream(TorchStream):
@@ -57,7 +73,7 @@ class CompiledStream(TorchStream):
             p = next(self.model.parameters())
             x = latents.to(p.device, p.dtype)
             frames, self.state = self.steady(self, x, self.state, self.inputs, self.position, self.clamp)  # type: ignore[arg-type]
-        return frames.float().cpu()
+        return self.hand_back(frames)
 
     def _set_state(self, tensors: list[Tensor]) -> None:
         super()._set_state([t.detach().clone() for t in tensors])  # plain tensors, whatever mode made them
@@ -67,9 +83,13 @@ class TorchDecoder(Decoder):
     backend = "torch"
     chunk_range = ANY_CHUNK
 
-    def __init__(self, model: LatentDecoder, kernel: str = "torch", compile: str | None = None) -> None:
+    def __init__(
+        self, model: LatentDecoder, kernel: str = "torch", compile: str | None = None, frames_on: str = "cpu"
+    ) -> None:
         if kernel not in KERNELS:
             raise InputError(f"unknown {{kernel}} {kernel!r} (use {' or '.join(KERNELS)})", "kernel")
+        check_frames_on(frames_on)
+        self.frames_on = frames_on
         self.model = model.eval()
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -114,6 +134,7 @@ class TorchDecoder(Decoder):
             **super().describe(),
             "kernel": self.kernel,
             "compile": self.compile,
+            "frames_on": self.frames_on,
             "device": str(self.device),
             "dtype": str(self.dtype),
         }
