@@ -32,7 +32,7 @@ log=$OUT/lease.log
         --frames-on device --repeats 3 --no-diffusers -q --json "$OUT/bench_torch.json"
     echo "== gpu_suite: exactness, runtimes, decode"
     timeout 200 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
-        --modes eager,cudagraph,compile-ro --budget-s 175 --out "$OUT/decode"
+        --modes eager,cudagraph,channels-last,compile-ro --budget-s 175 --out "$OUT/decode"
     echo "== gpu_suite: kernel, fidelity, memory (17 frames)"
     timeout 70 python3 benchmarks/gpu_suite.py --sections kernel,fidelity,memory --frames 17 \
         --budget-s 55 --out "$OUT/small"

@@ -16,7 +16,8 @@ decode       The released teacher configuration (Wan2.1: base 96, 73.3 M decoder
              latent frames for Wan; 79 = 14 for Mochi) at --height x --width (480x832) in --dtype
              (bf16), steady chunks of --chunk latent frames. Modes (--modes): torch eager;
              "cudagraph" (the eager steady step captured once with torch.cuda.CUDAGraph and
-             replayed); "compile"
+             replayed); "channels-last" (eager with every stage's activations stored
+             channels_last_3d, as eager CPU decoders run; off on CUDA by default); "compile"
              (torch.compile, default mode); "compile-ro" (torch.compile mode="reduce-overhead":
              Inductor + CUDA graphs); optional "triton" (eager with the fused Triton conv). The
              first (one-frame) step runs eager in every mode. Seconds per clip, frames/s, the
@@ -77,14 +78,14 @@ from torch import Tensor, nn
 from flashvaed.atomic import atomic_output
 from flashvaed.metrics import psnr
 from flashvaed.models import StudentSpec, families, zero_state
-from flashvaed.models.blocks import fused_steps, streaming_conv3d
+from flashvaed.models.blocks import channels_last_on, fused_steps, streaming_conv3d
 from flashvaed.models.streaming import chunk_bounds, clocked, iter_decode, state_nbytes
 from flashvaed.models.student import build_student, preset_names
 
 SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")  # report order
 # cheap sections first, the compiles late; ONNX Runtime (rarely with CUDA in GPU images) last
 RUN_ORDER = ("exactness", "runtimes", "kernel", "fidelity", "memory", "decode", "onnxruntime")
-MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton")
+MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton", "channels-last")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -288,6 +289,8 @@ def steady_step(
     """The steady step of one mode (None: eager) and the context it runs in; Skip where it cannot run."""
     if mode == "eager":
         return None, contextlib.nullcontext()
+    if mode == "channels-last":  # eager, every stage's activations in channels_last_3d (the CPU default)
+        return None, channels_last_on(s.device.type)
     if mode == "triton":
         from flashvaed.engines.kernel import streaming_causal_conv3d, triton_available
 

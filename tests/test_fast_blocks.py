@@ -145,3 +145,19 @@ def test_wan_decode_fast_equals_plain_chunked_and_one_shot(wan_models, name):
     assert one_shot.is_contiguous()  # the usual layout out
     close(one_shot, want, 1e-5)
     close(chunked, want, 1e-5)
+
+
+def test_channels_last_is_a_per_device_switch():
+    """Eager decoders run channels-last on the CPU only, unless a measurement turns it on for a
+    device type (gpu_suite's "channels-last" mode); leaving the block restores the default."""
+    from flashvaed.models.blocks import CHANNELS_LAST_DEVICES, channels_last_on, is_channels_last, to_channels_last
+
+    x = torch.empty(1, 4, 2, 3, 5, device="meta")
+    with torch.no_grad():
+        assert not is_channels_last(to_channels_last(x))
+        with channels_last_on("meta"):
+            assert is_channels_last(to_channels_last(x))
+        assert not is_channels_last(to_channels_last(x)) and CHANNELS_LAST_DEVICES == {"cpu"}
+        with channels_last_on("cpu"):  # already on: stays on afterwards
+            pass
+        assert is_channels_last(to_channels_last(torch.zeros(1, 4, 2, 3, 5)))

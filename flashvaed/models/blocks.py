@@ -34,6 +34,22 @@ def unfold_time(y: Tensor, batch: int) -> Tensor:
 
 
 _FAST_PATHS = [True]  # plain_ops() turns them off (process-wide: tests and benchmarks only)
+# device types whose eager decoders run channels-last: measured faster on CPUs (oneDNN); on CUDA not
+# yet measured, so off (benchmarks/gpu_suite.py's "channels-last" mode turns it on for one run)
+CHANNELS_LAST_DEVICES = {"cpu"}
+
+
+@contextmanager
+def channels_last_on(device_type: str) -> Iterator[None]:
+    """Within the block, eager decoders on ``device_type`` also run channels-last (a measurement
+    switch, process-wide like ``plain_ops``)."""
+    added = device_type not in CHANNELS_LAST_DEVICES
+    CHANNELS_LAST_DEVICES.add(device_type)
+    try:
+        yield
+    finally:
+        if added:
+            CHANNELS_LAST_DEVICES.discard(device_type)
 
 
 @contextmanager
@@ -74,9 +90,9 @@ def is_channels_last(x: Tensor) -> bool:
 def to_channels_last(x: Tensor) -> Tensor:
     """``x`` stored as ``channels_last_3d`` for a decoder's eager CPU run: oneDNN's native layout,
     where per-channel norms reduce over contiguous memory and the small-width, depthwise and 1x1
-    convs of the students run 2-7x faster (benchmarks/RESULTS.md). Values are unchanged; CUDA
-    (unmeasured here) and traced exports keep the layout they were given."""
-    if x.dim() != 5 or x.device.type != "cpu" or torch.jit.is_tracing() or not _FAST_PATHS[-1]:
+    convs of the students run 2-7x faster (benchmarks/RESULTS.md). Values are unchanged; devices
+    not in ``CHANNELS_LAST_DEVICES`` and traced exports keep the layout they were given."""
+    if x.dim() != 5 or x.device.type not in CHANNELS_LAST_DEVICES or torch.jit.is_tracing() or not _FAST_PATHS[-1]:
         return x
     return x.contiguous(memory_format=torch.channels_last_3d)
 
