@@ -125,6 +125,15 @@ def test_torch_dtype_is_the_dtype_after_loading(made):
         FlashVAE.from_pretrained(made["teacher"], tile=3)
 
 
+def test_torch_models_keep_their_frames_where_they_run(made):
+    """A torch model's frames stay on its device (no host round trip in a GPU pipeline); an
+    engine's come from the host, as its contract says."""
+    vae = FlashVAE.from_pretrained(made["student"], teacher=made["teacher"], device="cpu")
+    assert vae.decoder.describe()["frames_on"] == "device"
+    engine = FlashVAE.from_pretrained(made["engine"])
+    assert not hasattr(engine.decoder, "frames_on") and engine.decode(Z).sample.device.type == "cpu"
+
+
 @pytest.mark.parametrize("source", ["teacher", "student+teacher", "engine"])
 def test_pipe_save_pretrained_keeps_the_flashvae(made, source, tmp_path, diffusers_vae_8):
     """The saved folder is self-contained: the engine's own folder is gone when it is read back."""
