@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -85,7 +86,7 @@ from flashvaed.metrics import psnr
 from flashvaed.models import StudentSpec, families, zero_state
 from flashvaed.models.blocks import channels_last_on, fused_steps, streaming_conv3d
 from flashvaed.models.streaming import chunk_bounds, clocked, iter_decode, state_nbytes
-from flashvaed.models.student import build_student, preset_names
+from flashvaed.models.student import build_student
 
 SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")  # report order
 # cheap sections first, the compiles late; ONNX Runtime (rarely with CUDA in GPU images) last
@@ -769,14 +770,8 @@ def section_runtimes(s: Settings, sec: dict[str, Any]) -> None:
         with tf32(False):
             for index, family_name in enumerate(names):
                 family = families.get(family_name)
-                config = family.tiny_config()
-                models = {}
-                torch.manual_seed(0)
-                models[family_name] = family.teacher_type(config).eval().to(s.device)
-                preset = f"flash-{family_name}"
-                if preset in preset_names(family_name):
-                    torch.manual_seed(0)
-                    models[preset] = build_student(StudentSpec.load(preset), config)[0].eval().to(s.device)
+                built = build_models(dataclasses.replace(s, family=family_name), config=family.tiny_config())
+                models = {family_name if k == "teacher" else k: m for k, m in built.items()}  # rows name the family
                 for name, model in models.items():
                     side = 2 if clocked(model) else 4
                     frames = 14 if clocked(model) else 6  # a clocked decoder steadies past its warm-up
@@ -805,7 +800,7 @@ def section_runtimes(s: Settings, sec: dict[str, Any]) -> None:
                             torch._dynamo.reset()
                         sec["rows"].append(row)
                         say(f"runtimes {name} {mode}: {row['status']} {row.get('max_abs_vs_eager', '')}")
-                del models
+                del models, built
                 free(s.device)
     finally:
         compiled.BACKEND = old_backend

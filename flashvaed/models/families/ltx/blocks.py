@@ -311,7 +311,7 @@ def spread(x: Tensor, lo: Number, hi: Number, n: Number) -> Tensor:
             return x
         b, c, _, hh, ww = x.shape
         return torch.cat([x.new_zeros(b, c, lo, hh, ww), x, x.new_zeros(b, c, n - hi, hh, ww)], dim=2)
-    j = torch.arange(n, device=x.device) if not isinstance(n, Tensor) else torch.arange(_t(n)).to(x.device)
+    j = torch.arange(n, device=x.device)
     lo_d, hi_d = _on(lo, x.device), _on(hi, x.device)
     inside = (j >= lo_d) & (j < hi_d)
     b, c, _, hh, ww = x.shape  # the window may be empty: the zero frame is not sliced from it
