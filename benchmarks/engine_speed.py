@@ -12,6 +12,7 @@ real.
     python benchmarks/engine_speed.py --family mochi --size 64 --repeats 2
     python benchmarks/engine_speed.py --compile inductor   # adds torch compiled (engines.load(compile=...))
     python benchmarks/engine_speed.py --ort-profile        # ONNX Runtime's time per op type, per model
+    python benchmarks/engine_speed.py --dynamic --no-teacher   # + `flashvaed export`'s default ranges
 """
 
 from __future__ import annotations
@@ -93,15 +94,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", default=None, help="also time engines.load(model, compile=MODE) on the CPU")
     parser.add_argument("--ort-profile", action="store_true", help="print ONNX Runtime's time per op type")
+    parser.add_argument(
+        "--dynamic", action="store_true",
+        help="also time an export with `flashvaed export`'s default (dynamic) ranges",
+    )  # fmt: skip
+    parser.add_argument("--no-teacher", action="store_true", help="time the student only")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     family = families.get(args.family)
     config = family.config_type(**({"base_dim": args.base_dim} if args.base_dim else {}))
     student = f"flash-{family.name}"
-    models = {"teacher": family.teacher_type(config).eval()}
+    teacher = family.teacher_type(config).eval()
+    models = {} if args.no_teacher else {"teacher": teacher}
     models[student] = build_student(StudentSpec.load(student), config)[0]
-    teacher = models["teacher"]
     if getattr(teacher, "latency", 0):
         raise SystemExit(f"engine_speed: {family.name} decodes on a clock; see benchmarks/ltx_streaming.py")
     h = args.size // teacher.spatial_factor
@@ -121,6 +127,11 @@ def main() -> None:
             if args.ort_profile:
                 print(f"\nONNX Runtime, {name}, one steady step: time per op type")
                 print(ort_profile(Path(tmp) / name))
+            if args.dynamic:  # its 3D convs stay im2col convs: banding needs the frame count
+                export(model, Path(tmp) / f"{name}-dynamic", ExportOptions())
+                dynamic = engines.load(Path(tmp) / f"{name}-dynamic", providers=["CPUExecutionProvider"])
+                timed = chunk_latency(dynamic, latents, args.chunk, args.repeats)
+                rows[name]["onnxruntime CPU, dynamic export"] = timed
             if torch.cuda.is_available():
                 cuda = engines.load(model, device="cuda")
                 rows[name]["torch eager CUDA"] = chunk_latency(cuda, latents, args.chunk, args.repeats * 3)
@@ -132,16 +143,16 @@ def main() -> None:
                 except Exception as e:  # report, do not hide, a kernel that cannot run here
                     print(f"triton kernel unavailable for {name}: {e}")
                 models[name] = model.to("cpu")
-    runtimes = list(rows["teacher"])
+    runtimes = list(next(iter(rows.values())))
     print(
         f"{family.title} ({family.describe(config)}), {args.size}x{args.size}, steady chunk k={args.chunk} "
         f"({teacher.temporal_factor * args.chunk} frames), torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads"
     )
-    print(f"{'runtime':28} {'teacher s/chunk':>16} {'student s/chunk':>16} {'speed-up':>9}")
+    print(f"{'runtime':40} {'teacher s/chunk':>16} {'student s/chunk':>16} {'speed-up':>9}")
     for rt in runtimes:
-        t, s = rows["teacher"][rt], rows[student].get(rt, float("nan"))
-        print(f"{rt:28} {t:16.3f} {s:16.4f} {t / s:8.1f}x")
+        t, s = rows.get("teacher", {}).get(rt, float("nan")), rows[student].get(rt, float("nan"))
+        print(f"{rt:40} {t:16.3f} {s:16.4f} {t / s:8.1f}x")
     base = "torch eager CPU"
     for rt in runtimes:
         if rt != base and "CPU" in rt:

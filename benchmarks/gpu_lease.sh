@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 23's GPU checks in one short lease of a CUDA machine (about 9 minutes on an H200), each part
+# Issue 23's GPU checks in one short lease of a CUDA machine (about 10 minutes on an H200), each part
 # under its own timeout so one that hangs leaves the others their time:
 #   1. the production API's bench, Wan2.1 teacher vs flash-wan2.1 at 480x832, 81 frames, bf16:
 #      compiled (auto: CUDA graphs of the steady step, with diffusers' AutoencoderKLWan beside), then
 #      compiled and eager with the frames kept on the GPU (--frames-on device, what FlashVAE does);
-#   2. gpu_suite: exactness, every family's compiled streams vs eager, and the streaming decode per mode;
+#   2. gpu_suite: the per-kernel profile of a steady step and the production stream's memory under CUDA
+#      graphs; then exactness, every family's compiled streams vs eager, and the streaming decode per mode;
 #   3. gpu_suite: the Triton kernel vs cuDNN, half-precision fidelity and peak memory (17 frames).
 # Usage: OUT=folder bash benchmarks/gpu_lease.sh   (diffusers may come as wheels in .whl/, see below)
 set -u
@@ -30,6 +31,8 @@ log=$OUT/lease.log
     echo "== bench: torch eager, frames kept on the GPU"
     timeout 70 python3 -m flashvaed bench flash-wan2.1 --teacher wan2.1 --runtime torch "${size[@]}" \
         --frames-on device --repeats 3 --no-diffusers -q --json "$OUT/bench_torch.json"
+    echo "== gpu_suite: profile (where a steady step's device time goes; production CUDA graph memory)"
+    timeout 60 python3 benchmarks/gpu_suite.py --sections profile --budget-s 50 --out "$OUT/profile"
     echo "== gpu_suite: exactness, runtimes, decode"
     timeout 200 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
         --modes eager,cudagraph,channels-last,compile-ro --budget-s 175 --out "$OUT/decode"

@@ -23,6 +23,13 @@ decode       The released teacher configuration (Wan2.1: base 96, 73.3 M decoder
              first (one-frame) step runs eager in every mode. Seconds per clip, frames/s, the
              student's speed-up and each mode's speed-up over eager, all from this one run; the
              first call (compile / capture + one decode) separately; every mode's frames vs eager's.
+profile      torch.profiler over --repeats eager steady steps of each model (--dtype, --chunk): wall ms
+             per step, the device's busy ms per step (the sum of its kernels: busy / wall below 1 is
+             launch- or host-bound time), and the top kernels by device time with their calls and
+             share (on the CPU: ops by CPU time). Then the student's production stream
+             (engines.load(compile="cudagraphs", frames_on="device"), 5 latent frames): memory
+             allocated and reserved after loading, after the first step, after the steady step that
+             captures, after a replay, after empty_cache and at the end, with the peak in between.
 kernel       The fused Triton streaming causal conv vs cuDNN (torch.cat([history, x]) + conv3d +
              the new history) at the 3x3x3 layer shapes a steady chunk runs, found by running both
              models on the meta device: the teacher's dense convs (Wan2.1 at 480x832: 384 ch at
@@ -88,9 +95,9 @@ from flashvaed.models.blocks import channels_last_on, fused_steps, streaming_con
 from flashvaed.models.streaming import chunk_bounds, clocked, iter_decode, state_nbytes
 from flashvaed.models.student import build_student
 
-SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")  # report order
+SECTIONS = ("decode", "profile", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")  # report order
 # cheap sections first, the compiles late; ONNX Runtime (rarely with CUDA in GPU images) last
-RUN_ORDER = ("exactness", "runtimes", "kernel", "fidelity", "memory", "decode", "onnxruntime")
+RUN_ORDER = ("exactness", "runtimes", "profile", "kernel", "fidelity", "memory", "decode", "onnxruntime")
 MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton", "channels-last")
 DTYPES = {
     "float32": torch.float32,
@@ -103,6 +110,7 @@ DTYPES = {
 DEFAULT_OUT = Path(__file__).resolve().parent / "gpu_suite_out"
 TITLES = {
     "decode": "Teacher vs student, streaming decode per mode",
+    "profile": "Where a steady step's device time goes (torch.profiler), and the production stream's memory",
     "kernel": "Fused Triton streaming causal conv vs cuDNN (cat + conv3d + new history)",
     "onnxruntime": "ONNX Runtime engine vs torch eager (student, fp32)",
     "fidelity": "Half precisions vs the same model in fp32 (same latents)",
@@ -431,6 +439,99 @@ def section_decode(s: Settings, sec: dict[str, Any]) -> None:
         "clip; student_speedup_x: teacher seconds / student seconds in the same mode; vs_eager_x: eager "
         "seconds / this mode's; max_abs_vs_eager / psnr_vs_eager_db: this mode's frames vs eager's."
     )
+
+
+PROFILE_TOP = 15  # kernels (ops on the CPU) listed per model
+
+
+def section_profile(s: Settings, sec: dict[str, Any]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    models = build_models(s)
+    for model in models.values():
+        model.to(s.dtype)
+    latents = make_latents(s, models["teacher"], frames=1 + s.chunk).to(s.dtype)
+    piece = latents[:, :, 1:]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
+    where = "device" if s.cuda else "cpu"
+    sec["setup"] = {"size": f"{s.height}x{s.width}", "chunk": s.chunk, "dtype": dtype_name(s.dtype),
+                    "steps": s.repeats, "timed": where}  # fmt: skip
+    for name, model in models.items():
+        b, _, _, h, w = latents.shape
+        p = next(model.parameters())
+        state = zero_state(model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            _, state = model.decode_step(latents[:, :, :1], state, first=True)
+            _, state = model.decode_step(piece, state)  # warm-up: cuDNN's choices, lazy inits
+            sync(s.device)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(s.repeats):
+                    _, state = model.decode_step(piece, state)
+                sync(s.device)
+                wall = (time.perf_counter() - start) / s.repeats
+        events = prof.key_averages()
+        if s.cuda:  # kernels only: an op's device time is its kernels', counted once
+            events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+
+        def self_us(e: Any) -> float:
+            if not s.cuda:
+                return e.self_cpu_time_total
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+        busy = sum(self_us(e) for e in events) / 1e3 / s.repeats
+        top = sorted(events, key=self_us, reverse=True)[:PROFILE_TOP]
+        sec["rows"].append({"model": name, "what": "step", "wall_ms": 1e3 * wall, f"{where}_busy_ms": busy,
+                            "busy_share": busy / (1e3 * wall)})  # fmt: skip
+        for e in top:
+            ms = self_us(e) / 1e3 / s.repeats
+            sec["rows"].append({"model": name, "what": e.key[:90], f"{where}_ms": ms, "calls": e.count / s.repeats,
+                                "share": ms / busy if busy else None})  # fmt: skip
+        say(f"profile {name}: {1e3 * wall:.2f} ms per step, {busy:.2f} ms of it busy ({where})")
+    if s.cuda:
+        sec["rows"] += production_memory(s, models[f"flash-{s.family}"], latents)
+    sec["notes"].append(
+        f"Per steady step of {s.chunk} latent frames, eager, one warm-up step first. busy: the sum of the "
+        "kernels' device times (ops' CPU times on the CPU), so busy_share below 1 is time the device waited "
+        "for launches; calls: launches per step. production rows: GiB allocated (above what was allocated "
+        "before) and reserved at each point of a 5-latent-frame production stream, with the peak since the "
+        "previous row."
+    )
+
+
+def production_memory(s: Settings, model: nn.Module, latents: Tensor) -> list[dict[str, Any]]:
+    """Memory of the student's production stream under CUDA graphs, point by point (what capture holds)."""
+    from flashvaed import engines
+
+    z = make_latents(s, model, frames=5).to(s.dtype)
+    rows = []
+    free(s.device)
+    torch.cuda.reset_peak_memory_stats(s.device)
+    base = torch.cuda.memory_allocated(s.device)
+
+    def point(what: str) -> None:
+        rows.append({"model": "production", "what": what,
+                     "allocated_gib": (torch.cuda.memory_allocated(s.device) - base) / 2**30,
+                     "reserved_gib": torch.cuda.memory_reserved(s.device) / 2**30,
+                     "peak_gib": (torch.cuda.max_memory_allocated(s.device) - base) / 2**30})  # fmt: skip
+        torch.cuda.reset_peak_memory_stats(s.device)
+
+    decoder = engines.load(model, device=s.device, dtype=s.dtype, compile="cudagraphs", frames_on="device")
+    point("loaded (a copy of the model)")
+    stream = decoder.stream()
+    stream.push(z[:, :, :1])
+    point("first step")
+    stream.push(z[:, :, 1 : 1 + s.chunk])
+    point("first steady step (two warm-up runs on a side stream, capture, replay)")
+    stream.push(z[:, :, 1 : 1 + s.chunk])
+    point("second steady step (replay)")
+    torch.cuda.empty_cache()
+    point("after empty_cache (what the caching allocator held)")
+    stream.close()
+    del stream, decoder
+    free(s.device)
+    point("closed and freed")
+    return rows
 
 
 def conv_shapes(s: Settings) -> list[dict[str, Any]]:
@@ -817,6 +918,7 @@ def section_runtimes(s: Settings, sec: dict[str, Any]) -> None:
 
 SECTION_FUNCTIONS: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "decode": section_decode,
+    "profile": section_profile,
     "kernel": section_kernel,
     "onnxruntime": section_onnxruntime,
     "fidelity": section_fidelity,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")
+SECTIONS = ("decode", "profile", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,16 @@ def test_smoke_report(smoke: tuple[subprocess.CompletedProcess, Path]) -> None:
         assert sec["status"] == "ok" or sec["reason"], name
         for row in sec.get("rows", []):
             assert not str(row.get("status", "ok")).startswith("failed"), (name, row)
-    for name in ("decode", "onnxruntime", "fidelity", "memory", "exactness", "runtimes"):  # none needs CUDA
+    for name in ("decode", "profile", "onnxruntime", "fidelity", "memory", "exactness", "runtimes"):  # no CUDA
         assert sections[name]["status"] == "ok", name
+
+    # the profile: a step row and its top ops per model, their times inside the step's
+    profile = sections["profile"]["rows"]
+    for model in ("teacher", "flash-wan2.1"):
+        (step,) = [r for r in profile if r["model"] == model and r["what"] == "step"]
+        ops = [r for r in profile if r["model"] == model and r["what"] != "step"]
+        assert 0 < step["cpu_busy_ms"] and ops and all(0 < r["cpu_ms"] <= step["cpu_busy_ms"] for r in ops)
+        assert sum(r["share"] for r in ops) <= 1 + 1e-9 and ops[0]["cpu_ms"] >= ops[-1]["cpu_ms"]
 
     # every mode has a row per model; compile runs on the CPU, CUDA graphs say why they cannot
     decode = sections["decode"]["rows"]
