@@ -26,7 +26,9 @@ decode       The released teacher configuration (Wan2.1: base 96, 73.3 M decoder
 profile      torch.profiler over --repeats eager steady steps of each model (--dtype, --chunk): wall ms
              per step, the device's busy ms per step (the sum of its kernels: busy / wall below 1 is
              launch- or host-bound time), and the top kernels by device time with their calls and
-             share (on the CPU: ops by CPU time). Then the student's production stream
+             share (on the CPU: ops by CPU time); the same step pushed through the production stream
+             (engines.load, frames kept on the device and handed to the host): what a stream adds.
+             Then the student's production stream
              (engines.load(compile="cudagraphs", frames_on="device"), 5 latent frames): memory
              allocated and reserved after loading, after the first step, after the steady step that
              captures, after a replay, after empty_cache and at the end, with the peak in between.
@@ -445,7 +447,9 @@ PROFILE_TOP = 15  # kernels (ops on the CPU) listed per model
 
 
 def section_profile(s: Settings, sec: dict[str, Any]) -> None:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
+
+    from flashvaed import engines
 
     models = build_models(s)
     for model in models.values():
@@ -460,43 +464,73 @@ def section_profile(s: Settings, sec: dict[str, Any]) -> None:
         b, _, _, h, w = latents.shape
         p = next(model.parameters())
         state = zero_state(model.decoder_state_specs(), b, h, w, dtype=p.dtype, device=p.device)
+
+        def loop_step(model: nn.Module = model) -> None:
+            nonlocal state
+            _, state = model.decode_step(piece, state)
+
         with torch.no_grad():
             _, state = model.decode_step(latents[:, :, :1], state, first=True)
-            _, state = model.decode_step(piece, state)  # warm-up: cuDNN's choices, lazy inits
-            sync(s.device)
-            with profile(activities=activities) as prof:
-                start = time.perf_counter()
-                for _ in range(s.repeats):
-                    _, state = model.decode_step(piece, state)
-                sync(s.device)
-                wall = (time.perf_counter() - start) / s.repeats
-        events = prof.key_averages()
-        if s.cuda:  # kernels only: an op's device time is its kernels', counted once
-            events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-
-        def self_us(e: Any) -> float:
-            if not s.cuda:
-                return e.self_cpu_time_total
-            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-
-        busy = sum(self_us(e) for e in events) / 1e3 / s.repeats
-        top = sorted(events, key=self_us, reverse=True)[:PROFILE_TOP]
-        sec["rows"].append({"model": name, "what": "step", "wall_ms": 1e3 * wall, f"{where}_busy_ms": busy,
-                            "busy_share": busy / (1e3 * wall)})  # fmt: skip
-        for e in top:
-            ms = self_us(e) / 1e3 / s.repeats
-            sec["rows"].append({"model": name, "what": e.key[:90], f"{where}_ms": ms, "calls": e.count / s.repeats,
-                                "share": ms / busy if busy else None})  # fmt: skip
-        say(f"profile {name}: {1e3 * wall:.2f} ms per step, {busy:.2f} ms of it busy ({where})")
+        profile_steps(s, sec, name, "decode_step", loop_step, activities, where)
+        # the same step through the production API: what a stream adds (bookkeeping, frames handed back)
+        for frames_on in ("device", "cpu") if s.cuda else ("cpu",):
+            stream = engines.load(model, device=s.device, dtype=s.dtype, frames_on=frames_on).stream()
+            stream.push(latents[:, :, :1])
+            profile_steps(s, sec, name, f"stream, frames on {frames_on}", lambda st=stream: st.push(piece),
+                          activities, where, top=5)  # fmt: skip
+            del stream
     if s.cuda:
         sec["rows"] += production_memory(s, models[f"flash-{s.family}"], latents)
     sec["notes"].append(
-        f"Per steady step of {s.chunk} latent frames, eager, one warm-up step first. busy: the sum of the "
+        f"Per steady step of {s.chunk} latent frames, eager, one warm-up step first; how: the model's "
+        "decode_step in a loop, or pushes to a production stream. busy: the sum of the "
         "kernels' device times (ops' CPU times on the CPU), so busy_share below 1 is time the device waited "
         "for launches; calls: launches per step. production rows: GiB allocated (above what was allocated "
         "before) and reserved at each point of a 5-latent-frame production stream, with the peak since the "
         "previous row."
     )
+
+
+def profile_steps(
+    s: Settings,
+    sec: dict[str, Any],
+    name: str,
+    how: str,
+    step: Callable[[], Any],
+    activities: list,
+    where: str,
+    top: int = PROFILE_TOP,
+) -> None:
+    """One warm-up ``step`` (cuDNN's choices, lazy inits), then --repeats under torch.profiler: a row
+    for the step (wall and busy ms) and one per ``top`` kernel (op on the CPU)."""
+    from torch.profiler import profile
+
+    with torch.no_grad():
+        step()
+        sync(s.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(s.repeats):
+                step()
+            sync(s.device)
+            wall = (time.perf_counter() - start) / s.repeats
+    events = prof.key_averages()
+    if s.cuda:  # kernels only: an op's device time is its kernels', counted once
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+
+    def self_us(e: Any) -> float:
+        if not s.cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    busy = sum(self_us(e) for e in events) / 1e3 / s.repeats
+    sec["rows"].append({"model": name, "how": how, "what": "step", "wall_ms": 1e3 * wall, f"{where}_busy_ms": busy,
+                        "busy_share": busy / (1e3 * wall)})  # fmt: skip
+    for e in sorted(events, key=self_us, reverse=True)[:top]:
+        ms = self_us(e) / 1e3 / s.repeats
+        sec["rows"].append({"model": name, "how": how, "what": e.key[:90], f"{where}_ms": ms,
+                            "calls": e.count / s.repeats, "share": ms / busy if busy else None})  # fmt: skip
+    say(f"profile {name} {how}: {1e3 * wall:.2f} ms per step, {busy:.2f} ms of it busy ({where})")
 
 
 def production_memory(s: Settings, model: nn.Module, latents: Tensor) -> list[dict[str, Any]]:

@@ -65,9 +65,12 @@ def test_smoke_report(smoke: tuple[subprocess.CompletedProcess, Path]) -> None:
 
     # the profile: a step row and its top ops per model, their times inside the step's
     profile = sections["profile"]["rows"]
+    assert {(r["model"], r["how"]) for r in profile} == {
+        (m, how) for m in ("teacher", "flash-wan2.1") for how in ("decode_step", "stream, frames on cpu")
+    }
     for model in ("teacher", "flash-wan2.1"):
-        (step,) = [r for r in profile if r["model"] == model and r["what"] == "step"]
-        ops = [r for r in profile if r["model"] == model and r["what"] != "step"]
+        (step,) = [r for r in profile if (r["model"], r["how"], r["what"]) == (model, "decode_step", "step")]
+        ops = [r for r in profile if (r["model"], r["how"]) == (model, "decode_step") and r["what"] != "step"]
         assert 0 < step["cpu_busy_ms"] and ops and all(0 < r["cpu_ms"] <= step["cpu_busy_ms"] for r in ops)
         assert sum(r["share"] for r in ops) <= 1 + 1e-9 and ops[0]["cpu_ms"] >= ops[-1]["cpu_ms"]
 
