@@ -184,7 +184,10 @@ def decode(
         if dev.type == "cuda":  # each rank on its own GPU (LOCAL_RANK)
             dev = rank_device()
     z = read_tensor(latents, "latents")
-    decoder = engines.load(model, device=dev, dtype=dt, compile=compile)
+    # a torch model's frames stay on its device until the sink has made them uint8 (a quarter of the
+    # float32 bytes cross to the host, and the host does not convert them); tiles and ranks take host frames
+    frames_on = "cpu" if is_manifest_dir(Path(model)) or shard or tile or budget else "device"
+    decoder = engines.load(model, device=dev, dtype=dt, compile=compile, frames_on=frames_on)
     check_latents(decoder, z)
     decoder = spatial_decoder(decoder, z.shape, chunk, tile, budget, shard)
     if batch_index < 0 or (kind != "tensor" and batch_index >= z.shape[0]):

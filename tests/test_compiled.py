@@ -306,3 +306,42 @@ def test_frames_on_is_checked_and_refused_for_engines(wan, export_dir):
         engines.load(export_dir, frames_on="device")
     frames = engines.load(wan, frames_on="device").decode(latents_for(wan, "wan2.1"), chunk=2)
     torch.testing.assert_close(frames, engines.load(wan).decode(latents_for(wan, "wan2.1"), chunk=2), rtol=0, atol=0)
+
+
+class HostCopies(TorchDispatchMode):
+    """Records the dtype of every tensor copied to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "cpu":
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def test_decode_to_video_copies_uint8_frames_to_the_host(wan, monkeypatch, tmp_path):
+    """``decode`` to a video or PNGs asks a torch model for frames on its device and makes them uint8
+    there: only uint8 crosses to the host (shown on the meta device, where the copy itself fails);
+    engines, tiles and raw tensor outputs keep host frames, and the frames written are the same."""
+    from flashvaed import api, io
+    from flashvaed.models import save_teacher
+
+    z = latents_for(wan, "wan2.1")[:, :, :3]
+    torch.save(z, tmp_path / "z.pt")
+    save_teacher(wan, tmp_path / "t.safetensors")
+    asked = []
+    load = engines.load
+    monkeypatch.setattr(engines, "load", lambda *a, **k: asked.append(k["frames_on"]) or load(*a, **k))
+    api.decode(tmp_path / "z.pt", tmp_path / "t.safetensors", tmp_path / "png", device="cpu")
+    api.decode(tmp_path / "z.pt", tmp_path / "t.safetensors", tmp_path / "tiled", device="cpu", tile="4x4")
+    api.decode(tmp_path / "z.pt", tmp_path / "t.safetensors", tmp_path / "o.pt", device="cpu")
+    assert asked == ["device", "cpu", "device"]
+    for a, b in zip(sorted((tmp_path / "png").glob("*.png")), sorted((tmp_path / "tiled").glob("*.png")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    record = HostCopies()
+    with record, pytest.raises(NotImplementedError):  # meta: no data to copy, but the copy is asked for
+        io.to_uint8(torch.zeros(3, 2, 4, 4, device="meta"))
+    assert record.dtypes == [torch.uint8]
