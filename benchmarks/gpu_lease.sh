@@ -34,8 +34,8 @@ log=$OUT/lease.log
     echo "== gpu_suite: profile (where a steady step's device time goes; production CUDA graph memory)"
     timeout 60 python3 benchmarks/gpu_suite.py --sections profile --budget-s 50 --out "$OUT/profile"
     echo "== gpu_suite: exactness, runtimes, decode"
-    timeout 200 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
-        --modes eager,cudagraph,channels-last,compile-ro --budget-s 175 --out "$OUT/decode"
+    timeout 215 python3 benchmarks/gpu_suite.py --sections exactness,runtimes,decode \
+        --modes eager,cudagraph,channels-last,cudnn-benchmark,compile-ro --budget-s 190 --out "$OUT/decode"
     echo "== gpu_suite: kernel, fidelity, memory (17 frames)"
     timeout 70 python3 benchmarks/gpu_suite.py --sections kernel,fidelity,memory --frames 17 \
         --budget-s 55 --out "$OUT/small"

@@ -17,7 +17,9 @@ decode       The released teacher configuration (Wan2.1: base 96, 73.3 M decoder
              (bf16), steady chunks of --chunk latent frames. Modes (--modes): torch eager;
              "cudagraph" (the eager steady step captured once with torch.cuda.CUDAGraph and
              replayed); "channels-last" (eager with every stage's activations stored
-             channels_last_3d, as eager CPU decoders run; off on CUDA by default); "compile"
+             channels_last_3d, as eager CPU decoders run; off on CUDA by default); "cudnn-benchmark"
+             (eager with torch.backends.cudnn.benchmark: cuDNN times its algorithms per conv shape,
+             off by default; the first call pays the timing); "compile"
              (torch.compile, default mode); "compile-ro" (torch.compile mode="reduce-overhead":
              Inductor + CUDA graphs); optional "triton" (eager with the fused Triton conv). The
              first (one-frame) step runs eager in every mode. Seconds per clip, frames/s, the
@@ -100,7 +102,7 @@ from flashvaed.models.student import build_student
 SECTIONS = ("decode", "profile", "kernel", "onnxruntime", "fidelity", "memory", "exactness", "runtimes")  # report order
 # cheap sections first, the compiles late; ONNX Runtime (rarely with CUDA in GPU images) last
 RUN_ORDER = ("exactness", "runtimes", "profile", "kernel", "fidelity", "memory", "decode", "onnxruntime")
-MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton", "channels-last")
+MODES = ("eager", "cudagraph", "compile", "compile-ro", "triton", "channels-last", "cudnn-benchmark")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -205,6 +207,18 @@ def tf32(enabled: bool) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN times its algorithms for each new conv shape and keeps the fastest (off by default: its
+    heuristics choose without timing); the first decode of a shape pays the timing."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def family_config(s: Settings) -> Any:
     """The released configuration of the family, or a tiny one for --smoke."""
     family = families.get(s.family)
@@ -307,6 +321,10 @@ def steady_step(
         return None, contextlib.nullcontext()
     if mode == "channels-last":  # eager, every stage's activations in channels_last_3d (the CPU default)
         return None, channels_last_on(s.device.type)
+    if mode == "cudnn-benchmark":  # eager, cuDNN timing its algorithms per conv shape (a stream's are fixed)
+        if not s.cuda:
+            raise Skip("cuDNN's benchmark mode needs a CUDA device")
+        return None, cudnn_benchmark()
     if mode == "triton":
         from flashvaed.engines.kernel import streaming_causal_conv3d, triton_available
 
