@@ -41,11 +41,13 @@ class Traffic(TorchDispatchMode):
         self.calls: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = str(func)
-        if name not in VIEWS:
+        if name not in VIEWS and not name.startswith("aten.empty"):  # an allocation moves nothing
             outputs = list(out) if isinstance(out, tuple | list) else [out]
-            tensors = [t for a in [*args, *(kwargs or {}).values(), *outputs]
+            inputs = [*args, *(v for k, v in kwargs.items() if k != "out")]  # ``out=`` is written, not read
+            tensors = [t for a in [*inputs, *outputs]
                        for t in (a if isinstance(a, tuple | list) else [a]) if isinstance(t, torch.Tensor)]  # fmt: skip
             self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
             self.calls[name] += 1

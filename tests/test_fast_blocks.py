@@ -60,6 +60,52 @@ def test_rms_norm_one_pass_equals_plain(x):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_in_half_precision_takes_no_float32_copy(x, dtype):
+    """Half types: the norm accumulates in float32 reading x once and writes x's dtype; against the
+    plain ops (x upcast, squared, summed) every value is the same or a rounding step of the product
+    away, which the gain scales (the two reciprocal square roots differ in float32's last bits), and
+    nothing of x's size is float32."""
+    norm = RMSNorm(24).to(dtype)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    h = (x * 3).to(dtype)
+    with plain_ops():
+        want = norm(h).float()
+    copies = []
+
+    class FloatOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= h.numel():
+                copies.append(str(func))
+            return out
+
+    with FloatOutputs():
+        got = norm(h)
+    assert got.dtype == dtype and copies == []
+    step = 2 * torch.finfo(dtype).eps * want.abs()
+    assert ((got.float() - want).abs() <= step).all()
+    assert (got.float() == want).float().mean() > 0.99
+    got = norm(to_channels_last(h))
+    assert is_channels_last(got) and ((got.float() - want).abs() <= step).all()
+    zeros = torch.zeros(1, 24, 1, 2, 2, dtype=dtype)
+    assert torch.equal(norm(zeros), zeros)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ltx_pixel_norm_in_half_precision_equals_plain(x, dtype):
+    from flashvaed.models.families.ltx.blocks import pixel_norm
+
+    h = (x * 3).to(dtype)
+    with plain_ops():
+        want = pixel_norm(h).float()
+    got = pixel_norm(h)
+    assert got.dtype == dtype and ((got.float() - want).abs() <= torch.finfo(dtype).eps * want.abs()).all()
+    assert (got.float() == want).float().mean() > 0.99
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("op", ["causal3d", "dwsep3d", "spatial2d"])
 def test_residual_block_channels_last_streaming_equals_plain(x, op):
     torch.manual_seed(1)
