@@ -498,7 +498,7 @@ def section_profile(s: Settings, sec: dict[str, Any]) -> None:
                           activities, where, top=5)  # fmt: skip
             del stream
     if s.cuda:
-        sec["rows"] += production_memory(s, models[f"flash-{s.family}"], latents)
+        sec["rows"] += production_memory(s, models[f"flash-{s.family}"])
     sec["notes"].append(
         f"Per steady step of {s.chunk} latent frames, eager, one warm-up step first; how: the model's "
         "decode_step in a loop, or pushes to a production stream. busy: the sum of the "
@@ -551,7 +551,7 @@ def profile_steps(
     say(f"profile {name} {how}: {1e3 * wall:.2f} ms per step, {busy:.2f} ms of it busy ({where})")
 
 
-def production_memory(s: Settings, model: nn.Module, latents: Tensor) -> list[dict[str, Any]]:
+def production_memory(s: Settings, model: nn.Module) -> list[dict[str, Any]]:
     """Memory of the student's production stream under CUDA graphs, point by point (what capture holds)."""
     from flashvaed import engines
 
@@ -569,7 +569,7 @@ def production_memory(s: Settings, model: nn.Module, latents: Tensor) -> list[di
         torch.cuda.reset_peak_memory_stats(s.device)
 
     decoder = engines.load(model, device=s.device, dtype=s.dtype, compile="cudagraphs", frames_on="device")
-    point("loaded (a copy of the model)")
+    point("loaded")
     stream = decoder.stream()
     stream.push(z[:, :, :1])
     point("first step")
