@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashvaed.models import StudentSpec, families
 from flashvaed.models.blocks import (
     CausalConv3d,
     DepthwiseSeparableConv3d,
+    GroupNorm,
     ResidualBlock,
     RMSNorm,
     Upsample,
@@ -29,6 +31,20 @@ def close(got: torch.Tensor, want: torch.Tensor, tol: float = 4e-6) -> None:
     summation order differ by ~1e-6 of it)."""
     scale = want.abs().max().clamp_min(1e-30)
     assert (got - want).abs().max() <= tol * scale, float((got - want).abs().max() / scale)
+
+
+class FloatOutputs(TorchDispatchMode):
+    """Records the ops that make a float32 tensor of at least ``size`` elements (a copy of the input)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= self.size:
+            self.ops.append(str(func))
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +87,9 @@ def test_rms_norm_in_half_precision_takes_no_float32_copy(x, dtype):
     h = (x * 3).to(dtype)
     with plain_ops():
         want = norm(h).float()
-    copies = []
-
-    class FloatOutputs(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= h.numel():
-                copies.append(str(func))
-            return out
-
-    with FloatOutputs():
+    with FloatOutputs(h.numel()) as record:
         got = norm(h)
-    assert got.dtype == dtype and copies == []
+    assert got.dtype == dtype and record.ops == []
     step = 2 * torch.finfo(dtype).eps * want.abs()
     assert ((got.float() - want).abs() <= step).all()
     assert (got.float() == want).float().mean() > 0.99
@@ -90,6 +97,24 @@ def test_rms_norm_in_half_precision_takes_no_float32_copy(x, dtype):
     assert is_channels_last(got) and ((got.float() - want).abs() <= step).all()
     zeros = torch.zeros(1, 24, 1, 2, 2, dtype=dtype)
     assert torch.equal(norm(zeros), zeros)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_norm_in_half_precision_takes_no_float32_copy(x, dtype):
+    """Mochi's per-frame group norm: torch's kernel normalises half types itself (float32 statistics),
+    the same values as the plain ops' float32 copy or a rounding step away."""
+    norm = GroupNorm(4, 24).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.uniform_(-0.5, 0.5)
+    h = (x * 3 + 1).to(dtype)
+    with plain_ops():
+        want = norm(h).float()
+    with FloatOutputs(h.numel()) as record:
+        got = norm(h)
+    assert got.dtype == dtype and record.ops == []
+    assert ((got.float() - want).abs() <= torch.finfo(dtype).eps * want.abs()).all()
+    assert (got.float() == want).float().mean() > 0.99
 
 
 @torch.inference_mode()

@@ -338,7 +338,9 @@ class GroupNorm(nn.GroupNorm):
             return y.to(x.dtype)
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # torch's fused kernel, frame by frame
         weight, bias = self.weight, self.bias
-        if x.dtype in (torch.float16, torch.bfloat16):
+        # eager, the kernel takes half types itself (float32 statistics, one rounding of each output);
+        # the plain ops (exports, compiles, training) upcast a copy of x
+        if x.dtype in (torch.float16, torch.bfloat16) and not fast_eager():
             frames = frames.float()
             weight, bias = (None, None) if weight is None else (weight.float(), bias.float())
         y = F.group_norm(frames, self.num_groups, weight, bias, self.eps)
