@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/step_traffic.py                        # Wan2.1 teacher vs flash-wan2.1, 480x832
     PYTHONPATH=. python benchmarks/step_traffic.py --family wan2.2 --height 704 --width 1280 --top 5
+    PYTHONPATH=. python benchmarks/step_traffic.py --family ltx --height 512 --width 768   # past the warm-up
 
 Runs the full-size models on the meta device (nothing is allocated) under a dispatch mode that
 adds up, for every aten op that is not a view, the bytes of its tensor inputs and outputs. This
@@ -21,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashvaed.models import StudentSpec, families, zero_state
+from flashvaed.models.memory import _meta_step_inputs as meta_step_inputs
+from flashvaed.models.streaming import clocked
 from flashvaed.models.student import build_student
 
 VIEWS = {
@@ -55,22 +58,28 @@ class Traffic(TorchDispatchMode):
 
 
 def step_traffic(model: torch.nn.Module, height: int, width: int, chunk: int, dtype: torch.dtype) -> Traffic:
-    """One steady step (after the first) of ``model`` on the meta device, counted."""
+    """One steady step (after the first) of ``model`` on the meta device, counted; a decoder on a
+    clock (LTX) is counted deep inside a clip, past its warm-up, every layer busy."""
     f = model.spatial_factor
     h, w = height // f, width // f
     latents = torch.empty(1, model.latent_channels, 1 + chunk, h, w, device="meta", dtype=dtype)
     state = zero_state(model.decoder_state_specs(), 1, h, w, device="meta", dtype=dtype)
+    inputs = meta_step_inputs(model, 1, h, w)
     traffic = Traffic()
     with torch.no_grad():
-        _, state = model.decode_step(latents[:, :, :1], state, first=True)
+        if clocked(model):
+            with traffic:
+                model.decode_step(latents[:, :, 1:], state, position=1 << 20, **inputs)
+            return traffic
+        _, state = model.decode_step(latents[:, :, :1], state, first=True, **inputs)
         with traffic:
-            model.decode_step(latents[:, :, 1:], state)
+            model.decode_step(latents[:, :, 1:], state, **inputs)
     return traffic
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="wan2.1", help="a causal family (default wan2.1)")
+    parser.add_argument("--family", default="wan2.1", help="a model family (default wan2.1)")
     parser.add_argument("--presets", nargs="*", default=None, help="students (default: flash-FAMILY)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
