@@ -64,7 +64,10 @@ def step_traffic(model: torch.nn.Module, height: int, width: int, chunk: int, dt
     h, w = height // f, width // f
     latents = torch.empty(1, model.latent_channels, 1 + chunk, h, w, device="meta", dtype=dtype)
     state = zero_state(model.decoder_state_specs(), 1, h, w, device="meta", dtype=dtype)
-    inputs = meta_step_inputs(model, 1, h, w)
+    inputs = {  # a stream's timestep and noise maps, in the model's dtype
+        k: [t.to(dtype) for t in v] if isinstance(v, list) else v.to(dtype) if isinstance(v, torch.Tensor) else v
+        for k, v in meta_step_inputs(model, 1, h, w).items()
+    }
     traffic = Traffic()
     with torch.no_grad():
         if clocked(model):

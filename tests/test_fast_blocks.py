@@ -232,3 +232,27 @@ def test_channels_last_is_a_per_device_switch():
         with channels_last_on("cpu"):  # already on: stays on afterwards
             pass
         assert is_channels_last(to_channels_last(torch.zeros(1, 4, 2, 3, 5)))
+
+
+@pytest.mark.parametrize("family", ["wan2.1", "wan2.2", "ltx", "mochi"])
+def test_half_precision_steps_move_less_than_the_plain_ops(family):
+    """benchmarks/step_traffic.py on each family's tiny teacher in bf16 (meta device): a steady step's
+    fast paths read and write less than its plain ops, the float32 copies of the norms being gone."""
+    import importlib.util
+    from pathlib import Path
+
+    from flashvaed.models import families
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_traffic.py"
+    spec = importlib.util.spec_from_file_location("step_traffic", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fam = families.get(family)
+    with torch.device("meta"):
+        model = fam.teacher_type(fam.tiny_config()).eval().to(torch.bfloat16)
+    size = 4 * model.spatial_factor
+    fast = script.step_traffic(model, size, size, 2, torch.bfloat16)
+    with plain_ops():
+        plain = script.step_traffic(model, size, size, 2, torch.bfloat16)
+    assert 0 < sum(fast.bytes.values()) < 0.9 * sum(plain.bytes.values())
+    assert fast.bytes["aten._to_copy.default"] < 0.5 * plain.bytes["aten._to_copy.default"]
