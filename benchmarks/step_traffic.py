@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashvaed.models import StudentSpec, families, zero_state
-from flashvaed.models.memory import _meta_step_inputs as meta_step_inputs
+from flashvaed.models.memory import meta_step_inputs
 from flashvaed.models.streaming import clocked
 from flashvaed.models.student import build_student
 

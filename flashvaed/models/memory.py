@@ -92,7 +92,7 @@ def decode_step_bytes(
     with meta_shadow(model) as shadow:
         shadow.to(dtype)
         state = zero_state(specs, batch, height, width, dtype=dtype, device="meta")
-        inputs = _meta_step_inputs(shadow, batch, height, width)
+        inputs = meta_step_inputs(shadow, batch, height, width)
         clock = {"position": 1 << 20} if clocked(shadow) else {}
         latents = torch.zeros(batch, z, chunk, height, width, dtype=dtype)
         step = peak_bytes(lambda: shadow.decode_step(latents, state, first=False, **inputs, **clock))
@@ -121,7 +121,7 @@ def decode_clip_bytes(
     def once(n: int) -> int:
         with meta_shadow(model) as shadow:
             shadow.to(dtype)
-            inputs = _meta_step_inputs(shadow, batch, height, width)
+            inputs = meta_step_inputs(shadow, batch, height, width)
             latents = torch.zeros(batch, model.latent_channels, n, height, width, dtype=dtype)
             step = peak_bytes(lambda: shadow.decode_step(latents, (), full=True, **inputs))
         return step + nbytes(latents.shape, dtype)
@@ -165,7 +165,7 @@ def clip_bytes(
     return max(peaks)
 
 
-def _meta_step_inputs(shadow: Any, batch: int, height: int, width: int) -> dict[str, Any]:
+def meta_step_inputs(shadow: Any, batch: int, height: int, width: int) -> dict[str, Any]:
     """Meta tensors of the shapes a conditioned decoder's extra step inputs have (timestep, noise)."""
     make = getattr(shadow.decoder, "stream_inputs", None)
     if make is None:

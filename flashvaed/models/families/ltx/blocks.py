@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...blocks import FrameConv2d, fast_eager
+from ...blocks import FrameConv2d, fast_eager, times_in_dtype
 from ...coupling import ChannelFlow, Group
 from ...streaming import State, StateSpec
 
@@ -574,7 +574,7 @@ def pixel_norm(x: Tensor) -> Tensor:
     if fast_eager() and x.dtype in (torch.float16, torch.bfloat16):  # no float32 copy of x (as RMSNorm)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
         inv = norm.square_().div_(x.shape[1]).add_(1e-8).rsqrt_()
-        return torch.mul(x, inv, out=torch.empty_like(x))
+        return times_in_dtype(x, inv)
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
