@@ -5,6 +5,7 @@ static shapes), validate, decode with upstream's decode-time options; and the on
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -299,10 +300,13 @@ def test_other_generations_prune_and_export(generation, tmp_path):
     """0.9.0 (narrowing res_x_y, plain depth-to-space, no conditioning) and 0.9.5 (space-to-depth
     encoder) from diffusers directories through prune, export and ONNX Runtime."""
     torch.manual_seed(1)
-    short = [Block("res_x", 1) if b.kind == "res_x" else b for b in LTXConfig.released(generation).encoder_blocks]
+    released = LTXConfig.released(generation)
+    # one residual block per res_x (as ltx_teacher): every block kind of the generation, a fifth of the nodes
+    encoder, decoder = ([replace(b, layers=1) if b.kind == "res_x" else b for b in blocks] for blocks in (
+        released.encoder_blocks, released.decoder_blocks))  # fmt: skip
     config = LTXConfig.released(
-        generation, latent_channels=LTX_LATENT, encoder_base=8, decoder_base=16, encoder_blocks=tuple(short),
-        latents_mean=(0.0,) * LTX_LATENT, latents_std=(1.0,) * LTX_LATENT,
+        generation, latent_channels=LTX_LATENT, encoder_base=8, decoder_base=16, encoder_blocks=tuple(encoder),
+        decoder_blocks=tuple(decoder), latents_mean=(0.0,) * LTX_LATENT, latents_std=(1.0,) * LTX_LATENT,
     )  # fmt: skip
     save_teacher(LTXVAE(config).eval(), tmp_path / "teacher", "diffusers")
     assert load_model(tmp_path / "teacher").config.generation == generation

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from hostile import assert_refused
 
 from flashvaed.errors import FlashVAEDError, InputError
 from flashvaed.models import families
@@ -338,8 +339,28 @@ def test_decode_command_shards_under_torchrun(tmp_path):
     api.decode(tmp_path / "z.pt", model, tmp_path / "one.pt")
     a, b = (torch.load(tmp_path / f, weights_only=True)["frames"] for f in ("s.pt", "one.pt"))
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
-    bad = subprocess.run([*cmd, "--shard", "spatial", "--tile", "30"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "give it without --tile or --max-memory" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--tile", "30"], "--shard splits frames across ranks: give it without --tile or --max-memory"),
+        (["--max-memory", "1GB"], "--shard splits frames across ranks: give it without --tile or --max-memory"),
+        (["--compile", "inductor"], "--shard ranks run eager steps: give it without --compile"),
+    ],
+)
+def test_shard_refuses_what_it_cannot_combine_before_joining_a_group(extra, needle, tmp_path):
+    """One line, exit 2 and nothing written, before any process group is joined: no launcher is
+    needed to see it."""
+    from typer.testing import CliRunner
+
+    from flashvaed.cli import app
+    from flashvaed.demo import embedded_teacher_path
+
+    torch.save(torch.randn(1, 16, 2, 9, 6), tmp_path / "z.pt")
+    argv = ["decode", tmp_path / "z.pt", "-m", embedded_teacher_path("wan2.1"), "-o", tmp_path / "s.pt"]
+    r = CliRunner().invoke(app, [str(a) for a in [*argv, "--shard", "spatial", *extra]])
+    assert_refused(r.output, r.exit_code, needle, tmp_path / "s.pt", None)
 
 
 if __name__ == "__main__":  # under the launcher: python -m torch.distributed.run ... test_sharded.py MODE OUT
