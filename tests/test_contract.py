@@ -482,6 +482,7 @@ DECODER_MUTATIONS: dict[str, list[Callable[[nn.Module], None]]] = {
     "default_timestep": [_set("default_timestep", 0.05)],
     "default_noise_scale": [_set("default_noise_scale", 0.5)],
     "one_shot_context": [_set("one_shot_context", 3)],
+    "channels_last": [_set("channels_last", "yes")],
 }
 
 

@@ -16,11 +16,14 @@ from flashvaed.models.blocks import (
     RMSNorm,
     Upsample,
     channels_to_frames,
+    fold_time,
     is_channels_last,
     plain_ops,
+    settled,
     to_channels_last,
     upsample2x_conv3x3,
 )
+from flashvaed.models.streaming import StreamingDecoder
 from flashvaed.models.student import build_student
 
 CL3 = torch.channels_last_3d
@@ -256,3 +259,66 @@ def test_half_precision_steps_move_less_than_the_plain_ops(family):
         plain = script.step_traffic(model, size, size, 2, torch.bfloat16)
     assert 0 < sum(fast.bytes.values()) < 0.9 * sum(plain.bytes.values())
     assert fast.bytes["aten._to_copy.default"] < 0.5 * plain.bytes["aten._to_copy.default"]
+
+
+def first_step_layouts(model) -> list[tuple[str, tuple[int, ...]]]:
+    """The 5D outputs of the decoder's layers (modules with weights: not the parameter-free DupUp
+    shortcuts, whose output is added at once) in a stream's first step, one latent frame, that are
+    not channels-last (a tensor of one channel or no frames has no layout to keep)."""
+    found, handles = [], []
+    for name, module in model.decoder.named_modules():
+        if name and next(module.parameters(), None) is not None:
+
+            def record(mod, args, out, name=name):
+                for t in out if isinstance(out, tuple) else (out,):
+                    if isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[1] > 1 and t.numel():
+                        if not is_channels_last(t):
+                            found.append((name, tuple(t.shape)))
+
+            handles.append(module.register_forward_hook(record))
+    try:
+        StreamingDecoder(model).push(torch.randn(1, model.latent_channels, 1, 4, 4))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+@pytest.mark.parametrize("family", ["wan2.1", "wan2.2", "ltx", "mochi"])
+def test_a_first_step_keeps_the_decoders_layout(family):
+    """One latent frame makes size-1 dims (a frame, a batch of one) whose strides torch's convs and
+    ``cat`` misread as contiguous: every layer after one of them ran channels-first (flash-wan2.1's
+    first chunk at 256x256 took 1.5x as long). Decoders that run channels-last (Wan's) keep every
+    layer's output and the state so from the first step on; the others keep theirs contiguous. The
+    frames are the plain ops' either way."""
+    torch.manual_seed(6)
+    fam = families.get(family)
+    teacher = fam.teacher_type(fam.tiny_config()).eval()
+    student = build_student(StudentSpec.load(f"flash-{family}"), teacher.config)[0].eval()
+    for model in (teacher, student):
+        assert model.channels_last == family.startswith("wan")
+        if model.channels_last:
+            assert first_step_layouts(model) == []
+        stream = StreamingDecoder(model)
+        latents = torch.randn(1, model.latent_channels, 3, 4, 4)
+        got = [stream.push(latents[:, :, :1])]
+        states = [s for s in stream.state if s.dim() == 5 and s.shape[1] > 1]
+        assert states and all(is_channels_last(s) == model.channels_last for s in states)
+        got = torch.cat([*got, stream.push(latents[:, :, 1:]), stream.close()], dim=2)
+        with plain_ops():
+            plain = StreamingDecoder(model)
+            want = torch.cat([plain.push(latents[:, :, :1]), plain.push(latents[:, :, 1:]), plain.close()], dim=2)
+        close(got, want, 1e-5)
+
+
+@torch.inference_mode()
+def test_settled_gives_size_one_dims_torchs_strides_without_a_copy():
+    x = torch.randn(1, 12, 1, 6, 5).contiguous(memory_format=CL3)
+    odd = x.as_strided(x.shape, (12, 1, 12, 60, 12))  # what a fold, a reshape or oneDNN can leave
+    assert odd.is_contiguous(memory_format=CL3) and odd.stride() != x.stride()
+    for y, want in ((settled(odd), x.stride()), (settled(fold_time(x)), (360, 1, 60, 12))):
+        assert y.stride() == want and y.data_ptr() == x.data_ptr()
+    plain = torch.randn(1, 12, 1, 6, 5)
+    assert settled(plain) is plain and settled(odd.transpose(3, 4)).stride() == odd.transpose(3, 4).stride()
+    with plain_ops():  # the reference path keeps what it was given
+        assert settled(odd) is odd

@@ -24,13 +24,34 @@ from .streaming import State, StateSpec, StreamingBlock, blocks_state_specs, run
 def fold_time(x: Tensor) -> Tensor:
     """(B, C, T, H, W) -> (B*T, C, H, W), so 2D layers act on every frame alone."""
     b, c, t, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * t, c, h, w)
+    return settled(x.transpose(1, 2).reshape(b * t, c, h, w))
 
 
 def unfold_time(y: Tensor, batch: int) -> Tensor:
     """Inverse of ``fold_time``."""
     bt, c, h, w = y.shape
-    return y.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
+    return settled(y.reshape(batch, bt // batch, c, h, w).transpose(1, 2))
+
+
+def settled(x: Tensor) -> Tensor:
+    """A channels-last ``x`` as the same memory with the strides torch itself gives such a tensor.
+
+    A size-1 dim's stride is arbitrary (one frame, a batch of one), and reshapes and oneDNN leave
+    odd ones there; torch's convs and ``cat`` then take the tensor for contiguous and answer
+    contiguous, and every layer after them runs channels-first (its norms 10x slower). A view: no
+    copy; eager inference only (``fast_eager``: an as_strided view would cost autograd a scatter).
+    """
+    if x.dim() not in (4, 5) or x.stride(1) != 1 or x.shape[1] == 1 or not fast_eager():
+        return x
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+        return x
+    c, *inner = x.shape[1:]
+    strides = [c]
+    for size in reversed(inner[1:]):
+        strides.insert(0, strides[0] * size)
+    canonical = (strides[0] * inner[0], 1, *strides)
+    return x if x.stride() == canonical else x.as_strided(x.shape, canonical)
 
 
 _FAST_PATHS = [True]  # plain_ops() turns them off (process-wide: tests and benchmarks only)
@@ -97,6 +118,16 @@ def to_channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def state_format(model: Any) -> torch.memory_format:
+    """The layout a stream of ``model`` (a ``LatentDecoder``) keeps its 5D state in: channels-last
+    where its decoder runs so (``channels_last`` on a device ``to_channels_last`` converts on: a
+    joined history keeps its chunk's layout, so a first step then converts no state)."""
+    device = next(model.parameters()).device
+    if getattr(model, "channels_last", False) and device.type in CHANNELS_LAST_DEVICES and _FAST_PATHS[-1]:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def like_layout(y: Tensor, x: Tensor) -> Tensor:
     """``y`` in ``x``'s layout when ``x`` is channels-last: torch runs small convs with its own
     kernel, whose output is contiguous, and one such conv would turn the rest of a decoder back."""
@@ -122,11 +153,23 @@ def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, i
     return F.conv3d(x, weight, bias, padding=padding, groups=groups)
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 conv, run as ``conv3d`` runs its convs: a channels-last fp32 input on a CPU goes to
+    oneDNN whatever its size (torch's own kernel, which it picks for one latent frame, is slower and
+    answers contiguous)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv3d(x, self.weight, self.bias, (0, 0, 0))
+
+
 def join_history(history: Tensor, x: Tensor) -> Tensor:
     """``cat(history, x)`` over time, in ``x``'s layout (a channels-last chunk stays channels-last:
     a contiguous state, e.g. a stream's zero state, is converted, not the chunk)."""
     if is_channels_last(x) and not torch.jit.is_tracing():
-        history = history.contiguous(memory_format=torch.channels_last_3d)
+        history, x = settled(history.contiguous(memory_format=torch.channels_last_3d)), settled(x)
     return torch.cat([history, x], dim=2)
 
 
@@ -401,7 +444,7 @@ class DepthwiseSeparableConv3d(StreamingBlock):
         self.depthwise = CausalConv3d(
             in_channels, in_channels, 3, groups=in_channels, bias=False, padding_mode=padding_mode, history=history
         )
-        self.pointwise = nn.Conv3d(in_channels, out_channels, 1)
+        self.pointwise = PointwiseConv3d(in_channels, out_channels)
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:
         return self.depthwise.state_specs(name, scale)
@@ -530,7 +573,7 @@ class ResidualBlock(StreamingBlock):
         self.conv1 = conv(op, in_dim, hidden)
         self.norm2 = norm(hidden)
         self.conv2 = conv(op, hidden, out_dim)
-        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if shortcut or in_dim != out_dim else None
+        self.shortcut = PointwiseConv3d(in_dim, out_dim) if shortcut or in_dim != out_dim else None
         self.num_states = self.conv1.num_states + self.conv2.num_states
 
     def state_specs(self, name: str, scale: Fraction) -> list[StateSpec]:

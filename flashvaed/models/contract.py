@@ -138,6 +138,8 @@ class Decoder(Protocol):
       decoders only).
     - ``one_shot_context(batch, height, width, seed=0)``: for a decoder on a clock, the context its
       stages take when one runs alone on a whole clip (distillation's teacher-forced phase).
+    - ``channels_last``: its eager steps run channels-last where ``blocks.to_channels_last`` does
+      (a bool): a stream then starts its state in that layout (``blocks.state_format``).
     """
 
     temporal_factor: int
@@ -161,6 +163,7 @@ DECODER_DEFAULTS: dict[str, Any] = {
     "default_timestep": None,
     "default_noise_scale": None,
     "one_shot_context": None,
+    "channels_last": False,
 }
 DECODER_REQUIRED = ("temporal_factor", "spatial_factor", "stages", "stage_ops", "state_specs", "forward")
 DECODER_MEMBERS = DECODER_REQUIRED + tuple(DECODER_DEFAULTS)
@@ -392,6 +395,8 @@ def _decoder_facts(c: _Checker, decoder: nn.Module) -> dict[str, Any]:
         facts[name] = value
     for name in ("stages", "stage_ops", "state_specs", "forward"):
         c.method(decoder, name)
+    if not isinstance(c.member(decoder, "channels_last", False), bool):
+        raise c.fail("channels_last", f"must be a bool, got {_show(c.member(decoder, 'channels_last', False))}")
     for name in ("latency", "output_offset"):
         value = c.member(decoder, name, DECODER_DEFAULTS[name])
         if not _is_int(value, 0):

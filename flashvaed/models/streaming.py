@@ -70,9 +70,14 @@ def zero_state(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> State:
-    """The state before any frame was seen: zeros, which is what causal zero padding means."""
-    return tuple(torch.zeros(spec.shape(batch, height, width), dtype=dtype, device=device) for spec in specs)
+    """The state before any frame was seen: zeros, which is what causal zero padding means; in
+    ``memory_format``, the layout the decoder's steps keep it in (a first step then converts none)."""
+    return tuple(
+        torch.empty(spec.shape(batch, height, width), dtype=dtype, device=device, memory_format=memory_format).zero_()
+        for spec in specs
+    )
 
 
 def state_nbytes(specs: Sequence[StateSpec], batch: int, height: int, width: int, itemsize: int) -> int:
@@ -529,8 +534,13 @@ class StreamingDecoder(Stream):
         self.state = None
 
     def _start(self, batch: int, height: int, width: int) -> None:
+        from .blocks import state_format
+
         p = next(self.model.parameters())
-        self.state = zero_state(self.model.decoder_state_specs(), batch, height, width, dtype=p.dtype, device=p.device)
+        specs = self.model.decoder_state_specs()
+        self.state = zero_state(
+            specs, batch, height, width, dtype=p.dtype, device=p.device, memory_format=state_format(self.model)
+        )
         self.inputs = self.model.stream_inputs(batch, height, width, **self.options)
 
     def _step(self, latents: Tensor, first: bool) -> Tensor:

@@ -58,6 +58,7 @@ class LatentDecoder(nn.Module):
         # conditioned decoders: the decode timestep and decode-time latent noise of their pipeline
         self.default_timestep: float | None = self._optional("default_timestep")
         self.default_noise_scale: float | None = self._optional("default_noise_scale")
+        self.channels_last: bool = self._optional("channels_last")  # its eager steps' layout (blocks.state_format)
         stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
         if stats.shape != (2, z):  # a student whose layout and teacher disagree (readers name the file)
             raise ValueError(f"latents_mean and latents_std have {stats.shape[1]} entries; layout z_dim is {z}")

@@ -157,6 +157,8 @@ def teacher_layout(config: WanConfig) -> DecoderLayout:
 class WanDecoder(nn.Module):
     """conv_in, middle (res, attention, res), up stages with resampling, head; built from a layout."""
 
+    channels_last = True  # every stage's input channels-last in eager CPU steps (``forward``)
+
     def __init__(self, layout: DecoderLayout) -> None:
         super().__init__()
         self.layout = layout
