@@ -3,6 +3,8 @@ residual add) give the plain ops' numbers, chunked and one-shot, and keep the la
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -322,3 +324,29 @@ def test_settled_gives_size_one_dims_torchs_strides_without_a_copy():
     assert settled(plain) is plain and settled(odd.transpose(3, 4)).stride() == odd.transpose(3, 4).stride()
     with plain_ops():  # the reference path keeps what it was given
         assert settled(odd) is odd
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_a_first_frame_after_zero_history_convolves_one_tap(padding_mode, groups):
+    """A clip's first frame after a zero history: only the kernel's current tap reads anything, so
+    the fast path runs a third of the conv and gives the plain step's frame and new history."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(7)
+    conv = CausalConv3d(8, 8, 3, groups=groups, padding_mode=padding_mode).eval()
+    x, zeros = torch.randn(1, 8, 1, 9, 7), (torch.zeros(1, 8, 2, 9, 7),)
+    with torch.inference_mode():
+        counted = {}
+        for mode in ("fast", "plain"):
+            with plain_ops() if mode == "plain" else contextlib.nullcontext(), FlopCounterMode(display=False) as c:
+                counted[mode] = (conv(x, zeros, first=True), c.get_total_flops())
+        (y, (h,)), fast = counted["fast"]
+        (want, (want_h,)), plain = counted["plain"]
+        assert 3 * fast == plain
+        close(y, want, 1e-6)
+        assert torch.equal(h, want_h)
+        y_cl, (h_cl,) = conv(to_channels_last(x), zeros, first=True)  # a channels-last frame stays so
+        assert is_channels_last(y_cl) and is_channels_last(h_cl)
+        close(y_cl, want, 1e-6)
+        assert torch.equal(h_cl, want_h)
