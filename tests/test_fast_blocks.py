@@ -326,15 +326,17 @@ def test_settled_gives_size_one_dims_torchs_strides_without_a_copy():
         assert settled(odd) is odd
 
 
+@pytest.mark.parametrize("history", ["zeros", "replicate"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
 @pytest.mark.parametrize("groups", [1, 8])
-def test_a_first_frame_after_zero_history_convolves_one_tap(padding_mode, groups):
-    """A clip's first frame after a zero history: only the kernel's current tap reads anything, so
-    the fast path runs a third of the conv and gives the plain step's frame and new history."""
+def test_a_first_frame_convolves_one_tap(history, padding_mode, groups):
+    """A clip's first frame: after a zero history only the kernel's current tap reads anything,
+    after a replicated one every tap reads the frame itself. Either way the fast path runs a third
+    of the conv and gives the plain step's frame and new history (in the frame's layout)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(7)
-    conv = CausalConv3d(8, 8, 3, groups=groups, padding_mode=padding_mode).eval()
+    conv = CausalConv3d(8, 8, 3, groups=groups, padding_mode=padding_mode, history=history).eval()
     x, zeros = torch.randn(1, 8, 1, 9, 7), (torch.zeros(1, 8, 2, 9, 7),)
     with torch.inference_mode():
         counted = {}
