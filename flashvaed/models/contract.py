@@ -395,8 +395,9 @@ def _decoder_facts(c: _Checker, decoder: nn.Module) -> dict[str, Any]:
         facts[name] = value
     for name in ("stages", "stage_ops", "state_specs", "forward"):
         c.method(decoder, name)
-    if not isinstance(c.member(decoder, "channels_last", False), bool):
-        raise c.fail("channels_last", f"must be a bool, got {_show(c.member(decoder, 'channels_last', False))}")
+    channels_last = c.member(decoder, "channels_last", DECODER_DEFAULTS["channels_last"])
+    if not isinstance(channels_last, bool):
+        raise c.fail("channels_last", f"must be a bool, got {_show(channels_last)}")
     for name in ("latency", "output_offset"):
         value = c.member(decoder, name, DECODER_DEFAULTS[name])
         if not _is_int(value, 0):
