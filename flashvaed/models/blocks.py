@@ -41,16 +41,16 @@ def settled(x: Tensor) -> Tensor:
     contiguous, and every layer after them runs channels-first (its norms 10x slower). A view: no
     copy; eager inference only (``fast_eager``: an as_strided view would cost autograd a scatter).
     """
-    if x.dim() not in (4, 5) or x.stride(1) != 1 or x.shape[1] == 1 or not fast_eager():
-        return x
+    b, c, *space = x.shape
+    if x.dim() not in (4, 5) or c == 1 or 1 not in (b, *space) or x.stride(1) != 1 or not fast_eager():
+        return x  # without a size-1 dim, channels-last strides are unique already
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     if x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
         return x
-    c, *inner = x.shape[1:]
-    strides = [c]
-    for size in reversed(inner[1:]):
+    strides = [c]  # the spatial dims', innermost last; the batch's spans them all
+    for size in reversed(space[1:]):
         strides.insert(0, strides[0] * size)
-    canonical = (strides[0] * inner[0], 1, *strides)
+    canonical = (strides[0] * space[0], 1, *strides)
     return x if x.stride() == canonical else x.as_strided(x.shape, canonical)
 
 
@@ -291,11 +291,9 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
         a replicated one every tap reads the frame itself, so their sum does."""
         if self.history_init == "zeros":
             tap = self.weight[:, :, self.current_tap : self.current_tap + 1]
-            history = join_history(state[0][:, :, 1:], x)
         else:
             tap = self.weight.sum(dim=2, keepdim=True)
-            layout = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
-            history = x.expand(-1, -1, self.history, -1, -1).clone(memory_format=layout)
+        history = join_history(self.initial_history(x, state, True)[:, :, 1:], x)  # as ``step``'s: the last frames
         ph, pw = self.padding[1:]
         if self.padding_mode == "zeros":
             y = conv3d(x, tap, self.bias, (0, ph, pw), self.groups)
