@@ -3,9 +3,10 @@
 A full-size teacher of one family (random weights: the released configuration, e.g. Wan2.1 base
 96, Wan2.2 base 160 / decoder 256) and every student preset of that family built on it, at
 256x256 on the CPU by default, streaming with chunks of k = 2 latent frames. For each model:
-MACs per output frame (meta-device count), measured seconds per output frame, and both ratios
-to the teacher. A per-stage table then says where the time goes (share of time vs share of
-MACs), which is what to look at when the measured speed-up falls short of the MACs ratio.
+MACs per output frame (meta-device count), measured seconds per output frame, the time until a
+stream's first frames come back (time to first frame), and both ratios to the teacher. A
+per-stage table then says where the time goes (share of time vs share of MACs), which is what to
+look at when the measured speed-up falls short of the MACs ratio.
 
     python benchmarks/student_speed.py                       # Wan2.1 and its presets
     python benchmarks/student_speed.py --family wan2.2       # Wan2.2 (TI2V-5B) and flash-wan2.2
@@ -36,24 +37,33 @@ from flashvaed.models.student import build_student, preset_names
 
 
 @torch.inference_mode()
+def one_decode(model: torch.nn.Module, latents: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """Seconds per frame over one streaming decode, and seconds until its first frames came back
+    (the time to first frame: a causal family's first step, a latency family's warm-up steps too)."""
+    start = time.perf_counter()
+    frames, first = 0, None
+    for piece in iter_decode(model, latents, chunk):
+        frames += piece.shape[2]
+        if first is None and frames:
+            first = time.perf_counter() - start
+    return (time.perf_counter() - start) / frames, first
+
+
 def seconds_per_frame(model: torch.nn.Module, latents: torch.Tensor, chunk: int, repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        frames = sum(piece.shape[2] for piece in iter_decode(model, latents, chunk))
-        runs.append((time.perf_counter() - start) / frames)
-    return statistics.median(runs)
+    return statistics.median(one_decode(model, latents, chunk)[0] for _ in range(repeats))
 
 
-def interleaved(model, latents: torch.Tensor, chunk: int, repeats: int, modes: list[str]) -> dict[str, float]:
-    """Median seconds per frame under each mode ("fast", "plain"), repeats interleaved so that a
-    noisy neighbour on the machine hits both alike."""
-    runs: dict[str, list[float]] = {m: [] for m in modes}
+def interleaved(
+    model, latents: torch.Tensor, chunk: int, repeats: int, modes: list[str]
+) -> dict[str, tuple[float, float]]:
+    """Median seconds per frame and to the first frames under each mode ("fast", "plain"), repeats
+    interleaved so that a noisy neighbour on the machine hits both alike."""
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
             with plain_ops() if mode == "plain" else contextlib.nullcontext():
-                runs[mode].append(seconds_per_frame(model, latents, chunk, 1))
-    return {m: statistics.median(v) for m, v in runs.items()}
+                runs[mode].append(one_decode(model, latents, chunk))
+    return {m: tuple(statistics.median(column) for column in zip(*v, strict=True)) for m, v in runs.items()}
 
 
 @torch.inference_mode()
@@ -149,20 +159,22 @@ def main() -> None:
         timings[name] = interleaved(model, latents, args.chunk, repeats, modes)
     t_macs = summaries["teacher"].macs_per_frame
     for mode in modes:
-        t_time = timings["teacher"][mode]
+        t_time = timings["teacher"][mode][0]
         label = "fast paths (default)" if mode == "fast" else "plain ops (blocks.plain_ops, before)"
         print(f"\n{label}:")
-        print("| model | params (M) | GMACs/frame | MACs ratio | s/frame | frames/s | measured speed-up |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | params (M) | GMACs/frame | MACs ratio | s/frame | frames/s | first frames ms | speed-up |")
+        print("|---|---|---|---|---|---|---|---|")
         for name in models:
-            s, sec = summaries[name], timings[name][mode]
+            s, (sec, first) = summaries[name], timings[name][mode]
             print(
                 f"| {name} | {s.params_decoder / 1e6:.2f} | {s.macs_per_frame / 1e9:.2f} | "
-                f"{t_macs / s.macs_per_frame:.1f}x | {sec:.4f} | {1 / sec:.2f} | {t_time / sec:.1f}x |"
+                f"{t_macs / s.macs_per_frame:.1f}x | {sec:.4f} | {1 / sec:.2f} | {1e3 * first:.1f} | "
+                f"{t_time / sec:.1f}x |"
             )
     if args.plain:
-        gains = ", ".join(f"{n} {t['plain'] / t['fast']:.2f}x" for n, t in timings.items())
-        print(f"\nfast paths vs plain ops: {gains}")
+        for i, what in enumerate(("per frame", "to the first frames")):
+            gains = ", ".join(f"{n} {t['plain'][i] / t['fast'][i]:.2f}x" for n, t in timings.items())
+            print(f"\nfast paths vs plain ops, {what}: {gains}")
     for name in args.profile:
         for mode in modes:
             print(f"\nper-op profile of {name}, {mode}:")

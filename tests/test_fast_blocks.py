@@ -20,6 +20,7 @@ from flashvaed.models.blocks import (
     channels_to_frames,
     fold_time,
     is_channels_last,
+    module_conv3d,
     plain_ops,
     settled,
     to_channels_last,
@@ -333,15 +334,22 @@ def test_a_first_frame_convolves_one_tap(history, padding_mode, groups):
     """A clip's first frame: after a zero history only the kernel's current tap reads anything,
     after a replicated one every tap reads the frame itself. Either way the fast path runs a third
     of the conv and gives the plain step's frame and new history (in the frame's layout)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+    def onednn_flops(x_shape, w_shape, *_args, out_shape, **_kwargs) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape)
+
+    counts_onednn = {torch.ops.aten.mkldnn_convolution: onednn_flops}  # fast eager CPU convs go there
     torch.manual_seed(7)
     conv = CausalConv3d(8, 8, 3, groups=groups, padding_mode=padding_mode, history=history).eval()
     x, zeros = torch.randn(1, 8, 1, 9, 7), (torch.zeros(1, 8, 2, 9, 7),)
     with torch.inference_mode():
         counted = {}
         for mode in ("fast", "plain"):
-            with plain_ops() if mode == "plain" else contextlib.nullcontext(), FlopCounterMode(display=False) as c:
+            with (
+                plain_ops() if mode == "plain" else contextlib.nullcontext(),
+                FlopCounterMode(display=False, custom_mapping=counts_onednn) as c,
+            ):
                 counted[mode] = (conv(x, zeros, first=True), c.get_total_flops())
         (y, (h,)), fast = counted["fast"]
         (want, (want_h,)), plain = counted["plain"]
@@ -352,3 +360,44 @@ def test_a_first_frame_convolves_one_tap(history, padding_mode, groups):
         assert is_channels_last(y_cl) and is_channels_last(h_cl)
         close(y_cl, want, 1e-6)
         assert torch.equal(h_cl, want_h)
+
+
+class Ops(TorchDispatchMode):
+    """Records the aten ops run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_contiguous_convs_go_to_onednn_where_torchs_kernel_is_slow(padding_mode, stride):
+    """torch sends a contiguous fp32 conv3d below ~20k rows of N*C*T*H to its own kernel (1.3-15x
+    slower than oneDNN there: most of LTX's convs at 256x256). Such convs go to oneDNN and give
+    torch's numbers; 1x1x1 convs and weights far larger than their input stay with torch, as does
+    the reference path."""
+    torch.manual_seed(8)
+    conv = torch.nn.Conv3d(16, 24, 3, stride=stride, padding=(0, 1, 1), padding_mode=padding_mode).eval()
+    heavy = torch.nn.Conv3d(256, 1024, 3, padding=(0, 1, 1)).eval()  # 7.1M weights for 3 x 2 x 2 positions
+    pointwise = torch.nn.Conv3d(16, 24, 1).eval()
+    x = torch.randn(1, 16, 6, 10, 12)
+    assert 16 * 6 * 10 <= 20480  # below torch's threshold
+    with torch.inference_mode():
+        for module, arg, onednn in (
+            (conv, x, True),
+            (pointwise, x, False),
+            (heavy, torch.randn(1, 256, 3, 2, 2), False),
+        ):
+            with Ops() as ops:
+                y = module_conv3d(module, arg)
+            assert ("aten.mkldnn_convolution.default" in ops.ops) == onednn, ops.ops
+            assert y.is_contiguous()
+            close(y, module(arg))
+            with plain_ops(), Ops() as ops:
+                close(module_conv3d(module, arg), module(arg))
+            assert "aten.mkldnn_convolution.default" not in ops.ops

@@ -136,21 +136,50 @@ def like_layout(y: Tensor, x: Tensor) -> Tensor:
     return y
 
 
-def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int, int], groups: int = 1) -> Tensor:
-    """``F.conv3d`` (stride 1); a channels-last fp32 CPU input in fast eager runs goes to oneDNN
-    directly: torch's heuristic sends small inputs (below ~20k rows, e.g. a first chunk's frame at
-    12 channels, or one latent frame through a 1x1 conv) to its own kernel, up to 10x slower and
-    contiguous out."""
+def conv3d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: tuple[int, int, int],
+    groups: int = 1,
+    stride: tuple[int, int, int] = (1, 1, 1),
+) -> Tensor:
+    """``F.conv3d``, but in fast eager runs an fp32 CPU input goes to oneDNN where torch's heuristic
+    would pick torch's own kernel for it (below ~20k rows of N*C*T*H, a 2D rule: an LTX conv of 10
+    frames of 32x32 at 64 channels, a 12-channel first frame). There that kernel is 1.3-15x slower
+    and answers contiguous (benchmarks/RESULTS.md). Always for a channels-last input; for a
+    contiguous one unless it is a 1x1x1 conv or its weight dwarfs its input (oneDNN reorders the
+    weight each call: a few frames of 8x8 into a 4096-channel upsampler conv)."""
     if (
         x.dtype == torch.float32
         and x.device.type == "cpu"
-        and is_channels_last(x)
         and fast_eager()
         and torch.backends.mkldnn.is_available()
+        and (is_channels_last(x) or _onednn_pays(x, weight))
     ):
         one = [1, 1, 1]
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), one, one, groups)
-    return F.conv3d(x, weight, bias, padding=padding, groups=groups)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), one, groups)
+    return F.conv3d(x, weight, bias, stride=stride, padding=padding, groups=groups)
+
+
+WEIGHT_PER_POSITION = 16384  # measured: oneDNN 0.8-2x torch's kernel below, 0.44-1.0x above
+
+
+def _onednn_pays(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN beats torch's own kernel on a contiguous input (measured on a 2-core CPU)."""
+    positions = x.shape[2] * x.shape[3] * x.shape[4]
+    spatial = weight.shape[-1] > 1 or weight.shape[-2] > 1
+    return spatial and weight.numel() <= WEIGHT_PER_POSITION * positions
+
+
+def module_conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """What ``conv(x)`` computes, through ``conv3d`` (its padding mode applied first)."""
+    if conv.dilation != (1, 1, 1) or isinstance(conv.padding, str):
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    if conv.padding_mode == "zeros":
+        return conv3d(x, conv.weight, conv.bias, conv.padding, conv.groups, conv.stride)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    return conv3d(padded, conv.weight, conv.bias, (0, 0, 0), conv.groups, conv.stride)
 
 
 class PointwiseConv3d(nn.Conv3d):
@@ -201,7 +230,7 @@ def streaming_conv3d(
         y = conv3d(joined, weight, bias, (0, *padding), groups)
     elif padding_mode == "replicate":
         ph, pw = padding
-        y = F.conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, groups=groups)
+        y = conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, (0, 0, 0), groups)
     else:
         check_padding_mode(padding_mode)  # raises, naming it
     # the new history in the chunk's layout (channels-last: frames are outermost, so it is one block
@@ -278,7 +307,7 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
         if not self.history:
-            return self._conv_forward(x, self.weight, self.bias), ()
+            return module_conv3d(self, x), ()
         if first and self.fused_step is None and fast_eager() and x.shape[2] == 1:
             return self.first_frame(x, state)
         y, history = self.step(x, self.initial_history(x, state, first))
@@ -298,7 +327,7 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
         if self.padding_mode == "zeros":
             y = conv3d(x, tap, self.bias, (0, ph, pw), self.groups)
         else:
-            y = F.conv3d(F.pad(x, (pw, pw, ph, ph, 0, 0), mode="replicate"), tap, self.bias, groups=self.groups)
+            y = conv3d(F.pad(x, (pw, pw, ph, ph, 0, 0), mode="replicate"), tap, self.bias, (0, 0, 0), self.groups)
         return like_layout(y, x), (history,)
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
-from ..blocks import CausalConv3d, GroupNorm, Head, ResidualBlock, Stage, make_conv, register_op
+from ..blocks import CausalConv3d, GroupNorm, Head, ResidualBlock, Stage, make_conv, module_conv3d, register_op
 from ..coupling import D2S_ROWS, ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks
@@ -314,7 +314,7 @@ class ClipCausalConv3d(nn.Conv3d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         kt, kh, kw = self.kernel_size
         ph, pw = (kh - 1) // 2, (kw - 1) // 2
-        return super().forward(F.pad(x, (pw, pw, ph, ph, kt - 1, 0), mode="replicate"))
+        return module_conv3d(self, F.pad(x, (pw, pw, ph, ph, kt - 1, 0), mode="replicate"))
 
 
 class EncoderResBlock(nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...blocks import FrameConv2d, fast_eager, times_in_dtype
+from ...blocks import FrameConv2d, fast_eager, module_conv3d, times_in_dtype
 from ...coupling import ChannelFlow, Group
 from ...streaming import State, StateSpec
 
@@ -392,7 +392,7 @@ class ReplicateConv3d(nn.Conv3d):
         return torch.cat([x[:, :, :1].expand(-1, -1, front, -1, -1), x, x[:, :, -1:].expand(-1, -1, back, -1, -1)], 2)
 
     def full(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.padded(x), self.weight, self.bias)
+        return module_conv3d(self, self.padded(x))
 
     def kernel_input(self, args: tuple) -> Tensor:
         """What the kernel ran on in a call with ``args`` (padded frames, or history then new frames:
@@ -440,16 +440,16 @@ class ReplicateConv3d(nn.Conv3d):
         elif not isinstance(clock, Clock):
             clock = None
         if not self.history:
-            return self._conv_forward(x, self.weight, self.bias), ()
+            return module_conv3d(self, x), ()
         if clock is not None and clock.full:
             return self.full(x), tuple(state)
         if clock is None or clock.frames is None:
             joined = replicate_edges(torch.cat([state[0], x], dim=2), *self.timeline, self.history, clock or Clock())
-            y = self._conv_forward(joined, self.weight, self.bias)
+            y = module_conv3d(self, joined)
             return y, (joined[:, :, -self.history :].clone(memory_format=torch.contiguous_format),)
         joined = self.kernel_input((x, state, clock))
         if joined.shape[2] > self.history:  # (a traced step: where it was traced; the export skips it when empty)
-            y = self._conv_forward(joined, self.weight, self.bias)
+            y = module_conv3d(self, joined)
         else:  # an empty output window: nothing to compute
             b, _, _, h, w = x.shape
             y = x.new_empty(b, self.out_channels, 0, h, w)
