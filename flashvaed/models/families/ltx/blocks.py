@@ -6,7 +6,6 @@ Streaming the non-causal decoder exactly: see the package docstring."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,10 +112,6 @@ def _positions(lo: Number, hi: Number) -> Tensor | range:
     return range(lo, hi)
 
 
-def _is_span(idx: list[int]) -> bool:
-    return all(b == a + 1 for a, b in itertools.pairwise(idx))
-
-
 def gather(
     history: Tensor | None,
     x: Tensor,
@@ -129,10 +124,9 @@ def gather(
     last), positions are first clamped into the clip's frames (replicate padding). Positions held
     by neither (outside the clip: never read) take any available frame."""
     h = 0 if history is None else history.shape[2]
-    src = x if history is None else torch.cat([history, x], dim=2)
-    size = src.shape[2]
     if isinstance(wanted, range) and not isinstance(lo, Tensor) and not (clamp and isinstance(clamp[0], Tensor)):
         first, last = clamp if clamp else (None, None)
+        size = h + x.shape[2]
         idx = []
         for q in wanted:
             if first is not None:
@@ -141,9 +135,9 @@ def gather(
                 q = min(q, last)
             i = q + h if q < 0 else h + q - lo
             idx.append(min(max(i, 0), size - 1))
-        if idx and _is_span(idx):
-            return src.narrow(2, idx[0], len(idx))
-        return src.index_select(2, torch.tensor(idx, dtype=torch.long, device=src.device))
+        return _take_frames(history, x, idx)
+    src = x if history is None else torch.cat([history, x], dim=2)
+    size = src.shape[2]
     dev = src.device
     q = wanted.to(dev) if isinstance(wanted, Tensor) else torch.arange(wanted.start, wanted.stop, device=dev)
     if clamp:
@@ -152,6 +146,25 @@ def gather(
             q = torch.minimum(q, _on(clamp[1], dev))
     i = torch.where(q < 0, q + h, q + h - _on(lo, dev))
     return src.index_select(2, i.clamp(0, size - 1))
+
+
+def _take_frames(history: Tensor | None, x: Tensor, idx: list[int]) -> Tensor:
+    """Frames ``idx`` of ``cat(history, x)`` without making that cat: a run of frames from one of the
+    two is a view, and only the runs are copied (a new history is a conv's last frames: without this
+    every conv of a step copied its whole input a second time to keep two of them)."""
+    h = 0 if history is None else history.shape[2]
+    runs: list[tuple[Tensor, int, int]] = []  # (tensor, start, length)
+    for i in idx:
+        src, j = (history, i) if i < h else (x, i - h)
+        if runs and runs[-1][0] is src and runs[-1][1] + runs[-1][2] == j:
+            runs[-1] = (src, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((src, j, 1))  # type: ignore[arg-type]
+    if len(runs) == 1:
+        return runs[0][0].narrow(2, runs[0][1], runs[0][2])
+    if not runs:
+        return x.narrow(2, 0, 0)
+    return torch.cat([t.narrow(2, j, n) for t, j, n in runs], dim=2)
 
 
 @dataclass(frozen=True, order=True)
