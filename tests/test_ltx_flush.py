@@ -15,7 +15,7 @@ from flashvaed.engines.build import build_engine
 from flashvaed.errors import InputError
 from flashvaed.export.onnx_export import ExportOptions, export
 from flashvaed.models import StudentSpec, families
-from flashvaed.models.families.ltx.blocks import ReplicateConv3d
+from flashvaed.models.families.ltx.blocks import ReplicateConv3d, gather
 from flashvaed.models.streaming import iter_decode
 from flashvaed.models.student import build_student
 
@@ -70,6 +70,35 @@ def conv_positions(model, run) -> dict[str, int]:
         for h in handles:
             h.remove()
     return counts
+
+
+@pytest.mark.parametrize("history", [0, 2])
+def test_gather_takes_the_frames_of_the_joined_tensor_without_joining(history):
+    """An eager step's gathers (a conv's input, its new history, a delayed skip) are frames of
+    cat(history, x): the same frames, whether the indices run across both, repeat (clamped to the
+    clip's edges) or fall in one of them (then a view, no copy)."""
+    torch.manual_seed(3)
+    past = torch.randn(1, 4, history, 3, 2) if history else None
+    x = torch.randn(1, 4, 6, 3, 2)
+    joined = x if past is None else torch.cat([past, x], dim=2)
+    cases = [
+        (0, range(-history, 6), None),  # lo, wanted, clamp
+        (1, range(3, 7), None),
+        (0, range(-2, 3), (0, None)),
+        (2, range(-history, 3), (1, 4)),
+        (0, range(4, 6), None),
+        (0, range(0, 0), None),
+    ]
+    for lo, wanted, clamp in cases:
+        h = 0 if past is None else history
+        idx = []
+        for q in wanted:
+            if clamp is not None:  # into the clip's frames first
+                q = max(q, clamp[0]) if clamp[1] is None else min(max(q, clamp[0]), clamp[1])
+            idx.append(min(max(q + h if q < 0 else h + q - lo, 0), joined.shape[2] - 1))
+        got = gather(past, x, lo, wanted, clamp)
+        assert torch.equal(got, joined[:, :, idx])
+    assert gather(past, x, 0, range(2, 5)).data_ptr() == x[:, :, 2:].data_ptr()  # one run: a view
 
 
 def test_warm_up_and_flush_compute_only_the_clips_positions(teacher):
