@@ -574,6 +574,7 @@ class _Entry:
     memory_source: str
     macs_per_frame: float | None = None
     memory_estimate: int | None = None
+    latency: int = 0  # latent frames its stream holds back (a clocked decoder's)
     warmup: list[Run] = field(default_factory=list)
     repeats: list[Run] = field(default_factory=list)
 
@@ -743,6 +744,7 @@ def bench(
                 source.name, role, source.family, source.kind, label, source.origin, group, latents,
                 run=lambda d=decoder, z=latents, m=memory: time_stream(d, z, chunk, dev, m),
                 memory_source=memory.source, macs_per_frame=macs, memory_estimate=estimate,
+                latency=int(getattr(decoder, "latency", 0) or 0),
             )  # fmt: skip
             entries.append(entry)
         if compare_diffusers:
@@ -783,6 +785,12 @@ def bench(
 
     rows = [e.row() for e in entries]
     speedups(rows)
+    for e, r in zip(entries, rows, strict=True):
+        if r.ms_per_frame_steady is None and e.latency:
+            notes.append(
+                f"{e.name}: no steady frames: its stream holds back {e.latency} latent frames, so a clip needs more "
+                f"than that for its steady chunks to return frames (--frames)"
+            )
     report = BenchReport(
         settings=_settings(runtime, label, dev, dt, height, width, frames, chunk, repeats, warmup, compile_mode, smoke,
                            teacher, list(models), time.perf_counter() - started, frames_on),

@@ -166,3 +166,15 @@ def test_compiled_smoke(monkeypatch):
     assert report.settings["compile"] == "inductor" and row.warmup_seconds is not None
     assert report.settings["frames_on"] == "device"
     assert check_runtime("compiled", torch.device("cpu"), "auto") == "compiled (none)"  # auto: eager on a CPU
+
+
+def test_a_clip_within_a_decoders_latency_has_no_steady_rows_and_says_why():
+    """LTX's stream holds back its latency: a smoke clip comes out in the flush, so its steady
+    column is empty, and the report says why instead of leaving a bare dash."""
+    report = bench(["ltx"], smoke=True, device="cpu", warmup=0, repeats=1, compare_diffusers=False)
+    (row,) = report.rows
+    assert row.ms_per_frame_steady is None and row.frames_per_second > 0
+    (note,) = [n for n in report.notes if n.startswith("ltx: no steady frames")]
+    assert "holds back 8 latent frames" in note
+    full = bench(["wan2.1"], smoke=True, device="cpu", warmup=0, repeats=1, compare_diffusers=False)
+    assert full.rows[0].ms_per_frame_steady is not None and not any("steady" in n for n in full.notes)
