@@ -431,14 +431,14 @@ class GroupNorm(nn.GroupNorm):
         if c // self.num_groups * h * w == 1:  # one value per group: x - mean is 0 (torch refuses to compute it)
             y = torch.zeros_like(x) if self.bias is None else self.bias.view(1, c, 1, 1, 1).expand(b, c, t, h, w)
             return y.to(x.dtype)
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # torch's fused kernel, frame by frame
+        frames = settled(x.transpose(1, 2).reshape(b * t, c, h, w))  # torch's fused kernel, frame by frame
         weight, bias = self.weight, self.bias
         # eager, the kernel takes half types itself (float32 statistics, one rounding of each output);
         # the plain ops (exports, compiles, training) upcast a copy of x
         if x.dtype in (torch.float16, torch.bfloat16) and not fast_eager():
             frames = frames.float()
             weight, bias = (None, None) if weight is None else (weight.float(), bias.float())
-        y = F.group_norm(frames, self.num_groups, weight, bias, self.eps)
+        y = F.group_norm(frames, self.num_groups, weight, bias, self.eps)  # channels-last in, channels-last out
         return y.to(x.dtype).reshape(b, t, c, h, w).transpose(1, 2)
 
     def pruned_scale(self, kept: int, total: int) -> float:

@@ -28,7 +28,7 @@ how a stream starts and one step.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
@@ -103,12 +103,19 @@ class StreamingBlock(nn.Module):
         return []
 
 
-def run_blocks(blocks: Sequence[StreamingBlock], x: Tensor, state: State, first: bool) -> tuple[Tensor, State]:
-    """Run blocks in order, handing each the next ``num_states`` tensors of ``state``."""
+def run_blocks(
+    blocks: Sequence[StreamingBlock],
+    x: Tensor,
+    state: State,
+    first: bool,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, State]:
+    """Run blocks in order, handing each the next ``num_states`` tensors of ``state`` (and its
+    input through ``prepare``: a decoder that runs channels-last converts there)."""
     new_state: list[Tensor] = []
     i = 0
     for block in blocks:
-        x, s = block(x, state[i : i + block.num_states], first)
+        x, s = block(x if prepare is None else prepare(x), state[i : i + block.num_states], first)
         new_state.extend(s)
         i += block.num_states
     return x, tuple(new_state)

@@ -42,7 +42,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
-from ..blocks import CausalConv3d, GroupNorm, Head, ResidualBlock, Stage, make_conv, module_conv3d, register_op
+from ..blocks import (
+    CausalConv3d,
+    GroupNorm,
+    Head,
+    ResidualBlock,
+    Stage,
+    is_channels_last,
+    make_conv,
+    module_conv3d,
+    register_op,
+    to_channels_last,
+)
 from ..coupling import D2S_ROWS, ChannelFlow, Group
 from ..layout import DecoderLayout, StageLayout, channel_spaces
 from ..streaming import State, StateSpec, StreamingBlock, run_blocks
@@ -210,10 +221,15 @@ class DepthToSpace(StreamingBlock):
 
     def forward(self, x: Tensor, state: State = (), first: bool = False) -> tuple[Tensor, State]:
         y = self.proj(x)
-        b, _, t, h, w = y.shape
+        b, cf, t, h, w = y.shape
         st, s = self.temporal, self.spatial
-        y = y.reshape(b, -1, st, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-        return y.reshape(b, -1, t * st, h * s, w * s), ()
+        c = cf // (st * s * s)
+        if is_channels_last(y) and not torch.jit.is_tracing():
+            # memory (b, t, h, w, c, st, s, s) -> (b, t, st, h, s, w, s, c)
+            z = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, c, st, s, s).permute(0, 1, 5, 2, 6, 3, 7, 4)
+            return z.reshape(b, t * st, h * s, w * s, c).permute(0, 4, 1, 2, 3), ()  # one copy, channels-last out
+        y = y.reshape(b, c, st, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return y.reshape(b, c, t * st, h * s, w * s), ()
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group) -> Group:
         flow.consume(stream, f"{path}.proj", stage)
@@ -249,6 +265,8 @@ def teacher_layout(config: MochiConfig) -> DecoderLayout:
 
 class MochiDecoder(nn.Module):
     """conv_in (1x1x1), middle (block_in), up stages (residual blocks, depth-to-space), head."""
+
+    channels_last = True  # every stage's input channels-last in eager CPU steps (``forward``)
 
     def __init__(self, config: MochiConfig, layout: DecoderLayout) -> None:
         super().__init__()
@@ -295,10 +313,11 @@ class MochiDecoder(nn.Module):
         return [s for name, scale, block in self.stages() for s in block.state_specs(name, scale)]
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        y, state = run_blocks([block for _, _, block in self.stages()], x, state, first)
+        # every stage's input channels-last (eager CPU, see ``to_channels_last``), the usual layout out
+        y, state = run_blocks([block for _, _, block in self.stages()], x, state, first, to_channels_last)
         # the first latent frame's positions before the clip's first frame are computed (later
         # frames read them through the convs' history) but are not frames
-        return (y[:, :, self.temporal_factor - 1 :] if first else y), state
+        return (y[:, :, self.temporal_factor - 1 :] if first else y).contiguous(), state
 
 
 # ---------------------------------------------------------------------------------------------

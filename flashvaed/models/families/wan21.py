@@ -211,13 +211,10 @@ class WanDecoder(nn.Module):
         return [s for name, scale, block in self.stages() for s in block.state_specs(name, scale)]
 
     def forward(self, x: Tensor, state: State, first: bool = False) -> tuple[Tensor, State]:
-        # ``run_blocks`` with every stage's input channels-last (eager CPU, see ``to_channels_last``:
-        # a no-op where it already is), and the usual layout out
-        new_state: list[Tensor] = []
-        for _, _, block in self.stages():
-            x, s = block(to_channels_last(x), state[len(new_state) : len(new_state) + block.num_states], first)
-            new_state.extend(s)
-        return x.contiguous(), tuple(new_state)
+        # every stage's input channels-last (eager CPU, see ``to_channels_last``: a no-op where it
+        # already is), and the usual layout out
+        x, state = run_blocks([block for _, _, block in self.stages()], x, state, first, to_channels_last)
+        return x.contiguous(), state
 
 
 class WanEncoder(nn.Module):
