@@ -10,6 +10,7 @@ wrong type, or lying) and expect a ``ContractError`` naming that member.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -584,3 +585,28 @@ def test_a_decoder_member_mutated_is_named(member, mutate):
     mutate(decoder)
     with pytest.raises(ContractError, match=f"member {member}:"):
         check_decoder(decoder, latent_channels=4)
+
+
+@pytest.mark.parametrize("dropped", ["position", "end", "full", "clip_only"])
+def test_a_clocked_decoder_must_take_every_clock_input(dropped):
+    """A decoder with latency runs on a clock: streams pass ``position`` and ``end``, one-shot
+    decoding ``full``, an export's flush graph ``clip_only``. A forward without one of them is
+    refused before any step, naming it."""
+    fam = families.get("ltx")
+    model = fam.teacher_type(fam.tiny_config()).eval()
+    check_decoder(model)
+    real = model.decoder.forward
+    names = [n for n in ("position", "end", "full", "clip_only") if n != dropped]
+
+    def forward(x, state, first=False, **clock):  # keyword-only inputs, but not **kwargs: see below
+        return real(x, state, first, **clock)
+
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    forward.__signature__ = inspect.signature(
+        forward
+    ).replace(  # type: ignore[attr-defined]
+        parameters=[*list(inspect.signature(forward).parameters.values())[:3], *params]
+    )
+    model.decoder.forward = forward
+    with pytest.raises(ContractError, match=f"member latency:.*its forward takes no {dropped}"):
+        check_decoder(model)

@@ -116,8 +116,10 @@ class Decoder(Protocol):
       (B, z, k, h, w), ``state`` the tuple ``state_specs`` describes (zeros before the first
       chunk), ``frames`` (B, 3, n, h * spatial_factor, w * spatial_factor). ``inputs`` are the
       ``step_inputs`` and, on a clock, ``position`` (latent frames before this chunk), ``end``
-      (the clip's length once known, else None) and ``full`` (True: ``x`` is the whole clip,
-      ``state`` is empty, the result is exactly the clip's frames: one-shot decoding).
+      (the clip's length once known, else None), ``full`` (True: ``x`` is the whole clip,
+      ``state`` is empty, the result is exactly the clip's frames: one-shot decoding) and
+      ``clip_only`` (True: ``frames`` are only the step's positions that hold frames of the clip,
+      not all ``temporal_factor * k``; an export's ``flush`` graph asks for that).
 
     Optional (``DECODER_DEFAULTS`` when absent):
 
@@ -383,6 +385,9 @@ def check_decoder(
         _check_steps(c, decoder, facts, latent_channels, size, frames)
 
 
+CLOCK_INPUTS = ("position", "end", "full", "clip_only")  # what a decoder on a clock's forward takes
+
+
 def _decoder_facts(c: _Checker, decoder: nn.Module) -> dict[str, Any]:
     """Types and ranges of every member, and how they agree with each other."""
     if not isinstance(decoder, nn.Module):
@@ -415,7 +420,7 @@ def _decoder_facts(c: _Checker, decoder: nn.Module) -> dict[str, Any]:
     if facts["clocked"]:
         params = inspect.signature(decoder.forward).parameters
         kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        missing = [n for n in ("position", "end", "full") if n not in params and not kwargs]
+        missing = [n for n in CLOCK_INPUTS if n not in params and not kwargs]
         if missing:
             blamed = "latency" if facts["latency"] else "output_offset"
             raise c.fail(
