@@ -213,6 +213,18 @@ def check_padding_mode(mode: str, what: str = "padding_mode", allowed: tuple[str
     return mode
 
 
+def spatially_padded_conv3d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int, padding_mode: str
+) -> Tensor:
+    """``conv3d`` without temporal padding, ``padding`` spatially: zeros, or the edge values
+    replicated, as ``padding_mode`` says."""
+    if padding_mode == "zeros":
+        return conv3d(x, weight, bias, (0, *padding), groups)
+    check_padding_mode(padding_mode)  # raises, naming it, unless "replicate"
+    ph, pw = padding
+    return conv3d(F.pad(x, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, (0, 0, 0), groups)
+
+
 def streaming_conv3d(
     x: Tensor,
     history: Tensor,
@@ -226,13 +238,7 @@ def streaming_conv3d(
     (no temporal padding; ``padding`` spatially, zeros or the edge values replicated as
     ``padding_mode`` says) and the last ``P`` frames of it as the new history."""
     joined = join_history(history, x)
-    if padding_mode == "zeros":
-        y = conv3d(joined, weight, bias, (0, *padding), groups)
-    elif padding_mode == "replicate":
-        ph, pw = padding
-        y = conv3d(F.pad(joined, (pw, pw, ph, ph, 0, 0), mode="replicate"), weight, bias, (0, 0, 0), groups)
-    else:
-        check_padding_mode(padding_mode)  # raises, naming it
+    y = spatially_padded_conv3d(joined, weight, bias, padding, groups, padding_mode)
     # the new history in the chunk's layout (channels-last: frames are outermost, so it is one block
     # of memory to copy, and the next step's join converts nothing); contiguous otherwise
     keep = torch.preserve_format if is_channels_last(joined) else torch.contiguous_format
@@ -323,11 +329,7 @@ class CausalConv3d(nn.Conv3d, StreamingBlock):
         else:
             tap = self.weight.sum(dim=2, keepdim=True)
         history = join_history(self.initial_history(x, state, True)[:, :, 1:], x)  # as ``step``'s: the last frames
-        ph, pw = self.padding[1:]
-        if self.padding_mode == "zeros":
-            y = conv3d(x, tap, self.bias, (0, ph, pw), self.groups)
-        else:
-            y = conv3d(F.pad(x, (pw, pw, ph, ph, 0, 0), mode="replicate"), tap, self.bias, (0, 0, 0), self.groups)
+        y = spatially_padded_conv3d(x, tap, self.bias, self.padding[1:], self.groups, self.padding_mode)
         return like_layout(y, x), (history,)
 
     def channel_flow(self, flow: ChannelFlow, path: str, stage: str, stream: Group | None) -> Group:
